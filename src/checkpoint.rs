@@ -1,0 +1,268 @@
+//! Reading GPT-2 weights: memory-mapped safetensors (one file or shards) or an in-memory map.
+//!
+//! Every checkpoint quirk is handled here, once:
+//! - names come with or without the `transformer.` prefix (`save_pretrained` writes it, the Hub's
+//!   `openai-community/gpt2` does not);
+//! - HF `Conv1D` weights are stored (in, out); candle's `Linear` wants (out, in);
+//! - `attn.bias` / `attn.masked_bias` are old mask buffers, not parameters: ignored;
+//! - `lm_head.weight` is optional: absent, the head is tied to `wte`.
+//! Pickle (`pytorch_model.bin`) is never read.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::Linear;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::layer_norm::LayerNorm;
+
+enum Source {
+    /// One mmap per file, and which file holds each tensor name.
+    Files {
+        files: Vec<(PathBuf, MmapedSafetensors)>,
+        routing: HashMap<String, usize>,
+    },
+    Map(HashMap<String, Tensor>),
+}
+
+/// Named tensors, resolved against the optional `transformer.` prefix, shape-checked and cast to
+/// the model's dtype and device as they are taken.
+pub(crate) struct Weights {
+    source: Source,
+    prefix: &'static str,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// Memory-maps safetensors files (several for a sharded checkpoint).
+    pub(crate) fn from_files(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut routing = HashMap::new();
+        for path in paths {
+            // SAFETY: the file is mapped read-only; like every mmap-based loader (candle's own
+            // VarBuilder included) we rely on nobody truncating it while the model loads.
+            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| bad_file(path, e))?;
+            for (name, _) in st.tensors() {
+                routing.insert(name, files.len());
+            }
+            files.push((path.clone(), st));
+        }
+        Self::new(Source::Files { files, routing }, dtype, device)
+    }
+
+    /// Wraps tensors already in memory, named as in a checkpoint file.
+    pub(crate) fn from_map(
+        map: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::new(Source::Map(map), dtype, device)
+    }
+
+    fn new(source: Source, dtype: DType, device: &Device) -> Result<Self> {
+        let mut weights = Self {
+            source,
+            prefix: "",
+            dtype,
+            device: device.clone(),
+        };
+        if !weights.has("wte.weight") && weights.has("transformer.wte.weight") {
+            weights.prefix = "transformer.";
+        }
+        Ok(weights)
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn has(&self, full_name: &str) -> bool {
+        match &self.source {
+            Source::Files { routing, .. } => routing.contains_key(full_name),
+            Source::Map(map) => map.contains_key(full_name),
+        }
+    }
+
+    /// Every tensor name, as stored (with any prefix).
+    fn names(&self) -> Vec<&str> {
+        match &self.source {
+            Source::Files { routing, .. } => routing.keys().map(String::as_str).collect(),
+            Source::Map(map) => map.keys().map(String::as_str).collect(),
+        }
+    }
+
+    /// The file to name in error messages about `full_name`.
+    fn file_of(&self, full_name: &str) -> PathBuf {
+        match &self.source {
+            Source::Files { files, routing } => {
+                let i = routing.get(full_name).copied().unwrap_or(0);
+                files.get(i).map(|(p, _)| p.clone()).unwrap_or_default()
+            }
+            Source::Map(_) => PathBuf::from("<in-memory weights>"),
+        }
+    }
+
+    /// The stored name of `name`: prefixed first, then bare (transformers writes the body as
+    /// `transformer.*` but `lm_head.weight` without prefix).
+    fn resolve(&self, name: &str) -> Option<String> {
+        [format!("{}{name}", self.prefix), name.to_string()]
+            .into_iter()
+            .find(|n| self.has(n))
+    }
+
+    /// Whether the checkpoint holds `name` (prefix resolved).
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    /// Takes tensor `name`, checking it has `shape`, cast to the model's dtype and device.
+    pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = self.resolve(name).ok_or_else(|| Error::MissingTensor {
+            name: format!("{}{name}", self.prefix),
+            file: self.file_of(""),
+        })?;
+        let found: Vec<usize> = match &self.source {
+            Source::Files { files, routing } => {
+                let (path, st) = &files[routing[&full]];
+                let view = st.get(&full).map_err(|e| bad_file(path, e))?;
+                view.shape().to_vec()
+            }
+            Source::Map(map) => map[&full].dims().to_vec(),
+        };
+        if found != shape {
+            return Err(Error::ShapeMismatch {
+                name: full.clone(),
+                expected: shape.to_vec(),
+                found,
+                file: self.file_of(&full),
+            });
+        }
+        let tensor = match &self.source {
+            Source::Files { files, routing } => {
+                let (path, st) = &files[routing[&full]];
+                st.load(&full, &self.device)
+                    .map_err(|e| bad_file(path, e))?
+            }
+            Source::Map(map) => map[&full].to_device(&self.device)?,
+        };
+        Ok(tensor.to_dtype(self.dtype)?)
+    }
+
+    /// An HF `Conv1D` (`y = x W + b`, `W` stored (in, out)) as a candle `Linear` (weight (out, in)).
+    pub(crate) fn conv1d(&self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+        let w = self.get(&format!("{name}.weight"), &[d_in, d_out])?;
+        let b = self.get(&format!("{name}.bias"), &[d_out])?;
+        Ok(Linear::new(w.t()?.contiguous()?, Some(b)))
+    }
+
+    pub(crate) fn layer_norm(&self, name: &str, size: usize, eps: f64) -> Result<LayerNorm> {
+        let w = self.get(&format!("{name}.weight"), &[size])?;
+        let b = self.get(&format!("{name}.bias"), &[size])?;
+        Ok(LayerNorm::new(w, b, eps))
+    }
+
+    /// Fails if the checkpoint holds layers beyond `n_layer`: a config that contradicts the weights
+    /// would otherwise silently run a truncated model.
+    pub(crate) fn check_layer_count(&self, config: &Config) -> Result<()> {
+        let body = |n: &str| n.strip_prefix(self.prefix).unwrap_or(n).to_string();
+        let extra = self.names().into_iter().find_map(|n| {
+            let rest = body(n);
+            let layer: usize = rest.strip_prefix("h.")?.split('.').next()?.parse().ok()?;
+            (layer >= config.n_layer).then_some((n.to_string(), layer))
+        });
+        match extra {
+            None => Ok(()),
+            Some((name, layer)) => Err(Error::ConfigContradictsWeights {
+                msg: format!(
+                    "tensor `{name}` belongs to layer {layer}, but config.json has n_layer = {}",
+                    config.n_layer
+                ),
+                file: self.file_of(&name),
+            }),
+        }
+    }
+}
+
+fn bad_file(path: &Path, e: candle_core::Error) -> Error {
+    Error::BadCheckpoint {
+        file: path.to_path_buf(),
+        msg: e.to_string().lines().next().unwrap_or_default().to_string(),
+    }
+}
+
+/// A seeded random checkpoint for `config`, named and laid out exactly as the Hub's
+/// `openai-community/gpt2` file (Conv1D weights (in, out), no prefix, tied head).
+///
+/// The scales are not GPT-2's training init (std 0.02, which gives near-uniform attention) but
+/// ones that make every head attend sharply: projections `N(0, 1/fan_in)`, embeddings `N(0, 1)`,
+/// layer norms and biases random around their neutral values. Shapes, memory and speed are what
+/// random-weight runs are for; the values only need to be non-degenerate.
+pub fn random_checkpoint(config: &Config, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = SplitMix64(seed);
+    let mut map = HashMap::new();
+    let (c, inner) = (config.n_embd, config.inner_size());
+    let mut put = |name: String, shape: &[usize], mean: f32, std: f32| -> Result<()> {
+        let n = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
+        map.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        Ok(())
+    };
+    put("wte.weight".into(), &[config.vocab_size, c], 0.0, 1.0)?;
+    put("wpe.weight".into(), &[config.n_positions, c], 0.0, 1.0)?;
+    for i in 0..config.n_layer {
+        for (name, d_in, d_out) in [
+            ("attn.c_attn", c, 3 * c),
+            ("attn.c_proj", c, c),
+            ("mlp.c_fc", c, inner),
+            ("mlp.c_proj", inner, c),
+        ] {
+            put(
+                format!("h.{i}.{name}.weight"),
+                &[d_in, d_out],
+                0.0,
+                (d_in as f32).powf(-0.5),
+            )?;
+            put(format!("h.{i}.{name}.bias"), &[d_out], 0.0, 0.1)?;
+        }
+        for ln in ["ln_1", "ln_2"] {
+            put(format!("h.{i}.{ln}.weight"), &[c], 1.0, 0.1)?;
+            put(format!("h.{i}.{ln}.bias"), &[c], 0.0, 0.1)?;
+        }
+    }
+    put("ln_f.weight".into(), &[c], 1.0, 0.1)?;
+    put("ln_f.bias".into(), &[c], 0.0, 0.1)?;
+    Ok(map)
+}
+
+/// A tiny seeded generator (SplitMix64, Steele et al. 2014) so random checkpoints are the same on
+/// every machine without another dependency.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 + 1.0) / (1u64 << 24) as f32
+    }
+
+    /// Standard normal, by Box-Muller.
+    fn normal(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+}

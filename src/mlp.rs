@@ -1,0 +1,37 @@
+//! The position-wise feed-forward network: `c_fc` → activation → `c_proj`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::Linear;
+
+use crate::checkpoint::Weights;
+use crate::config::{Activation, Config};
+use crate::error::Result;
+
+pub(crate) struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    pub(crate) fn load(w: &Weights, name: &str, cfg: &Config) -> Result<Self> {
+        let (c, inner) = (cfg.n_embd, cfg.inner_size());
+        Ok(Self {
+            c_fc: w.conv1d(&format!("{name}.c_fc"), c, inner)?,
+            c_proj: w.conv1d(&format!("{name}.c_proj"), inner, c)?,
+            act: cfg.activation_function,
+        })
+    }
+
+    /// (B, T, C) -> (B, T, inner) -> (B, T, C)
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.c_fc.forward(x)?;
+        let h = match self.act {
+            // candle's `gelu` is the tanh approximation, transformers' `NewGELUActivation`.
+            Activation::GeluNew | Activation::GeluPytorchTanh => h.gelu()?,
+            Activation::Gelu => h.gelu_erf()?,
+            Activation::Relu => h.relu()?,
+        };
+        Ok(self.c_proj.forward(&h)?)
+    }
+}

@@ -1,0 +1,154 @@
+//! GPT-2's byte-level BPE, via the `tokenizers` crate: `tokenizer.json` when a model has one, else
+//! `vocab.json` + `merges.txt` assembled into the same pipeline transformers' `GPT2TokenizerFast`
+//! builds. Decoding for streaming holds back bytes until they form whole UTF-8 characters.
+
+use std::path::Path;
+
+use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::models::bpe::BPE;
+use tokenizers::{AddedToken, DecodeStream};
+
+use crate::error::{Error, Result};
+
+/// GPT-2's end-of-text token, which also starts documents.
+pub const END_OF_TEXT: &str = "<|endoftext|>";
+
+/// A GPT-2 tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json`, or `dir/vocab.json` + `dir/merges.txt` when there is none.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let json = dir.join("tokenizer.json");
+        if json.is_file() {
+            return Self::from_file(json);
+        }
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        if vocab.is_file() && merges.is_file() {
+            return Self::from_vocab_merges(vocab, merges);
+        }
+        Err(Error::Tokenizer(format!(
+            "{}: no tokenizer.json, nor vocab.json + merges.txt",
+            dir.display()
+        )))
+    }
+
+    /// Loads a `tokenizer.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self { inner })
+    }
+
+    /// Builds GPT-2's byte-level BPE from `vocab.json` and `merges.txt`.
+    pub fn from_vocab_merges(vocab: impl AsRef<Path>, merges: impl AsRef<Path>) -> Result<Self> {
+        let (vocab, merges) = (vocab.as_ref(), merges.as_ref());
+        let path_str = |p: &Path| {
+            p.to_str()
+                .map(String::from)
+                .ok_or_else(|| Error::Tokenizer(format!("{}: path is not UTF-8", p.display())))
+        };
+        let bpe = BPE::from_file(&path_str(vocab)?, &path_str(merges)?)
+            .build()
+            .map_err(|e| {
+                Error::Tokenizer(format!("{} + {}: {e}", vocab.display(), merges.display()))
+            })?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        // GPT-2: split with its regex, no prefix space; decode bytes back; keep offsets as they are.
+        inner
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+            .with_decoder(Some(ByteLevel::default()))
+            .with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
+        inner.add_special_tokens(&[AddedToken::from(END_OF_TEXT, true)]);
+        Ok(Self { inner })
+    }
+
+    /// Token ids of `text`, with nothing added around it (GPT-2 adds no BOS).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The text of `ids`; bytes that do not form UTF-8 become U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The id of a token string such as `<|endoftext|>`.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Writes the tokenizer as a `tokenizer.json`.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        self.inner
+            .save(path, false)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// A decoder for ids arriving one at a time; see [`TextStream`].
+    pub fn stream(&self) -> TextStream<'_> {
+        TextStream {
+            tokenizer: self,
+            inner: self.inner.decode_stream(false),
+            pending: Vec::new(),
+        }
+    }
+}
+
+type InnerStream<'a> = DecodeStream<
+    'a,
+    tokenizers::ModelWrapper,
+    tokenizers::NormalizerWrapper,
+    tokenizers::PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    tokenizers::DecoderWrapper,
+>;
+
+/// Turns ids into text as they are generated. A character split over several tokens (emoji, CJK)
+/// is held back until its last byte arrives, so printed text never contains a broken character.
+pub struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    inner: InnerStream<'a>,
+    /// Ids pushed since the last text returned.
+    pending: Vec<u32>,
+}
+
+impl TextStream<'_> {
+    /// Adds one id; returns the text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.pending.push(id);
+        let text = self
+            .inner
+            .step(id)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        if text.is_some() {
+            self.pending.clear();
+        }
+        Ok(text)
+    }
+
+    /// The text of ids still held back at the end (bytes that never completed a character
+    /// decode to U+FFFD), or `None`.
+    pub fn finish(self) -> Result<Option<String>> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        self.tokenizer.decode(&self.pending).map(Some)
+    }
+}
