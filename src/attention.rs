@@ -37,7 +37,7 @@ impl Attention {
         })
     }
 
-    /// `x`: (B, T, C). `mask`: (T, T_k) additive f32 mask, `None` when no query can see a later key
+    /// `x`: (B, T, C). `mask`: (1, 1, T, T_k) additive f32 mask, `None` when no query can see a later key
     /// (a single new token). With `cache`, keys and values are appended and attention spans the
     /// whole cached sequence. With `capture`, also returns the f32 probabilities (B, nh, T, T_k).
     pub(crate) fn forward(

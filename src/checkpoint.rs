@@ -192,6 +192,11 @@ impl Weights {
 }
 
 fn bad_file(path: &Path, e: candle_core::Error) -> Error {
+    // candle wraps file errors with the path, which our message already starts with.
+    let e = match e {
+        candle_core::Error::WithPath { inner, .. } => *inner,
+        e => e,
+    };
     Error::BadCheckpoint {
         file: path.to_path_buf(),
         msg: e.to_string().lines().next().unwrap_or_default().to_string(),

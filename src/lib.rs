@@ -17,6 +17,8 @@ mod checkpoint;
 pub mod config;
 pub mod device;
 mod error;
+pub mod generation;
+pub mod hub;
 mod layer_norm;
 mod mlp;
 mod model;

@@ -1,1 +1,341 @@
-fn main() {}
+//! The `gpt2` command: turns command-line options into library calls and prints the results.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use gpt2::generation::{generate, Completion, GenerateParams, SamplingParams, Timings};
+use gpt2::hub::{repo_id, ModelFiles};
+use gpt2::{device, Config, Gpt2, Tokenizer};
+
+#[derive(Parser)]
+#[command(
+    name = "gpt2",
+    version,
+    about = "Run GPT-2 and look inside its attention heads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streamed as it is produced.
+    Generate(GenerateArgs),
+}
+
+/// Which model, and where it runs.
+#[derive(Args)]
+struct ModelArgs {
+    /// A Hub repo id of a GPT-2-architecture model, or gpt2, gpt2-medium, gpt2-large, gpt2-xl,
+    /// distilgpt2.
+    #[arg(long, default_value = "gpt2")]
+    model: String,
+    /// Hub branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// A local model folder (config.json, model.safetensors, tokenizer files); no network at all.
+    #[arg(long, value_name = "DIR")]
+    model_dir: Option<PathBuf>,
+    /// f32, f16 or bf16. On CPU, f32 is the fastest.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text; `-` reads it from standard input.
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long, value_name = "PATH")]
+    prompt_file: Option<PathBuf>,
+    /// Keep only the last tokens of a prompt longer than the context, instead of failing.
+    #[arg(long)]
+    truncate_prompt: bool,
+    /// How many tokens to generate at most.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    max_new_tokens: usize,
+    /// Keep going after <|endoftext|>.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Stop when the text contains this string (not printed); repeatable.
+    #[arg(long, value_name = "STRING")]
+    stop: Vec<String>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    temperature: f64,
+    /// Sample among the K most likely tokens (transformers' default is 50).
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
+    top_k: i64,
+    /// Nucleus sampling: among the most likely tokens whose probability adds up to P.
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f64>,
+    /// Penalise tokens seen in the last --repeat-last-n tokens (1 = off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Random seed; the same seed gives the same text. Default: a fresh one, printed in the stats.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continuations of the prompt to generate, run together as one batch.
+    #[arg(long, default_value_t = 1)]
+    num_samples: usize,
+    /// Print one JSON object per sample instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's first line says what is wrong; the usage that follows is one --help away.
+            let msg = e.to_string();
+            eprintln!(
+                "{} (see --help)",
+                msg.lines().next().unwrap_or("error: bad arguments")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Generate(args) => cmd_generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A loaded model with its tokenizer and the name to report.
+struct Loaded {
+    model: Gpt2,
+    tokenizer: Tokenizer,
+    name: String,
+    load_time: Duration,
+}
+
+fn load(args: &ModelArgs) -> Result<Loaded> {
+    let start = Instant::now();
+    let dtype = device::parse_dtype(&args.dtype)?;
+    let device = device::select_device(&args.device)?;
+    let (files, name) = match &args.model_dir {
+        Some(dir) => (ModelFiles::from_dir(dir)?, dir.display().to_string()),
+        None => {
+            let id = repo_id(&args.model);
+            (ModelFiles::from_hub(id, &args.revision)?, id.to_string())
+        }
+    };
+    let config = Config::from_file(&files.config)?;
+    let model = Gpt2::load(config, &files.weights, dtype, &device)
+        .with_context(|| format!("cannot load {name}"))?;
+    let tokenizer = Tokenizer::from_files(&files.tokenizer)?;
+    Ok(Loaded {
+        model,
+        tokenizer,
+        name,
+        load_time: start.elapsed(),
+    })
+}
+
+fn read_prompt(prompt: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
+    match (prompt.as_deref(), file) {
+        (Some("-"), _) => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read the prompt from standard input")?;
+            Ok(text)
+        }
+        (Some(text), _) => Ok(text.to_string()),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the prompt file {}", path.display())),
+        (None, None) => {
+            bail!("no prompt: give --prompt TEXT, --prompt-file PATH or --prompt - (stdin)")
+        }
+    }
+}
+
+fn cmd_generate(args: GenerateArgs) -> Result<()> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let top_k = match args.top_k {
+        k if k < 1 => bail!("--top-k must be at least 1"),
+        k => Some(k as usize),
+    };
+    let params = GenerateParams {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k,
+            top_p: args.top_p,
+            repeat_penalty: args.repeat_penalty,
+            repeat_last_n: args.repeat_last_n,
+            seed,
+        },
+        stop: args.stop.clone(),
+        stop_at_eos: !args.ignore_eos,
+        num_samples: args.num_samples,
+    };
+    // Check options before the (possibly long) download.
+    params.validate()?;
+    let prompt = read_prompt(&args.prompt, &args.prompt_file)?;
+    let Loaded {
+        model,
+        tokenizer,
+        name,
+        load_time,
+    } = load(&args.model)?;
+    let ctx = model.config().n_positions;
+    let mut prompt_ids = tokenizer.encode(&prompt)?;
+    if let Some(&bad) = prompt_ids
+        .iter()
+        .find(|&&id| id as usize >= model.config().vocab_size)
+    {
+        bail!(
+            "the tokenizer produced id {bad}, outside the model's vocabulary of {}",
+            model.config().vocab_size
+        );
+    }
+    if prompt_ids.len() > ctx {
+        if !args.truncate_prompt {
+            bail!(
+                "the prompt is {} tokens but the model sees at most {ctx}; shorten it or pass --truncate-prompt to keep its last {ctx} tokens",
+                prompt_ids.len()
+            );
+        }
+        eprintln!(
+            "warning: prompt truncated from {} to its last {ctx} tokens",
+            prompt_ids.len()
+        );
+        prompt_ids.drain(..prompt_ids.len() - ctx);
+    }
+    let shown_prompt = if args.truncate_prompt {
+        tokenizer.decode(&prompt_ids)?
+    } else {
+        prompt.clone()
+    };
+
+    let stream = !args.json && args.num_samples == 1;
+    let mut stdout = std::io::stdout().lock();
+    if stream {
+        write!(stdout, "{shown_prompt}")?;
+        stdout.flush()?;
+    }
+    let (completions, timings) = generate(&model, &tokenizer, &prompt_ids, &params, |_, text| {
+        if stream {
+            // A closed pipe (`| head`) is not worth a panic; the run ends at the next error check.
+            let _ = write!(stdout, "{text}").and_then(|_| stdout.flush());
+        }
+    })?;
+    if args.json {
+        for c in &completions {
+            let line = json_line(&name, &shown_prompt, &prompt_ids, c, load_time, &timings);
+            writeln!(stdout, "{line}")?;
+        }
+    } else if stream {
+        writeln!(stdout)?;
+    } else {
+        for (i, c) in completions.iter().enumerate() {
+            writeln!(
+                stdout,
+                "--- sample {i} ({}) ---\n{shown_prompt}{}",
+                c.finish_reason.as_str(),
+                c.text
+            )?;
+        }
+    }
+    stdout.flush()?;
+    print_stats(
+        &name,
+        &model,
+        load_time,
+        prompt_ids.len(),
+        &completions,
+        &timings,
+        seed,
+    );
+    Ok(())
+}
+
+fn json_line(
+    name: &str,
+    prompt: &str,
+    prompt_ids: &[u32],
+    c: &Completion,
+    load_time: Duration,
+    t: &Timings,
+) -> serde_json::Value {
+    serde_json::json!({
+        "model": name,
+        "prompt": prompt,
+        "prompt_token_ids": prompt_ids,
+        "completion": c.text,
+        "completion_token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "timings": {
+            "load_ms": ms(load_time),
+            "prefill_ms": ms(t.prefill),
+            "decode_ms": ms(t.decode),
+            "prefill_tokens_per_s": t.prefill_tokens_per_s(),
+            "decode_tokens_per_s": t.decode_tokens_per_s(),
+        }
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn print_stats(
+    name: &str,
+    model: &Gpt2,
+    load_time: Duration,
+    prompt_tokens: usize,
+    completions: &[Completion],
+    t: &Timings,
+    seed: u64,
+) {
+    let generated: usize = completions.iter().map(|c| c.token_ids.len()).sum();
+    let dev = if model.device().is_cpu() {
+        "cpu"
+    } else {
+        "gpu"
+    };
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "{name} ({:?}, {dev}) loaded in {:.0} ms\nprompt: {prompt_tokens} tokens, prefill {:.1} ms ({:.1} tokens/s)\ngenerated: {generated} tokens, decode {:.1} ms ({:.1} tokens/s), seed {seed}",
+        model.dtype(),
+        ms(load_time),
+        ms(t.prefill),
+        t.prefill_tokens_per_s(),
+        ms(t.decode),
+        t.decode_tokens_per_s(),
+    );
+    if !err.is_terminal() {
+        let _ = err.flush();
+    }
+}

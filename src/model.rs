@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, Linear};
+use candle_transformers::utils::build_additive_causal_mask;
 
 use crate::block::Block;
 use crate::checkpoint::{random_checkpoint, Weights};
@@ -200,9 +201,16 @@ impl Gpt2 {
         // (B, T) -> (B, T, C), plus positions past..past+T: (T, C) broadcast over B.
         let x = self.wte.forward(ids)?;
         let mut x = x.broadcast_add(&self.wpe.narrow(0, past, t)?)?;
-        // One new token sees every cached key: no mask. Otherwise one (T, past+T) mask for all layers.
+        // One new token sees every cached key: no mask. Otherwise one (1, 1, T, past + T) additive
+        // mask, built once for all layers.
         let mask = if t > 1 {
-            Some(causal_mask(t, past, &self.device)?)
+            Some(build_additive_causal_mask(
+                t,
+                past,
+                None,
+                &self.device,
+                DType::F32,
+            )?)
         } else {
             None
         };
@@ -222,49 +230,16 @@ impl Gpt2 {
     }
 }
 
-/// (T, past + T) additive mask: query i (at position past + i) sees keys 0..=past + i.
-fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let tk = past + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..tk).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, tk), device)?)
-}
-
 /// The safetensors files of a model folder, refusing folders that only have pickle weights.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
-            path: index.clone(),
-            source,
-        })?;
-        let parsed: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::BadCheckpoint {
-                file: index.clone(),
-                msg: e.to_string(),
-            })?;
-        let mut files: Vec<String> = parsed["weight_map"]
-            .as_object()
-            .map(|m| {
-                m.values()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files.dedup();
-        if files.is_empty() {
-            return Err(Error::BadCheckpoint {
-                file: index,
-                msg: "no `weight_map` entries".into(),
-            });
-        }
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        let shards = shard_names(&index)?;
+        return Ok(shards.into_iter().map(|f| dir.join(f)).collect());
     }
     let msg = if dir.join("pytorch_model.bin").exists() {
         "has only pytorch_model.bin (pickle), which gpt2 never loads; convert it to safetensors"
@@ -272,4 +247,173 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         "has no model.safetensors (or model.safetensors.index.json)"
     };
     Err(Error::Input(format!("{}: {msg}", dir.display())))
+}
+
+/// The shard file names listed in a `model.safetensors.index.json`.
+pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let bad = |msg: String| Error::BadCheckpoint {
+        file: index.to_path_buf(),
+        msg,
+    };
+    let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut files: Vec<String> = parsed["weight_map"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(bad("no `weight_map` entries".into()));
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Result<Gpt2> {
+        let config = Config {
+            vocab_size: 61,
+            n_positions: 24,
+            n_embd: 32,
+            n_layer: 3,
+            n_head: 4,
+            bos_token_id: 0,
+            eos_token_id: 0,
+            ..Config::default()
+        };
+        Gpt2::random(config, 7, DType::F32, &Device::Cpu)
+    }
+
+    fn ids(v: &[u32]) -> Result<Tensor> {
+        Ok(Tensor::new(v, &Device::Cpu)?.unsqueeze(0)?)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    }
+
+    #[test]
+    fn later_tokens_never_change_earlier_logits_or_attention() -> Result<()> {
+        let model = tiny()?;
+        let a = [3u32, 14, 15, 9, 26, 5, 35, 8, 9, 7];
+        let mut b = a;
+        let t = 4;
+        for (i, x) in b.iter_mut().enumerate().skip(t + 1) {
+            *x = (*x + 11 * i as u32) % 61;
+        }
+        let all: Vec<usize> = (0..3).collect();
+        let (la, aa) = model.forward_with_attention(&ids(&a)?, None, &all)?;
+        let (lb, ab) = model.forward_with_attention(&ids(&b)?, None, &all)?;
+        assert_eq!(
+            max_abs_diff(&la.narrow(1, 0, t + 1)?, &lb.narrow(1, 0, t + 1)?)?,
+            0.0
+        );
+        // The changed tokens do change later positions: the test can fail.
+        assert!(max_abs_diff(&la.narrow(1, t + 1, 5)?, &lb.narrow(1, t + 1, 5)?)? > 1e-3);
+        for (pa, pb) in aa.iter().zip(&ab) {
+            let (pa, pb) = (pa.narrow(2, 0, t + 1)?, pb.narrow(2, 0, t + 1)?);
+            assert_eq!(max_abs_diff(&pa, &pb)?, 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_rows_sum_to_one_and_are_zero_above_the_diagonal() -> Result<()> {
+        let model = tiny()?;
+        let (_, attn) =
+            model.forward_with_attention(&ids(&[1, 2, 3, 4, 5, 6, 7])?, None, &[0, 2])?;
+        assert_eq!(attn.len(), 2);
+        for p in &attn {
+            assert_eq!(p.dims(), &[1, 4, 7, 7]);
+            let sums = p.sum(3)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-6), "{sums:?}");
+            let p = p.squeeze(0)?.to_vec3::<f32>()?;
+            for head in &p {
+                for (q, row) in head.iter().enumerate() {
+                    assert!(row[q + 1..].iter().all(|&w| w == 0.0), "row {q}: {row:?}");
+                }
+            }
+        }
+        // Heads are not uniform: random weights with the test init attend sharply.
+        let max = attn[0].flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(max > 0.5, "{max}");
+        Ok(())
+    }
+
+    #[test]
+    fn batched_rows_equal_single_runs() -> Result<()> {
+        let model = tiny()?;
+        let (a, b) = ([5u32, 6, 7, 8], [40u32, 3, 3, 1]);
+        let batch = Tensor::new(&[a, b], &Device::Cpu)?;
+        let both = model.forward(&batch, None)?;
+        let d = max_abs_diff(&both.get(1)?, &model.forward(&ids(&b)?, None)?.get(0)?)?;
+        assert!(d < 1e-5, "{d}");
+        Ok(())
+    }
+
+    #[test]
+    fn forward_last_is_the_last_row_of_forward() -> Result<()> {
+        let model = tiny()?;
+        let x = ids(&[9, 8, 7])?;
+        let full = model.forward(&x, None)?;
+        let last = model.forward_last(&x, None)?;
+        assert_eq!(last.dims(), &[1, 61]);
+        assert_eq!(
+            max_abs_diff(&last, &full.get(0)?.get(2)?.unsqueeze(0)?)?,
+            0.0
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() -> Result<()> {
+        let model = tiny()?;
+        let err = model
+            .forward_with_attention(&ids(&[1, 2])?, None, &[3])
+            .err();
+        assert!(err.is_some_and(|e| e.to_string().contains("layer 3 is out of range")));
+        let long: Vec<u32> = (0..25).collect();
+        let err = model.forward(&ids(&long)?, None).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("context of 24")));
+        let mut cache = model.new_cache();
+        model.forward(&ids(&long[..20])?, Some(&mut cache))?;
+        assert!(model.forward(&ids(&long[..5])?, Some(&mut cache)).is_err());
+        cache.reset();
+        assert_eq!(cache.seq_len(), 0);
+        model.forward(&ids(&long[..5])?, Some(&mut cache))?;
+        Ok(())
+    }
+
+    #[test]
+    fn prefixed_and_untied_checkpoints_load() -> Result<()> {
+        let config = tiny()?.config().clone();
+        let mut map = random_checkpoint(&config, 3)?;
+        let plain = Gpt2::from_tensors(config.clone(), map.clone(), DType::F32, &Device::Cpu)?;
+        let x = ids(&[1, 2, 3])?;
+        let want = plain.forward(&x, None)?;
+        let prefixed: HashMap<String, Tensor> = map
+            .iter()
+            .map(|(k, v)| (format!("transformer.{k}"), v.clone()))
+            .collect();
+        let got = Gpt2::from_tensors(config.clone(), prefixed, DType::F32, &Device::Cpu)?
+            .forward(&x, None)?;
+        assert_eq!(max_abs_diff(&want, &got)?, 0.0);
+        // An explicit lm_head equal to wte changes nothing; a different one is used.
+        let wte = map["wte.weight"].clone();
+        map.insert("lm_head.weight".into(), (wte * 2.0)?);
+        let untied =
+            Gpt2::from_tensors(config, map, DType::F32, &Device::Cpu)?.forward(&x, None)?;
+        assert!(max_abs_diff(&(want * 2.0)?, &untied)? < 1e-4);
+        Ok(())
+    }
 }

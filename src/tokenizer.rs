@@ -36,6 +36,16 @@ impl Tokenizer {
         )))
     }
 
+    /// Loads the files [`crate::hub::ModelFiles`] found.
+    pub fn from_files(files: &crate::hub::TokenizerFiles) -> Result<Self> {
+        match files {
+            crate::hub::TokenizerFiles::Json(path) => Self::from_file(path),
+            crate::hub::TokenizerFiles::VocabMerges { vocab, merges } => {
+                Self::from_vocab_merges(vocab, merges)
+            }
+        }
+    }
+
     /// Loads a `tokenizer.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
@@ -143,12 +153,14 @@ impl TextStream<'_> {
         Ok(text)
     }
 
-    /// The text of ids still held back at the end (bytes that never completed a character
-    /// decode to U+FFFD), or `None`.
-    pub fn finish(self) -> Result<Option<String>> {
+    /// The text of ids still held back (bytes that never completed a character decode to
+    /// U+FFFD), or `None`; call it once the last id is in.
+    pub fn finish(&mut self) -> Result<Option<String>> {
         if self.pending.is_empty() {
             return Ok(None);
         }
-        self.tokenizer.decode(&self.pending).map(Some)
+        let text = self.tokenizer.decode(&self.pending)?;
+        self.pending.clear();
+        Ok(Some(text))
     }
 }

@@ -1,0 +1,261 @@
+//! Getting a model's files: from a local folder, or from the Hugging Face Hub through the shared
+//! cache that Python's `huggingface_hub` also uses (`models--org--name/snapshots/<commit>/...`).
+//!
+//! Environment, as in `huggingface_hub`: `HF_HOME` (cache at `$HF_HOME/hub`), `HF_HUB_CACHE`
+//! (the cache itself), `HF_ENDPOINT`, `HF_TOKEN` (else the token file), and `HF_HUB_OFFLINE=1`
+//! (cache only; the hf-hub crate does not implement it, so it is done here).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::error::{Error, Result};
+
+/// Short names for the GPT-2 family, as transformers accepts them.
+pub const ALIASES: [(&str, &str); 5] = [
+    ("gpt2", "openai-community/gpt2"),
+    ("gpt2-medium", "openai-community/gpt2-medium"),
+    ("gpt2-large", "openai-community/gpt2-large"),
+    ("gpt2-xl", "openai-community/gpt2-xl"),
+    ("distilgpt2", "distilbert/distilgpt2"),
+];
+
+/// The Hub repo id for `name`: an alias from [`ALIASES`], or `name` itself.
+pub fn repo_id(name: &str) -> &str {
+    ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == name)
+        .map_or(name, |(_, id)| id)
+}
+
+/// Where a model's tokenizer lives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenizerFiles {
+    Json(PathBuf),
+    VocabMerges { vocab: PathBuf, merges: PathBuf },
+}
+
+/// Local paths to everything a model needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFiles {
+    pub config: PathBuf,
+    /// `model.safetensors`, or every shard.
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: TokenizerFiles,
+}
+
+impl ModelFiles {
+    /// The files of a local model folder; nothing touches the network.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Input(format!(
+                "model folder {} does not exist",
+                dir.display()
+            )));
+        }
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            return Err(Error::Input(format!(
+                "{}: no config.json in the model folder",
+                dir.display()
+            )));
+        }
+        let tokenizer = if dir.join("tokenizer.json").is_file() {
+            TokenizerFiles::Json(dir.join("tokenizer.json"))
+        } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+            TokenizerFiles::VocabMerges {
+                vocab: dir.join("vocab.json"),
+                merges: dir.join("merges.txt"),
+            }
+        } else {
+            return Err(Error::Tokenizer(format!(
+                "{}: no tokenizer.json, nor vocab.json + merges.txt",
+                dir.display()
+            )));
+        };
+        Ok(Self {
+            config,
+            weights: crate::model::safetensors_files(dir)?,
+            tokenizer,
+        })
+    }
+
+    /// Downloads (or finds in the cache) `repo` at `revision`.
+    pub fn from_hub(repo: &str, revision: &str) -> Result<Self> {
+        Hub::new(repo, revision)?.files()
+    }
+}
+
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
+}
+
+fn cache() -> Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) if !dir.is_empty() => Cache::new(PathBuf::from(dir)),
+        _ => Cache::from_env(),
+    }
+}
+
+struct Hub {
+    repo_id: String,
+    revision: String,
+    cache: Cache,
+    /// `None` when offline.
+    api: Option<ApiRepo>,
+}
+
+impl Hub {
+    fn new(repo_id: &str, revision: &str) -> Result<Self> {
+        let cache = cache();
+        let api = if offline() {
+            None
+        } else {
+            let mut builder = ApiBuilder::from_cache(cache.clone())
+                .with_progress(std::io::stderr().is_terminal());
+            if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+                builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
+            }
+            if let Ok(token) = std::env::var("HF_TOKEN") {
+                builder = builder.with_token(Some(token));
+            }
+            let api = builder
+                .build()
+                .map_err(|e| Error::Input(format!("cannot set up the Hub client: {e}")))?;
+            let repo = Repo::with_revision(repo_id.into(), RepoType::Model, revision.into());
+            Some(api.repo(repo))
+        };
+        Ok(Self {
+            repo_id: repo_id.into(),
+            revision: revision.into(),
+            cache,
+            api,
+        })
+    }
+
+    /// The cached copy of `file`, without any network.
+    fn cached(&self, file: &str) -> Option<PathBuf> {
+        let repo =
+            Repo::with_revision(self.repo_id.clone(), RepoType::Model, self.revision.clone());
+        if let Some(path) = self.cache.repo(repo.clone()).get(file) {
+            return Some(path);
+        }
+        // A commit hash has no ref file: look in its snapshot directly, as huggingface_hub does.
+        let is_commit =
+            self.revision.len() == 40 && self.revision.chars().all(|c| c.is_ascii_hexdigit());
+        let path = self
+            .cache
+            .path()
+            .join(repo.folder_name())
+            .join("snapshots")
+            .join(&self.revision)
+            .join(file);
+        (is_commit && path.is_file()).then_some(path)
+    }
+
+    /// `file` from the cache, else downloaded; `Ok(None)` if the repo does not have it.
+    fn fetch(&self, file: &str) -> Result<Option<PathBuf>> {
+        if let Some(path) = self.cached(file) {
+            return Ok(Some(path));
+        }
+        let Some(api) = &self.api else {
+            return Ok(None);
+        };
+        match api.download(file) {
+            Ok(path) => Ok(Some(path)),
+            Err(ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
+            Err(e) => Err(self.download_error(file, e)),
+        }
+    }
+
+    fn download_error(&self, file: &str, e: ApiError) -> Error {
+        let hint = match &e {
+            ApiError::RequestError(inner) if matches!(**inner, ureq::Error::Status(401 | 403, _)) => {
+                "the repo may be gated or private: set HF_TOKEN"
+            }
+            _ => "without network, use --model-dir DIR for a local folder, or HF_HUB_OFFLINE=1 to use only the cache",
+        };
+        Error::Input(format!(
+            "cannot download {file} of {} (revision {}): {e}; {hint}",
+            self.repo_id, self.revision
+        ))
+    }
+
+    fn missing(&self, what: &str) -> Error {
+        if self.api.is_none() {
+            Error::Input(format!(
+                "{} (revision {}) has no {what} in the cache {} and HF_HUB_OFFLINE is set; download it once with network, or use --model-dir DIR",
+                self.repo_id,
+                self.revision,
+                self.cache.path().display()
+            ))
+        } else {
+            Error::Input(format!(
+                "{} (revision {}) has no {what}",
+                self.repo_id, self.revision
+            ))
+        }
+    }
+
+    fn files(&self) -> Result<ModelFiles> {
+        let config = self
+            .fetch("config.json")?
+            .ok_or_else(|| self.missing("config.json"))?;
+        let weights = self.weights()?;
+        let tokenizer = self.tokenizer()?;
+        Ok(ModelFiles {
+            config,
+            weights,
+            tokenizer,
+        })
+    }
+
+    fn weights(&self) -> Result<Vec<PathBuf>> {
+        // Prefer whatever is cached, so a cached model never needs the network.
+        let from_index = |index: PathBuf| -> Result<Vec<PathBuf>> {
+            let shards = crate::model::shard_names(&index)?;
+            shards
+                .iter()
+                .map(|s| self.fetch(s)?.ok_or_else(|| self.missing(s)))
+                .collect()
+        };
+        if let Some(p) = self.cached("model.safetensors") {
+            return Ok(vec![p]);
+        }
+        if let Some(index) = self.cached("model.safetensors.index.json") {
+            return from_index(index);
+        }
+        if let Some(p) = self.fetch("model.safetensors")? {
+            return Ok(vec![p]);
+        }
+        if let Some(index) = self.fetch("model.safetensors.index.json")? {
+            return from_index(index);
+        }
+        Err(self.missing("safetensors weights (model.safetensors); gpt2 never loads pickle files"))
+    }
+
+    fn tokenizer(&self) -> Result<TokenizerFiles> {
+        let pair = |vocab: Option<PathBuf>, merges: Option<PathBuf>| match (vocab, merges) {
+            (Some(vocab), Some(merges)) => Some(TokenizerFiles::VocabMerges { vocab, merges }),
+            _ => None,
+        };
+        if let Some(p) = self.cached("tokenizer.json") {
+            return Ok(TokenizerFiles::Json(p));
+        }
+        if let Some(t) = pair(self.cached("vocab.json"), self.cached("merges.txt")) {
+            return Ok(t);
+        }
+        if let Some(p) = self.fetch("tokenizer.json")? {
+            return Ok(TokenizerFiles::Json(p));
+        }
+        pair(self.fetch("vocab.json")?, self.fetch("merges.txt")?)
+            .ok_or_else(|| self.missing("tokenizer (tokenizer.json, or vocab.json + merges.txt)"))
+    }
+}
