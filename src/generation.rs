@@ -349,7 +349,7 @@ pub fn generate(
             break;
         }
         let len = seqs[0].len();
-        let from = if len > ctx {
+        let from = if cache.seq_len() == ctx {
             // Slide: keep the newest half of the window and prefill it again.
             cache.reset();
             len - ctx / 2
@@ -370,4 +370,158 @@ pub fn generate(
         })
         .collect();
     Ok((completions, timings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use candle_core::{DType, Device};
+
+    /// The real tokenizer is not needed: a byte-level BPE with no merges over 61 tokens
+    /// would do, but the fixture's tokenizer is at hand and has 512 ids.
+    fn tokenizer() -> Result<Tokenizer> {
+        Tokenizer::from_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny"))
+    }
+
+    fn model(n_positions: usize) -> Result<Gpt2> {
+        let config = Config {
+            vocab_size: 512,
+            n_positions,
+            n_embd: 32,
+            n_layer: 2,
+            n_head: 4,
+            bos_token_id: 511,
+            eos_token_id: 511,
+            ..Config::default()
+        };
+        // Seed 5 gives a model whose next token depends on more than the last few tokens, so the
+        // sliding-window test can tell windows apart (most random models mostly copy-forward).
+        Gpt2::random(config, 5, DType::F32, &Device::Cpu)
+    }
+
+    fn greedy(n: usize) -> GenerateParams {
+        GenerateParams {
+            max_new_tokens: n,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            stop_at_eos: false,
+            ..GenerateParams::default()
+        }
+    }
+
+    #[test]
+    fn sliding_window_equals_recomputing_the_kept_window() -> Result<()> {
+        let (model, tok) = (model(16)?, tokenizer()?);
+        let prompt = [1u32, 2, 3, 4, 5];
+        let (out, _) = generate(&model, &tok, &prompt, &greedy(50), |_, _| {})?;
+        // Reference, without any cache: when the sequence outgrows the 16 positions, keep its
+        // newest 8 tokens; each next token is the argmax over the window.
+        let mut seq = prompt.to_vec();
+        let mut start = 0;
+        let argmax = |window: &[u32]| -> Result<u32> {
+            let ids = Tensor::new(window, &Device::Cpu)?.unsqueeze(0)?;
+            Ok(model
+                .forward_last(&ids, None)?
+                .argmax(1)?
+                .to_vec1::<u32>()?[0])
+        };
+        // Steps where a window of only the newest 8 tokens would have given another token:
+        // proof that the test tells the right window from a wrong one.
+        let mut discriminating = 0;
+        for &got in &out[0].token_ids {
+            let want = argmax(&seq[start..])?;
+            assert_eq!(got, want, "at length {}", seq.len());
+            if seq.len() - start > 8 && argmax(&seq[seq.len() - 8..])? != want {
+                discriminating += 1;
+            }
+            seq.push(got);
+            if seq.len() - start > 16 {
+                start = seq.len() - 8;
+            }
+        }
+        assert_eq!(out[0].token_ids.len(), 50);
+        assert!(
+            discriminating > 3,
+            "only {discriminating} discriminating steps"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn streamed_text_equals_the_completion_and_holds_back_stop_prefixes() -> Result<()> {
+        let (model, tok) = (model(64)?, tokenizer()?);
+        let (full, _) = generate(&model, &tok, &[10, 20], &greedy(30), |_, _| {})?;
+        let text = full[0].text.clone();
+        let mut streamed = String::new();
+        let (again, _) = generate(&model, &tok, &[10, 20], &greedy(30), |_, t| {
+            streamed.push_str(t)
+        })?;
+        assert_eq!(streamed, text);
+        assert_eq!(again, full);
+        // Stop at a string that spans several tokens: neither it nor a prefix of it is emitted.
+        let chars: Vec<char> = text.chars().collect();
+        let stop: String = chars[chars.len() / 2..chars.len() / 2 + 4].iter().collect();
+        let params = GenerateParams {
+            stop: vec![stop.clone()],
+            ..greedy(30)
+        };
+        let mut streamed = String::new();
+        let (out, _) = generate(&model, &tok, &[10, 20], &params, |_, t| {
+            streamed.push_str(t)
+        })?;
+        assert_eq!(out[0].finish_reason, FinishReason::Stop);
+        assert_eq!(out[0].text, text[..text.find(&stop).unwrap_or(0)]);
+        assert_eq!(streamed, out[0].text);
+        Ok(())
+    }
+
+    #[test]
+    fn held_back_is_the_longest_stop_prefix_at_the_end() {
+        let stops = ["END".to_string(), "é!".to_string()];
+        assert_eq!(held_back("abc", &stops), 0);
+        assert_eq!(held_back("abcE", &stops), 1);
+        assert_eq!(held_back("abcEN", &stops), 2);
+        assert_eq!(held_back("abcé", &stops), 2);
+        assert_eq!(
+            held_back("END", &stops),
+            0,
+            "a whole stop string is found, not held"
+        );
+    }
+
+    #[test]
+    fn invalid_params_name_the_option() {
+        let cases: [(fn(&mut GenerateParams), &str); 6] = [
+            (|p| p.sampling.temperature = -1.0, "--temperature"),
+            (|p| p.sampling.top_k = Some(0), "--top-k"),
+            (|p| p.sampling.top_p = Some(0.0), "--top-p"),
+            (|p| p.sampling.top_p = Some(1.01), "--top-p"),
+            (|p| p.max_new_tokens = 0, "--max-new-tokens"),
+            (|p| p.stop = vec![String::new()], "--stop"),
+        ];
+        for (break_it, option) in cases {
+            let mut p = GenerateParams::default();
+            break_it(&mut p);
+            let err = p
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(option), "{option}: {err}");
+        }
+    }
+
+    #[test]
+    fn empty_prompt_starts_from_bos_and_long_prompts_are_refused() -> Result<()> {
+        let (model, tok) = (model(16)?, tokenizer()?);
+        let (out, t) = generate(&model, &tok, &[], &greedy(3), |_, _| {})?;
+        assert_eq!(out[0].token_ids.len(), 3);
+        assert_eq!(t.prefill_tokens, 1);
+        let long: Vec<u32> = (0..17).collect();
+        assert!(generate(&model, &tok, &long, &greedy(3), |_, _| {}).is_err());
+        Ok(())
+    }
 }

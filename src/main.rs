@@ -1,6 +1,6 @@
 //! The `gpt2` command: turns command-line options into library calls and prints the results.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -335,7 +335,15 @@ fn print_stats(
         ms(t.decode),
         t.decode_tokens_per_s(),
     );
-    if !err.is_terminal() {
-        let _ = err.flush();
+    if let Some(mib) = peak_memory_mib() {
+        let _ = writeln!(err, "peak memory: {mib:.1} MiB");
     }
+}
+
+/// The process's peak resident memory (Linux `VmHWM`), so long runs can show it stays flat.
+fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }

@@ -1,0 +1,423 @@
+//! End-to-end tests of `gpt2 generate`: the real binary on the committed fixture checkpoints
+//! (`--model-dir`, no network). The Hub path is covered in tests/hub.rs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn goldens(name: &str) -> Result<Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        fixture(name).join("goldens.json"),
+    )?)?)
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect()
+}
+
+fn gpt2(args: &[&str], stdin: Option<&str>) -> Result<Output> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut pipe = child.stdin.take().ok_or("no stdin")?;
+    pipe.write_all(stdin.unwrap_or("").as_bytes())?;
+    drop(pipe);
+    Ok(child.wait_with_output()?)
+}
+
+/// Runs `generate --json` on a fixture and returns the JSON object of each sample.
+fn generate_json(model: &Path, extra: &[&str]) -> Result<Vec<Value>> {
+    let dir = model.to_str().ok_or("path")?;
+    let mut args = vec!["generate", "--model-dir", dir, "--json"];
+    args.extend_from_slice(extra);
+    let out = gpt2(&args, None)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    let stdout = String::from_utf8(out.stdout)?;
+    Ok(stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?)
+}
+
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn greedy_equals_transformers_generate() -> Result {
+    for name in ["tiny", "tiny-b"] {
+        let g = goldens(name)?;
+        let prompt = g["prompt_text"].as_str().ok_or("prompt_text")?;
+        let out = generate_json(
+            &fixture(name),
+            &["--prompt", prompt, "-n", "20", "--temperature", "0"],
+        )?;
+        assert_eq!(out.len(), 1);
+        let o = &out[0];
+        assert_eq!(
+            ids(&o["prompt_token_ids"]),
+            ids(&g["greedy_prompt_ids"]),
+            "{name}"
+        );
+        assert_eq!(
+            ids(&o["completion_token_ids"]),
+            ids(&g["greedy_ids"]),
+            "{name}"
+        );
+        assert_eq!(o["finish_reason"], "length");
+        assert_eq!(o["prompt"], prompt);
+        for key in [
+            "load_ms",
+            "prefill_ms",
+            "decode_ms",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+        ] {
+            assert!(
+                o["timings"][key].as_f64().is_some_and(|v| v > 0.0),
+                "{key}: {o}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn text_output_is_prompt_then_completion_with_stats_on_stderr() -> Result {
+    let dir = fixture("tiny");
+    let prompt = "Emoji 🦀 and 日本語 stay whole";
+    let args = [
+        "generate",
+        "--model-dir",
+        dir.to_str().ok_or("path")?,
+        "--prompt",
+        prompt,
+        "-n",
+        "12",
+        "--seed",
+        "5",
+    ];
+    let out = gpt2(&args, None)?;
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout)?;
+    let json = generate_json(&dir, &["--prompt", prompt, "-n", "12", "--seed", "5"])?;
+    let completion = json[0]["completion"].as_str().ok_or("completion")?;
+    assert_eq!(stdout, format!("{prompt}{completion}\n"));
+    let stderr = String::from_utf8(out.stderr)?;
+    for needle in [
+        "loaded in",
+        "prompt: ",
+        "tokens/s",
+        "generated: 12 tokens",
+        "seed 5",
+    ] {
+        assert!(stderr.contains(needle), "`{needle}` not in {stderr}");
+    }
+    Ok(())
+}
+
+#[test]
+fn seeds_top_k_one_and_batches() -> Result {
+    let dir = fixture("tiny-b");
+    let run = |extra: &[&str]| -> Result<Vec<u64>> {
+        let mut args = vec!["--prompt", "Once upon a time", "-n", "16"];
+        args.extend_from_slice(extra);
+        Ok(ids(&generate_json(&dir, &args)?[0]["completion_token_ids"]))
+    };
+    let a = run(&["--seed", "1"])?;
+    assert_eq!(a, run(&["--seed", "1"])?, "same seed, same text");
+    assert_ne!(a, run(&["--seed", "2"])?, "different seeds, different text");
+    assert_eq!(
+        run(&["--top-k", "1", "--seed", "3"])?,
+        run(&["--temperature", "0"])?
+    );
+    assert_ne!(a, run(&["--seed", "1", "--top-p", "0.5"])?);
+    // A batch: N objects; sample i uses seed + i, so sample 0 equals the single run.
+    let batch = generate_json(
+        &dir,
+        &[
+            "--prompt",
+            "Once upon a time",
+            "-n",
+            "16",
+            "--seed",
+            "1",
+            "--num-samples",
+            "3",
+        ],
+    )?;
+    assert_eq!(batch.len(), 3);
+    assert_eq!(ids(&batch[0]["completion_token_ids"]), a);
+    assert_eq!(
+        ids(&batch[1]["completion_token_ids"]),
+        run(&["--seed", "2"])?
+    );
+    assert_ne!(
+        batch[1]["completion_token_ids"],
+        batch[2]["completion_token_ids"]
+    );
+    Ok(())
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_not_printed() -> Result {
+    let dir = fixture("tiny");
+    let g = goldens("tiny")?;
+    let prompt = g["prompt_text"].as_str().ok_or("prompt_text")?;
+    let greedy = generate_json(
+        &dir,
+        &["--prompt", prompt, "-n", "20", "--temperature", "0"],
+    )?;
+    let full = greedy[0]["completion"]
+        .as_str()
+        .ok_or("completion")?
+        .to_string();
+    // A stop string from the middle of the greedy text, at character boundaries.
+    let chars: Vec<char> = full.chars().collect();
+    let start = chars.len() / 2;
+    let stop: String = chars[start..start + 3].iter().collect();
+    let before = full[..full.find(&stop).ok_or("stop")?].to_string();
+    let out = generate_json(
+        &dir,
+        &[
+            "--prompt",
+            prompt,
+            "-n",
+            "20",
+            "--temperature",
+            "0",
+            "--stop",
+            &stop,
+            "--stop",
+            "never-there",
+        ],
+    )?;
+    assert_eq!(out[0]["finish_reason"], "stop");
+    assert_eq!(out[0]["completion"], before.as_str());
+    assert!(ids(&out[0]["completion_token_ids"]).len() < 20);
+    let text = gpt2(
+        &[
+            "generate",
+            "--model-dir",
+            dir.to_str().ok_or("p")?,
+            "--prompt",
+            prompt,
+            "-n",
+            "20",
+            "--temperature",
+            "0",
+            "--stop",
+            &stop,
+        ],
+        None,
+    )?;
+    assert_eq!(
+        String::from_utf8(text.stdout)?,
+        format!("{prompt}{before}\n")
+    );
+    Ok(())
+}
+
+/// A copy of a fixture whose config names `eos` as the end-of-text id.
+fn with_eos(name: &str, eos: u64) -> Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-eos-{eos}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    for entry in std::fs::read_dir(fixture(name))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), dir.join(entry.file_name()))?;
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    config["eos_token_id"] = eos.into();
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    Ok(dir)
+}
+
+#[test]
+fn eos_ends_generation_unless_ignored() -> Result {
+    let g = goldens("tiny")?;
+    let greedy = ids(&g["greedy_ids"]);
+    let prompt = g["prompt_text"].as_str().ok_or("prompt_text")?;
+    // Make the 4th greedy token the EOS token.
+    let dir = with_eos("tiny", greedy[3])?;
+    let out = generate_json(
+        &dir,
+        &["--prompt", prompt, "-n", "20", "--temperature", "0"],
+    )?;
+    assert_eq!(out[0]["finish_reason"], "eos");
+    assert_eq!(ids(&out[0]["completion_token_ids"]), greedy[..4]);
+    let out = generate_json(
+        &dir,
+        &[
+            "--prompt",
+            prompt,
+            "-n",
+            "20",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+        ],
+    )?;
+    assert_eq!(out[0]["finish_reason"], "length");
+    assert_eq!(ids(&out[0]["completion_token_ids"]), greedy);
+    Ok(())
+}
+
+fn peak_rss_kib(stderr: &str) -> Option<u64> {
+    let line = stderr.lines().find(|l| l.contains("peak memory"))?;
+    line.split_whitespace()
+        .find_map(|w| w.parse::<f64>().ok())
+        .map(|mib| (mib * 1024.0) as u64)
+}
+
+#[test]
+fn runs_far_past_the_context_window_with_flat_memory() -> Result {
+    let dir = fixture("tiny"); // n_positions = 128
+    let mut peaks = Vec::new();
+    for n in ["300", "3000"] {
+        let args = [
+            "generate",
+            "--model-dir",
+            dir.to_str().ok_or("p")?,
+            "--prompt",
+            "Hello",
+            "-n",
+            n,
+            "--ignore-eos",
+            "--seed",
+            "9",
+            "--json",
+        ];
+        let out = gpt2(&args, None)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let o: Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(ids(&o["completion_token_ids"]).len(), n.parse::<usize>()?);
+        assert_eq!(o["finish_reason"], "length");
+        peaks.push(peak_rss_kib(&stderr).ok_or("no peak memory in stats")?);
+    }
+    // 10x the tokens, 23x the context: the peak may not grow beyond noise.
+    assert!(
+        peaks[1] < peaks[0] + peaks[0] / 5 + 8 * 1024,
+        "peak RSS {peaks:?} KiB"
+    );
+    Ok(())
+}
+
+#[test]
+fn prompt_sources_and_length_limits() -> Result {
+    let dir = fixture("tiny");
+    let d = dir.to_str().ok_or("p")?;
+    let from_stdin = gpt2(
+        &[
+            "generate",
+            "--model-dir",
+            d,
+            "--prompt",
+            "-",
+            "-n",
+            "3",
+            "--seed",
+            "1",
+        ],
+        Some("piped prompt"),
+    )?;
+    assert!(String::from_utf8(from_stdin.stdout)?.starts_with("piped prompt"));
+    let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join("prompt.txt");
+    std::fs::write(&file, "file prompt")?;
+    let from_file = gpt2(
+        &[
+            "generate",
+            "--model-dir",
+            d,
+            "--prompt-file",
+            file.to_str().ok_or("p")?,
+            "-n",
+            "3",
+        ],
+        None,
+    )?;
+    assert!(String::from_utf8(from_file.stdout)?.starts_with("file prompt"));
+    // The tiny tokenizer has few merges: 200 letters are 200 tokens, past the 128 positions.
+    let long = "a".repeat(200);
+    let out = gpt2(
+        &["generate", "--model-dir", d, "--prompt", &long, "-n", "3"],
+        None,
+    )?;
+    assert_one_line_error(&out, "--truncate-prompt");
+    let out = generate_json(&dir, &["--prompt", &long, "-n", "3", "--truncate-prompt"])?;
+    assert_eq!(ids(&out[0]["prompt_token_ids"]).len(), 128);
+    assert_eq!(ids(&out[0]["completion_token_ids"]).len(), 3);
+    Ok(())
+}
+
+#[test]
+fn bad_options_give_one_clear_line() -> Result {
+    let dir = fixture("tiny");
+    let d = dir.to_str().ok_or("p")?;
+    let no_config = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no-config");
+    std::fs::create_dir_all(&no_config)?;
+    let nc = no_config.to_str().ok_or("p")?;
+    let cases: &[(&[&str], &str)] = &[
+        (&["--temperature", "-0.5"], "--temperature"),
+        (&["--top-p", "0"], "--top-p"),
+        (&["--top-p", "1.5"], "--top-p"),
+        (&["--top-k", "0"], "--top-k"),
+        (&["-n", "0"], "--max-new-tokens"),
+        (&["--num-samples", "0"], "--num-samples"),
+        (&["--dtype", "f64"], "f64"),
+        (&["--device", "tpu"], "tpu"),
+        (&["--device", "cuda"], "--features cuda"),
+        (&["-n", "many"], "invalid value"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["generate", "--model-dir", d, "--prompt", "x"];
+        args.extend_from_slice(extra);
+        assert_one_line_error(&gpt2(&args, None)?, needle);
+    }
+    let missing = gpt2(
+        &[
+            "generate",
+            "--model-dir",
+            "/no/such/folder",
+            "--prompt",
+            "x",
+        ],
+        None,
+    )?;
+    assert_one_line_error(&missing, "/no/such/folder");
+    assert_one_line_error(
+        &gpt2(&["generate", "--model-dir", nc, "--prompt", "x"], None)?,
+        "config.json",
+    );
+    assert_one_line_error(&gpt2(&["generate", "--model-dir", d], None)?, "no prompt");
+    Ok(())
+}
