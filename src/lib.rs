@@ -12,6 +12,7 @@
 //! ```
 
 mod attention;
+pub mod bench;
 mod block;
 mod checkpoint;
 pub mod config;

@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streamed as it is produced.
     Generate(GenerateArgs),
+    /// Measure load time, prefill and decode speed (tokens/s) separately.
+    Bench(BenchArgs),
 }
 
 /// Which model, and where it runs.
@@ -39,14 +41,36 @@ struct ModelArgs {
     #[arg(long, default_value = "main")]
     revision: String,
     /// A local model folder (config.json, model.safetensors, tokenizer files); no network at all.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
     model_dir: Option<PathBuf>,
+    /// A config.json (e.g. configs/gpt2.json): a model of that layout with seeded random weights
+    /// and a bytes-only tokenizer, for shape, memory and speed experiments without downloading.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// f32, f16 or bf16. On CPU, f32 is the fastest.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     device: String,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens to decode, one per step, after the prefill.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Repetitions; the fastest of each phase is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -116,6 +140,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Generate(args) => cmd_generate(args),
+        Command::Bench(args) => cmd_bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -138,6 +163,21 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
     let start = Instant::now();
     let dtype = device::parse_dtype(&args.dtype)?;
     let device = device::select_device(&args.device)?;
+    if let Some(path) = &args.config {
+        let config = Config::from_file(path)?;
+        eprintln!(
+            "warning: {} has random weights (seeded): its text is noise; use it for shapes, memory and speed",
+            path.display()
+        );
+        let tokenizer = Tokenizer::bytes_only(config.eos_token_id)?;
+        let model = Gpt2::random(config, 0, dtype, &device)?;
+        return Ok(Loaded {
+            model,
+            tokenizer,
+            name: path.display().to_string(),
+            load_time: start.elapsed(),
+        });
+    }
     let (files, name) = match &args.model_dir {
         Some(dir) => (ModelFiles::from_dir(dir)?, dir.display().to_string()),
         None => {
@@ -277,6 +317,42 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
         &timings,
         seed,
     );
+    Ok(())
+}
+
+fn cmd_bench(args: BenchArgs) -> Result<()> {
+    let loaded = load(&args.model)?;
+    let r = gpt2::bench::bench(
+        &loaded.model,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.runs,
+    )?;
+    let c = loaded.model.config();
+    if args.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = loaded.name.clone().into();
+        v["dtype"] = format!("{:?}", loaded.model.dtype()).to_lowercase().into();
+        v["load_ms"] = ms(loaded.load_time).into();
+        v["threads"] = candle_core::utils::get_num_threads().into();
+        println!("{v}");
+    } else {
+        println!(
+            "model       {} ({} layers, {} heads x {}, {:?})\nload        {:.0} ms\nprefill     {} tokens: {:.1} ms to first token, {:.1} tokens/s\ndecode      {} tokens: {:.1} tokens/s\nthreads     {}",
+            loaded.name,
+            c.n_layer,
+            c.n_head,
+            c.head_size(),
+            loaded.model.dtype(),
+            ms(loaded.load_time),
+            r.prompt_tokens,
+            r.time_to_first_token_ms,
+            r.prefill_tokens_per_s,
+            r.new_tokens,
+            r.decode_tokens_per_s,
+            candle_core::utils::get_num_threads(),
+        );
+    }
     Ok(())
 }
 

@@ -67,6 +67,11 @@ impl Tokenizer {
             .map_err(|e| {
                 Error::Tokenizer(format!("{} + {}: {e}", vocab.display(), merges.display()))
             })?;
+        Ok(Self::byte_level(bpe))
+    }
+
+    /// The pipeline transformers' `GPT2TokenizerFast` builds around a byte-level BPE model.
+    fn byte_level(bpe: BPE) -> Self {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         // GPT-2: split with its regex, no prefix space; decode bytes back; keep offsets as they are.
         inner
@@ -74,7 +79,29 @@ impl Tokenizer {
             .with_decoder(Some(ByteLevel::default()))
             .with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
         inner.add_special_tokens(&[AddedToken::from(END_OF_TEXT, true)]);
-        Ok(Self { inner })
+        Self { inner }
+    }
+
+    /// GPT-2's 256 byte tokens and no merges: every byte of the text is one token, with the ids
+    /// GPT-2 gives single bytes, plus `<|endoftext|>` at `eos_id`. For random-weight models
+    /// (`--config`), which have no tokenizer files.
+    pub fn bytes_only(eos_id: u32) -> Result<Self> {
+        let mut vocab: tokenizers::models::bpe::Vocab = gpt2_byte_chars()
+            .into_iter()
+            .enumerate()
+            .map(|(id, c)| (c.to_string(), id as u32))
+            .collect();
+        vocab.insert(END_OF_TEXT.to_string(), eos_id.max(256));
+        if vocab.len() != 257 {
+            return Err(Error::Tokenizer(format!(
+                "eos id {eos_id} collides with a byte token"
+            )));
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, Vec::new())
+            .build()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(Self::byte_level(bpe))
     }
 
     /// Token ids of `text`, with nothing added around it (GPT-2 adds no BOS).
@@ -121,6 +148,26 @@ impl Tokenizer {
     }
 }
 
+/// GPT-2's printable stand-in for each byte, in id order: byte tokens 0..256 of `vocab.json`.
+/// From `bytes_to_unicode` in <https://github.com/openai/gpt-2/blob/master/src/encoder.py>.
+fn gpt2_byte_chars() -> Vec<char> {
+    let mut bytes: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = bytes.clone();
+    // Bytes that are not printable map to 256, 257, ... in byte order.
+    let mut next = 256;
+    for b in 0..256 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(next);
+            next += 1;
+        }
+    }
+    chars.into_iter().filter_map(char::from_u32).collect()
+}
+
 type InnerStream<'a> = DecodeStream<
     'a,
     tokenizers::ModelWrapper,
@@ -162,5 +209,23 @@ impl TextStream<'_> {
         let text = self.tokenizer.decode(&self.pending)?;
         self.pending.clear();
         Ok(Some(text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_only_uses_gpt2_byte_ids() -> Result<()> {
+        let tok = Tokenizer::bytes_only(50256)?;
+        // GPT-2: "!" = 0, "A" = 32, " " (byte 32, shown as Ġ) = 220, "\n" (Ċ) = 198.
+        assert_eq!(tok.encode("!A \n")?, [0, 32, 220, 198]);
+        let text = "héllo 🦀 <|endoftext|>";
+        let ids = tok.encode(text)?;
+        assert_eq!(ids.last(), Some(&50256));
+        assert_eq!(ids.len(), "héllo 🦀 ".len() + 1);
+        assert_eq!(tok.decode(&ids)?, text);
+        Ok(())
     }
 }

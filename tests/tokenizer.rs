@@ -605,6 +605,12 @@ fn stream_returns_a_broken_tail_only_from_finish() -> TestResult {
     assert!(rest.contains('\u{FFFD}'), "finish() returned {rest:?}");
     assert_eq!(format!("{}{rest}", chunks.concat()), tok.decode(cut)?);
 
+    // finish() hands the held-back tail out once.
+    let mut stream = tok.stream();
+    assert_eq!(stream.push(first[0])?, None);
+    assert_eq!(stream.finish()?.as_deref(), Some(alone.as_str()));
+    assert_eq!(stream.finish()?, None, "finish() returned the tail twice");
+
     // An empty stream finishes with nothing.
     let (chunks, rest) = stream_all(&tok, &[])?;
     assert!(chunks.is_empty());
@@ -635,7 +641,10 @@ fn golden_prompt_ids(dir: &Path) -> Result<Vec<u32>, Box<dyn Error>> {
 }
 
 /// `goldens.safetensors`' `input_ids` (rows of transformers' tokenization of `input_texts`).
-fn golden_input_ids(dir: &Path) -> Result<(Vec<String>, Vec<Vec<u32>>), Box<dyn Error>> {
+/// Texts and the id rows transformers made of them.
+type TextsAndIds = (Vec<String>, Vec<Vec<u32>>);
+
+fn golden_input_ids(dir: &Path) -> Result<TextsAndIds, Box<dyn Error>> {
     let goldens: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json"))?)?;
     let texts: Vec<String> = goldens["input_texts"]
