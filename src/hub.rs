@@ -88,6 +88,20 @@ impl ModelFiles {
     }
 }
 
+/// A 404 for a file of an existing repo and revision, as opposed to a missing repo or revision
+/// (the Hub says which in `x-error-code`).
+fn is_missing_file(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Status(404, response) => {
+            matches!(
+                response.header("x-error-code"),
+                None | Some("EntryNotFound")
+            )
+        }
+        _ => false,
+    }
+}
+
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
         matches!(
@@ -97,11 +111,40 @@ fn offline() -> bool {
     })
 }
 
-fn cache() -> Cache {
-    match std::env::var_os("HF_HUB_CACHE") {
-        Some(dir) if !dir.is_empty() => Cache::new(PathBuf::from(dir)),
-        _ => Cache::from_env(),
+/// A variable's value, with empty (or blank) counted as unset, as `huggingface_hub` does.
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// `$HF_HOME`, by default `~/.cache/huggingface`.
+fn hf_home() -> PathBuf {
+    match env_nonempty("HF_HOME") {
+        Some(home) => PathBuf::from(home),
+        None => {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache").join("huggingface")
+        }
     }
+}
+
+fn cache() -> Cache {
+    match env_nonempty("HF_HUB_CACHE") {
+        Some(dir) => Cache::new(PathBuf::from(dir)),
+        None => Cache::new(hf_home().join("hub")),
+    }
+}
+
+/// `HF_TOKEN`, else the file `huggingface-cli login` writes (`HF_TOKEN_PATH`, default
+/// `$HF_HOME/token`): hf-hub would look beside the cache, which is wrong when `HF_HUB_CACHE` moves it.
+fn token() -> Option<String> {
+    if let Some(token) = env_nonempty("HF_TOKEN") {
+        return Some(token.trim().to_string());
+    }
+    let path = env_nonempty("HF_TOKEN_PATH").map_or_else(|| hf_home().join("token"), PathBuf::from);
+    let token = std::fs::read_to_string(path).ok()?;
+    Some(token.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 struct Hub {
@@ -119,12 +162,10 @@ impl Hub {
             None
         } else {
             let mut builder = ApiBuilder::from_cache(cache.clone())
-                .with_progress(std::io::stderr().is_terminal());
-            if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+                .with_progress(std::io::stderr().is_terminal())
+                .with_token(token());
+            if let Some(endpoint) = env_nonempty("HF_ENDPOINT") {
                 builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
-            }
-            if let Ok(token) = std::env::var("HF_TOKEN") {
-                builder = builder.with_token(Some(token));
             }
             let api = builder
                 .build()
@@ -170,12 +211,21 @@ impl Hub {
         };
         match api.download(file) {
             Ok(path) => Ok(Some(path)),
-            Err(ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
+            Err(ApiError::RequestError(e)) if is_missing_file(&e) => Ok(None),
             Err(e) => Err(self.download_error(file, e)),
         }
     }
 
     fn download_error(&self, file: &str, e: ApiError) -> Error {
+        if let ApiError::RequestError(inner) = &e {
+            if let ureq::Error::Status(404, response) = &**inner {
+                let what = match response.header("x-error-code") {
+                    Some("RevisionNotFound") => format!("revision {} not found", self.revision),
+                    _ => "repository not found (or private: set HF_TOKEN)".to_string(),
+                };
+                return Error::Input(format!("{}: {what}", self.repo_id));
+            }
+        }
         let hint = match &e {
             ApiError::RequestError(inner) if matches!(**inner, ureq::Error::Status(401 | 403, _)) => {
                 "the repo may be gated or private: set HF_TOKEN"

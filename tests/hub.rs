@@ -1017,7 +1017,7 @@ fn an_interrupted_download_is_resumed() {
 // Known bugs in src/hub.rs: these pass once fixed (then drop the `ignore`).
 
 #[test]
-#[ignore = "src/hub.rs bug: an empty HF_TOKEN is sent as `Authorization: Bearer` and hides the token file"]
+
 fn an_empty_hf_token_is_no_token() {
     let dir = scratch("empty_token");
     let home = dir.join("hf-home");
@@ -1041,7 +1041,7 @@ fn an_empty_hf_token_is_no_token() {
 }
 
 #[test]
-#[ignore = "src/hub.rs bug: with HF_HUB_CACHE set, the token is read from its parent folder, not $HF_HOME/token"]
+
 fn the_token_file_in_hf_home_is_used_with_hf_hub_cache() {
     let dir = scratch("token_file_hub_cache");
     let home = dir.join("hf-home");
