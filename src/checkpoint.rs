@@ -26,6 +26,12 @@ enum Source {
         routing: HashMap<String, usize>,
     },
     Map(HashMap<String, Tensor>),
+    /// Tensors made on demand, one at a time, so a random model never exists twice in memory
+    /// (an f32 copy next to the model's dtype would not fit for a 7B layout).
+    Random {
+        seed: u64,
+        layout: HashMap<String, Vec<usize>>,
+    },
 }
 
 /// Named tensors, resolved against the optional `transformer.` prefix, shape-checked and cast to
@@ -52,6 +58,17 @@ impl Weights {
             files.push((path.clone(), st));
         }
         Self::new(Source::Files { files, routing }, dtype, device)
+    }
+
+    /// Seeded random tensors for every name of `config`'s checkpoint (see [`random_tensor`]).
+    pub(crate) fn random(
+        config: &Config,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let layout = checkpoint_layout(config).into_iter().collect();
+        Self::new(Source::Random { seed, layout }, dtype, device)
     }
 
     /// Wraps tensors already in memory, named as in a checkpoint file.
@@ -88,6 +105,7 @@ impl Weights {
         match &self.source {
             Source::Files { routing, .. } => routing.contains_key(full_name),
             Source::Map(map) => map.contains_key(full_name),
+            Source::Random { layout, .. } => layout.contains_key(full_name),
         }
     }
 
@@ -96,6 +114,7 @@ impl Weights {
         match &self.source {
             Source::Files { routing, .. } => routing.keys().map(String::as_str).collect(),
             Source::Map(map) => map.keys().map(String::as_str).collect(),
+            Source::Random { layout, .. } => layout.keys().map(String::as_str).collect(),
         }
     }
 
@@ -106,7 +125,7 @@ impl Weights {
                 let i = routing.get(full_name).copied().unwrap_or(0);
                 files.get(i).map(|(p, _)| p.clone()).unwrap_or_default()
             }
-            Source::Map(_) => PathBuf::from("<in-memory weights>"),
+            Source::Map(_) | Source::Random { .. } => PathBuf::from("<in-memory weights>"),
         }
     }
 
@@ -136,6 +155,7 @@ impl Weights {
                 view.shape().to_vec()
             }
             Source::Map(map) => map[&full].dims().to_vec(),
+            Source::Random { layout, .. } => layout[&full].clone(),
         };
         if found != shape {
             return Err(Error::ShapeMismatch {
@@ -152,6 +172,9 @@ impl Weights {
                     .map_err(|e| bad_file(path, e))?
             }
             Source::Map(map) => map[&full].to_device(&self.device)?,
+            Source::Random { seed, .. } => {
+                random_tensor(&full, shape, *seed)?.to_device(&self.device)?
+            }
         };
         Ok(tensor.to_dtype(self.dtype)?)
     }
@@ -203,48 +226,68 @@ fn bad_file(path: &Path, e: candle_core::Error) -> Error {
     }
 }
 
-/// A seeded random checkpoint for `config`, named and laid out exactly as the Hub's
-/// `openai-community/gpt2` file (Conv1D weights (in, out), no prefix, tied head).
-///
-/// The scales are not GPT-2's training init (std 0.02, which gives near-uniform attention) but
-/// ones that make every head attend sharply: projections `N(0, 1/fan_in)`, embeddings `N(0, 1)`,
-/// layer norms and biases random around their neutral values. Shapes, memory and speed are what
-/// random-weight runs are for; the values only need to be non-degenerate.
-pub fn random_checkpoint(config: &Config, seed: u64) -> Result<HashMap<String, Tensor>> {
-    let mut rng = SplitMix64(seed);
-    let mut map = HashMap::new();
+/// Every tensor of a GPT-2 checkpoint for `config`, with its shape, named as in the Hub's
+/// `openai-community/gpt2` file (Conv1D weights (in, out), no prefix, head tied to `wte`).
+pub(crate) fn checkpoint_layout(config: &Config) -> Vec<(String, Vec<usize>)> {
     let (c, inner) = (config.n_embd, config.inner_size());
-    let mut put = |name: String, shape: &[usize], mean: f32, std: f32| -> Result<()> {
-        let n = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
-        map.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
-        Ok(())
-    };
-    put("wte.weight".into(), &[config.vocab_size, c], 0.0, 1.0)?;
-    put("wpe.weight".into(), &[config.n_positions, c], 0.0, 1.0)?;
+    let qkv = c + 2 * config.kv_heads() * config.head_size();
+    let mut layout = vec![
+        ("wte.weight".to_string(), vec![config.vocab_size, c]),
+        ("wpe.weight".to_string(), vec![config.n_positions, c]),
+    ];
     for i in 0..config.n_layer {
         for (name, d_in, d_out) in [
-            ("attn.c_attn", c, 3 * c),
+            ("attn.c_attn", c, qkv),
             ("attn.c_proj", c, c),
             ("mlp.c_fc", c, inner),
             ("mlp.c_proj", inner, c),
         ] {
-            put(
-                format!("h.{i}.{name}.weight"),
-                &[d_in, d_out],
-                0.0,
-                (d_in as f32).powf(-0.5),
-            )?;
-            put(format!("h.{i}.{name}.bias"), &[d_out], 0.0, 0.1)?;
+            layout.push((format!("h.{i}.{name}.weight"), vec![d_in, d_out]));
+            layout.push((format!("h.{i}.{name}.bias"), vec![d_out]));
         }
         for ln in ["ln_1", "ln_2"] {
-            put(format!("h.{i}.{ln}.weight"), &[c], 1.0, 0.1)?;
-            put(format!("h.{i}.{ln}.bias"), &[c], 0.0, 0.1)?;
+            layout.push((format!("h.{i}.{ln}.weight"), vec![c]));
+            layout.push((format!("h.{i}.{ln}.bias"), vec![c]));
         }
     }
-    put("ln_f.weight".into(), &[c], 1.0, 0.1)?;
-    put("ln_f.bias".into(), &[c], 0.0, 0.1)?;
-    Ok(map)
+    layout.push(("ln_f.weight".to_string(), vec![c]));
+    layout.push(("ln_f.bias".to_string(), vec![c]));
+    layout
+}
+
+/// A seeded random checkpoint for `config`, laid out as [`checkpoint_layout`] says; each tensor
+/// as [`Gpt2::random`](crate::Gpt2::random) makes it.
+pub fn random_checkpoint(config: &Config, seed: u64) -> Result<HashMap<String, Tensor>> {
+    checkpoint_layout(config)
+        .into_iter()
+        .map(|(name, shape)| Ok((name.clone(), random_tensor(&name, &shape, seed)?)))
+        .collect()
+}
+
+/// One tensor of a random checkpoint, from `seed` and its name alone (so it does not depend on
+/// which other tensors were made).
+///
+/// The scales are not GPT-2's training init (std 0.02, which gives near-uniform attention) but
+/// ones that make heads attend sharply: projections with std `1/√fan_in`, embeddings std 1, layer
+/// norms and biases random around their neutral values. Values are uniform with those means and
+/// standard deviations: random-weight runs are for shapes, memory and speed, and uniform numbers
+/// are ten times cheaper to make than normal ones at 7B parameters.
+fn random_tensor(name: &str, shape: &[usize], seed: u64) -> Result<Tensor> {
+    // FNV-1a of the name, mixed into the seed.
+    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut rng = SplitMix64(seed ^ name_hash);
+    let is_norm = name.contains("ln_");
+    let (mean, std) = match (is_norm, name.ends_with(".bias")) {
+        (true, false) => (1.0, 0.1),
+        (_, true) => (0.0, 0.1),
+        _ if name.starts_with("wte") || name.starts_with("wpe") => (0.0, 1.0),
+        _ => (0.0, (shape[0] as f32).powf(-0.5)),
+    };
+    let n = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| mean + std * rng.unit()).collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
 /// A tiny seeded generator (SplitMix64, Steele et al. 2014) so random checkpoints are the same on
@@ -260,14 +303,9 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    /// Uniform in (0, 1].
-    fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 + 1.0) / (1u64 << 24) as f32
-    }
-
-    /// Standard normal, by Box-Muller.
-    fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    /// Uniform with mean 0 and variance 1: on [-√3, √3].
+    fn unit(&mut self) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        (2.0 * u - 1.0) * 3f32.sqrt()
     }
 }

@@ -34,6 +34,9 @@ pub struct Config {
     pub n_embd: usize,
     pub n_layer: usize,
     pub n_head: usize,
+    /// Key/value heads for grouped-query attention: each is shared by `n_head / n_kv_head` query
+    /// heads (1 is multi-query). Not a `GPT2Config` field; absent (or equal to `n_head`) is GPT-2.
+    pub n_kv_head: Option<usize>,
     /// MLP hidden size; `null` means `4 * n_embd`.
     pub n_inner: Option<usize>,
     pub activation_function: Activation,
@@ -58,6 +61,7 @@ impl Default for Config {
             n_embd: 768,
             n_layer: 12,
             n_head: 12,
+            n_kv_head: None,
             n_inner: None,
             activation_function: Activation::GeluNew,
             layer_norm_epsilon: 1e-5,
@@ -88,12 +92,54 @@ impl Config {
         })
     }
 
+    /// Reads a head-layout file (`--config`, `configs/*.json`): like [`Config::from_file`], but a
+    /// key that neither we nor transformers' `GPT2Config` know is an error, so a typo such as
+    /// `n_kv_heads` cannot silently fall back to a default. Keys starting with `_` are comments.
+    pub fn from_layout_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::ConfigParse {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            })?;
+        if let Some(map) = value.as_object() {
+            let known =
+                |k: &str| k.starts_with('_') || OUR_KEYS.contains(&k) || HF_KEYS.contains(&k);
+            if let Some(key) = map.keys().find(|k| !known(k)) {
+                return Err(Error::ConfigParse {
+                    path: path.to_path_buf(),
+                    msg: format!("unknown field `{key}`"),
+                });
+            }
+        }
+        Self::from_file(path)
+    }
+
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(text).map_err(|e| Error::ConfigParse {
-            path: "config.json".into(),
-            msg: e.to_string(),
-        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::ConfigParse {
+                path: "config.json".into(),
+                msg: e.to_string(),
+            })?;
+        let config: Self =
+            serde_json::from_value(value.clone()).map_err(|e| Error::ConfigParse {
+                path: "config.json".into(),
+                msg: e.to_string(),
+            })?;
+        // `n_ctx` is a legacy alias that transformers ignores; one that disagrees is a mistake.
+        if let Some(n_ctx) = value.get("n_ctx").and_then(serde_json::Value::as_u64) {
+            if n_ctx != config.n_positions as u64 {
+                return Err(invalid(
+                    "n_ctx",
+                    format!("{n_ctx} contradicts n_positions ({})", config.n_positions),
+                ));
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -120,6 +166,24 @@ impl Config {
                     self.n_embd, self.n_head
                 ),
             ));
+        }
+        match self.n_kv_head {
+            Some(0) => {
+                return Err(invalid(
+                    "n_kv_head",
+                    "must be at least 1 (or absent)".into(),
+                ))
+            }
+            Some(kv) if self.n_head % kv != 0 => {
+                return Err(invalid(
+                    "n_kv_head",
+                    format!(
+                        "n_head ({}) must be a multiple of n_kv_head ({kv})",
+                        self.n_head
+                    ),
+                ))
+            }
+            _ => {}
         }
         if self.n_inner == Some(0) {
             return Err(invalid("n_inner", "must be at least 1 (or null)".into()));
@@ -158,11 +222,68 @@ impl Config {
         self.n_embd / self.n_head
     }
 
+    /// Key/value heads: `n_kv_head`, or `n_head` (plain multi-head attention).
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_head.unwrap_or(self.n_head)
+    }
+
     /// MLP hidden size: `n_inner`, or `4 * n_embd` when it is null.
     pub fn inner_size(&self) -> usize {
         self.n_inner.unwrap_or(4 * self.n_embd)
     }
 }
+
+/// The fields [`Config`] reads.
+const OUR_KEYS: [&str; 15] = [
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_inner",
+    "activation_function",
+    "layer_norm_epsilon",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "add_cross_attention",
+];
+
+/// Keys of transformers' `GPT2Config` / `PretrainedConfig` that a Hub `config.json` carries and
+/// that do not change inference here (dropout, training and task-head settings).
+const HF_KEYS: [&str; 28] = [
+    "architectures",
+    "model_type",
+    "n_ctx",
+    "attn_pdrop",
+    "embd_pdrop",
+    "resid_pdrop",
+    "initializer_range",
+    "summary_type",
+    "summary_use_proj",
+    "summary_activation",
+    "summary_proj_to_labels",
+    "summary_first_dropout",
+    "task_specific_params",
+    "reorder_and_upcast_attn",
+    "use_cache",
+    "pad_token_id",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "gradient_checkpointing",
+    "id2label",
+    "label2id",
+    "tokenizer_class",
+    "prefix",
+    "output_past",
+    "n_special",
+    "predict_special_tokens",
+    "_name_or_path",
+];
 
 fn invalid(field: &'static str, msg: String) -> Error {
     Error::InvalidConfig { field, msg }
@@ -194,6 +315,31 @@ mod tests {
     }
 
     #[test]
+    fn layout_files_refuse_unknown_fields() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("gpt2-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let path = dir.join("layout.json");
+        let write = |text: &str| {
+            std::fs::write(&path, text).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })
+        };
+        write(r#"{"_comment": "ok", "n_kv_head": 4, "n_ctx": 1024, "model_type": "gpt2"}"#)?;
+        assert_eq!(Config::from_layout_file(&path)?.kv_heads(), 4);
+        write(r#"{"n_kv_heads": 4}"#)?;
+        let err = Config::from_layout_file(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field `n_kv_heads`"), "{err}");
+        // A Hub config.json is read leniently: unknown keys are ignored.
+        assert_eq!(Config::from_file(&path)?.kv_heads(), 12);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
     fn invalid_values_name_the_field() {
         for (json, field) in [
             (r#"{"n_embd": 100, "n_head": 12}"#, "n_head"),
@@ -201,6 +347,9 @@ mod tests {
             (r#"{"layer_norm_epsilon": -1}"#, "layer_norm_epsilon"),
             (r#"{"n_inner": 0}"#, "n_inner"),
             (r#"{"vocab_size": 10}"#, "bos_token_id"),
+            (r#"{"n_kv_head": 5}"#, "n_kv_head"),
+            (r#"{"n_kv_head": 0}"#, "n_kv_head"),
+            (r#"{"n_ctx": 512}"#, "n_ctx"),
         ] {
             let err = Config::from_json(json).unwrap_err().to_string();
             assert!(err.contains(field), "{json}: {err}");

@@ -395,9 +395,9 @@ mod tests {
             eos_token_id: 511,
             ..Config::default()
         };
-        // Seed 5 gives a model whose next token depends on more than the last few tokens, so the
+        // Seed 2 gives a model whose next token depends on more than the last few tokens, so the
         // sliding-window test can tell windows apart (most random models mostly copy-forward).
-        Gpt2::random(config, 5, DType::F32, &Device::Cpu)
+        Gpt2::random(config, 2, DType::F32, &Device::Cpu)
     }
 
     fn greedy(n: usize) -> GenerateParams {

@@ -12,7 +12,7 @@ use candle_nn::{Embedding, Linear};
 use candle_transformers::utils::build_additive_causal_mask;
 
 use crate::block::Block;
-use crate::checkpoint::{random_checkpoint, Weights};
+use crate::checkpoint::Weights;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layer_norm::LayerNorm;
@@ -22,9 +22,10 @@ pub struct Gpt2 {
     wte: Embedding,
     /// (n_positions, C); narrowed per call, so positions cost no gather and no allocation.
     wpe: Tensor,
+    /// All `n_layer` blocks, or only the first ones for attention inspection.
     h: Vec<Block>,
-    ln_f: LayerNorm,
-    lm_head: Linear,
+    /// `ln_f` and the LM head; absent when only the first blocks were loaded.
+    head: Option<(LayerNorm, Linear)>,
     config: Config,
     dtype: DType,
     device: Device,
@@ -69,13 +70,42 @@ impl Gpt2 {
 
     /// Builds the model from safetensors files, checking every tensor against `config`.
     pub fn load(config: Config, files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
-        Self::from_weights(config, Weights::from_files(files, dtype, device)?)
+        let n = config.n_layer;
+        Self::from_weights(config, Weights::from_files(files, dtype, device)?, n)
     }
 
-    /// A model of `config`'s layout with seeded random weights (see [`random_checkpoint`]).
+    /// Only the embeddings and the first `n_layers` blocks, for attention inspection: attention at
+    /// layer L depends on nothing above it, so inspecting layer 0 of a 7B layout reads one layer.
+    /// Such a model has no logits; [`Gpt2::for_each_attention`] is what it is for.
+    pub fn load_first_layers(
+        config: Config,
+        files: &[PathBuf],
+        n_layers: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::from_weights(config, Weights::from_files(files, dtype, device)?, n_layers)
+    }
+
+    /// A model of `config`'s layout with seeded random weights (see [`random_checkpoint`]),
+    /// made one tensor at a time in the target dtype.
+    ///
+    /// [`random_checkpoint`]: crate::random_checkpoint
     pub fn random(config: Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let map = random_checkpoint(&config, seed)?;
-        Self::from_tensors(config, map, dtype, device)
+        let n = config.n_layer;
+        Self::random_first_layers(config, seed, n, dtype, device)
+    }
+
+    /// [`Gpt2::random`] with only the first `n_layers` blocks, as [`Gpt2::load_first_layers`].
+    pub fn random_first_layers(
+        config: Config,
+        seed: u64,
+        n_layers: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let w = Weights::random(&config, seed, dtype, device)?;
+        Self::from_weights(config, w, n_layers)
     }
 
     /// Builds the model from tensors named as in a checkpoint file.
@@ -85,34 +115,45 @@ impl Gpt2 {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        Self::from_weights(config, Weights::from_map(tensors, dtype, device)?)
+        let n = config.n_layer;
+        Self::from_weights(config, Weights::from_map(tensors, dtype, device)?, n)
     }
 
-    fn from_weights(config: Config, w: Weights) -> Result<Self> {
+    fn from_weights(config: Config, w: Weights, n_layers: usize) -> Result<Self> {
         config.validate()?;
         if !matches!(w.dtype(), DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::Input(format!("unsupported dtype {:?}", w.dtype())));
+        }
+        if n_layers == 0 || n_layers > config.n_layer {
+            return Err(Error::Input(format!(
+                "cannot load {n_layers} layers of a {}-layer model",
+                config.n_layer
+            )));
         }
         w.check_layer_count(&config)?;
         let (v, c) = (config.vocab_size, config.n_embd);
         let wte = w.get("wte.weight", &[v, c])?;
         let wpe = w.get("wpe.weight", &[config.n_positions, c])?;
-        let h = (0..config.n_layer)
+        let h = (0..n_layers)
             .map(|i| Block::load(&w, i, &config))
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = w.layer_norm("ln_f", c, config.layer_norm_epsilon)?;
-        // A checkpoint's own head wins; otherwise tie it to wte (same storage, no copy).
-        let head = if w.contains("lm_head.weight") {
-            w.get("lm_head.weight", &[v, c])?
+        let head = if n_layers < config.n_layer {
+            None
         } else {
-            wte.clone()
+            let ln_f = w.layer_norm("ln_f", c, config.layer_norm_epsilon)?;
+            // A checkpoint's own head wins; otherwise tie it to wte (same storage, no copy).
+            let lm_head = if w.contains("lm_head.weight") {
+                w.get("lm_head.weight", &[v, c])?
+            } else {
+                wte.clone()
+            };
+            Some((ln_f, Linear::new(lm_head, None)))
         };
         Ok(Self {
             wte: Embedding::new(wte, c),
             wpe,
             h,
-            ln_f,
-            lm_head: Linear::new(head, None),
+            head,
             dtype: w.dtype(),
             device: w.device().clone(),
             config,
@@ -142,13 +183,15 @@ impl Gpt2 {
     /// Logits (B, T, vocab) in f32 for token ids (B, T). With `cache`, the ids continue the cached
     /// sequence (their positions start at `cache.seq_len()`) and are appended to it.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        Ok(self.run(ids, cache, &[], false)?.0)
+        self.run(ids, cache, &[], &mut |_, _| Ok(()), Output::All)?
+            .ok_or_else(no_logits)
     }
 
     /// Logits (B, vocab) in f32 of the last position only: what generation needs, without paying
     /// for the LM head over the whole prompt.
     pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        Ok(self.run(ids, cache, &[], true)?.0.squeeze(1)?)
+        self.run(ids, cache, &[], &mut |_, _| Ok(()), Output::Last)?
+            .ok_or_else(no_logits)
     }
 
     /// Like [`Gpt2::forward`], and also returns the post-softmax attention probabilities
@@ -159,23 +202,59 @@ impl Gpt2 {
         cache: Option<&mut Cache>,
         layers: &[usize],
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        if let Some(&l) = layers.iter().find(|&&l| l >= self.config.n_layer) {
-            return Err(Error::Input(format!(
-                "layer {l} is out of range: the model has {} layers (0..={})",
-                self.config.n_layer,
-                self.config.n_layer - 1
-            )));
-        }
-        let (logits, mut by_layer) = self.run(ids, cache, layers, false)?;
+        self.check_layers(layers)?;
+        let mut by_layer = HashMap::new();
+        let logits = self
+            .run(
+                ids,
+                cache,
+                layers,
+                &mut |l, p| {
+                    by_layer.insert(l, p);
+                    Ok(())
+                },
+                Output::All,
+            )?
+            .ok_or_else(no_logits)?;
         let attentions = layers
             .iter()
             .map(|l| {
                 by_layer
-                    .remove(l)
-                    .ok_or_else(|| Error::Input(format!("layer {l} asked twice")))
+                    .get(l)
+                    .cloned()
+                    .ok_or_else(|| Error::Input(format!("layer {l} not captured")))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((logits, attentions))
+    }
+
+    /// Runs the blocks up to the last of `layers` (no further: nothing above it changes them) and
+    /// hands each of those layers' attention probabilities (B, n_head, T, T) in f32 to `f` as soon
+    /// as it is computed, so at most one layer's copy is held unless `f` keeps them.
+    pub fn for_each_attention(
+        &self,
+        ids: &Tensor,
+        layers: &[usize],
+        mut f: impl FnMut(usize, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        self.check_layers(layers)?;
+        self.run(ids, None, layers, &mut f, Output::None)?;
+        Ok(())
+    }
+
+    fn check_layers(&self, layers: &[usize]) -> Result<()> {
+        let n = self.config.n_layer;
+        match layers.iter().find(|&&l| l >= self.h.len()) {
+            None => Ok(()),
+            Some(l) if *l >= n => Err(Error::Input(format!(
+                "layer {l} is out of range: the model has {n} layers (0..={})",
+                n - 1
+            ))),
+            Some(l) => Err(Error::Input(format!(
+                "layer {l} was not loaded: only the first {} layers were",
+                self.h.len()
+            ))),
+        }
     }
 
     fn run(
@@ -183,8 +262,9 @@ impl Gpt2 {
         ids: &Tensor,
         mut cache: Option<&mut Cache>,
         capture: &[usize],
-        last_only: bool,
-    ) -> Result<(Tensor, HashMap<usize, Tensor>)> {
+        on_attention: &mut dyn FnMut(usize, Tensor) -> Result<()>,
+        output: Output,
+    ) -> Result<Option<Tensor>> {
         let (_b, t) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let n_ctx = self.config.n_positions;
@@ -197,6 +277,11 @@ impl Gpt2 {
                 past + t
             )));
         }
+        let (blocks, head) = match (output, &self.head) {
+            (Output::None, _) => (capture.iter().max().map_or(0, |l| l + 1), None),
+            (_, Some(head)) => (self.h.len(), Some(head)),
+            (_, None) => return Err(no_logits()),
+        };
 
         // (B, T) -> (B, T, C), plus positions past..past+T: (T, C) broadcast over B.
         let x = self.wte.forward(ids)?;
@@ -214,20 +299,43 @@ impl Gpt2 {
         } else {
             None
         };
-        let mut attentions = HashMap::new();
-        for (i, block) in self.h.iter().enumerate() {
+        for (i, block) in self.h.iter().enumerate().take(blocks) {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
             let (y, probs) = block.forward(&x, mask.as_ref(), kv, capture.contains(&i))?;
             x = y;
             if let Some(p) = probs {
-                attentions.insert(i, p);
+                on_attention(i, p)?;
             }
         }
-        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        let Some((ln_f, lm_head)) = head else {
+            return Ok(None);
+        };
+        let x = match output {
+            Output::Last => x.narrow(1, t - 1, 1)?,
+            _ => x,
+        };
         // (B, T, C) -> (B, T, vocab)
-        let logits = self.lm_head.forward(&self.ln_f.forward(&x)?)?;
-        Ok((logits.to_dtype(DType::F32)?, attentions))
+        let logits = lm_head.forward(&ln_f.forward(&x)?)?.to_dtype(DType::F32)?;
+        Ok(Some(match output {
+            Output::Last => logits.squeeze(1)?,
+            _ => logits,
+        }))
     }
+}
+
+/// What a forward pass returns.
+#[derive(Clone, Copy, PartialEq)]
+enum Output {
+    /// Logits at every position.
+    All,
+    /// Logits at the last position.
+    Last,
+    /// No logits: stop after the last captured layer.
+    None,
+}
+
+fn no_logits() -> Error {
+    Error::Input("this model was loaded with only its first layers (for attention inspection) and has no logits".into())
 }
 
 /// The safetensors files of a model folder, refusing folders that only have pickle weights.
@@ -397,7 +505,7 @@ mod tests {
     #[test]
     fn prefixed_and_untied_checkpoints_load() -> Result<()> {
         let config = tiny()?.config().clone();
-        let mut map = random_checkpoint(&config, 3)?;
+        let mut map = crate::random_checkpoint(&config, 3)?;
         let plain = Gpt2::from_tensors(config.clone(), map.clone(), DType::F32, &Device::Cpu)?;
         let x = ids(&[1, 2, 3])?;
         let want = plain.forward(&x, None)?;
