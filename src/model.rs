@@ -524,4 +524,110 @@ mod tests {
         assert!(max_abs_diff(&(want * 2.0)?, &untied)? < 1e-4);
         Ok(())
     }
+
+    fn gqa_config(n_kv_head: Option<usize>) -> Config {
+        Config {
+            vocab_size: 61,
+            n_positions: 24,
+            n_embd: 32,
+            n_layer: 2,
+            n_head: 4,
+            n_kv_head,
+            bos_token_id: 0,
+            eos_token_id: 0,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn n_kv_head_equal_to_n_head_is_plain_gpt2_bit_for_bit() -> Result<()> {
+        let map = crate::random_checkpoint(&gqa_config(None), 4)?;
+        let x = ids(&[3, 1, 4, 1, 5, 9, 2, 6])?;
+        let run = |kv| -> Result<(Tensor, Vec<Tensor>)> {
+            let m = Gpt2::from_tensors(gqa_config(kv), map.clone(), DType::F32, &Device::Cpu)?;
+            m.forward_with_attention(&x, None, &[0, 1])
+        };
+        let (a, pa) = run(None)?;
+        let (b, pb) = run(Some(4))?;
+        assert_eq!(max_abs_diff(&a, &b)?, 0.0);
+        for (p, q) in pa.iter().zip(&pb) {
+            assert_eq!(max_abs_diff(p, q)?, 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn grouped_query_attention_equals_mha_with_repeated_k_v_weights() -> Result<()> {
+        let (c, hs, nh, nkv) = (32, 8, 4, 2);
+        let gqa = gqa_config(Some(nkv));
+        let map = crate::random_checkpoint(&gqa, 8)?;
+        // MHA weights: query head h reads K/V head h / (nh / nkv), as repeat_kv would arrange.
+        let mut mha = map.clone();
+        for l in 0..2 {
+            for (part, axis) in [("weight", 1), ("bias", 0)] {
+                let name = format!("h.{l}.attn.c_attn.{part}");
+                let w = &map[&name];
+                let head = |offset: usize, g: usize| w.narrow(axis, offset + g * hs, hs);
+                let mut cols = vec![w.narrow(axis, 0, c)?];
+                for offset in [c, c + nkv * hs] {
+                    for h in 0..nh {
+                        cols.push(head(offset, h / (nh / nkv))?);
+                    }
+                }
+                mha.insert(name, Tensor::cat(&cols, axis)?);
+            }
+        }
+        let x = ids(&[3, 1, 4, 1, 5, 9, 2, 6])?;
+        let g = Gpt2::from_tensors(gqa, map, DType::F32, &Device::Cpu)?;
+        let m = Gpt2::from_tensors(gqa_config(None), mha, DType::F32, &Device::Cpu)?;
+        let (lg, pg) = g.forward_with_attention(&x, None, &[0, 1])?;
+        let (lm, pm) = m.forward_with_attention(&x, None, &[0, 1])?;
+        assert!(max_abs_diff(&lg, &lm)? < 1e-5);
+        for (p, q) in pg.iter().zip(&pm) {
+            assert_eq!(p.dims(), &[1, nh, 8, 8]);
+            assert!(max_abs_diff(p, q)? < 1e-6);
+        }
+        // And the grouping is not a no-op: heads sharing K/V still differ through their queries.
+        assert!(max_abs_diff(&pg[0].narrow(1, 0, 1)?, &pg[0].narrow(1, 1, 1)?)? > 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn multi_query_attention_runs_caches_and_captures_every_query_head() -> Result<()> {
+        let model = Gpt2::random(gqa_config(Some(1)), 5, DType::F32, &Device::Cpu)?;
+        let x = ids(&[7, 8, 9, 10, 11, 12])?;
+        let (full, attn) = model.forward_with_attention(&x, None, &[1])?;
+        assert_eq!(attn[0].dims(), &[1, 4, 6, 6]);
+        let sums = attn[0].sum(3)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-6));
+        let mut cache = model.new_cache();
+        let mut parts = vec![model.forward(&x.narrow(1, 0, 4)?, Some(&mut cache))?];
+        for t in 4..6 {
+            parts.push(model.forward(&x.narrow(1, t, 1)?, Some(&mut cache))?);
+        }
+        assert!(max_abs_diff(&Tensor::cat(&parts, 1)?, &full)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn first_layers_only_give_the_same_attention_and_no_logits() -> Result<()> {
+        let config = tiny()?.config().clone();
+        let full = Gpt2::random(config.clone(), 7, DType::F32, &Device::Cpu)?;
+        let part = Gpt2::random_first_layers(config, 7, 2, DType::F32, &Device::Cpu)?;
+        let x = ids(&[1, 2, 3, 4])?;
+        let (_, want) = full.forward_with_attention(&x, None, &[0, 1])?;
+        let mut got = Vec::new();
+        part.for_each_attention(&x, &[1, 0], |l, p| {
+            got.push((l, p));
+            Ok(())
+        })?;
+        assert_eq!(got.len(), 2);
+        for (l, p) in &got {
+            assert_eq!(max_abs_diff(p, &want[*l])?, 0.0);
+        }
+        assert!(part.forward(&x, None).is_err());
+        let err = part.for_each_attention(&x, &[2], |_, _| Ok(())).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("not loaded")));
+        Ok(())
+    }
 }
