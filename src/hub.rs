@@ -88,6 +88,13 @@ impl ModelFiles {
     }
 }
 
+/// Only the `config.json` of `repo` at `revision`, from the cache or downloaded.
+pub fn config_file(repo: &str, revision: &str) -> Result<PathBuf> {
+    let hub = Hub::new(repo, revision)?;
+    hub.fetch("config.json")?
+        .ok_or_else(|| hub.missing("config.json"))
+}
+
 /// A 404 for a file of an existing repo and revision, as opposed to a missing repo or revision
 /// (the Hub says which in `x-error-code`).
 fn is_missing_file(e: &ureq::Error) -> bool {

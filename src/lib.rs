@@ -20,6 +20,8 @@ pub mod device;
 mod error;
 pub mod generation;
 pub mod hub;
+pub mod info;
+pub mod inspect;
 mod layer_norm;
 mod mlp;
 mod model;

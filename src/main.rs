@@ -9,6 +9,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gpt2::generation::{generate, Completion, GenerateParams, SamplingParams, Timings};
 use gpt2::hub::{repo_id, ModelFiles};
+use gpt2::info::ModelInfo;
+use gpt2::inspect::{self, Format, LayerChoice, Output, Selection, Tokens};
 use gpt2::{device, Config, Gpt2, Tokenizer};
 
 #[derive(Parser)]
@@ -28,6 +30,10 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure load time, prefill and decode speed (tokens/s) separately.
     Bench(BenchArgs),
+    /// Show what every attention head attends to, and what kind of head it is.
+    InspectHeads(InspectHeadsArgs),
+    /// Sizes of a layout: heads, parameters per component, KV-cache bytes, FLOPs per token.
+    Info(InfoArgs),
 }
 
 /// Which model, and where it runs.
@@ -120,6 +126,58 @@ struct GenerateArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct InfoArgs {
+    /// A Hub repo id or alias; only its config.json is fetched.
+    #[arg(long, default_value = "gpt2")]
+    model: String,
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// A local model folder (its config.json).
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    model_dir: Option<PathBuf>,
+    /// A layout file, e.g. configs/llama-7b-heads.json.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Context length for the FLOPs per generated token; default: the model's n_positions.
+    #[arg(long)]
+    context: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectHeadsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text; `-` reads it from standard input.
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long, value_name = "PATH")]
+    prompt_file: Option<PathBuf>,
+    /// The layer to show, 0-based, or `all`.
+    #[arg(long, default_value = "all")]
+    layer: LayerChoice,
+    /// One head to show (0-based); default: every head.
+    #[arg(long)]
+    head: Option<usize>,
+    /// Put <|endoftext|> before the prompt, as TransformerLens does (transformers does not).
+    #[arg(long)]
+    bos: bool,
+    /// text (terminal heatmaps), json, npy, safetensors, png or html.
+    #[arg(long, default_value = "text")]
+    format: Format,
+    /// Write to this file instead of standard output (needed for npy, safetensors and png).
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
+    /// Score every head (previous-token, first-token, duplicate-token, induction, local,
+    /// entropy) and label its type, instead of showing attention; text or json.
+    #[arg(long)]
+    scores: bool,
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -141,6 +199,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => cmd_generate(args),
         Command::Bench(args) => cmd_bench(args),
+        Command::InspectHeads(args) => cmd_inspect_heads(args),
+        Command::Info(args) => cmd_info(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,17 +220,24 @@ struct Loaded {
 }
 
 fn load(args: &ModelArgs) -> Result<Loaded> {
+    load_layers(args, |config| Ok(config.n_layer))
+}
+
+/// Loads the embeddings and the first `layers(config)` blocks (all of them: a model that can
+/// generate; fewer: enough for attention inspection, as nothing above a layer changes it).
+fn load_layers(args: &ModelArgs, layers: impl FnOnce(&Config) -> Result<usize>) -> Result<Loaded> {
     let start = Instant::now();
     let dtype = device::parse_dtype(&args.dtype)?;
     let device = device::select_device(&args.device)?;
     if let Some(path) = &args.config {
-        let config = Config::from_file(path)?;
+        let config = Config::from_layout_file(path)?;
         eprintln!(
             "warning: {} has random weights (seeded): its text is noise; use it for shapes, memory and speed",
             path.display()
         );
         let tokenizer = Tokenizer::bytes_only(config.eos_token_id)?;
-        let model = Gpt2::random(config, 0, dtype, &device)?;
+        let n = layers(&config)?;
+        let model = Gpt2::random_first_layers(config, 0, n, dtype, &device)?;
         return Ok(Loaded {
             model,
             tokenizer,
@@ -186,7 +253,8 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
         }
     };
     let config = Config::from_file(&files.config)?;
-    let model = Gpt2::load(config, &files.weights, dtype, &device)
+    let n = layers(&config)?;
+    let model = Gpt2::load_first_layers(config, &files.weights, n, dtype, &device)
         .with_context(|| format!("cannot load {name}"))?;
     let tokenizer = Tokenizer::from_files(&files.tokenizer)?;
     Ok(Loaded {
@@ -354,6 +422,162 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
+    // Check options before the (possibly long) download.
+    let output = Output::new(args.format, args.out.clone())?;
+    if args.scores {
+        inspect::scores::check_output(&output)?;
+    }
+    let prompt = read_prompt(&args.prompt, &args.prompt_file)?;
+    if prompt.is_empty() {
+        bail!("the prompt is empty: inspect-heads needs at least one token");
+    }
+    // Only the layers up to the last one shown are built and run.
+    let Loaded {
+        model,
+        tokenizer,
+        name,
+        load_time,
+    } = load_layers(&args.model, |config| {
+        let selection = Selection::new(config, args.layer, args.head)?;
+        Ok(selection
+            .layers
+            .iter()
+            .max()
+            .map_or(config.n_layer, |l| l + 1))
+    })?;
+    let tokens = Tokens::new(&tokenizer, &prompt, args.bos, model.config())?;
+    let selection = Selection::new(model.config(), args.layer, args.head)?;
+    let start = Instant::now();
+    if args.scores {
+        let table = inspect::scores::head_scores(&model, &tokens, &selection)?;
+        inspect::scores::write_scores(&table, &name, &tokens, &output)?;
+    } else {
+        inspect::write_attention(&model, &name, &tokens, &selection, &output)?;
+    }
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "{name}: {} tokens, {} layer(s) x {} head(s); loaded in {:.0} ms, run and written in {:.0} ms{}",
+        tokens.len(),
+        selection.layers.len(),
+        selection.heads.len(),
+        ms(load_time),
+        ms(start.elapsed()),
+        args.out
+            .as_ref()
+            .map(|p| format!(" to {}", p.display()))
+            .unwrap_or_default(),
+    );
+    if let Some(mib) = peak_memory_mib() {
+        let _ = writeln!(err, "peak memory: {mib:.1} MiB");
+    }
+    Ok(())
+}
+
+fn cmd_info(args: InfoArgs) -> Result<()> {
+    let (config, name) = match (&args.config, &args.model_dir) {
+        (Some(path), _) => (Config::from_layout_file(path)?, path.display().to_string()),
+        (None, Some(dir)) => (
+            Config::from_file(dir.join("config.json"))?,
+            dir.display().to_string(),
+        ),
+        (None, None) => {
+            let id = repo_id(&args.model);
+            (
+                Config::from_file(gpt2::hub::config_file(id, &args.revision)?)?,
+                id.to_string(),
+            )
+        }
+    };
+    let i = ModelInfo::new(&config, args.context.unwrap_or(config.n_positions));
+    if args.json {
+        let mut v = serde_json::to_value(&i)?;
+        v["model"] = name.into();
+        println!("{v}");
+        return Ok(());
+    }
+    let p = &i.params;
+    let l = &p.per_layer;
+    let bytes = |b: &gpt2::info::PerDtype| {
+        format!(
+            "{} f32, {} f16/bf16",
+            human_bytes(b.f32),
+            human_bytes(b.f16)
+        )
+    };
+    println!(
+        "{name}
+  dims          {} = {} heads x {}; {} key/value heads ({} query heads each)
+  layers        {}, MLP {} wide, context {} positions, vocabulary {}
+parameters      {} (LM head tied to wte); {} with a separate head
+  embeddings    wte {}, wpe {}
+  per layer     {} = W_q {}, W_k {}, W_v {}, W_o {}, MLP {}, layer norms {}
+  ln_f          {}
+KV cache        {} per token; {} at {} tokens
+FLOPs           {} per generated token at context {}",
+        i.n_embd,
+        i.n_head,
+        i.head_size,
+        i.n_kv_head,
+        i.group_size,
+        i.n_layer,
+        i.n_inner,
+        i.context,
+        i.vocab_size,
+        thousands(p.total),
+        thousands(p.total_untied),
+        thousands(p.wte),
+        thousands(p.wpe),
+        thousands(l.total),
+        thousands(l.w_q),
+        thousands(l.w_k),
+        thousands(l.w_v),
+        thousands(l.w_o),
+        thousands(l.mlp),
+        thousands(l.layer_norms),
+        thousands(p.ln_f),
+        bytes(&i.kv_cache_bytes_per_token),
+        bytes(&i.kv_cache_bytes_full_context),
+        i.context,
+        human_flops(i.flops_per_token),
+        i.flops_context,
+    );
+    Ok(())
+}
+
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn human_bytes(n: usize) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+fn human_flops(n: usize) -> String {
+    let v = n as f64;
+    match v {
+        v if v >= 1e12 => format!("{:.2} TFLOP", v / 1e12),
+        v if v >= 1e9 => format!("{:.2} GFLOP", v / 1e9),
+        v => format!("{:.2} MFLOP", v / 1e6),
+    }
 }
 
 fn json_line(

@@ -228,17 +228,20 @@ impl Gpt2 {
         Ok((logits, attentions))
     }
 
-    /// Runs the blocks up to the last of `layers` (no further: nothing above it changes them) and
-    /// hands each of those layers' attention probabilities (B, n_head, T, T) in f32 to `f` as soon
-    /// as it is computed, so at most one layer's copy is held unless `f` keeps them.
+    /// Runs the blocks up to the last of `layers` (no further: nothing above it changes them, and
+    /// no LM head) and hands each of those layers' attention probabilities (B, n_head, T, T_k) in
+    /// f32 to `f` as soon as it is computed, so at most one layer's copy is held unless `f` keeps
+    /// it. With `cache`, only those blocks' keys and values are cached: enough for the next call
+    /// with the same `layers`.
     pub fn for_each_attention(
         &self,
         ids: &Tensor,
+        cache: Option<&mut Cache>,
         layers: &[usize],
         mut f: impl FnMut(usize, Tensor) -> Result<()>,
     ) -> Result<()> {
         self.check_layers(layers)?;
-        self.run(ids, None, layers, &mut f, Output::None)?;
+        self.run(ids, cache, layers, &mut f, Output::None)?;
         Ok(())
     }
 
@@ -617,7 +620,7 @@ mod tests {
         let x = ids(&[1, 2, 3, 4])?;
         let (_, want) = full.forward_with_attention(&x, None, &[0, 1])?;
         let mut got = Vec::new();
-        part.for_each_attention(&x, &[1, 0], |l, p| {
+        part.for_each_attention(&x, None, &[1, 0], |l, p| {
             got.push((l, p));
             Ok(())
         })?;
@@ -626,7 +629,7 @@ mod tests {
             assert_eq!(max_abs_diff(p, &want[*l])?, 0.0);
         }
         assert!(part.forward(&x, None).is_err());
-        let err = part.for_each_attention(&x, &[2], |_, _| Ok(())).err();
+        let err = part.for_each_attention(&x, None, &[2], |_, _| Ok(())).err();
         assert!(err.is_some_and(|e| e.to_string().contains("not loaded")));
         Ok(())
     }

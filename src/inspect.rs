@@ -1,0 +1,524 @@
+//! `gpt2 inspect-heads`: what every attention head attends to, and what kind of head it is.
+//!
+//! The prompt runs through the model once, capturing the post-softmax attention of the chosen
+//! layers: the numbers transformers returns with `output_attentions=True`. npy and safetensors
+//! (`export`) are filled a block of query rows at a time ([`for_each_row_block`]), so they never
+//! hold more than one layer's attention whatever the number of layers. The other formats take whole layers in order
+//! ([`for_each_layer`]) and drop each once written: terminal heatmaps (`text`), JSON, a PNG
+//! figure ([`image`]) and one self-contained HTML page (`html`). [`scores`] says what kind of
+//! head each one is.
+//!
+//! ```no_run
+//! use gpt2::inspect::{self, Format, LayerChoice, Output, Selection, Tokens};
+//! use gpt2::{DType, Device, Gpt2, Tokenizer};
+//! let model = Gpt2::from_dir("path/to/gpt2", DType::F32, &Device::Cpu)?;
+//! let tokenizer = Tokenizer::from_dir("path/to/gpt2")?;
+//! let tokens = Tokens::new(&tokenizer, "The cat sat on the mat", false, model.config())?;
+//! let selection = Selection::new(model.config(), LayerChoice::One(5), None)?;
+//! let output = Output::new(Format::Npy, Some("layer5.npy".into()))?;
+//! inspect::write_attention(&model, "gpt2", &tokens, &selection, &output)?;
+//! # Ok::<(), gpt2::Error>(())
+//! ```
+
+mod export;
+mod font;
+mod html;
+pub mod image;
+pub mod scores;
+mod text;
+
+use std::fmt;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::model::Gpt2;
+use crate::tokenizer::{Tokenizer, END_OF_TEXT};
+
+/// Which layers to look at: `--layer N` (0-based) or `--layer all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerChoice {
+    One(usize),
+    All,
+}
+
+impl FromStr for LayerChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            n => n
+                .parse()
+                .map(Self::One)
+                .map_err(|_| format!("expected a layer number (0-based) or `all`, got `{n}`")),
+        }
+    }
+}
+
+/// The layers and heads to capture, checked against the model.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// Layer indices, ascending.
+    pub layers: Vec<usize>,
+    /// Head indices kept in every layer, ascending.
+    pub heads: Vec<usize>,
+    /// `--layer all`: outputs list layers even when the model has only one.
+    pub all_layers: bool,
+}
+
+impl Selection {
+    /// `layer` and `head` (`None`: every head) for a model of `config`; out of range is an error
+    /// that names the valid range.
+    pub fn new(config: &Config, layer: LayerChoice, head: Option<usize>) -> Result<Self> {
+        let (n_layer, n_head) = (config.n_layer, config.n_head);
+        let layers = match layer {
+            LayerChoice::All => (0..n_layer).collect(),
+            LayerChoice::One(l) if l < n_layer => vec![l],
+            LayerChoice::One(l) => {
+                return Err(Error::Input(format!(
+                    "--layer {l} is out of range: the model has {n_layer} layers (0..={})",
+                    n_layer - 1
+                )))
+            }
+        };
+        let heads = match head {
+            None => (0..n_head).collect(),
+            Some(h) if h < n_head => vec![h],
+            Some(h) => {
+                return Err(Error::Input(format!(
+                    "--head {h} is out of range: the model has {n_head} heads per layer (0..={})",
+                    n_head - 1
+                )))
+            }
+        };
+        Ok(Self {
+            layers,
+            heads,
+            all_layers: layer == LayerChoice::All,
+        })
+    }
+}
+
+/// The token ids of an inspected prompt and the text of each token on its own (what
+/// TransformerLens' `to_str_tokens` gives).
+#[derive(Debug, Clone, Serialize)]
+pub struct Tokens {
+    pub ids: Vec<u32>,
+    pub text: Vec<String>,
+    /// The first token is the `<|endoftext|>` that `--bos` put in front.
+    pub bos: bool,
+}
+
+impl Tokens {
+    /// Encodes `prompt`, with `<|endoftext|>` in front when `bos` (as TransformerLens does;
+    /// transformers adds nothing). Empty prompts, ids outside the model's vocabulary and prompts
+    /// longer than the context are errors.
+    pub fn new(tokenizer: &Tokenizer, prompt: &str, bos: bool, config: &Config) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(Error::Input(
+                "the prompt is empty: inspect-heads needs at least one token".into(),
+            ));
+        }
+        let mut ids = tokenizer.encode(prompt)?;
+        if bos {
+            let id = tokenizer
+                .token_to_id(END_OF_TEXT)
+                .unwrap_or(config.bos_token_id);
+            ids.insert(0, id);
+        }
+        Self::from_ids(tokenizer, ids, bos, config)
+    }
+
+    /// Token ids as they are (`bos`: the first is a prepended `<|endoftext|>`), checked against
+    /// the model.
+    pub fn from_ids(
+        tokenizer: &Tokenizer,
+        ids: Vec<u32>,
+        bos: bool,
+        config: &Config,
+    ) -> Result<Self> {
+        if ids.is_empty() {
+            return Err(Error::Input("no tokens to inspect".into()));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= config.vocab_size) {
+            return Err(Error::Input(format!(
+                "the tokenizer produced id {bad}, outside the model's vocabulary of {}",
+                config.vocab_size
+            )));
+        }
+        let ctx = config.n_positions;
+        if ids.len() > ctx {
+            return Err(Error::Input(format!(
+                "the prompt is {} tokens but the model sees at most {ctx}; shorten it",
+                ids.len()
+            )));
+        }
+        let text = ids
+            .iter()
+            .map(|&id| tokenizer.decode(&[id]))
+            .collect::<Result<_>>()?;
+        Ok(Self { ids, text, bos })
+    }
+
+    /// Number of tokens, `T`.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Always false: a [`Tokens`] has at least one token.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// One layer's attention for one sequence: `heads.len()` row-major (T, T) matrices, query rows
+/// by key columns, each row summing to 1 and zero above the diagonal.
+#[derive(Debug, Clone)]
+pub struct LayerAttention {
+    pub layer: usize,
+    pub heads: Vec<usize>,
+    /// Sequence length `T`.
+    pub len: usize,
+    /// (heads, T, T), row-major.
+    pub data: Vec<f32>,
+}
+
+impl LayerAttention {
+    /// Pattern `i` of this layer (the head `heads[i]`): (T, T) row-major.
+    pub fn head(&self, i: usize) -> &[f32] {
+        let n = self.len * self.len;
+        &self.data[i * n..(i + 1) * n]
+    }
+
+    /// Row `q` of pattern `i`: the weights of query `q` over keys `0..T`.
+    pub fn row(&self, i: usize, q: usize) -> &[f32] {
+        &self.head(i)[q * self.len..(q + 1) * self.len]
+    }
+}
+
+/// Runs `ids` (one sequence) through the model and hands the attention of each selected layer,
+/// in order, to `f`: each layer is copied to the host as the forward pass reaches it and dropped
+/// once `f` returns, and the pass stops after the last selected layer.
+pub fn for_each_layer(
+    model: &Gpt2,
+    ids: &[u32],
+    selection: &Selection,
+    mut f: impl FnMut(LayerAttention) -> Result<()>,
+) -> Result<()> {
+    let x = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+    model.for_each_attention(&x, None, &selection.layers, |layer, p| {
+        let data = selected_heads(p, selection)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        f(LayerAttention {
+            layer,
+            heads: selection.heads.clone(),
+            len: ids.len(),
+            data,
+        })
+    })
+}
+
+/// Query rows `rows` of the attention of every selected layer: for each layer in turn,
+/// (heads, rows, T) row-major, keys after the last row zero (they are in the future).
+#[derive(Debug, Clone)]
+pub struct RowBlock {
+    pub rows: Range<usize>,
+    pub layers: Vec<usize>,
+    pub heads: Vec<usize>,
+    /// Sequence length `T`.
+    pub len: usize,
+    /// (layers, heads, rows, T), row-major.
+    pub data: Vec<f32>,
+}
+
+/// Runs `ids` through the model a block of query rows at a time, earlier rows held in the KV
+/// cache so nothing is computed twice, and hands every selected layer's attention for the block
+/// to `f`, in row order.
+///
+/// Blocks have `T / layers` rows, so a block of every layer is no bigger than one whole layer:
+/// memory stays at one layer's attention (plus one copy) whatever the number of layers.
+pub fn for_each_row_block(
+    model: &Gpt2,
+    ids: &[u32],
+    selection: &Selection,
+    mut f: impl FnMut(&RowBlock) -> Result<()>,
+) -> Result<()> {
+    let t = ids.len();
+    let per_block = t.div_ceil(selection.layers.len().max(1));
+    let mut cache = model.new_cache();
+    for start in (0..t).step_by(per_block) {
+        let end = (start + per_block).min(t);
+        let x = Tensor::new(&ids[start..end], model.device())?.unsqueeze(0)?;
+        let mut data =
+            Vec::with_capacity(selection.layers.len() * selection.heads.len() * (end - start) * t);
+        model.for_each_attention(&x, Some(&mut cache), &selection.layers, |_, p| {
+            // (heads, rows, end) -> (heads, rows, T)
+            let p = selected_heads(p, selection)?;
+            let p = if end < t {
+                p.pad_with_zeros(2, 0, t - end)?
+            } else {
+                p
+            };
+            data.extend(p.flatten_all()?.to_vec1::<f32>()?);
+            Ok(())
+        })?;
+        f(&RowBlock {
+            rows: start..end,
+            layers: selection.layers.clone(),
+            heads: selection.heads.clone(),
+            len: t,
+            data,
+        })?;
+    }
+    Ok(())
+}
+
+/// (1, nh, rows, keys) probabilities -> (heads, rows, keys), f32, only the selected heads.
+fn selected_heads(p: Tensor, selection: &Selection) -> Result<Tensor> {
+    let p = p.squeeze(0)?.to_dtype(DType::F32)?;
+    Ok(match selection.heads.as_slice() {
+        [h] if p.dim(0)? > 1 => p.narrow(0, *h, 1)?,
+        _ => p,
+    })
+}
+
+/// How attention is written out: `--format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Heatmaps of shade blocks for the terminal, 80 columns wide.
+    Text,
+    /// `{"model", "layer", "tokens", "token_ids", "heads", "attention"}`.
+    Json,
+    /// A float32 `.npy` array (heads, q, k) or (layers, heads, q, k), tokens in a `.json` beside it.
+    Npy,
+    /// One (heads, q, k) tensor `attn.{layer}` per layer, tokens and ids in the metadata.
+    Safetensors,
+    /// A figure: a grid of per-head heatmaps with token labels and a colour bar.
+    Png,
+    /// One self-contained page with a head selector, in the spirit of bertviz's head view.
+    Html,
+}
+
+impl FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "text" => Self::Text,
+            "json" => Self::Json,
+            "npy" => Self::Npy,
+            "safetensors" => Self::Safetensors,
+            "png" => Self::Png,
+            "html" => Self::Html,
+            _ => {
+                return Err(format!(
+                    "unknown format `{s}`: expected text, json, npy, safetensors, png or html"
+                ))
+            }
+        })
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Text => "text",
+            Self::Json => "json",
+            Self::Npy => "npy",
+            Self::Safetensors => "safetensors",
+            Self::Png => "png",
+            Self::Html => "html",
+        })
+    }
+}
+
+/// A format and where it goes: a file, or standard output for the text formats.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub format: Format,
+    /// `None`: standard output.
+    pub path: Option<PathBuf>,
+}
+
+impl Output {
+    /// Checks the pair before any work: binary formats need a file.
+    pub fn new(format: Format, path: Option<PathBuf>) -> Result<Self> {
+        if path.is_none() && matches!(format, Format::Npy | Format::Safetensors | Format::Png) {
+            return Err(Error::Input(format!(
+                "--format {format} needs --out PATH (it is not written to the terminal)"
+            )));
+        }
+        if let (Format::Npy, Some(p)) = (format, &path) {
+            if p.extension().is_some_and(|e| e == "json") {
+                return Err(Error::Input(format!(
+                    "--out {}: the npy array cannot end in .json, the name of its tokens file",
+                    p.display()
+                )));
+            }
+        }
+        Ok(Self { format, path })
+    }
+
+    /// Where the tokens of an npy array go: the array's path with a `.json` extension.
+    pub fn npy_tokens_path(path: &Path) -> PathBuf {
+        path.with_extension("json")
+    }
+}
+
+/// Captures the selected attention of `tokens` and writes it as `output` says, one layer at a time.
+pub fn write_attention(
+    model: &Gpt2,
+    model_name: &str,
+    tokens: &Tokens,
+    selection: &Selection,
+    output: &Output,
+) -> Result<()> {
+    let header = Header {
+        model: model_name,
+        tokens,
+        selection,
+    };
+    if let (Format::Npy | Format::Safetensors, Some(path)) = (output.format, &output.path) {
+        let mut file = match output.format {
+            Format::Npy => export::DenseFile::npy(path, &header)?,
+            _ => export::DenseFile::safetensors(path, &header)?,
+        };
+        for_each_row_block(model, &tokens.ids, selection, |b| file.write_block(b))?;
+        return file.finish();
+    }
+    let out = Out::open(output.path.as_deref())?;
+    let mut sink: Box<dyn Sink> = match output.format {
+        Format::Json => Box::new(export::JsonSink::new(out, &header)?),
+        Format::Png => Box::new(image::PngSink::new(out, &header)?),
+        Format::Html => Box::new(html::HtmlSink::new(out, &header)?),
+        _ => Box::new(text::TextSink::new(out, &header)?),
+    };
+    for_each_layer(model, &tokens.ids, selection, |a| sink.layer(&a))?;
+    sink.finish()
+}
+
+/// What every output format is told before the first layer arrives.
+pub(crate) struct Header<'a> {
+    pub(crate) model: &'a str,
+    pub(crate) tokens: &'a Tokens,
+    pub(crate) selection: &'a Selection,
+}
+
+/// An output format: receives each selected layer in order, then completes the file.
+pub(crate) trait Sink {
+    fn layer(&mut self, a: &LayerAttention) -> Result<()>;
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// A buffered file or standard output, whose errors name it.
+pub(crate) struct Out {
+    inner: BufWriter<Box<dyn Write>>,
+    name: PathBuf,
+}
+
+impl Out {
+    pub(crate) fn open(path: Option<&Path>) -> Result<Self> {
+        let (inner, name): (Box<dyn Write>, PathBuf) = match path {
+            Some(p) => (Box::new(File::create(p).map_err(io_err(p))?), p.into()),
+            None => (Box::new(std::io::stdout()), "<stdout>".into()),
+        };
+        Ok(Self {
+            inner: BufWriter::with_capacity(1 << 20, inner),
+            name,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.name
+    }
+
+    pub(crate) fn bytes(&mut self, b: &[u8]) -> Result<()> {
+        self.inner.write_all(b).map_err(io_err(&self.name))
+    }
+
+    pub(crate) fn text(&mut self, args: fmt::Arguments<'_>) -> Result<()> {
+        self.inner.write_fmt(args).map_err(io_err(&self.name))
+    }
+
+    /// `value` as compact JSON.
+    pub(crate) fn json<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
+        serde_json::to_writer(&mut self.inner, value).map_err(|e| Error::Io {
+            path: self.name.clone(),
+            source: e.into(),
+        })
+    }
+
+    pub(crate) fn finish(mut self) -> Result<()> {
+        self.inner.flush().map_err(io_err(&self.name))
+    }
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+pub(crate) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_and_head_choices_are_checked_against_the_model() -> Result<()> {
+        let config = Config {
+            n_layer: 3,
+            n_head: 4,
+            n_embd: 32,
+            ..Config::default()
+        };
+        let all = Selection::new(&config, LayerChoice::All, None)?;
+        assert_eq!(
+            (all.layers, all.heads, all.all_layers),
+            (vec![0, 1, 2], vec![0, 1, 2, 3], true)
+        );
+        let one = Selection::new(&config, LayerChoice::One(2), Some(1))?;
+        assert_eq!(
+            (one.layers, one.heads, one.all_layers),
+            (vec![2], vec![1], false)
+        );
+        let e = Selection::new(&config, LayerChoice::One(3), None).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("--layer 3 is out of range")));
+        let e = Selection::new(&config, LayerChoice::All, Some(4)).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("(0..=3)")));
+        assert_eq!("all".parse(), Ok(LayerChoice::All));
+        assert_eq!("7".parse(), Ok(LayerChoice::One(7)));
+        assert!("-1".parse::<LayerChoice>().is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn binary_formats_need_a_file() {
+        assert!(Output::new(Format::Npy, None).is_err());
+        assert!(Output::new(Format::Png, None).is_err());
+        assert!(Output::new(Format::Npy, Some("a.json".into())).is_err());
+        assert!(Output::new(Format::Json, None).is_ok());
+        assert!(Output::new(Format::Html, None).is_ok());
+        assert_eq!("safetensors".parse(), Ok(Format::Safetensors));
+        assert!("csv".parse::<Format>().is_err());
+    }
+}

@@ -1,0 +1,239 @@
+//! Attention as data: JSON, written layer by layer as the layers arrive, and npy and safetensors,
+//! whose arrays have a fixed place in the file and are filled a block of query rows at a time
+//! (headers first: every size is known before the forward pass).
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use super::{io_err, Header, LayerAttention, Out, Output, RowBlock, Sink};
+use crate::error::Result;
+
+/// `{"model", "tokens", "token_ids", "heads", "layer", "attention"}` with `attention[head][query][key]`;
+/// with `--layer all`, `"layers": [{"layer", "attention"}, ...]` instead of the last two. Values are
+/// the f32 probabilities, written so that parsing them back gives the same f32.
+pub(crate) struct JsonSink {
+    out: Out,
+    all: bool,
+    first: bool,
+}
+
+impl JsonSink {
+    pub(crate) fn new(mut out: Out, h: &Header<'_>) -> Result<Self> {
+        out.bytes(b"{\"model\":")?;
+        out.json(h.model)?;
+        out.bytes(b",\"tokens\":")?;
+        out.json(&h.tokens.text)?;
+        out.bytes(b",\"token_ids\":")?;
+        out.json(&h.tokens.ids)?;
+        out.bytes(b",\"heads\":")?;
+        out.json(&h.selection.heads)?;
+        let all = h.selection.all_layers;
+        if all {
+            out.bytes(b",\"layers\":[")?;
+        }
+        Ok(Self {
+            out,
+            all,
+            first: true,
+        })
+    }
+
+    fn matrix(&mut self, a: &LayerAttention) -> Result<()> {
+        self.out.bytes(b"[")?;
+        for i in 0..a.heads.len() {
+            self.out.bytes(if i == 0 { b"[" } else { b",[" })?;
+            for q in 0..a.len {
+                if q > 0 {
+                    self.out.bytes(b",")?;
+                }
+                self.out.json(a.row(i, q))?;
+            }
+            self.out.bytes(b"]")?;
+        }
+        self.out.bytes(b"]")
+    }
+}
+
+impl Sink for JsonSink {
+    fn layer(&mut self, a: &LayerAttention) -> Result<()> {
+        if self.all {
+            self.out.bytes(if self.first { b"{" } else { b",{" })?;
+        } else {
+            self.out.bytes(b",")?;
+        }
+        self.out
+            .text(format_args!("\"layer\":{},\"attention\":", a.layer))?;
+        self.matrix(a)?;
+        if self.all {
+            self.out.bytes(b"}")?;
+        }
+        self.first = false;
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.out.bytes(if self.all { b"]}\n" } else { b"}\n" })?;
+        self.out.finish()
+    }
+}
+
+/// An f32 array (layers, heads, T, T) stored whole at `data_start` of a file after a format's
+/// header (npy, safetensors), filled one block of query rows at a time: the rows of one
+/// (layer, head) are contiguous, so each block is one seek and one write per (layer, head).
+pub(crate) struct DenseFile {
+    file: File,
+    path: PathBuf,
+    data_start: u64,
+    heads: usize,
+    t: usize,
+}
+
+impl DenseFile {
+    /// An `.npy` (format 1.0, float32 little-endian) of shape (heads, q, k), or (layers, heads,
+    /// q, k) with `--layer all`, and a `.json` beside it with the tokens.
+    pub(crate) fn npy(path: &Path, h: &Header<'_>) -> Result<Self> {
+        let t = h.tokens.len();
+        let mut shape = vec![h.selection.heads.len(), t, t];
+        if h.selection.all_layers {
+            shape.insert(0, h.selection.layers.len());
+        }
+        let side = Output::npy_tokens_path(path);
+        let mut tokens = Out::open(Some(&side))?;
+        tokens.json(&serde_json::json!({
+            "model": h.model,
+            "array": path.file_name().map(|f| f.to_string_lossy()),
+            "shape": shape,
+            "axes": if h.selection.all_layers {
+                vec!["layer", "head", "query", "key"]
+            } else {
+                vec!["head", "query", "key"]
+            },
+            "layers": h.selection.layers,
+            "heads": h.selection.heads,
+            "tokens": h.tokens.text,
+            "token_ids": h.tokens.ids,
+        }))?;
+        tokens.bytes(b"\n")?;
+        tokens.finish()?;
+        Self::create(path, &npy_header(&shape), h)
+    }
+
+    /// A safetensors file with one F32 tensor `attn.{layer}` of shape (heads, q, k) per layer; the
+    /// metadata holds `model`, and `tokens`, `token_ids`, `heads` and `layers` as JSON strings
+    /// (safetensors metadata values are strings).
+    pub(crate) fn safetensors(path: &Path, h: &Header<'_>) -> Result<Self> {
+        let t = h.tokens.len();
+        let heads = h.selection.heads.len();
+        let bytes = heads * t * t * 4;
+        let mut header = serde_json::Map::new();
+        header.insert(
+            "__metadata__".into(),
+            serde_json::json!({
+                "model": h.model,
+                "tokens": json(&h.tokens.text),
+                "token_ids": json(&h.tokens.ids),
+                "heads": json(&h.selection.heads),
+                "layers": json(&h.selection.layers),
+                "layout": "attn.{layer}: (head, query, key) post-softmax attention, rows sum to 1",
+            }),
+        );
+        for (i, l) in h.selection.layers.iter().enumerate() {
+            header.insert(
+                format!("attn.{l}"),
+                serde_json::json!({
+                    "dtype": "F32",
+                    "shape": [heads, t, t],
+                    "data_offsets": [i * bytes, (i + 1) * bytes],
+                }),
+            );
+        }
+        let mut text = serde_json::Value::Object(header).to_string();
+        // The data must start 8-byte aligned; the format pads the header with spaces.
+        text.push_str(&" ".repeat((8 - text.len() % 8) % 8));
+        let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(text.as_bytes());
+        Self::create(path, &bytes, h)
+    }
+
+    fn create(path: &Path, header: &[u8], h: &Header<'_>) -> Result<Self> {
+        let mut file = File::create(path).map_err(io_err(path))?;
+        file.write_all(header).map_err(io_err(path))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            data_start: header.len() as u64,
+            heads: h.selection.heads.len(),
+            t: h.tokens.len(),
+        })
+    }
+
+    /// Writes `b`'s rows of every layer and head in place.
+    pub(crate) fn write_block(&mut self, b: &RowBlock) -> Result<()> {
+        let (t, n) = (self.t, b.rows.len() * self.t);
+        let mut bytes = Vec::with_capacity(n * 4);
+        for l in 0..b.layers.len() {
+            for i in 0..self.heads {
+                let at = ((l * self.heads + i) * t + b.rows.start) * t;
+                let part = &b.data[(l * self.heads + i) * n..][..n];
+                bytes.clear();
+                part.iter()
+                    .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+                self.file
+                    .seek(SeekFrom::Start(self.data_start + 4 * at as u64))
+                    .and_then(|_| self.file.write_all(&bytes))
+                    .map_err(io_err(&self.path))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(mut self) -> Result<()> {
+        self.file.flush().map_err(io_err(&self.path))
+    }
+}
+
+/// The header of a C-order `<f4` array of `shape`: magic, version 1.0, then a Python dict literal
+/// padded with spaces so the data starts on a 64-byte boundary, as `numpy.save` writes it.
+pub(crate) fn npy_header(shape: &[usize]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let shape = match dims.as_slice() {
+        [one] => format!("({one},)"),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    let unpadded = 10 + dict.len() + 1;
+    dict.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    dict.push('\n');
+    let mut header = b"\x93NUMPY\x01\x00".to_vec();
+    header.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    header.extend_from_slice(dict.as_bytes());
+    header
+}
+
+/// A list as JSON text. Lists of strings and numbers always serialize.
+fn json<T: serde::Serialize>(value: &[T]) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_header_is_aligned_and_names_the_shape() {
+        for shape in [vec![4, 16, 16], vec![12, 12, 1024, 1024], vec![3]] {
+            let h = npy_header(&shape);
+            assert_eq!(h.len() % 64, 0);
+            assert_eq!(&h[..8], b"\x93NUMPY\x01\x00");
+            assert_eq!(u16::from_le_bytes([h[8], h[9]]) as usize, h.len() - 10);
+            assert_eq!(h.last(), Some(&b'\n'));
+            let text = String::from_utf8_lossy(&h[10..]);
+            assert!(text.contains("'descr': '<f4'"), "{text}");
+        }
+        let h = npy_header(&[3]);
+        assert!(String::from_utf8_lossy(&h).contains("'shape': (3,)"));
+        let h = npy_header(&[2, 4, 5, 5]);
+        assert!(String::from_utf8_lossy(&h).contains("'shape': (2, 4, 5, 5)"));
+    }
+}
