@@ -79,17 +79,7 @@ impl Config {
     /// Reads and validates a `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_json(&text).map_err(|e| match e {
-            Error::ConfigParse { msg, .. } => Error::ConfigParse {
-                path: path.to_path_buf(),
-                msg,
-            },
-            e => e,
-        })
+        Self::from_json(&read(path)?).map_err(|e| with_path(e, path))
     }
 
     /// Reads a head-layout file (`--config`, `configs/*.json`): like [`Config::from_file`], but a
@@ -97,26 +87,20 @@ impl Config {
     /// `n_kv_heads` cannot silently fall back to a default. Keys starting with `_` are comments.
     pub fn from_layout_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read(path)?;
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::ConfigParse {
                 path: path.to_path_buf(),
                 msg: e.to_string(),
             })?;
-        if let Some(map) = value.as_object() {
-            let known =
-                |k: &str| k.starts_with('_') || OUR_KEYS.contains(&k) || HF_KEYS.contains(&k);
-            if let Some(key) = map.keys().find(|k| !known(k)) {
-                return Err(Error::ConfigParse {
-                    path: path.to_path_buf(),
-                    msg: format!("unknown field `{key}`"),
-                });
-            }
+        let known = |k: &str| k.starts_with('_') || OUR_KEYS.contains(&k) || HF_KEYS.contains(&k);
+        if let Some(key) = value.as_object().and_then(|m| m.keys().find(|k| !known(k))) {
+            return Err(Error::ConfigParse {
+                path: path.to_path_buf(),
+                msg: format!("unknown field `{key}`"),
+            });
         }
-        Self::from_file(path)
+        Self::from_json(&text).map_err(|e| with_path(e, path))
     }
 
     /// Parses and validates the text of a `config.json`.
@@ -284,6 +268,24 @@ const HF_KEYS: [&str; 28] = [
     "predict_special_tokens",
     "_name_or_path",
 ];
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Puts the real file name on a parse error of [`Config::from_json`].
+fn with_path(e: Error, path: &Path) -> Error {
+    match e {
+        Error::ConfigParse { msg, .. } => Error::ConfigParse {
+            path: path.to_path_buf(),
+            msg,
+        },
+        e => e,
+    }
+}
 
 fn invalid(field: &'static str, msg: String) -> Error {
     Error::InvalidConfig { field, msg }

@@ -37,8 +37,9 @@ enum Command {
 }
 
 /// Which model, and where it runs.
+/// Where a model comes from.
 #[derive(Args)]
-struct ModelArgs {
+struct ModelSource {
     /// A Hub repo id of a GPT-2-architecture model, or gpt2, gpt2-medium, gpt2-large, gpt2-xl,
     /// distilgpt2.
     #[arg(long, default_value = "gpt2")]
@@ -49,10 +50,16 @@ struct ModelArgs {
     /// A local model folder (config.json, model.safetensors, tokenizer files); no network at all.
     #[arg(long, value_name = "DIR", conflicts_with = "config")]
     model_dir: Option<PathBuf>,
-    /// A config.json (e.g. configs/gpt2.json): a model of that layout with seeded random weights
+    /// A layout file (e.g. configs/gpt2.json): a model of that layout with seeded random weights
     /// and a bytes-only tokenizer, for shape, memory and speed experiments without downloading.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    #[command(flatten)]
+    source: ModelSource,
     /// f32, f16 or bf16. On CPU, f32 is the fastest.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -128,17 +135,9 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct InfoArgs {
-    /// A Hub repo id or alias; only its config.json is fetched.
-    #[arg(long, default_value = "gpt2")]
-    model: String,
-    #[arg(long, default_value = "main")]
-    revision: String,
-    /// A local model folder (its config.json).
-    #[arg(long, value_name = "DIR", conflicts_with = "config")]
-    model_dir: Option<PathBuf>,
-    /// A layout file, e.g. configs/llama-7b-heads.json.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
+    /// Only the config.json is read (and, from the Hub, downloaded).
+    #[command(flatten)]
+    source: ModelSource,
     /// Context length for the FLOPs per generated token; default: the model's n_positions.
     #[arg(long)]
     context: Option<usize>,
@@ -229,7 +228,8 @@ fn load_layers(args: &ModelArgs, layers: impl FnOnce(&Config) -> Result<usize>) 
     let start = Instant::now();
     let dtype = device::parse_dtype(&args.dtype)?;
     let device = device::select_device(&args.device)?;
-    if let Some(path) = &args.config {
+    let source = &args.source;
+    if let Some(path) = &source.config {
         let config = Config::from_layout_file(path)?;
         eprintln!(
             "warning: {} has random weights (seeded): its text is noise; use it for shapes, memory and speed",
@@ -245,11 +245,11 @@ fn load_layers(args: &ModelArgs, layers: impl FnOnce(&Config) -> Result<usize>) 
             load_time: start.elapsed(),
         });
     }
-    let (files, name) = match &args.model_dir {
+    let (files, name) = match &source.model_dir {
         Some(dir) => (ModelFiles::from_dir(dir)?, dir.display().to_string()),
         None => {
-            let id = repo_id(&args.model);
-            (ModelFiles::from_hub(id, &args.revision)?, id.to_string())
+            let id = repo_id(&source.model);
+            (ModelFiles::from_hub(id, &source.revision)?, id.to_string())
         }
     };
     let config = Config::from_file(&files.config)?;
@@ -478,16 +478,17 @@ fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
 }
 
 fn cmd_info(args: InfoArgs) -> Result<()> {
-    let (config, name) = match (&args.config, &args.model_dir) {
+    let source = &args.source;
+    let (config, name) = match (&source.config, &source.model_dir) {
         (Some(path), _) => (Config::from_layout_file(path)?, path.display().to_string()),
         (None, Some(dir)) => (
             Config::from_file(dir.join("config.json"))?,
             dir.display().to_string(),
         ),
         (None, None) => {
-            let id = repo_id(&args.model);
+            let id = repo_id(&source.model);
             (
-                Config::from_file(gpt2::hub::config_file(id, &args.revision)?)?,
+                Config::from_file(gpt2::hub::config_file(id, &source.revision)?)?,
                 id.to_string(),
             )
         }
