@@ -6,6 +6,7 @@
 //! - HF `Conv1D` weights are stored (in, out); candle's `Linear` wants (out, in);
 //! - `attn.bias` / `attn.masked_bias` are old mask buffers, not parameters: ignored;
 //! - `lm_head.weight` is optional: absent, the head is tied to `wte`.
+//!
 //! Pickle (`pytorch_model.bin`) is never read.
 
 use std::collections::HashMap;

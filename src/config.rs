@@ -142,7 +142,7 @@ impl Config {
                 return Err(invalid(field, "must be at least 1".into()));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(invalid(
                 "n_head",
                 format!(
@@ -158,7 +158,7 @@ impl Config {
                     "must be at least 1 (or absent)".into(),
                 ))
             }
-            Some(kv) if self.n_head % kv != 0 => {
+            Some(kv) if !self.n_head.is_multiple_of(kv) => {
                 return Err(invalid(
                     "n_kv_head",
                     format!(

@@ -494,7 +494,8 @@ mod tests {
 
     #[test]
     fn invalid_params_name_the_option() {
-        let cases: [(fn(&mut GenerateParams), &str); 6] = [
+        type Break = fn(&mut GenerateParams);
+        let cases: [(Break, &str); 6] = [
             (|p| p.sampling.temperature = -1.0, "--temperature"),
             (|p| p.sampling.top_k = Some(0), "--top-k"),
             (|p| p.sampling.top_p = Some(0.0), "--top-p"),
