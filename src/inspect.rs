@@ -1,12 +1,13 @@
 //! `gpt2 inspect-heads`: what every attention head attends to, and what kind of head it is.
 //!
-//! The prompt runs through the model once, capturing the post-softmax attention of the chosen
-//! layers: the numbers transformers returns with `output_attentions=True`. npy and safetensors
-//! (`export`) are filled a block of query rows at a time ([`for_each_row_block`]), so they never
-//! hold more than one layer's attention whatever the number of layers. The other formats take whole layers in order
-//! ([`for_each_layer`]) and drop each once written: terminal heatmaps (`text`), JSON, a PNG
-//! figure ([`image`]) and one self-contained HTML page (`html`). [`scores`] says what kind of
-//! head each one is.
+//! The prompt runs through the model's layers up to the last chosen one, capturing their
+//! post-softmax attention: the numbers transformers returns with `output_attentions=True`. The
+//! model hands over each layer as it is computed ([`Gpt2::for_each_attention`]), so terminal
+//! heatmaps (`text`), JSON, a PNG figure ([`image`]) and one self-contained HTML page (`html`)
+//! take whole layers in order ([`for_each_layer`]) and drop each once written. npy and
+//! safetensors (`export`) are filled a block of query rows at a time ([`for_each_row_block`]), so
+//! they never hold more than one layer's attention whatever the number of layers and the prompt
+//! length. [`scores`] says what kind of head each one is.
 //!
 //! ```no_run
 //! use gpt2::inspect::{self, Format, LayerChoice, Output, Selection, Tokens};
