@@ -256,7 +256,7 @@ pub(crate) fn checkpoint_layout(config: &Config) -> Vec<(String, Vec<usize>)> {
     layout
 }
 
-/// A seeded random checkpoint for `config`, laid out as [`checkpoint_layout`] says; each tensor
+/// A seeded random checkpoint for `config`, named and shaped as the Hub's GPT-2 files; each tensor
 /// as [`Gpt2::random`](crate::Gpt2::random) makes it.
 pub fn random_checkpoint(config: &Config, seed: u64) -> Result<HashMap<String, Tensor>> {
     checkpoint_layout(config)
