@@ -8,11 +8,11 @@
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::Linear;
 
 use crate::checkpoint::Weights;
 use crate::config::Config;
 use crate::error::Result;
+use crate::linear::Linear;
 
 pub(crate) struct Attention {
     c_attn: Linear,

@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Linear;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layer_norm::LayerNorm;
+use crate::linear::Linear;
 
 enum Source {
     /// One mmap per file, and which file holds each tensor name.

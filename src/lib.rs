@@ -23,6 +23,7 @@ pub mod hub;
 pub mod info;
 pub mod inspect;
 mod layer_norm;
+mod linear;
 mod mlp;
 mod model;
 pub mod tokenizer;

@@ -1,11 +1,11 @@
 //! The position-wise feed-forward network: `c_fc` → activation → `c_proj`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::Linear;
 
 use crate::checkpoint::Weights;
 use crate::config::{Activation, Config};
 use crate::error::Result;
+use crate::linear::Linear;
 
 pub(crate) struct Mlp {
     c_fc: Linear,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
 use candle_transformers::utils::build_additive_causal_mask;
 
 use crate::block::Block;
@@ -16,6 +16,7 @@ use crate::checkpoint::Weights;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layer_norm::LayerNorm;
+use crate::linear::Linear;
 
 /// A GPT-2 language model, ready to run on one device in one dtype.
 pub struct Gpt2 {

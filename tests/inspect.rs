@@ -335,7 +335,9 @@ fn npy_holds_transformers_numbers_and_numpy_reads_it() -> Result {
     for l in 0..2 {
         let got = data.get(l)?;
         assert!(max_abs_diff(&got, &g[&format!("attn.{l}")].get(0)?)? <= 1e-5);
-        assert!(max_abs_diff(&got, &matrix(&v["layers"][l]["attention"])?)? <= 1e-6);
+        let d = max_abs_diff(&got, &matrix(&v["layers"][l]["attention"])?)?;
+        // Row blocks take the decode kernel (few rows), the one-pass JSON gemm: sums in another order.
+        assert!(d <= 5e-6, "npy vs json: {d}");
     }
     let (shape, data) = read_npy(&one)?;
     assert_eq!(shape, [1, t, t]);
@@ -356,7 +358,7 @@ fn npy_holds_transformers_numbers_and_numpy_reads_it() -> Result {
         a = np.load(sys.argv[1]); b = np.load(sys.argv[2])\n\
         assert a.dtype == np.float32 and b.dtype == np.float32\n\
         assert np.allclose(a.sum(-1), 1, atol=1e-5)\n\
-        assert np.allclose(a[1, 3], b[0], atol=1e-6, rtol=0)\n\
+        assert np.allclose(a[1, 3], b[0], atol=5e-6, rtol=0)\n\
         print(a.shape, b.shape)";
     let out = Command::new("python3")
         .args([
