@@ -178,6 +178,14 @@ struct InspectHeadsArgs {
 }
 
 fn main() -> ExitCode {
+    // candle counts CPU threads by reading /proc/cpuinfo on every matmul unless RAYON_NUM_THREADS
+    // is set: ~1 ms per generated token. Count once, before any thread starts.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            candle_core::utils::get_num_threads().to_string(),
+        );
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
