@@ -86,16 +86,23 @@ struct BenchArgs {
     json: bool,
 }
 
+/// Where the prompt comes from.
 #[derive(Args)]
-struct GenerateArgs {
-    #[command(flatten)]
-    model: ModelArgs,
+struct PromptArgs {
     /// The prompt text; `-` reads it from standard input.
     #[arg(long, conflicts_with = "prompt_file")]
     prompt: Option<String>,
     /// Read the prompt from a file.
     #[arg(long, value_name = "PATH")]
     prompt_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// Keep only the last tokens of a prompt longer than the context, instead of failing.
     #[arg(long)]
     truncate_prompt: bool,
@@ -150,12 +157,8 @@ struct InfoArgs {
 struct InspectHeadsArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The prompt text; `-` reads it from standard input.
-    #[arg(long, conflicts_with = "prompt_file")]
-    prompt: Option<String>,
-    /// Read the prompt from a file.
-    #[arg(long, value_name = "PATH")]
-    prompt_file: Option<PathBuf>,
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// The layer to show, 0-based, or `all`.
     #[arg(long, default_value = "all")]
     layer: LayerChoice,
@@ -273,8 +276,8 @@ fn load_layers(args: &ModelArgs, layers: impl FnOnce(&Config) -> Result<usize>) 
     })
 }
 
-fn read_prompt(prompt: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
-    match (prompt.as_deref(), file) {
+fn read_prompt(args: &PromptArgs) -> Result<String> {
+    match (args.prompt.as_deref(), &args.prompt_file) {
         (Some("-"), _) => {
             let mut text = String::new();
             std::io::stdin()
@@ -317,7 +320,7 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
     };
     // Check options before the (possibly long) download.
     params.validate()?;
-    let prompt = read_prompt(&args.prompt, &args.prompt_file)?;
+    let prompt = read_prompt(&args.prompt)?;
     let Loaded {
         model,
         tokenizer,
@@ -438,7 +441,7 @@ fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
     if args.scores {
         inspect::scores::check_output(&output)?;
     }
-    let prompt = read_prompt(&args.prompt, &args.prompt_file)?;
+    let prompt = read_prompt(&args.prompt)?;
     if prompt.is_empty() {
         bail!("the prompt is empty: inspect-heads needs at least one token");
     }
