@@ -3,8 +3,8 @@
 //! committed fixtures.
 //!
 //! GPT-2's `vocab.json` and `merges.txt` are not committed here: they ship inside the tiktoken-rs
-//! crate source (`assets/encoder.json` and `assets/vocab.bpe`), which `cargo fetch` puts on disk;
-//! [`gpt2_assets`] finds them with `cargo metadata`.
+//! crate source (`assets/encoder.json` and `assets/vocab.bpe`), which `cargo test` puts on disk;
+//! [`gpt2_assets`] finds them with `cargo metadata` (this platform's packages only).
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -28,16 +28,28 @@ fn tiktoken_assets() -> Result<PathBuf, Box<dyn Error>> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO")));
     let manifest_dir = env!("CARGO_MANIFEST_DIR");
+    // Only this platform's packages: `cargo metadata` otherwise resolves every platform's, and
+    // a Windows-only crate is never downloaded on Linux, so `--offline` fails on a machine
+    // whose registry holds just what `cargo test` fetched.
+    let host = host_triple()?;
+    let args = [
+        "metadata",
+        "--format-version",
+        "1",
+        "--offline",
+        "--filter-platform",
+        &host,
+    ];
     let output = Command::new(&cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(args)
         .current_dir(manifest_dir)
         .output()
         .map_err(|e| format!("could not run `{} metadata`: {e}", cargo.display()))?;
     if !output.status.success() {
         return Err(format!(
-            "`{} metadata --format-version 1 --offline` in {manifest_dir} failed ({}); \
-             has `cargo fetch` been run?\n{}",
+            "`{} {}` in {manifest_dir} failed ({}):\n{}",
             cargo.display(),
+            args.join(" "),
             output.status,
             String::from_utf8_lossy(&output.stderr)
         )
@@ -71,6 +83,22 @@ fn tiktoken_assets() -> Result<PathBuf, Box<dyn Error>> {
         }
     }
     Ok(assets)
+}
+
+/// The target triple `rustc` builds for by default (`host:` in `rustc -vV`), which is what
+/// `cargo test` built these tests for.
+fn host_triple() -> Result<String, Box<dyn Error>> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = Command::new(&rustc)
+        .arg("-vV")
+        .output()
+        .map_err(|e| format!("could not run `{} -vV`: {e}", rustc.to_string_lossy()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let host = text
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .ok_or_else(|| format!("`rustc -vV` printed no `host:` line:\n{text}"))?;
+    Ok(host.trim().to_string())
 }
 
 /// GPT-2's `(vocab.json, merges.txt)`.
