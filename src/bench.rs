@@ -1,6 +1,7 @@
 //! A rerunnable speed benchmark: prefill and decode measured separately, the way llama.cpp's
 //! `llama-bench` reports pp/tg, so figures compare across tools.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -8,6 +9,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
+use crate::rng::SplitMix64;
+use crate::source::Loaded;
 
 /// What one benchmark run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -30,16 +33,20 @@ pub fn bench(
     runs: usize,
 ) -> Result<BenchResult> {
     let ctx = model.config().n_positions;
-    if prompt_tokens == 0 || new_tokens == 0 || prompt_tokens + new_tokens > ctx {
-        return Err(Error::Input(format!(
-            "prompt tokens ({prompt_tokens}) + new tokens ({new_tokens}) must be between 2 and the context ({ctx})"
-        )));
+    let total = prompt_tokens.checked_add(new_tokens);
+    if prompt_tokens == 0 || new_tokens == 0 || total.is_none_or(|n| n > ctx) {
+        return Err(Error::param(
+            "prompt_tokens",
+            format!(
+                "({prompt_tokens}) + --new-tokens ({new_tokens}) must be between 2 and the context ({ctx})"
+            ),
+        ));
     }
+    // Any ids will do: speed does not depend on them. A seeded stream keeps runs identical.
+    let mut rng = SplitMix64::new(0);
     let vocab = model.config().vocab_size as u64;
-    // Any ids will do: speed does not depend on them. A fixed LCG keeps runs identical.
-    let ids: Vec<u32> = (0..prompt_tokens as u64)
-        .map(|i| ((i * 6364136223846793005 + 1442695040888963407) >> 33) % vocab)
-        .map(|i| i as u32)
+    let ids: Vec<u32> = (0..prompt_tokens)
+        .map(|_| rng.below(vocab) as u32)
         .collect();
     let prompt = Tensor::new(ids, model.device())?.unsqueeze(0)?;
     let (mut best_prefill, mut best_decode) = (Duration::MAX, Duration::MAX);
@@ -69,4 +76,52 @@ pub fn bench(
         prefill_tokens_per_s: per_s(prompt_tokens, best_prefill),
         decode_tokens_per_s: per_s(new_tokens - 1, best_decode),
     })
+}
+
+impl BenchResult {
+    /// The table `gpt2 bench` prints for `loaded`.
+    pub fn report<'a>(&'a self, loaded: &'a Loaded) -> BenchReport<'a> {
+        BenchReport {
+            result: self,
+            loaded,
+        }
+    }
+}
+
+/// A [`BenchResult`] with the model it measured, as text.
+pub struct BenchReport<'a> {
+    result: &'a BenchResult,
+    loaded: &'a Loaded,
+}
+
+impl fmt::Display for BenchReport<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (r, m) = (self.result, &self.loaded.model);
+        let c = m.config();
+        writeln!(
+            f,
+            "model       {} ({} layers, {} heads x {}, {:?})",
+            self.loaded.name,
+            c.n_layer,
+            c.n_head,
+            c.head_size(),
+            m.dtype()
+        )?;
+        writeln!(
+            f,
+            "load        {:.0} ms",
+            self.loaded.load_time.as_secs_f64() * 1e3
+        )?;
+        writeln!(
+            f,
+            "prefill     {} tokens: {:.1} ms to first token, {:.1} tokens/s",
+            r.prompt_tokens, r.time_to_first_token_ms, r.prefill_tokens_per_s
+        )?;
+        writeln!(
+            f,
+            "decode      {} tokens: {:.1} tokens/s",
+            r.new_tokens, r.decode_tokens_per_s
+        )?;
+        writeln!(f, "threads     {}", candle_core::utils::get_num_threads())
+    }
 }

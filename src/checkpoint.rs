@@ -19,6 +19,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layer_norm::LayerNorm;
 use crate::linear::Linear;
+use crate::rng::{hash_name, SplitMix64};
+use crate::tokenizer::TokenizerFiles;
 
 enum Source {
     /// One mmap per file, and which file holds each tensor name.
@@ -35,6 +37,27 @@ enum Source {
     },
 }
 
+/// The files of a model, on local disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFiles {
+    pub config: PathBuf,
+    /// `model.safetensors`, or every shard.
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: TokenizerFiles,
+}
+
+/// Where a model's weights come from.
+pub enum Checkpoint {
+    /// safetensors files: one, or every shard of a sharded checkpoint. Memory-mapped.
+    Files(Vec<PathBuf>),
+    /// Tensors already in memory, named as in a checkpoint file (with or without the
+    /// `transformer.` prefix, Conv1D weights (in, out)).
+    Tensors(HashMap<String, Tensor>),
+    /// Seeded random weights for the config's layout, made one tensor at a time in the model's
+    /// dtype, so a random 7B layout never exists twice in memory (see [`random_checkpoint`]).
+    Random { seed: u64 },
+}
+
 /// Named tensors, resolved against the optional `transformer.` prefix, shape-checked and cast to
 /// the model's dtype and device as they are taken.
 pub(crate) struct Weights {
@@ -45,40 +68,37 @@ pub(crate) struct Weights {
 }
 
 impl Weights {
-    /// Memory-maps safetensors files (several for a sharded checkpoint).
-    pub(crate) fn from_files(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
-        let mut files = Vec::with_capacity(paths.len());
-        let mut routing = HashMap::new();
-        for path in paths {
-            // SAFETY: the file is mapped read-only; like every mmap-based loader (candle's own
-            // VarBuilder included) we rely on nobody truncating it while the model loads.
-            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| bad_file(path, e))?;
-            for (name, _) in st.tensors() {
-                routing.insert(name, files.len());
-            }
-            files.push((path.clone(), st));
-        }
-        Self::new(Source::Files { files, routing }, dtype, device)
-    }
-
-    /// Seeded random tensors for every name of `config`'s checkpoint (see [`random_tensor`]).
-    pub(crate) fn random(
+    /// Opens `checkpoint` for a model of `config`, to be cast to `dtype` on `device`.
+    pub(crate) fn open(
+        checkpoint: Checkpoint,
         config: &Config,
-        seed: u64,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let layout = checkpoint_layout(config).into_iter().collect();
-        Self::new(Source::Random { seed, layout }, dtype, device)
-    }
-
-    /// Wraps tensors already in memory, named as in a checkpoint file.
-    pub(crate) fn from_map(
-        map: HashMap<String, Tensor>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        Self::new(Source::Map(map), dtype, device)
+        let source = match checkpoint {
+            Checkpoint::Files(paths) => {
+                let mut files = Vec::with_capacity(paths.len());
+                let mut routing = HashMap::new();
+                for path in paths {
+                    // SAFETY: the file is mapped read-only; like every mmap-based loader
+                    // (candle's own VarBuilder included) we rely on nobody truncating it while
+                    // the model loads.
+                    let st =
+                        unsafe { MmapedSafetensors::new(&path) }.map_err(|e| bad_file(&path, e))?;
+                    for (name, _) in st.tensors() {
+                        routing.insert(name, files.len());
+                    }
+                    files.push((path, st));
+                }
+                Source::Files { files, routing }
+            }
+            Checkpoint::Tensors(map) => Source::Map(map),
+            Checkpoint::Random { seed } => Source::Random {
+                seed,
+                layout: checkpoint_layout(config).into_iter().collect(),
+            },
+        };
+        Self::new(source, dtype, device)
     }
 
     fn new(source: Source, dtype: DType, device: &Device) -> Result<Self> {
@@ -257,7 +277,7 @@ pub(crate) fn checkpoint_layout(config: &Config) -> Vec<(String, Vec<usize>)> {
 }
 
 /// A seeded random checkpoint for `config`, named and shaped as the Hub's GPT-2 files; each tensor
-/// as [`Gpt2::random`](crate::Gpt2::random) makes it.
+/// as [`Checkpoint::Random`] makes it.
 pub fn random_checkpoint(config: &Config, seed: u64) -> Result<HashMap<String, Tensor>> {
     checkpoint_layout(config)
         .into_iter()
@@ -274,11 +294,7 @@ pub fn random_checkpoint(config: &Config, seed: u64) -> Result<HashMap<String, T
 /// standard deviations: random-weight runs are for shapes, memory and speed, and uniform numbers
 /// are ten times cheaper to make than normal ones at 7B parameters.
 fn random_tensor(name: &str, shape: &[usize], seed: u64) -> Result<Tensor> {
-    // FNV-1a of the name, mixed into the seed.
-    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    let mut rng = SplitMix64(seed ^ name_hash);
+    let mut rng = SplitMix64::new(seed ^ hash_name(name));
     let is_norm = name.contains("ln_");
     let (mean, std) = match (is_norm, name.ends_with(".bias")) {
         (true, false) => (1.0, 0.1),
@@ -291,22 +307,26 @@ fn random_tensor(name: &str, shape: &[usize], seed: u64) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
-/// A tiny seeded generator (SplitMix64, Steele et al. 2014) so random checkpoints are the same on
-/// every machine without another dependency.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+/// The shard file names listed in a `model.safetensors.index.json`.
+pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let bad = |msg: String| Error::BadCheckpoint {
+        file: index.to_path_buf(),
+        msg,
+    };
+    let text = std::fs::read_to_string(index).map_err(|err| Error::io(index, err))?;
+    let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut files: Vec<String> = parsed["weight_map"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(bad("no `weight_map` entries".into()));
     }
-
-    /// Uniform with mean 0 and variance 1: on [-√3, √3].
-    fn unit(&mut self) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        (2.0 * u - 1.0) * 3f32.sqrt()
-    }
+    Ok(files)
 }

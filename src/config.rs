@@ -270,10 +270,7 @@ const HF_KEYS: [&str; 28] = [
 ];
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|err| Error::io(path, err))
 }
 
 /// Puts the real file name on a parse error of [`Config::from_json`].
@@ -319,17 +316,10 @@ mod tests {
     #[test]
     fn layout_files_refuse_unknown_fields() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("gpt2-config-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir).map_err(|err| Error::io(dir.clone(), err))?;
         let path = dir.join("layout.json");
-        let write = |text: &str| {
-            std::fs::write(&path, text).map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })
-        };
+        let write =
+            |text: &str| std::fs::write(&path, text).map_err(|err| Error::io(path.clone(), err));
         write(r#"{"_comment": "ok", "n_kv_head": 4, "n_ctx": 1024, "model_type": "gpt2"}"#)?;
         assert_eq!(Config::from_layout_file(&path)?.kv_heads(), 4);
         write(r#"{"n_kv_heads": 4}"#)?;

@@ -1,35 +1,78 @@
 //! Device and dtype selection, in one place: the only module that knows which backends were
 //! compiled in (the `cuda` and `metal` cargo features pass through to candle's).
 
+use std::fmt;
+use std::str::FromStr;
+
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 
-/// Picks a device from `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
-///
-/// `auto` takes CUDA GPU 0, else Metal, else the CPU, among the backends compiled in. Asking for a
-/// backend this binary was built without is an error that says how to build it.
-pub fn select_device(spec: &str) -> Result<Device> {
-    match spec.trim() {
-        "auto" => {
-            if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-                cuda(0)
-            } else if cfg!(feature = "metal") && candle_core::utils::metal_is_available() {
-                metal()
-            } else {
-                Ok(Device::Cpu)
-            }
+/// A device as a user names it: `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// CUDA GPU 0, else Metal, else the CPU, among the backends compiled in.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            "metal" => Ok(Self::Metal),
+            s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => Ok(Self::Cuda(ordinal)),
+                _ => Err(Error::Input(format!(
+                    "unknown device `{s}`: expected auto, cpu, cuda, cuda:N or metal"
+                ))),
+            },
         }
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(0),
-        "metal" => metal(),
-        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => cuda(ordinal),
-            _ => Err(Error::Input(format!(
-                "unknown device `{s}`: expected auto, cpu, cuda, cuda:N or metal"
-            ))),
-        },
     }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// Opens the device. Asking for a backend this binary was built without is an error that
+    /// says how to build it.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Auto => {
+                if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
+                    cuda(0)
+                } else if cfg!(feature = "metal") && candle_core::utils::metal_is_available() {
+                    metal()
+                } else {
+                    Ok(Device::Cpu)
+                }
+            }
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => cuda(n),
+            Self::Metal => metal(),
+        }
+    }
+}
+
+/// Picks a device from `auto`, `cpu`, `cuda`, `cuda:N` or `metal` (see [`DeviceChoice`]).
+pub fn select_device(spec: &str) -> Result<Device> {
+    spec.parse::<DeviceChoice>()?.open()
 }
 
 fn cuda(ordinal: usize) -> Result<Device> {

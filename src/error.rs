@@ -1,17 +1,17 @@
 //! The library's error type: every failure a user can cause (a bad file, a bad option, a missing
-//! tensor) is one of these, with enough context to be printed as a single line.
+//! tensor) is one of these, with enough context to be printed as a single line. Errors speak of
+//! the library's own terms (`temperature`, `layer`); the `gpt2` binary turns [`Error::Param`]
+//! into the name of its option (`--temperature`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong in the library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. (Not a `#[source]`: the message already holds the
+    /// OS's words, and a chain printer would repeat them.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// `config.json` is not valid JSON or has a field of the wrong type.
     #[error("{}: {msg}", path.display())]
@@ -42,6 +42,14 @@ pub enum Error {
     #[error("{}: not a valid safetensors file ({msg})", file.display())]
     BadCheckpoint { file: PathBuf, msg: String },
 
+    /// A tensor that cannot be a weight: an integer dtype, a NaN or an infinity.
+    #[error("{}: tensor `{name}` {msg}", file.display())]
+    BadTensor {
+        file: PathBuf,
+        name: String,
+        msg: String,
+    },
+
     /// The tokenizer files are missing or malformed, or a text could not be encoded.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -50,13 +58,76 @@ pub enum Error {
     #[error("{0}")]
     Device(String),
 
-    /// An input the caller passed is out of range (too many tokens, unknown dtype, ...).
+    /// A parameter of a call has a value it cannot take; `param` is its name in the library
+    /// (`temperature`, `layer`, `max_new_tokens`), which the `gpt2` binary shows as `--option`.
+    #[error("{param} {msg}")]
+    Param { param: &'static str, msg: String },
+
+    /// A prompt with no tokens.
+    #[error("the prompt is empty: it needs at least one token")]
+    EmptyPrompt,
+
+    /// A prompt longer than the model's context.
+    #[error("the prompt is {tokens} tokens but the model sees at most {context}")]
+    PromptTooLong { tokens: usize, context: usize },
+
+    /// A run would need more memory than the machine has.
+    #[error("{what} needs {needed} bytes ({}), more than the {} of memory available", human_bytes(*.needed), human_bytes(*.available))]
+    OutOfMemory {
+        what: String,
+        needed: u128,
+        available: u128,
+    },
+
+    /// Standard output's reader went away (`gpt2 ... | head`): nothing more can be shown.
+    #[error("standard output was closed")]
+    StdoutClosed,
+
+    /// The run was stopped by an interrupt (Ctrl-C) before it finished.
+    #[error("interrupted")]
+    Interrupted,
+
+    /// An input the caller passed is out of range or inconsistent.
     #[error("{0}")]
     Input(String),
 
     /// An error inside candle (a shape bug, an allocation failure, a backend failure).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl AsRef<Path>, err: std::io::Error) -> Self {
+        Self::Io {
+            path: path.as_ref().to_path_buf(),
+            err,
+        }
+    }
+
+    /// A [`Error::Param`].
+    pub fn param(param: &'static str, msg: impl Into<String>) -> Self {
+        Self::Param {
+            param,
+            msg: msg.into(),
+        }
+    }
+}
+
+/// `n` bytes in the largest binary unit that keeps it at least 1: `1.5 GiB`.
+pub(crate) fn human_bytes(n: u128) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 /// The library's result type.

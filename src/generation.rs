@@ -2,15 +2,17 @@
 //! sampling with candle-transformers' `LogitsProcessor`, stopping at EOS, a stop string or a
 //! length, and sliding the context window when the sequence outgrows the model's positions.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::utils::apply_repeat_penalty;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{human_bytes, Error, Result};
+use crate::memory::product;
 use crate::model::Gpt2;
+use crate::prompt::Prompt;
 use crate::tokenizer::{TextStream, Tokenizer};
 
 /// How to pick each next token.
@@ -69,32 +71,32 @@ impl Default for GenerateParams {
 }
 
 impl GenerateParams {
-    /// Rejects values that cannot be sampled with; the message names the command-line option.
+    /// Rejects values that cannot be sampled with, naming the parameter.
     pub fn validate(&self) -> Result<()> {
         let s = &self.sampling;
-        let bad = |msg: &str| Err(Error::Input(msg.to_string()));
+        let bad = |param, msg: &str| Err(Error::param(param, msg));
         if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
-            return bad("--temperature must be a number >= 0 (0 means greedy)");
+            return bad("temperature", "must be a number >= 0 (0 means greedy)");
         }
         if s.top_k == Some(0) {
-            return bad("--top-k must be at least 1");
+            return bad("top_k", "must be at least 1");
         }
         if let Some(p) = s.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return bad("--top-p must be in (0, 1]");
+                return bad("top_p", "must be in (0, 1]");
             }
         }
         if !(s.repeat_penalty > 0.0 && s.repeat_penalty.is_finite()) {
-            return bad("--repeat-penalty must be a number > 0 (1 disables it)");
+            return bad("repeat_penalty", "must be a number > 0 (1 disables it)");
         }
         if self.max_new_tokens == 0 {
-            return bad("--max-new-tokens must be at least 1");
+            return bad("max_new_tokens", "must be at least 1");
         }
         if self.num_samples == 0 {
-            return bad("--num-samples must be at least 1");
+            return bad("num_samples", "must be at least 1");
         }
         if self.stop.iter().any(String::is_empty) {
-            return bad("--stop strings must not be empty");
+            return bad("stop", "strings must not be empty");
         }
         Ok(())
     }
@@ -102,8 +104,10 @@ impl GenerateParams {
     fn sampling(&self) -> Sampling {
         let s = &self.sampling;
         let temperature = s.temperature;
+        // Below ~3e-39, 1/T overflows f32 (the sampler multiplies by it): the limit is greedy.
+        let greedy = temperature == 0.0 || !((1.0 / temperature) as f32).is_finite();
         match (s.top_k, s.top_p) {
-            _ if temperature == 0.0 => Sampling::ArgMax,
+            _ if greedy => Sampling::ArgMax,
             (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
             (Some(k), None) => Sampling::TopK { k, temperature },
             (None, Some(p)) => Sampling::TopP { p, temperature },
@@ -122,15 +126,18 @@ pub enum FinishReason {
     Eos,
     /// The text reached a stop string.
     Stop,
+    /// A stop was requested ([`crate::interrupt`]: Ctrl-C) before any other reason.
+    Interrupted,
 }
 
 impl FinishReason {
-    /// The name used in JSON output: `length`, `eos` or `stop`.
+    /// The name used in JSON output: `length`, `eos`, `stop` or `interrupted`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Length => "length",
             Self::Eos => "eos",
             Self::Stop => "stop",
+            Self::Interrupted => "interrupted",
         }
     }
 }
@@ -154,26 +161,100 @@ pub struct Timings {
     pub decode: Duration,
     /// Prompt tokens times samples.
     pub prefill_tokens: usize,
-    /// Tokens fed through the model after the prefill (every sample's, each step).
+    /// Every generated token, all samples.
+    pub generated_tokens: usize,
+    /// Tokens made by a decode step (every sample's): all generated tokens but the first of
+    /// each sample, which comes from the prefill's logits.
     pub decode_tokens: usize,
+    /// Tokens run through the model again after a context slide (their time is in `decode`).
+    pub reprefill_tokens: usize,
 }
 
 impl Timings {
-    pub fn prefill_tokens_per_s(&self) -> f64 {
+    /// Prompt tokens per second of prefill.
+    pub fn prefill_tokens_per_s(&self) -> Option<f64> {
         rate(self.prefill_tokens, self.prefill)
     }
 
-    pub fn decode_tokens_per_s(&self) -> f64 {
+    /// Generated tokens per second of decode, re-prefills included; `None` without a decode
+    /// step (one new token).
+    pub fn decode_tokens_per_s(&self) -> Option<f64> {
         rate(self.decode_tokens, self.decode)
+    }
+
+    /// The stats `gpt2 generate` prints on stderr.
+    pub fn report<'a>(
+        &'a self,
+        model: &'a Gpt2,
+        name: &'a str,
+        load: Duration,
+        seed: u64,
+    ) -> RunReport<'a> {
+        RunReport {
+            timings: self,
+            model,
+            name,
+            load,
+            seed,
+        }
     }
 }
 
-fn rate(tokens: usize, d: Duration) -> f64 {
-    if d.is_zero() {
-        0.0
-    } else {
-        tokens as f64 / d.as_secs_f64()
+/// [`Timings`] with what they measured, as text.
+pub struct RunReport<'a> {
+    timings: &'a Timings,
+    model: &'a Gpt2,
+    name: &'a str,
+    load: Duration,
+    seed: u64,
+}
+
+impl fmt::Display for RunReport<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = self.timings;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let per_s =
+            |r: Option<f64>| r.map_or("no decode step".to_string(), |r| format!("{r:.1} tokens/s"));
+        let dev = if self.model.device().is_cpu() {
+            "cpu"
+        } else {
+            "gpu"
+        };
+        writeln!(
+            f,
+            "{} ({:?}, {dev}) loaded in {:.0} ms",
+            self.name,
+            self.model.dtype(),
+            ms(self.load)
+        )?;
+        writeln!(
+            f,
+            "prompt: {} tokens, prefill {:.1} ms ({})",
+            t.prefill_tokens,
+            ms(t.prefill),
+            per_s(t.prefill_tokens_per_s())
+        )?;
+        let slides = if t.reprefill_tokens > 0 {
+            format!(
+                ", {} tokens prefilled again after context slides",
+                t.reprefill_tokens
+            )
+        } else {
+            String::new()
+        };
+        writeln!(
+            f,
+            "generated: {} tokens, decode {:.1} ms ({}){slides}, seed {}",
+            t.generated_tokens,
+            ms(t.decode),
+            per_s(t.decode_tokens_per_s()),
+            self.seed
+        )
     }
+}
+
+fn rate(tokens: usize, d: Duration) -> Option<f64> {
+    (tokens > 0 && !d.is_zero()).then(|| tokens as f64 / d.as_secs_f64())
 }
 
 /// One sample's state: its ids, and its text split into what was handed out and what is held
@@ -189,7 +270,12 @@ struct Sample<'a> {
 
 impl Sample<'_> {
     /// Appends decoded text, ends the sample at a stop string, and emits what is safe to show.
-    fn push_text(&mut self, chunk: &str, stops: &[String], emit: &mut impl FnMut(&str)) {
+    fn push_text(
+        &mut self,
+        chunk: &str,
+        stops: &[String],
+        emit: &mut impl FnMut(&str) -> Result<()>,
+    ) -> Result<()> {
         self.text.push_str(chunk);
         let fresh = &self.text[self.emitted..];
         let hit = stops.iter().filter_map(|s| fresh.find(s.as_str())).min();
@@ -202,9 +288,10 @@ impl Sample<'_> {
             None => self.text.len() - held_back(fresh, stops),
         };
         if safe > self.emitted {
-            emit(&self.text[self.emitted..safe]);
+            emit(&self.text[self.emitted..safe])?;
             self.emitted = safe;
         }
+        Ok(())
     }
 
     /// Ends the sample: flushes bytes that never formed a character and any held-back text.
@@ -212,15 +299,18 @@ impl Sample<'_> {
         &mut self,
         reason: FinishReason,
         stops: &[String],
-        emit: &mut impl FnMut(&str),
+        emit: &mut impl FnMut(&str) -> Result<()>,
     ) -> Result<()> {
+        if self.finish.is_some() {
+            return Ok(());
+        }
         if let Some(rest) = self.stream.finish()? {
-            self.push_text(&rest, stops, emit);
+            self.push_text(&rest, stops, emit)?;
         }
         if self.finish.is_none() {
             self.finish = Some(reason);
             if self.text.len() > self.emitted {
-                emit(&self.text[self.emitted..]);
+                emit(&self.text[self.emitted..])?;
                 self.emitted = self.text.len();
             }
         }
@@ -243,36 +333,29 @@ fn held_back(text: &str, stops: &[String]) -> usize {
         .unwrap_or(0)
 }
 
-/// Generates `params.num_samples` continuations of `prompt_ids` as one batch, calling
-/// `on_text(sample, text)` with each piece of text as soon as it is final.
+/// Generates `params.num_samples` continuations of `prompt` as one batch, calling
+/// `on_text(sample, text)` with each piece of text as soon as it is final (an error from it ends
+/// the run with that error).
 ///
-/// The prompt must fit the context (`n_positions`). Past it, generation keeps going: the cache is
-/// emptied and the newest `n_positions / 2` tokens are prefilled again, so memory stays flat
-/// however long it runs, at the cost of one half-context prefill every `n_positions / 2` tokens.
-/// An empty prompt starts from the model's BOS token (`<|endoftext|>` for GPT-2).
+/// A stop request ([`crate::interrupt`]) ends every sample at the next step with
+/// [`FinishReason::Interrupted`], keeping what was generated.
+///
+/// Past the context (`n_positions`), generation keeps going: the cache is emptied and the newest
+/// `n_positions / 2` tokens are prefilled again, so memory stays flat however long it runs, at the
+/// cost of one half-context prefill every `n_positions / 2` tokens.
 pub fn generate(
     model: &Gpt2,
     tokenizer: &Tokenizer,
-    prompt_ids: &[u32],
+    prompt: &Prompt,
     params: &GenerateParams,
-    mut on_text: impl FnMut(usize, &str),
+    mut on_text: impl FnMut(usize, &str) -> Result<()>,
 ) -> Result<(Vec<Completion>, Timings)> {
     params.validate()?;
     let config = model.config();
     let ctx = config.n_positions;
-    let bos = [config.bos_token_id];
-    let prompt = if prompt_ids.is_empty() {
-        &bos[..]
-    } else {
-        prompt_ids
-    };
-    if prompt.len() > ctx {
-        return Err(Error::Input(format!(
-            "the prompt has {} tokens but the model sees at most {ctx}; shorten it or keep its end with --truncate-prompt",
-            prompt.len()
-        )));
-    }
+    let prompt = Prompt::from_ids(prompt.ids.clone(), config)?.ids;
     let n = params.num_samples;
+    check_memory(model, n, prompt.len())?;
     let sampling = params.sampling();
     let stops = &params.stop;
     let mut samples: Vec<Sample> = (0..n)
@@ -290,7 +373,7 @@ pub fn generate(
         .collect();
     // Every sample's whole sequence, the same length for all: finished samples keep being fed
     // their last token so the batch stays rectangular.
-    let mut seqs: Vec<Vec<u32>> = vec![prompt.to_vec(); n];
+    let mut seqs: Vec<Vec<u32>> = vec![prompt.clone(); n];
 
     let device = model.device();
     let mut timings = Timings {
@@ -316,7 +399,15 @@ pub fn generate(
     let decode_start = Instant::now();
 
     for step in 0..params.max_new_tokens {
-        for (i, sample) in samples.iter_mut().enumerate() {
+        if crate::interrupt::requested() {
+            for (i, sample) in samples.iter_mut().enumerate() {
+                sample.finish(FinishReason::Interrupted, stops, &mut |t| on_text(i, t))?;
+            }
+            break;
+        }
+        // (N, vocab) on the host: sampling reads every logit anyway.
+        let rows = logits.to_vec2::<f32>()?;
+        for (i, (sample, mut row)) in samples.iter_mut().zip(rows).enumerate() {
             let mut emit = |t: &str| on_text(i, t);
             let seq = &mut seqs[i];
             if sample.finish.is_some() {
@@ -324,22 +415,25 @@ pub fn generate(
                 seq.push(last);
                 continue;
             }
-            let row = logits.get(i)?;
-            let row = if params.sampling.repeat_penalty == 1.0 {
-                row
-            } else {
-                let recent = &seq[seq.len().saturating_sub(params.sampling.repeat_last_n)..];
-                apply_repeat_penalty(&row, params.sampling.repeat_penalty, recent)?
-            };
-            let next = sample.processor.sample(&row)?;
+            let recent = &seq[seq.len().saturating_sub(params.sampling.repeat_last_n)..];
+            prepare_logits(&mut row, params.sampling.repeat_penalty, recent)?;
+            let next = sample.processor.sample(&Tensor::from_vec(
+                row,
+                config.vocab_size,
+                &Device::Cpu,
+            )?)?;
             seq.push(next);
             sample.ids.push(next);
+            timings.generated_tokens += 1;
+            if step > 0 {
+                timings.decode_tokens += 1;
+            }
             if params.stop_at_eos && next == config.eos_token_id {
                 sample.finish(FinishReason::Eos, stops, &mut emit)?;
                 continue;
             }
             if let Some(text) = sample.stream.push(next)? {
-                sample.push_text(&text, stops, &mut emit);
+                sample.push_text(&text, stops, &mut emit)?;
             }
             if sample.finish.is_none() && step + 1 == params.max_new_tokens {
                 sample.finish(FinishReason::Length, stops, &mut emit)?;
@@ -352,11 +446,11 @@ pub fn generate(
         let from = if cache.seq_len() == ctx {
             // Slide: keep the newest half of the window and prefill it again.
             cache.reset();
+            timings.reprefill_tokens += n * (ctx / 2 - 1);
             len - ctx / 2
         } else {
             len - 1
         };
-        timings.decode_tokens += n * (len - from);
         logits = model.forward_last(&batch(&seqs, from)?, Some(&mut cache))?;
     }
     timings.decode = decode_start.elapsed();
@@ -372,11 +466,80 @@ pub fn generate(
     Ok((completions, timings))
 }
 
+/// Readies one sample's logits for the sampler, in place: the repeat penalty (clamped to finite
+/// values: a tiny penalty is a huge boost, not an overflow), a check that the model gave numbers,
+/// and a shift that makes the largest logit 0, so that dividing by a tiny temperature sends the
+/// others to -inf instead of overflowing (softmax does not change under a shift).
+fn prepare_logits(row: &mut [f32], penalty: f32, recent: &[u32]) -> Result<()> {
+    if penalty != 1.0 {
+        let mut seen = std::collections::HashSet::new();
+        for &id in recent {
+            if let (true, Some(l)) = (seen.insert(id), row.get_mut(id as usize)) {
+                *l = if *l >= 0.0 {
+                    *l / penalty
+                } else {
+                    *l * penalty
+                }
+                .clamp(-f32::MAX, f32::MAX);
+            }
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &l in row.iter() {
+        if l.is_nan() || l == f32::INFINITY {
+            return Err(Error::Input(
+                "the model's logits are not numbers (NaN or inf): its weights or dtype are broken"
+                    .into(),
+            ));
+        }
+        max = max.max(l);
+    }
+    row.iter_mut().for_each(|l| *l -= max);
+    Ok(())
+}
+
+/// Refuses a batch whose KV cache and activations cannot fit, before allocating any of it.
+fn check_memory(model: &Gpt2, samples: usize, prompt: usize) -> Result<()> {
+    let c = model.config();
+    let bytes = model.dtype().size_in_bytes();
+    let kv = product(&[
+        samples,
+        c.n_layer,
+        2,
+        c.n_positions,
+        c.kv_heads(),
+        c.head_size(),
+        bytes,
+    ]);
+    // The prefill's widest activations (the MLP's, the QKV projection's, the attention scores)
+    // and the logits, twice over for the copies in flight.
+    let width = c.inner_size().max(3 * c.n_embd);
+    let acts = product(&[samples, prompt, width + c.n_head * prompt, 4, 2]);
+    let logits = product(&[samples, c.vocab_size, 4, 2]);
+    let needed = kv.saturating_add(acts).saturating_add(logits);
+    match crate::memory::check(needed, String::new) {
+        Err(Error::OutOfMemory {
+            needed, available, ..
+        }) => Err(Error::param(
+            "num_samples",
+            format!(
+                "{samples} needs {needed} bytes ({}) for its KV cache and activations, more than the {} of memory available",
+                human_bytes(needed),
+                human_bytes(available)
+            ),
+        )),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::Checkpoint;
     use crate::config::Config;
-    use candle_core::{DType, Device};
+    use crate::model::LoadOptions;
+    use crate::prompt::PromptOptions;
+    use candle_core::Device;
 
     /// The real tokenizer is not needed: a byte-level BPE with no merges over 61 tokens
     /// would do, but the fixture's tokenizer is at hand and has 512 ids.
@@ -397,7 +560,20 @@ mod tests {
         };
         // Seed 2 gives a model whose next token depends on more than the last few tokens, so the
         // sliding-window test can tell windows apart (most random models mostly copy-forward).
-        Gpt2::random(config, 2, DType::F32, &Device::Cpu)
+        Gpt2::new(
+            config,
+            Checkpoint::Random { seed: 2 },
+            &LoadOptions::default(),
+        )
+    }
+
+    /// A prompt of these ids, unchecked: `generate` checks it against the model.
+    fn ids(ids: &[u32]) -> Prompt {
+        Prompt {
+            ids: ids.to_vec(),
+            bos: false,
+            dropped: 0,
+        }
     }
 
     fn greedy(n: usize) -> GenerateParams {
@@ -416,7 +592,7 @@ mod tests {
     fn sliding_window_equals_recomputing_the_kept_window() -> Result<()> {
         let (model, tok) = (model(16)?, tokenizer()?);
         let prompt = [1u32, 2, 3, 4, 5];
-        let (out, _) = generate(&model, &tok, &prompt, &greedy(50), |_, _| {})?;
+        let (out, _) = generate(&model, &tok, &ids(&prompt), &greedy(50), |_, _| Ok(()))?;
         // Reference, without any cache: when the sequence outgrows the 16 positions, keep its
         // newest 8 tokens; each next token is the argmax over the window.
         let mut seq = prompt.to_vec();
@@ -453,11 +629,12 @@ mod tests {
     #[test]
     fn streamed_text_equals_the_completion_and_holds_back_stop_prefixes() -> Result<()> {
         let (model, tok) = (model(64)?, tokenizer()?);
-        let (full, _) = generate(&model, &tok, &[10, 20], &greedy(30), |_, _| {})?;
+        let (full, _) = generate(&model, &tok, &ids(&[10, 20]), &greedy(30), |_, _| Ok(()))?;
         let text = full[0].text.clone();
         let mut streamed = String::new();
-        let (again, _) = generate(&model, &tok, &[10, 20], &greedy(30), |_, t| {
-            streamed.push_str(t)
+        let (again, _) = generate(&model, &tok, &ids(&[10, 20]), &greedy(30), |_, t| {
+            streamed.push_str(t);
+            Ok(())
         })?;
         assert_eq!(streamed, text);
         assert_eq!(again, full);
@@ -469,8 +646,9 @@ mod tests {
             ..greedy(30)
         };
         let mut streamed = String::new();
-        let (out, _) = generate(&model, &tok, &[10, 20], &params, |_, t| {
-            streamed.push_str(t)
+        let (out, _) = generate(&model, &tok, &ids(&[10, 20]), &params, |_, t| {
+            streamed.push_str(t);
+            Ok(())
         })?;
         assert_eq!(out[0].finish_reason, FinishReason::Stop);
         assert_eq!(out[0].text, text[..text.find(&stop).unwrap_or(0)]);
@@ -493,36 +671,39 @@ mod tests {
     }
 
     #[test]
-    fn invalid_params_name_the_option() {
+    fn invalid_params_name_the_parameter() {
         type Break = fn(&mut GenerateParams);
         let cases: [(Break, &str); 6] = [
-            (|p| p.sampling.temperature = -1.0, "--temperature"),
-            (|p| p.sampling.top_k = Some(0), "--top-k"),
-            (|p| p.sampling.top_p = Some(0.0), "--top-p"),
-            (|p| p.sampling.top_p = Some(1.01), "--top-p"),
-            (|p| p.max_new_tokens = 0, "--max-new-tokens"),
-            (|p| p.stop = vec![String::new()], "--stop"),
+            (|p| p.sampling.temperature = -1.0, "temperature"),
+            (|p| p.sampling.top_k = Some(0), "top_k"),
+            (|p| p.sampling.top_p = Some(0.0), "top_p"),
+            (|p| p.sampling.top_p = Some(1.01), "top_p"),
+            (|p| p.max_new_tokens = 0, "max_new_tokens"),
+            (|p| p.stop = vec![String::new()], "stop"),
         ];
-        for (break_it, option) in cases {
+        for (break_it, param) in cases {
             let mut p = GenerateParams::default();
             break_it(&mut p);
-            let err = p
-                .validate()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            assert!(err.contains(option), "{option}: {err}");
+            match p.validate() {
+                Err(Error::Param { param: got, .. }) => assert_eq!(got, param),
+                other => panic!("{param}: {other:?}"),
+            }
         }
     }
 
     #[test]
     fn empty_prompt_starts_from_bos_and_long_prompts_are_refused() -> Result<()> {
         let (model, tok) = (model(16)?, tokenizer()?);
-        let (out, t) = generate(&model, &tok, &[], &greedy(3), |_, _| {})?;
+        let opts = PromptOptions {
+            empty_is_bos: true,
+            ..PromptOptions::default()
+        };
+        let empty = Prompt::new(&tok, "", model.config(), opts)?;
+        let (out, t) = generate(&model, &tok, &empty, &greedy(3), |_, _| Ok(()))?;
         assert_eq!(out[0].token_ids.len(), 3);
         assert_eq!(t.prefill_tokens, 1);
         let long: Vec<u32> = (0..17).collect();
-        assert!(generate(&model, &tok, &long, &greedy(3), |_, _| {}).is_err());
+        assert!(generate(&model, &tok, &ids(&long), &greedy(3), |_, _| Ok(())).is_err());
         Ok(())
     }
 }

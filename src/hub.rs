@@ -6,12 +6,14 @@
 //! (cache only; the hf-hub crate does not implement it, so it is done here).
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
+use crate::checkpoint::ModelFiles;
 use crate::error::{Error, Result};
+use crate::tokenizer::TokenizerFiles;
 
 /// Short names for the GPT-2 family, as transformers accepts them.
 pub const ALIASES: [(&str, &str); 5] = [
@@ -28,71 +30,6 @@ pub fn repo_id(name: &str) -> &str {
         .iter()
         .find(|(alias, _)| *alias == name)
         .map_or(name, |(_, id)| id)
-}
-
-/// Where a model's tokenizer lives.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TokenizerFiles {
-    Json(PathBuf),
-    VocabMerges { vocab: PathBuf, merges: PathBuf },
-}
-
-/// Local paths to everything a model needs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelFiles {
-    pub config: PathBuf,
-    /// `model.safetensors`, or every shard.
-    pub weights: Vec<PathBuf>,
-    pub tokenizer: TokenizerFiles,
-}
-
-impl ModelFiles {
-    /// The files of a local model folder; nothing touches the network.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::Input(format!(
-                "model folder {} does not exist",
-                dir.display()
-            )));
-        }
-        let config = dir.join("config.json");
-        if !config.is_file() {
-            return Err(Error::Input(format!(
-                "{}: no config.json in the model folder",
-                dir.display()
-            )));
-        }
-        let tokenizer = if dir.join("tokenizer.json").is_file() {
-            TokenizerFiles::Json(dir.join("tokenizer.json"))
-        } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
-            TokenizerFiles::VocabMerges {
-                vocab: dir.join("vocab.json"),
-                merges: dir.join("merges.txt"),
-            }
-        } else {
-            return Err(Error::Tokenizer(format!(
-                "{}: no tokenizer.json, nor vocab.json + merges.txt",
-                dir.display()
-            )));
-        };
-        Ok(Self {
-            config,
-            weights: crate::model::safetensors_files(dir)?,
-            tokenizer,
-        })
-    }
-
-    /// Downloads (or finds in the cache) `repo` at `revision`.
-    pub fn from_hub(repo: &str, revision: &str) -> Result<Self> {
-        Hub::new(repo, revision)?.files()
-    }
-}
-
-/// Only the `config.json` of `repo` at `revision`, from the cache or downloaded.
-pub fn config_file(repo: &str, revision: &str) -> Result<PathBuf> {
-    let hub = Hub::new(repo, revision)?;
-    hub.fetch("config.json")?
-        .ok_or_else(|| hub.missing("config.json"))
 }
 
 /// A 404 for a file of an existing repo and revision, as opposed to a missing repo or revision
@@ -154,7 +91,8 @@ fn token() -> Option<String> {
     Some(token.trim().to_string()).filter(|t| !t.is_empty())
 }
 
-struct Hub {
+/// One repo at one revision: its files from the cache, or downloaded into it.
+pub(crate) struct Hub {
     repo_id: String,
     revision: String,
     cache: Cache,
@@ -163,7 +101,7 @@ struct Hub {
 }
 
 impl Hub {
-    fn new(repo_id: &str, revision: &str) -> Result<Self> {
+    pub(crate) fn new(repo_id: &str, revision: &str) -> Result<Self> {
         let cache = cache();
         let api = if offline() {
             None
@@ -261,7 +199,14 @@ impl Hub {
         }
     }
 
-    fn files(&self) -> Result<ModelFiles> {
+    /// Only the `config.json`, from the cache or downloaded.
+    pub(crate) fn config_file(&self) -> Result<PathBuf> {
+        self.fetch("config.json")?
+            .ok_or_else(|| self.missing("config.json"))
+    }
+
+    /// Every file a model needs.
+    pub(crate) fn files(&self) -> Result<ModelFiles> {
         let config = self
             .fetch("config.json")?
             .ok_or_else(|| self.missing("config.json"))?;
@@ -274,10 +219,11 @@ impl Hub {
         })
     }
 
-    fn weights(&self) -> Result<Vec<PathBuf>> {
+    /// The safetensors weights: `model.safetensors`, or every shard of its index.
+    pub(crate) fn weights(&self) -> Result<Vec<PathBuf>> {
         // Prefer whatever is cached, so a cached model never needs the network.
         let from_index = |index: PathBuf| -> Result<Vec<PathBuf>> {
-            let shards = crate::model::shard_names(&index)?;
+            let shards = crate::checkpoint::shard_names(&index)?;
             shards
                 .iter()
                 .map(|s| self.fetch(s)?.ok_or_else(|| self.missing(s)))

@@ -11,13 +11,16 @@
 //!
 //! ```no_run
 //! use gpt2::inspect::{self, Format, LayerChoice, Output, Selection, Tokens};
-//! use gpt2::{DType, Device, Gpt2, Tokenizer};
-//! let model = Gpt2::from_dir("path/to/gpt2", DType::F32, &Device::Cpu)?;
-//! let tokenizer = Tokenizer::from_dir("path/to/gpt2")?;
-//! let tokens = Tokens::new(&tokenizer, "The cat sat on the mat", false, model.config())?;
+//! use gpt2::prompt::PromptOptions;
+//! use gpt2::{LoadOptions, ModelSource, Prompt};
+//! let loaded = ModelSource::dir("path/to/gpt2").load(&LoadOptions::default())?;
+//! let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+//! let text = "The cat sat on the mat";
+//! let prompt = Prompt::new(tokenizer, text, model.config(), PromptOptions::default())?;
+//! let tokens = Tokens::new(tokenizer, &prompt)?;
 //! let selection = Selection::new(model.config(), LayerChoice::One(5), None)?;
 //! let output = Output::new(Format::Npy, Some("layer5.npy".into()))?;
-//! inspect::write_attention(&model, "gpt2", &tokens, &selection, &output)?;
+//! inspect::write_attention(model, "gpt2", &tokens, &selection, &output)?;
 //! # Ok::<(), gpt2::Error>(())
 //! ```
 
@@ -29,8 +32,6 @@ pub mod scores;
 mod text;
 
 use std::fmt;
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -41,7 +42,9 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
-use crate::tokenizer::{Tokenizer, END_OF_TEXT};
+use crate::output::Out;
+use crate::prompt::Prompt;
+use crate::tokenizer::Tokenizer;
 
 /// Which layers to look at: `--layer N` (0-based) or `--layer all`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,20 +87,26 @@ impl Selection {
             LayerChoice::All => (0..n_layer).collect(),
             LayerChoice::One(l) if l < n_layer => vec![l],
             LayerChoice::One(l) => {
-                return Err(Error::Input(format!(
-                    "--layer {l} is out of range: the model has {n_layer} layers (0..={})",
-                    n_layer - 1
-                )))
+                return Err(Error::param(
+                    "layer",
+                    format!(
+                        "{l} is out of range: the model has {n_layer} layers (0..={})",
+                        n_layer - 1
+                    ),
+                ))
             }
         };
         let heads = match head {
             None => (0..n_head).collect(),
             Some(h) if h < n_head => vec![h],
             Some(h) => {
-                return Err(Error::Input(format!(
-                    "--head {h} is out of range: the model has {n_head} heads per layer (0..={})",
-                    n_head - 1
-                )))
+                return Err(Error::param(
+                    "head",
+                    format!(
+                        "{h} is out of range: the model has {n_head} heads per layer (0..={})",
+                        n_head - 1
+                    ),
+                ))
             }
         };
         Ok(Self {
@@ -109,7 +118,7 @@ impl Selection {
 }
 
 /// The token ids of an inspected prompt and the text of each token on its own (what
-/// TransformerLens' `to_str_tokens` gives).
+/// TransformerLens' `to_str_tokens` gives), as every output format labels them.
 #[derive(Debug, Clone, Serialize)]
 pub struct Tokens {
     pub ids: Vec<u32>,
@@ -119,54 +128,13 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Encodes `prompt`, with `<|endoftext|>` in front when `bos` (as TransformerLens does;
-    /// transformers adds nothing). Empty prompts, ids outside the model's vocabulary and prompts
-    /// longer than the context are errors.
-    pub fn new(tokenizer: &Tokenizer, prompt: &str, bos: bool, config: &Config) -> Result<Self> {
-        if prompt.is_empty() {
-            return Err(Error::Input(
-                "the prompt is empty: inspect-heads needs at least one token".into(),
-            ));
-        }
-        let mut ids = tokenizer.encode(prompt)?;
-        if bos {
-            let id = tokenizer
-                .token_to_id(END_OF_TEXT)
-                .unwrap_or(config.bos_token_id);
-            ids.insert(0, id);
-        }
-        Self::from_ids(tokenizer, ids, bos, config)
-    }
-
-    /// Token ids as they are (`bos`: the first is a prepended `<|endoftext|>`), checked against
-    /// the model.
-    pub fn from_ids(
-        tokenizer: &Tokenizer,
-        ids: Vec<u32>,
-        bos: bool,
-        config: &Config,
-    ) -> Result<Self> {
-        if ids.is_empty() {
-            return Err(Error::Input("no tokens to inspect".into()));
-        }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= config.vocab_size) {
-            return Err(Error::Input(format!(
-                "the tokenizer produced id {bad}, outside the model's vocabulary of {}",
-                config.vocab_size
-            )));
-        }
-        let ctx = config.n_positions;
-        if ids.len() > ctx {
-            return Err(Error::Input(format!(
-                "the prompt is {} tokens but the model sees at most {ctx}; shorten it",
-                ids.len()
-            )));
-        }
-        let text = ids
-            .iter()
-            .map(|&id| tokenizer.decode(&[id]))
-            .collect::<Result<_>>()?;
-        Ok(Self { ids, text, bos })
+    /// The tokens of `prompt`, with their texts.
+    pub fn new(tokenizer: &Tokenizer, prompt: &Prompt) -> Result<Self> {
+        Ok(Self {
+            ids: prompt.ids.clone(),
+            text: prompt.token_texts(tokenizer)?,
+            bos: prompt.bos,
+        })
     }
 
     /// Number of tokens, `T`.
@@ -216,6 +184,7 @@ pub fn for_each_layer(
 ) -> Result<()> {
     let x = Tensor::new(ids, model.device())?.unsqueeze(0)?;
     model.for_each_attention(&x, None, &selection.layers, |layer, p| {
+        crate::interrupt::check()?;
         let data = selected_heads(p, selection)?
             .flatten_all()?
             .to_vec1::<f32>()?;
@@ -257,6 +226,7 @@ pub fn for_each_row_block(
     let per_block = t.div_ceil(selection.layers.len().max(1));
     let mut cache = model.new_cache();
     for start in (0..t).step_by(per_block) {
+        crate::interrupt::check()?;
         let end = (start + per_block).min(t);
         let x = Tensor::new(&ids[start..end], model.device())?.unsqueeze(0)?;
         let mut data =
@@ -293,7 +263,7 @@ fn selected_heads(p: Tensor, selection: &Selection) -> Result<Tensor> {
 }
 
 /// How attention is written out: `--format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// Heatmaps of shade blocks for the terminal, 80 columns wide.
     Text,
@@ -354,16 +324,20 @@ impl Output {
     /// Checks the pair before any work: binary formats need a file.
     pub fn new(format: Format, path: Option<PathBuf>) -> Result<Self> {
         if path.is_none() && matches!(format, Format::Npy | Format::Safetensors | Format::Png) {
-            return Err(Error::Input(format!(
-                "--format {format} needs --out PATH (it is not written to the terminal)"
-            )));
+            return Err(Error::param(
+                "format",
+                format!("{format} needs --out PATH (it is not written to the terminal)"),
+            ));
         }
         if let (Format::Npy, Some(p)) = (format, &path) {
             if p.extension().is_some_and(|e| e == "json") {
-                return Err(Error::Input(format!(
-                    "--out {}: the npy array cannot end in .json, the name of its tokens file",
-                    p.display()
-                )));
+                return Err(Error::param(
+                    "out",
+                    format!(
+                        "{}: the npy array cannot end in .json, the name of its tokens file",
+                        p.display()
+                    ),
+                ));
             }
         }
         Ok(Self { format, path })
@@ -420,66 +394,6 @@ pub(crate) trait Sink {
     fn finish(self: Box<Self>) -> Result<()>;
 }
 
-/// A buffered file or standard output, whose errors name it.
-pub(crate) struct Out {
-    inner: BufWriter<Box<dyn Write>>,
-    name: PathBuf,
-}
-
-impl Out {
-    pub(crate) fn open(path: Option<&Path>) -> Result<Self> {
-        let (inner, name): (Box<dyn Write>, PathBuf) = match path {
-            Some(p) => (Box::new(File::create(p).map_err(io_err(p))?), p.into()),
-            None => (Box::new(std::io::stdout()), "<stdout>".into()),
-        };
-        Ok(Self {
-            inner: BufWriter::with_capacity(1 << 20, inner),
-            name,
-        })
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.name
-    }
-
-    pub(crate) fn bytes(&mut self, b: &[u8]) -> Result<()> {
-        self.inner.write_all(b).map_err(io_err(&self.name))
-    }
-
-    pub(crate) fn text(&mut self, args: fmt::Arguments<'_>) -> Result<()> {
-        self.inner.write_fmt(args).map_err(io_err(&self.name))
-    }
-
-    /// `value` as compact JSON.
-    pub(crate) fn json<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
-        serde_json::to_writer(&mut self.inner, value).map_err(|e| Error::Io {
-            path: self.name.clone(),
-            source: e.into(),
-        })
-    }
-
-    pub(crate) fn finish(mut self) -> Result<()> {
-        self.inner.flush().map_err(io_err(&self.name))
-    }
-}
-
-impl Write for Out {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.inner.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-pub(crate) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,7 +417,7 @@ mod tests {
             (vec![2], vec![1], false)
         );
         let e = Selection::new(&config, LayerChoice::One(3), None).err();
-        assert!(e.is_some_and(|e| e.to_string().contains("--layer 3 is out of range")));
+        assert!(e.is_some_and(|e| e.to_string().contains("layer 3 is out of range")));
         let e = Selection::new(&config, LayerChoice::All, Some(4)).err();
         assert!(e.is_some_and(|e| e.to_string().contains("(0..=3)")));
         assert_eq!("all".parse(), Ok(LayerChoice::All));

@@ -1,13 +1,15 @@
 //! GPT-2 in [candle](https://github.com/huggingface/candle): exact, fast, and inspectable.
 //!
-//! Modules read leaf to root: [`config`] → attention → mlp → block → [`Gpt2`], then the tokenizer
-//! and device selection.
+//! Modules read leaf to root: [`config`] → checkpoint → attention → mlp → block → [`Gpt2`]; then
+//! [`ModelSource`] (a Hub repo, a folder or a layout file, loaded with [`LoadOptions`]), the
+//! [`tokenizer`] and [`prompt`], and the things built on a model: [`generation`], [`inspect`],
+//! [`info`], [`bench`]. `docs/ARCHITECTURE.md` is the map.
 //!
 //! ```no_run
-//! use gpt2::{DType, Device, Gpt2, Tensor};
-//! let model = Gpt2::from_dir("path/to/gpt2", DType::F32, &Device::Cpu)?;
-//! let ids = Tensor::new(&[[15496u32, 11, 995]], model.device())?;
-//! let logits = model.forward(&ids, None)?; // (1, 3, 50257)
+//! use gpt2::{LoadOptions, ModelSource, Tensor};
+//! let loaded = ModelSource::dir("path/to/gpt2").load(&LoadOptions::default())?;
+//! let ids = Tensor::new(&[[15496u32, 11, 995]], loaded.model.device())?;
+//! let logits = loaded.model.forward(&ids, None)?; // (1, 3, 50257)
 //! # Ok::<(), gpt2::Error>(())
 //! ```
 
@@ -22,15 +24,23 @@ pub mod generation;
 pub mod hub;
 pub mod info;
 pub mod inspect;
+pub mod interrupt;
 mod layer_norm;
 mod linear;
+pub mod memory;
 mod mlp;
 mod model;
+pub mod output;
+pub mod prompt;
+pub mod rng;
+mod source;
 pub mod tokenizer;
 
 pub use candle_core::{DType, Device, Tensor};
-pub use checkpoint::random_checkpoint;
+pub use checkpoint::{random_checkpoint, Checkpoint, ModelFiles};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use model::{Cache, Gpt2};
+pub use model::{Cache, Gpt2, LoadOptions};
+pub use prompt::Prompt;
+pub use source::{Loaded, ModelSource};
 pub use tokenizer::Tokenizer;

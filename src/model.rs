@@ -4,7 +4,6 @@
 //! attention probabilities match it to float rounding.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
@@ -12,7 +11,7 @@ use candle_nn::Embedding;
 use candle_transformers::utils::build_additive_causal_mask;
 
 use crate::block::Block;
-use crate::checkpoint::Weights;
+use crate::checkpoint::{Checkpoint, Weights};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layer_norm::LayerNorm;
@@ -59,65 +58,61 @@ impl Cache {
     }
 }
 
+/// How to load a model: [`Gpt2::new`] and [`crate::ModelSource::load`] take these.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The dtype weights are cast to at load (f32, f16 or bf16).
+    pub dtype: DType,
+    pub device: Device,
+    /// Only the embeddings and the first `n` blocks (`None`: all of them). Attention at layer L
+    /// depends on nothing above it, so inspection loads layers `0..=L` only; such a model has no
+    /// logits, and [`Gpt2::for_each_attention`] is what it is for.
+    pub layers: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    /// f32 on the CPU, every layer.
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            layers: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// These options with weights in `dtype`.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// These options on `device`.
+    pub fn with_device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// These options with only the first `n` blocks.
+    pub fn first_layers(mut self, n: usize) -> Self {
+        self.layers = Some(n);
+        self
+    }
+}
+
 impl Gpt2 {
-    /// Loads `config.json` and the safetensors weights of a model folder (a Hub snapshot or a
-    /// `save_pretrained` directory): `model.safetensors`, or the shards listed in
-    /// `model.safetensors.index.json`.
-    pub fn from_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        let dir = dir.as_ref();
-        let config = Config::from_file(dir.join("config.json"))?;
-        Self::load(config, &safetensors_files(dir)?, dtype, device)
-    }
-
-    /// Builds the model from safetensors files, checking every tensor against `config`.
-    pub fn load(config: Config, files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
-        let n = config.n_layer;
-        Self::from_weights(config, Weights::from_files(files, dtype, device)?, n)
-    }
-
-    /// Only the embeddings and the first `n_layers` blocks, for attention inspection: attention at
-    /// layer L depends on nothing above it, so inspecting layer 0 of a 7B layout reads one layer.
-    /// Such a model has no logits; [`Gpt2::for_each_attention`] is what it is for.
-    pub fn load_first_layers(
-        config: Config,
-        files: &[PathBuf],
-        n_layers: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        Self::from_weights(config, Weights::from_files(files, dtype, device)?, n_layers)
-    }
-
-    /// A model of `config`'s layout with seeded random weights (see [`random_checkpoint`]),
-    /// made one tensor at a time in the target dtype.
+    /// The model of `config` with the weights of `checkpoint`, loaded as `opts` says. Every
+    /// tensor is shape-checked against the config; a missing or misshapen tensor, or a checkpoint
+    /// with more layers than the config, is an error naming the tensor and the file.
     ///
-    /// [`random_checkpoint`]: crate::random_checkpoint
-    pub fn random(config: Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let n = config.n_layer;
-        Self::random_first_layers(config, seed, n, dtype, device)
-    }
-
-    /// [`Gpt2::random`] with only the first `n_layers` blocks, as [`Gpt2::load_first_layers`].
-    pub fn random_first_layers(
-        config: Config,
-        seed: u64,
-        n_layers: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let w = Weights::random(&config, seed, dtype, device)?;
-        Self::from_weights(config, w, n_layers)
-    }
-
-    /// Builds the model from tensors named as in a checkpoint file.
-    pub fn from_tensors(
-        config: Config,
-        tensors: HashMap<String, Tensor>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let n = config.n_layer;
-        Self::from_weights(config, Weights::from_map(tensors, dtype, device)?, n)
+    /// [`crate::ModelSource`] finds the config and the checkpoint of a Hub repo, a folder or a
+    /// layout file, and calls this.
+    pub fn new(config: Config, checkpoint: Checkpoint, opts: &LoadOptions) -> Result<Self> {
+        config.validate()?;
+        let w = Weights::open(checkpoint, &config, opts.dtype, &opts.device)?;
+        let layers = opts.layers.unwrap_or(config.n_layer);
+        Self::from_weights(config, w, layers)
     }
 
     fn from_weights(config: Config, w: Weights, n_layers: usize) -> Result<Self> {
@@ -342,52 +337,6 @@ fn no_logits() -> Error {
     Error::Input("this model was loaded with only its first layers (for attention inspection) and has no logits".into())
 }
 
-/// The safetensors files of a model folder, refusing folders that only have pickle weights.
-pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let shards = shard_names(&index)?;
-        return Ok(shards.into_iter().map(|f| dir.join(f)).collect());
-    }
-    let msg = if dir.join("pytorch_model.bin").exists() {
-        "has only pytorch_model.bin (pickle), which gpt2 never loads; convert it to safetensors"
-    } else {
-        "has no model.safetensors (or model.safetensors.index.json)"
-    };
-    Err(Error::Input(format!("{}: {msg}", dir.display())))
-}
-
-/// The shard file names listed in a `model.safetensors.index.json`.
-pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
-    let bad = |msg: String| Error::BadCheckpoint {
-        file: index.to_path_buf(),
-        msg,
-    };
-    let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
-        path: index.to_path_buf(),
-        source,
-    })?;
-    let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let mut files: Vec<String> = parsed["weight_map"]
-        .as_object()
-        .map(|m| {
-            m.values()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files.dedup();
-    if files.is_empty() {
-        return Err(bad("no `weight_map` entries".into()));
-    }
-    Ok(files)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,7 +352,11 @@ mod tests {
             eos_token_id: 0,
             ..Config::default()
         };
-        Gpt2::random(config, 7, DType::F32, &Device::Cpu)
+        Gpt2::new(
+            config,
+            Checkpoint::Random { seed: 7 },
+            &LoadOptions::default(),
+        )
     }
 
     fn ids(v: &[u32]) -> Result<Tensor> {
@@ -510,21 +463,29 @@ mod tests {
     fn prefixed_and_untied_checkpoints_load() -> Result<()> {
         let config = tiny()?.config().clone();
         let mut map = crate::random_checkpoint(&config, 3)?;
-        let plain = Gpt2::from_tensors(config.clone(), map.clone(), DType::F32, &Device::Cpu)?;
+        let plain = Gpt2::new(
+            config.clone(),
+            Checkpoint::Tensors(map.clone()),
+            &LoadOptions::default(),
+        )?;
         let x = ids(&[1, 2, 3])?;
         let want = plain.forward(&x, None)?;
         let prefixed: HashMap<String, Tensor> = map
             .iter()
             .map(|(k, v)| (format!("transformer.{k}"), v.clone()))
             .collect();
-        let got = Gpt2::from_tensors(config.clone(), prefixed, DType::F32, &Device::Cpu)?
-            .forward(&x, None)?;
+        let got = Gpt2::new(
+            config.clone(),
+            Checkpoint::Tensors(prefixed),
+            &LoadOptions::default(),
+        )?
+        .forward(&x, None)?;
         assert_eq!(max_abs_diff(&want, &got)?, 0.0);
         // An explicit lm_head equal to wte changes nothing; a different one is used.
         let wte = map["wte.weight"].clone();
         map.insert("lm_head.weight".into(), (wte * 2.0)?);
-        let untied =
-            Gpt2::from_tensors(config, map, DType::F32, &Device::Cpu)?.forward(&x, None)?;
+        let untied = Gpt2::new(config, Checkpoint::Tensors(map), &LoadOptions::default())?
+            .forward(&x, None)?;
         assert!(max_abs_diff(&(want * 2.0)?, &untied)? < 1e-4);
         Ok(())
     }
@@ -548,7 +509,11 @@ mod tests {
         let map = crate::random_checkpoint(&gqa_config(None), 4)?;
         let x = ids(&[3, 1, 4, 1, 5, 9, 2, 6])?;
         let run = |kv| -> Result<(Tensor, Vec<Tensor>)> {
-            let m = Gpt2::from_tensors(gqa_config(kv), map.clone(), DType::F32, &Device::Cpu)?;
+            let m = Gpt2::new(
+                gqa_config(kv),
+                Checkpoint::Tensors(map.clone()),
+                &LoadOptions::default(),
+            )?;
             m.forward_with_attention(&x, None, &[0, 1])
         };
         let (a, pa) = run(None)?;
@@ -582,8 +547,12 @@ mod tests {
             }
         }
         let x = ids(&[3, 1, 4, 1, 5, 9, 2, 6])?;
-        let g = Gpt2::from_tensors(gqa, map, DType::F32, &Device::Cpu)?;
-        let m = Gpt2::from_tensors(gqa_config(None), mha, DType::F32, &Device::Cpu)?;
+        let g = Gpt2::new(gqa, Checkpoint::Tensors(map), &LoadOptions::default())?;
+        let m = Gpt2::new(
+            gqa_config(None),
+            Checkpoint::Tensors(mha),
+            &LoadOptions::default(),
+        )?;
         let (lg, pg) = g.forward_with_attention(&x, None, &[0, 1])?;
         let (lm, pm) = m.forward_with_attention(&x, None, &[0, 1])?;
         assert!(max_abs_diff(&lg, &lm)? < 1e-5);
@@ -598,7 +567,11 @@ mod tests {
 
     #[test]
     fn multi_query_attention_runs_caches_and_captures_every_query_head() -> Result<()> {
-        let model = Gpt2::random(gqa_config(Some(1)), 5, DType::F32, &Device::Cpu)?;
+        let model = Gpt2::new(
+            gqa_config(Some(1)),
+            Checkpoint::Random { seed: 5 },
+            &LoadOptions::default(),
+        )?;
         let x = ids(&[7, 8, 9, 10, 11, 12])?;
         let (full, attn) = model.forward_with_attention(&x, None, &[1])?;
         assert_eq!(attn[0].dims(), &[1, 4, 6, 6]);
@@ -616,8 +589,16 @@ mod tests {
     #[test]
     fn first_layers_only_give_the_same_attention_and_no_logits() -> Result<()> {
         let config = tiny()?.config().clone();
-        let full = Gpt2::random(config.clone(), 7, DType::F32, &Device::Cpu)?;
-        let part = Gpt2::random_first_layers(config, 7, 2, DType::F32, &Device::Cpu)?;
+        let full = Gpt2::new(
+            config.clone(),
+            Checkpoint::Random { seed: 7 },
+            &LoadOptions::default(),
+        )?;
+        let part = Gpt2::new(
+            config,
+            Checkpoint::Random { seed: 7 },
+            &LoadOptions::default().first_layers(2),
+        )?;
         let x = ids(&[1, 2, 3, 4])?;
         let (_, want) = full.forward_with_attention(&x, None, &[0, 1])?;
         let mut got = Vec::new();

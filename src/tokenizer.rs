@@ -2,7 +2,7 @@
 //! `vocab.json` + `merges.txt` assembled into the same pipeline transformers' `GPT2TokenizerFast`
 //! builds. Decoding for streaming holds back bytes until they form whole UTF-8 characters.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::models::bpe::BPE;
@@ -13,6 +13,32 @@ use crate::error::{Error, Result};
 /// GPT-2's end-of-text token, which also starts documents.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
+/// Where a model's tokenizer lives: `tokenizer.json` when it has one (preferred, as transformers
+/// does), else the `vocab.json` + `merges.txt` pair.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenizerFiles {
+    Json(PathBuf),
+    VocabMerges { vocab: PathBuf, merges: PathBuf },
+}
+
+impl TokenizerFiles {
+    /// The tokenizer files of a local folder.
+    pub fn find_in(dir: &Path) -> Result<Self> {
+        let json = dir.join("tokenizer.json");
+        if json.is_file() {
+            return Ok(Self::Json(json));
+        }
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        if vocab.is_file() && merges.is_file() {
+            return Ok(Self::VocabMerges { vocab, merges });
+        }
+        Err(Error::Tokenizer(format!(
+            "{}: no tokenizer.json, nor vocab.json + merges.txt",
+            dir.display()
+        )))
+    }
+}
+
 /// A GPT-2 tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -21,28 +47,14 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `dir/tokenizer.json`, or `dir/vocab.json` + `dir/merges.txt` when there is none.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref();
-        let json = dir.join("tokenizer.json");
-        if json.is_file() {
-            return Self::from_file(json);
-        }
-        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
-        if vocab.is_file() && merges.is_file() {
-            return Self::from_vocab_merges(vocab, merges);
-        }
-        Err(Error::Tokenizer(format!(
-            "{}: no tokenizer.json, nor vocab.json + merges.txt",
-            dir.display()
-        )))
+        Self::from_files(&TokenizerFiles::find_in(dir.as_ref())?)
     }
 
-    /// Loads the files [`crate::hub::ModelFiles`] found.
-    pub fn from_files(files: &crate::hub::TokenizerFiles) -> Result<Self> {
+    /// Loads the files [`TokenizerFiles`] names.
+    pub fn from_files(files: &TokenizerFiles) -> Result<Self> {
         match files {
-            crate::hub::TokenizerFiles::Json(path) => Self::from_file(path),
-            crate::hub::TokenizerFiles::VocabMerges { vocab, merges } => {
-                Self::from_vocab_merges(vocab, merges)
-            }
+            TokenizerFiles::Json(path) => Self::from_file(path),
+            TokenizerFiles::VocabMerges { vocab, merges } => Self::from_vocab_merges(vocab, merges),
         }
     }
 

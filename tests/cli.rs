@@ -421,3 +421,31 @@ fn bad_options_give_one_clear_line() -> Result {
     assert_one_line_error(&gpt2(&["generate", "--model-dir", d], None)?, "no prompt");
     Ok(())
 }
+
+#[test]
+fn bench_runs_and_reports_both_phases() -> Result {
+    // The test binary is a debug build (overflow checks on), as `cargo run -- bench` is.
+    let layout = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    let l = layout.to_str().ok_or("p")?;
+    let args = [
+        "bench",
+        "--config",
+        l,
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--json",
+    ];
+    let out = gpt2(&args, None)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_str(String::from_utf8(out.stdout)?.trim())?;
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(v[key].as_f64().is_some_and(|r| r > 0.0), "{key}: {v}");
+    }
+    assert_eq!(v["prompt_tokens"], 8);
+    Ok(())
+}

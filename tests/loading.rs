@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use gpt2::{random_checkpoint, Config, DType, Device, Gpt2, Tensor};
+use gpt2::{
+    random_checkpoint, Checkpoint, Config, DType, Device, Gpt2, LoadOptions, ModelSource, Tensor,
+};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -34,7 +36,7 @@ fn model_dir(name: &str, config: &Config, tensors: &HashMap<String, Tensor>) -> 
 }
 
 fn load_err(dir: &Path) -> String {
-    match Gpt2::from_dir(dir, DType::F32, &Device::Cpu) {
+    match ModelSource::dir(dir).load_model(&LoadOptions::default()) {
         Ok(_) => panic!("{} loaded but should not have", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -51,7 +53,7 @@ fn assert_one_line_with(err: &str, parts: &[&str]) {
 #[test]
 fn a_valid_folder_loads() -> Result {
     let dir = model_dir("valid", &config(), &random_checkpoint(&config(), 1)?)?;
-    Gpt2::from_dir(dir, DType::F32, &Device::Cpu)?;
+    ModelSource::dir(dir).load_model(&LoadOptions::default())?;
     Ok(())
 }
 
@@ -165,8 +167,8 @@ fn sharded_checkpoints_load_from_their_index() -> Result {
         dir.join("model.safetensors.index.json"),
         serde_json::to_string(&serde_json::json!({ "weight_map": weight_map }))?,
     )?;
-    let sharded = Gpt2::from_dir(&dir, DType::F32, &Device::Cpu)?;
-    let whole = Gpt2::from_tensors(config(), t, DType::F32, &Device::Cpu)?;
+    let sharded = ModelSource::dir(&dir).load_model(&LoadOptions::default())?;
+    let whole = Gpt2::new(config(), Checkpoint::Tensors(t), &LoadOptions::default())?;
     let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
     let d = (sharded.forward(&ids, None)? - whole.forward(&ids, None)?)?
         .abs()?

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use gpt2::{DType, Device, Gpt2, Tensor};
+use gpt2::{DType, Device, Gpt2, LoadOptions, ModelSource, Tensor};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -14,6 +14,11 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
+}
+
+fn load(name: &str, dtype: DType) -> Result<Gpt2> {
+    let opts = LoadOptions::default().with_dtype(dtype);
+    Ok(ModelSource::dir(fixture(name)).load_model(&opts)?)
 }
 
 fn goldens(name: &str) -> Result<std::collections::HashMap<String, Tensor>> {
@@ -52,7 +57,7 @@ fn golden_ids(g: &std::collections::HashMap<String, Tensor>, key: &str) -> Resul
 #[test]
 fn logits_and_attention_match_transformers_f32() -> Result {
     for name in FIXTURES {
-        let model = Gpt2::from_dir(fixture(name), DType::F32, &Device::Cpu)?;
+        let model = load(name, DType::F32)?;
         let g = goldens(name)?;
         let ids = g["input_ids"].to_dtype(DType::U32)?;
         let layers: Vec<usize> = (0..model.config().n_layer).collect();
@@ -72,7 +77,7 @@ fn logits_and_attention_match_transformers_f32() -> Result {
 #[test]
 fn greedy_ids_match_transformers_generate_f32() -> Result {
     for name in FIXTURES {
-        let model = Gpt2::from_dir(fixture(name), DType::F32, &Device::Cpu)?;
+        let model = load(name, DType::F32)?;
         let g = goldens(name)?;
         let expected = golden_ids(&g, "greedy_ids")?;
         let got = greedy(
@@ -94,7 +99,7 @@ fn half_precision_stays_close() -> Result {
         [(DType::F16, 0.1, 5e-3, 10), (DType::BF16, 1.0, 3e-2, 5)]
     {
         for name in FIXTURES {
-            let model = Gpt2::from_dir(fixture(name), dtype, &Device::Cpu)?;
+            let model = load(name, dtype)?;
             let g = goldens(name)?;
             let ids = g["input_ids"].to_dtype(DType::U32)?;
             let (logits, attn) = model.forward_with_attention(&ids, None, &[0])?;
@@ -116,7 +121,7 @@ fn half_precision_stays_close() -> Result {
 #[test]
 fn kv_cache_decoding_equals_full_forward() -> Result {
     for name in FIXTURES {
-        let model = Gpt2::from_dir(fixture(name), DType::F32, &Device::Cpu)?;
+        let model = load(name, DType::F32)?;
         let ids = goldens(name)?["input_ids"].to_dtype(DType::U32)?;
         let full = model.forward(&ids, None)?;
         // Prefill 5, then a chunk of 4, then one token at a time: every path through the cache.

@@ -2,12 +2,12 @@
 //! whose arrays have a fixed place in the file and are filled a block of query rows at a time
 //! (headers first: every size is known before the forward pass).
 
-use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::{io_err, Header, LayerAttention, Out, Output, RowBlock, Sink};
-use crate::error::Result;
+use super::{Header, LayerAttention, Output, RowBlock, Sink};
+use crate::error::{Error, Result};
+use crate::output::{Out, PendingFile};
 
 /// `{"model", "tokens", "token_ids", "heads", "layer", "attention"}` with `attention[head][query][key]`;
 /// with `--layer all`, `"layers": [{"layer", "attention"}, ...]` instead of the last two. Values are
@@ -82,8 +82,9 @@ impl Sink for JsonSink {
 /// header (npy, safetensors), filled one block of query rows at a time: the rows of one
 /// (layer, head) are contiguous, so each block is one seek and one write per (layer, head).
 pub(crate) struct DenseFile {
-    file: File,
-    path: PathBuf,
+    file: PendingFile,
+    /// npy's tokens file: committed after the array, so neither appears without the other.
+    sidecar: Option<Out>,
     data_start: u64,
     heads: usize,
     t: usize,
@@ -115,8 +116,9 @@ impl DenseFile {
             "token_ids": h.tokens.ids,
         }))?;
         tokens.bytes(b"\n")?;
-        tokens.finish()?;
-        Self::create(path, &npy_header(&shape), h)
+        let mut file = Self::create(path, &npy_header(&shape), h)?;
+        file.sidecar = Some(tokens);
+        Ok(file)
     }
 
     /// A safetensors file with one F32 tensor `attn.{layer}` of shape (heads, q, k) per layer; the
@@ -157,11 +159,13 @@ impl DenseFile {
     }
 
     fn create(path: &Path, header: &[u8], h: &Header<'_>) -> Result<Self> {
-        let mut file = File::create(path).map_err(io_err(path))?;
-        file.write_all(header).map_err(io_err(path))?;
+        let mut file = PendingFile::create(path)?;
+        file.file()
+            .write_all(header)
+            .map_err(|e| Error::io(path, e))?;
         Ok(Self {
             file,
-            path: path.to_path_buf(),
+            sidecar: None,
             data_start: header.len() as u64,
             heads: h.selection.heads.len(),
             t: h.tokens.len(),
@@ -179,17 +183,20 @@ impl DenseFile {
                 bytes.clear();
                 part.iter()
                     .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
-                self.file
-                    .seek(SeekFrom::Start(self.data_start + 4 * at as u64))
-                    .and_then(|_| self.file.write_all(&bytes))
-                    .map_err(io_err(&self.path))?;
+                let start = self.data_start + 4 * at as u64;
+                let file = self.file.file();
+                file.seek(SeekFrom::Start(start))
+                    .and_then(|_| file.write_all(&bytes))
+                    .map_err(|e| Error::io(self.file.path(), e))?;
             }
         }
         Ok(())
     }
 
-    pub(crate) fn finish(mut self) -> Result<()> {
-        self.file.flush().map_err(io_err(&self.path))
+    /// Moves the array, then its tokens file, into place.
+    pub(crate) fn finish(self) -> Result<()> {
+        self.file.commit()?;
+        self.sidecar.map_or(Ok(()), Out::finish)
     }
 }
 

@@ -7,12 +7,15 @@
 //! weight of the tokens they cover (max-pooling keeps a one-token-wide stripe visible), and labels
 //! on every n-th token only.
 
+use std::cell::RefCell;
 use std::io::Write;
+use std::rc::Rc;
 
 use super::font;
 use super::text::{clip, tail, visible};
-use super::{Header, LayerAttention, Out, Sink};
+use super::{Header, LayerAttention, Sink};
 use crate::error::{Error, Result};
+use crate::output::Out;
 
 /// Largest heatmap side, in pixels.
 pub const MAX_SIDE: usize = 256;
@@ -225,8 +228,36 @@ pub(crate) struct PngSink {
     labels: Vec<String>,
     /// Bands written so far.
     band: usize,
-    stream: png::StreamWriter<'static, Out>,
+    stream: png::StreamWriter<'static, Shared>,
+    out: Shared,
     path: std::path::PathBuf,
+}
+
+/// The output, shared with the PNG encoder, which drops its writer (and the IEND chunk it writes
+/// then) without a way to get it back or to see a write error: so errors are kept here.
+#[derive(Clone)]
+struct Shared(Rc<RefCell<(Option<Out>, Option<std::io::Error>)>>);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut inner = self.0.borrow_mut();
+        let (out, failed) = &mut *inner;
+        let result = match out {
+            Some(out) => out.write(buf),
+            None => Err(std::io::ErrorKind::BrokenPipe.into()),
+        };
+        if let Err(e) = &result {
+            failed.get_or_insert_with(|| std::io::Error::new(e.kind(), e.to_string()));
+        }
+        result
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.0.borrow_mut().0 {
+            Some(out) => out.flush(),
+            None => Ok(()),
+        }
+    }
 }
 
 impl PngSink {
@@ -242,7 +273,9 @@ impl PngSink {
         let layout = Layout::new(h.tokens.len(), sel.heads.len(), sel.layers.len(), longest);
         let path = out.path().to_path_buf();
         let png_err = |e| png_error(&path, e);
-        let mut encoder = png::Encoder::new(out, layout.width as u32, layout.height as u32);
+        let shared = Shared(Rc::new(RefCell::new((Some(out), None))));
+        let mut encoder =
+            png::Encoder::new(shared.clone(), layout.width as u32, layout.height as u32);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         let writer = encoder.write_header().map_err(png_err)?;
@@ -253,12 +286,15 @@ impl PngSink {
             ((layout.width - 2 * MARGIN) / ((font::WIDTH + 1) * 2)).saturating_sub(suffix.len());
         let model = tail(&visible(h.model, true), room);
         title.text(MARGIN, MARGIN, &format!("{model}{suffix}"), 2);
-        stream.write_all(&title.rgb).map_err(super::io_err(&path))?;
+        stream
+            .write_all(&title.rgb)
+            .map_err(|e| Error::io(&path, e))?;
         Ok(Self {
             layout,
             labels,
             band: 0,
             stream,
+            out: shared,
             path,
         })
     }
@@ -329,7 +365,7 @@ impl Sink for PngSink {
         let band = self.draw_band(a);
         self.stream
             .write_all(&band.rgb)
-            .map_err(super::io_err(&self.path))?;
+            .map_err(|e| Error::io(&self.path, e))?;
         self.band += 1;
         Ok(())
     }
@@ -338,18 +374,23 @@ impl Sink for PngSink {
         let bottom = Canvas::new(self.layout.width, MARGIN);
         self.stream
             .write_all(&bottom.rgb)
-            .map_err(super::io_err(&self.path))?;
-        let path = self.path.clone();
-        self.stream.finish().map_err(|e| png_error(&path, e))
+            .map_err(|e| Error::io(&self.path, e))?;
+        let Self {
+            stream, out, path, ..
+        } = *self;
+        // Finishing the stream drops the encoder's writer, which writes IEND through `out`.
+        stream.finish().map_err(|e| png_error(&path, e))?;
+        let (out, failed) = out.0.replace((None, None));
+        if let Some(e) = failed {
+            return Err(Error::io(&path, e));
+        }
+        out.map_or(Ok(()), Out::finish)
     }
 }
 
 fn png_error(path: &std::path::Path, e: png::EncodingError) -> Error {
     match e {
-        png::EncodingError::IoError(source) => Error::Io {
-            path: path.to_path_buf(),
-            source,
-        },
+        png::EncodingError::IoError(err) => Error::io(path, err),
         e => Error::Input(format!("{}: cannot write the PNG: {e}", path.display())),
     }
 }

@@ -1,0 +1,276 @@
+//! One function per command: check the options, make one library call, print the result.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use gpt2::generation::{generate, Completion, GenerateParams, SamplingParams, Timings};
+use gpt2::info::ModelInfo;
+use gpt2::inspect::{self, Output, Selection, Tokens};
+use gpt2::output::print;
+use gpt2::{Error, Loaded, Prompt};
+
+use super::escape::unescape;
+use super::{BenchArgs, Cli, Command, GenerateArgs, InfoArgs, InspectHeadsArgs, ModelArgs};
+
+/// Runs the command `cli` names.
+pub(crate) fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => cmd_generate(args),
+        Command::Bench(args) => cmd_bench(args),
+        Command::InspectHeads(args) => cmd_inspect_heads(args),
+        Command::Info(args) => cmd_info(args),
+    }
+}
+
+/// Loads the model `args` names (only its first `layers` blocks, if given).
+fn load(args: &ModelArgs, layers: Option<usize>) -> Result<Loaded> {
+    let source = args.source.source();
+    let mut opts = args.options()?;
+    opts.layers = layers;
+    if source.is_random() {
+        note(format_args!(
+            "warning: {} has random weights (seeded): its text is noise; use it for shapes, memory and speed\n",
+            source.name()
+        ));
+    }
+    let name = source.name();
+    source
+        .load(&opts)
+        .with_context(|| format!("cannot load {name}"))
+}
+
+fn cmd_generate(args: GenerateArgs) -> Result<()> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let top_k = match args.top_k {
+        k if k < 1 => Err(Error::param("top_k", "must be at least 1"))?,
+        k => Some(k as usize),
+    };
+    let stop = if args.no_escape {
+        args.stop.clone()
+    } else {
+        args.stop
+            .iter()
+            .map(|s| unescape(s).context("--stop"))
+            .collect::<Result<_>>()?
+    };
+    let params = GenerateParams {
+        max_new_tokens: usize::try_from(args.max_new_tokens).unwrap_or(usize::MAX),
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k,
+            top_p: args.top_p,
+            repeat_penalty: args.repeat_penalty,
+            repeat_last_n: args.repeat_last_n,
+            seed,
+        },
+        stop,
+        stop_at_eos: !args.ignore_eos,
+        num_samples: usize::try_from(args.num_samples).unwrap_or(usize::MAX),
+    };
+    // Check options before the (possibly long) download.
+    params.validate()?;
+    let text = args.prompt.text()?;
+    let loaded = load(&args.model, None)?;
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let prompt = Prompt::new(
+        tokenizer,
+        &text,
+        model.config(),
+        args.prompt.options(false, true),
+    )
+    .map_err(truncate_hint)?;
+    if prompt.dropped > 0 {
+        note(format_args!(
+            "warning: prompt truncated from {} to its last {} tokens\n",
+            prompt.len() + prompt.dropped,
+            prompt.len()
+        ));
+    }
+    let shown_prompt = if prompt.dropped > 0 {
+        tokenizer.decode(&prompt.ids)?
+    } else {
+        text
+    };
+
+    let stream = !args.json && params.num_samples == 1;
+    if stream {
+        print(format_args!("{shown_prompt}"))?;
+    }
+    let (completions, timings) = generate(model, tokenizer, &prompt, &params, |_, text| {
+        if stream {
+            print(format_args!("{text}"))?;
+        }
+        Ok(())
+    })?;
+    if args.json {
+        for c in &completions {
+            let line = json_line(&loaded, &shown_prompt, &prompt, c, &timings);
+            print(format_args!("{line}\n"))?;
+        }
+    } else if stream {
+        print(format_args!("\n"))?;
+    } else {
+        for (i, c) in completions.iter().enumerate() {
+            print(format_args!(
+                "--- sample {i} ({}) ---\n{shown_prompt}{}\n",
+                c.finish_reason.as_str(),
+                c.text
+            ))?;
+        }
+    }
+    note(format_args!(
+        "{}",
+        timings.report(&loaded.model, &loaded.name, loaded.load_time, seed)
+    ));
+    print_peak_memory();
+    Ok(())
+}
+
+/// Adds the option that fixes a too-long prompt.
+fn truncate_hint(e: Error) -> anyhow::Error {
+    match e {
+        Error::PromptTooLong { context, .. } => anyhow::Error::new(e).context(format!(
+            "shorten it or pass --truncate-prompt to keep its last {context} tokens"
+        )),
+        e => e.into(),
+    }
+}
+
+fn cmd_bench(args: BenchArgs) -> Result<()> {
+    let loaded = load(&args.model, None)?;
+    let r = gpt2::bench::bench(
+        &loaded.model,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.runs,
+    )?;
+    if args.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = loaded.name.clone().into();
+        v["dtype"] = format!("{:?}", loaded.model.dtype()).to_lowercase().into();
+        v["load_ms"] = (loaded.load_time.as_secs_f64() * 1e3).into();
+        v["threads"] = candle_core::utils::get_num_threads().into();
+        print(format_args!("{v}\n"))?;
+    } else {
+        print(format_args!("{}", r.report(&loaded)))?;
+    }
+    Ok(())
+}
+
+fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
+    // Check options before the (possibly long) download.
+    let output = Output::new(args.format, args.out.clone())?;
+    if args.scores {
+        inspect::scores::check_output(&output)?;
+    }
+    let text = args.prompt.text()?;
+    if text.is_empty() {
+        Err(Error::EmptyPrompt)?;
+    }
+    // Only the layers up to the last one shown are built and run.
+    let config = args.model.source.source().config()?;
+    let selection = Selection::new(&config, args.layer, args.head)?;
+    let last = selection
+        .layers
+        .iter()
+        .max()
+        .map_or(config.n_layer, |l| l + 1);
+    let loaded = load(&args.model, Some(last))?;
+    if let (Some(out), Some(files)) = (&args.out, &loaded.files) {
+        let mut inputs = files.weights.clone();
+        inputs.push(files.config.clone());
+        gpt2::output::refuse_inputs(out, &inputs)?;
+    }
+    let (model, name) = (&loaded.model, &loaded.name);
+    let prompt = Prompt::new(
+        &loaded.tokenizer,
+        &text,
+        model.config(),
+        args.prompt.options(args.bos, false),
+    )
+    .map_err(truncate_hint)?;
+    let tokens = Tokens::new(&loaded.tokenizer, &prompt)?;
+    let start = Instant::now();
+    if args.scores {
+        let table = inspect::scores::head_scores(model, &tokens, &selection)?;
+        inspect::scores::write_scores(&table, name, &tokens, &output)?;
+    } else {
+        inspect::write_attention(model, name, &tokens, &selection, &output)?;
+    }
+    note(format_args!(
+        "{name}: {} tokens, {} layer(s) x {} head(s); loaded in {:.0} ms, run and written in {:.0} ms{}\n",
+        tokens.len(),
+        selection.layers.len(),
+        selection.heads.len(),
+        loaded.load_time.as_secs_f64() * 1e3,
+        start.elapsed().as_secs_f64() * 1e3,
+        args.out
+            .as_ref()
+            .map(|p| format!(" to {}", p.display()))
+            .unwrap_or_default(),
+    ));
+    print_peak_memory();
+    Ok(())
+}
+
+fn cmd_info(args: InfoArgs) -> Result<()> {
+    let source = args.source.source();
+    let config = source.config()?;
+    let info = ModelInfo::new(&config, args.context.unwrap_or(config.n_positions))?;
+    if args.json {
+        let mut v = serde_json::to_value(&info)?;
+        v["model"] = source.name().into();
+        print(format_args!("{v}\n"))?;
+    } else {
+        print(format_args!("{}", info.report(&source.name())))?;
+    }
+    Ok(())
+}
+
+fn json_line(
+    loaded: &Loaded,
+    prompt_text: &str,
+    prompt: &Prompt,
+    c: &Completion,
+    t: &Timings,
+) -> serde_json::Value {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    serde_json::json!({
+        "model": loaded.name,
+        "prompt": prompt_text,
+        "prompt_token_ids": prompt.ids,
+        "completion": c.text,
+        "completion_token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "timings": {
+            "load_ms": ms(loaded.load_time),
+            "prefill_ms": ms(t.prefill),
+            "decode_ms": ms(t.decode),
+            "prefill_tokens_per_s": t.prefill_tokens_per_s(),
+            "decode_tokens_per_s": t.decode_tokens_per_s(),
+        }
+    })
+}
+
+/// The process's peak resident memory (Linux `VmHWM`), so long runs can show it stays flat.
+fn print_peak_memory() {
+    let peak = || -> Option<f64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024.0)
+    };
+    if let Some(mib) = peak() {
+        note(format_args!("peak memory: {mib:.1} MiB\n"));
+    }
+}
+
+/// Writes to stderr; a closed or full stderr is not worth failing a finished run for.
+fn note(text: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().write_fmt(text);
+}

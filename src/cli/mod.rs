@@ -1,0 +1,263 @@
+//! The command line: clap types, and how each maps onto the library's types. [`commands`] runs
+//! each command with one library call and prints the result.
+
+mod commands;
+mod escape;
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gpt2::device::DeviceChoice;
+use gpt2::inspect::{Format, LayerChoice};
+use gpt2::prompt::PromptOptions;
+use gpt2::{DType, LoadOptions, ModelSource};
+
+pub(crate) use commands::run;
+
+#[derive(Parser)]
+#[command(
+    name = "gpt2",
+    version,
+    about = "Run GPT-2 and look inside its attention heads"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streamed as it is produced.
+    Generate(GenerateArgs),
+    /// Measure load time, prefill and decode speed (tokens/s) separately.
+    Bench(BenchArgs),
+    /// Show what every attention head attends to, and what kind of head it is.
+    InspectHeads(InspectHeadsArgs),
+    /// Sizes of a layout: heads, parameters per component, KV-cache bytes, FLOPs per token.
+    Info(InfoArgs),
+}
+
+/// The command-line name of a library parameter: `max_new_tokens` is `--max-new-tokens`.
+pub(crate) fn flag(param: &str) -> String {
+    format!("--{}", param.replace('_', "-"))
+}
+
+/// Where a model comes from.
+#[derive(Args)]
+struct SourceArgs {
+    /// A Hub repo id of a GPT-2-architecture model, or gpt2, gpt2-medium, gpt2-large, gpt2-xl,
+    /// distilgpt2.
+    #[arg(long, default_value = "gpt2")]
+    model: String,
+    /// Hub branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// A local model folder (config.json, model.safetensors, tokenizer files); no network at all.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "model", "revision"])]
+    model_dir: Option<PathBuf>,
+    /// A layout file (e.g. configs/gpt2.json): a model of that layout with seeded random weights
+    /// and a bytes-only tokenizer, for shape, memory and speed experiments without downloading.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["model", "revision"])]
+    config: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    fn source(&self) -> ModelSource {
+        match (&self.config, &self.model_dir) {
+            (Some(path), _) => ModelSource::layout(path),
+            (None, Some(dir)) => ModelSource::dir(dir),
+            (None, None) => ModelSource::hub(&self.model, &self.revision),
+        }
+    }
+}
+
+/// The weights' dtype.
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    #[value(alias = "float32")]
+    F32,
+    #[value(alias = "float16")]
+    F16,
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+/// Which model, and how it is loaded.
+#[derive(Args)]
+struct ModelArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The weights' dtype; softmax and layer-norm statistics stay in f32. On CPU, f32 is the
+    /// fastest.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Precision,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: DeviceChoice,
+}
+
+fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
+    s.parse().map_err(|e: gpt2::Error| e.to_string())
+}
+
+impl ModelArgs {
+    fn options(&self) -> Result<LoadOptions> {
+        let dtype = match self.dtype {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        };
+        Ok(LoadOptions::default()
+            .with_dtype(dtype)
+            .with_device(self.device.open()?))
+    }
+}
+
+/// Where the prompt comes from, and how it is tokenised.
+#[derive(Args)]
+struct PromptArgs {
+    /// The prompt text; `-` reads it from standard input.
+    #[arg(long, conflicts_with = "prompt_file", allow_hyphen_values = true)]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long, value_name = "PATH")]
+    prompt_file: Option<PathBuf>,
+    /// Keep only the last tokens of a prompt longer than the context, instead of failing.
+    #[arg(long)]
+    truncate_prompt: bool,
+}
+
+impl PromptArgs {
+    fn text(&self) -> Result<String> {
+        match (self.prompt.as_deref(), &self.prompt_file) {
+            (Some("-"), _) => {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .context("cannot read the prompt from standard input")?;
+                Ok(text)
+            }
+            (Some(text), _) => Ok(text.to_string()),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the prompt file {}", path.display())),
+            (None, None) => {
+                bail!("no prompt: give --prompt TEXT, --prompt-file PATH or --prompt - (stdin)")
+            }
+        }
+    }
+
+    fn options(&self, bos: bool, empty_is_bos: bool) -> PromptOptions {
+        PromptOptions {
+            bos,
+            truncate: self.truncate_prompt,
+            empty_is_bos,
+        }
+    }
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens to decode, one per step, after the prefill.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Repetitions; the fastest of each phase is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// How many tokens to generate at most.
+    #[arg(short = 'n', long, default_value_t = 100, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_new_tokens: u64,
+    /// Keep going after <|endoftext|>.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Stop when the text contains this string (not printed); repeatable. C-style escapes
+    /// (\n, \t, \\, \xNN, \u{...}) are understood, as llama.cpp's --escape does.
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
+    stop: Vec<String>,
+    /// Take --stop strings literally: no escapes.
+    #[arg(long)]
+    no_escape: bool,
+    /// Sampling temperature; 0 is greedy (and so is any temperature too small to matter).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    temperature: f64,
+    /// Sample among the K most likely tokens (transformers' default is 50).
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
+    top_k: i64,
+    /// Nucleus sampling: among the most likely tokens whose probability adds up to P.
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f64>,
+    /// Penalise tokens seen in the last --repeat-last-n tokens (1 = off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    repeat_penalty: f32,
+    /// How far back --repeat-penalty looks, in tokens.
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Random seed; the same seed gives the same text. Default: a fresh one, printed in the stats.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continuations of the prompt to generate, run together as one batch.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    num_samples: u64,
+    /// Print one JSON object per sample instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// Only the config.json is read (and, from the Hub, downloaded).
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Context length for the FLOPs per generated token; default: the model's n_positions.
+    #[arg(long)]
+    context: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectHeadsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// The layer to show, 0-based, or `all`.
+    #[arg(long, default_value = "all")]
+    layer: LayerChoice,
+    /// One head to show (0-based); default: every head.
+    #[arg(long)]
+    head: Option<usize>,
+    /// Put <|endoftext|> before the prompt, as TransformerLens does (transformers does not).
+    #[arg(long)]
+    bos: bool,
+    /// How to write the attention.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    /// Write to this file instead of standard output (needed for npy, safetensors and png).
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
+    /// Score every head (previous-token, first-token, duplicate-token, induction, local,
+    /// entropy) and label its type, instead of showing attention; text or json.
+    #[arg(long)]
+    scores: bool,
+}
