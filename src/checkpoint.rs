@@ -189,14 +189,21 @@ impl Weights {
         let tensor = match &self.source {
             Source::Files { files, routing } => {
                 let (path, st) = &files[routing[&full]];
-                st.load(&full, &self.device)
-                    .map_err(|e| bad_file(path, e))?
+                let t = st
+                    .load(&full, &Device::Cpu)
+                    .map_err(|e| bad_file(path, e))?;
+                check_weight(&t, &full, path)?;
+                t.to_device(&self.device)?
             }
-            Source::Map(map) => map[&full].to_device(&self.device)?,
+            Source::Map(map) => {
+                check_weight(&map[&full], &full, Path::new("<in-memory weights>"))?;
+                map[&full].to_device(&self.device)?
+            }
             Source::Random { seed, .. } => {
                 random_tensor(&full, shape, *seed)?.to_device(&self.device)?
             }
         };
+        crate::interrupt::check()?;
         Ok(tensor.to_dtype(self.dtype)?)
     }
 
@@ -235,15 +242,55 @@ impl Weights {
     }
 }
 
+/// Refuses a tensor that cannot be a weight: an integer or boolean dtype (a float is cast to the
+/// model's dtype, as transformers' `torch_dtype` does; an integer would silently become nonsense),
+/// or a NaN or an infinity, which would make every logit NaN (greedy "!!!!", rc 0).
+fn check_weight(t: &Tensor, name: &str, file: &Path) -> Result<()> {
+    let bad = |msg: String| Error::BadTensor {
+        file: file.to_path_buf(),
+        name: name.to_string(),
+        msg,
+    };
+    if !t.dtype().is_float() {
+        return Err(bad(format!(
+            "has dtype {:?}; weights must be floating point (F32, F16, BF16 or F64)",
+            t.dtype()
+        )));
+    }
+    // One pass over the values: f32 holds every f16/bf16 value, and an f64 beyond f32's range
+    // would be an infinity once cast.
+    let flat = t.flatten_all()?.to_dtype(DType::F32)?;
+    let (storage, layout) = flat.storage_and_layout();
+    let first_bad = match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+            v[a..b].iter().position(|x| !x.is_finite())
+        }
+        _ => None,
+    };
+    match first_bad {
+        Some(i) => {
+            let v = flat.get(i)?.to_scalar::<f32>()?;
+            Err(bad(format!(
+                "holds {v} at flat index {i}; weights must be finite numbers"
+            )))
+        }
+        None => Ok(()),
+    }
+}
+
 fn bad_file(path: &Path, e: candle_core::Error) -> Error {
     // candle wraps file errors with the path, which our message already starts with.
     let e = match e {
         candle_core::Error::WithPath { inner, .. } => *inner,
         e => e,
     };
-    Error::BadCheckpoint {
-        file: path.to_path_buf(),
-        msg: e.to_string().lines().next().unwrap_or_default().to_string(),
+    match e {
+        // Reading failed (a folder, a permission, a device): say so, not "invalid".
+        candle_core::Error::Io(err) => Error::io(path, err),
+        e => Error::BadCheckpoint {
+            file: path.to_path_buf(),
+            msg: e.to_string().lines().next().unwrap_or_default().to_string(),
+        },
     }
 }
 
@@ -327,6 +374,19 @@ pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
     files.dedup();
     if files.is_empty() {
         return Err(bad("no `weight_map` entries".into()));
+    }
+    // Shards live in the model folder: a name that leaves it (`../../etc/passwd`, `/x`) is not
+    // a shard of this model.
+    use std::path::Component;
+    if let Some(f) = files.iter().find(|f| {
+        f.is_empty()
+            || !Path::new(f.as_str())
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+    }) {
+        return Err(bad(format!(
+            "shard `{f}` is outside the model folder; only files inside it are read"
+        )));
     }
     Ok(files)
 }

@@ -82,13 +82,40 @@ fn cache() -> Cache {
 
 /// `HF_TOKEN`, else the file `huggingface-cli login` writes (`HF_TOKEN_PATH`, default
 /// `$HF_HOME/token`): hf-hub would look beside the cache, which is wrong when `HF_HUB_CACHE` moves it.
-fn token() -> Option<String> {
-    if let Some(token) = env_nonempty("HF_TOKEN") {
-        return Some(token.trim().to_string());
+///
+/// A token is a secret: it never appears in any message, and one that cannot be sent as an
+/// HTTP header (a newline inside, say) is refused here, before a request could echo it.
+fn token() -> Result<Option<String>> {
+    let (token, from) = match env_nonempty("HF_TOKEN") {
+        Some(token) => (token.trim().to_string(), "HF_TOKEN".to_string()),
+        None => {
+            let path = env_nonempty("HF_TOKEN_PATH")
+                .map_or_else(|| hf_home().join("token"), PathBuf::from);
+            let Ok(token) = std::fs::read_to_string(&path) else {
+                return Ok(None);
+            };
+            (token.trim().to_string(), path.display().to_string())
+        }
+    };
+    if token.is_empty() {
+        return Ok(None);
     }
-    let path = env_nonempty("HF_TOKEN_PATH").map_or_else(|| hf_home().join("token"), PathBuf::from);
-    let token = std::fs::read_to_string(path).ok()?;
-    Some(token.trim().to_string()).filter(|t| !t.is_empty())
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::Input(format!(
+            "the token in {from} has characters an HTTP header cannot carry (a space or a line \
+             break inside it?); the token itself is not shown"
+        )));
+    }
+    Ok(Some(token))
+}
+
+/// `msg` with every occurrence of the token replaced, for messages built from a server's or a
+/// client library's words.
+fn redact(msg: String, token: Option<&str>) -> String {
+    match token {
+        Some(t) if t.len() >= 4 => msg.replace(t, "<HF_TOKEN>"),
+        _ => msg,
+    }
 }
 
 /// One repo at one revision: its files from the cache, or downloaded into it.
@@ -108,7 +135,7 @@ impl Hub {
         } else {
             let mut builder = ApiBuilder::from_cache(cache.clone())
                 .with_progress(std::io::stderr().is_terminal())
-                .with_token(token());
+                .with_token(token()?);
             if let Some(endpoint) = env_nonempty("HF_ENDPOINT") {
                 builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
             }
@@ -177,10 +204,11 @@ impl Hub {
             }
             _ => "without network, use --model-dir DIR for a local folder, or HF_HUB_OFFLINE=1 to use only the cache",
         };
-        Error::Input(format!(
+        let msg = format!(
             "cannot download {file} of {} (revision {}): {e}; {hint}",
             self.repo_id, self.revision
-        ))
+        );
+        Error::Input(redact(msg, token().ok().flatten().as_deref()))
     }
 
     fn missing(&self, what: &str) -> Error {

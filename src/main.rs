@@ -12,11 +12,11 @@ use clap::Parser;
 fn main() -> ExitCode {
     // candle counts CPU threads by reading /proc/cpuinfo on every matmul unless RAYON_NUM_THREADS
     // is set: ~1 ms per generated token. Count once, before any thread starts.
+    // candle's count is the physical cores, which ignores cgroup quotas and `taskset`.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var(
-            "RAYON_NUM_THREADS",
-            candle_core::utils::get_num_threads().to_string(),
-        );
+        let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = candle_core::utils::get_num_threads().min(allowed);
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     // A panic is a bug, but still one line, never a backtrace (even with RUST_BACKTRACE=1).
     std::panic::set_hook(Box::new(|info| {

@@ -127,6 +127,7 @@ impl Gpt2 {
             )));
         }
         w.check_layer_count(&config)?;
+        check_weight_memory(&config, n_layers, w.dtype())?;
         let (v, c) = (config.vocab_size, config.n_embd);
         let wte = w.get("wte.weight", &[v, c])?;
         let wpe = w.get("wpe.weight", &[config.n_positions, c])?;
@@ -320,6 +321,23 @@ impl Gpt2 {
             _ => logits,
         }))
     }
+}
+
+/// Refuses a model whose weights (the embeddings and `n_layers` blocks, in `dtype`) cannot fit
+/// in memory, before any is made: a layout with huge dimensions would otherwise abort.
+fn check_weight_memory(config: &Config, n_layers: usize, dtype: DType) -> Result<()> {
+    let elements: u128 = crate::checkpoint::checkpoint_layout(config)
+        .iter()
+        .filter(|(name, _)| {
+            let layer = name.strip_prefix("h.").and_then(|r| r.split('.').next());
+            layer
+                .and_then(|l| l.parse::<usize>().ok())
+                .is_none_or(|l| l < n_layers)
+        })
+        .map(|(_, shape)| crate::memory::product(shape))
+        .fold(0, u128::saturating_add);
+    let needed = elements.saturating_mul(dtype.size_in_bytes() as u128);
+    crate::memory::check(needed, || format!("the weights ({dtype:?})"))
 }
 
 /// What a forward pass returns.

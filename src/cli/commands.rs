@@ -8,7 +8,7 @@ use gpt2::generation::{generate, Completion, GenerateParams, SamplingParams, Tim
 use gpt2::info::ModelInfo;
 use gpt2::inspect::{self, Output, Selection, Tokens};
 use gpt2::output::print;
-use gpt2::{Error, Loaded, Prompt};
+use gpt2::{Error, Loaded, ModelSource, Prompt};
 
 use super::escape::unescape;
 use super::{BenchArgs, Cli, Command, GenerateArgs, InfoArgs, InspectHeadsArgs, ModelArgs};
@@ -34,10 +34,12 @@ fn load(args: &ModelArgs, layers: Option<usize>) -> Result<Loaded> {
             source.name()
         ));
     }
-    let name = source.name();
-    source
-        .load(&opts)
-        .with_context(|| format!("cannot load {name}"))
+    let what = match &source {
+        ModelSource::Layout { path, .. } => format!("--config {}", path.display()),
+        ModelSource::Dir(dir) => format!("--model-dir {}", dir.display()),
+        ModelSource::Hub { repo, .. } => format!("cannot load {repo}"),
+    };
+    source.load(&opts).context(what)
 }
 
 fn cmd_generate(args: GenerateArgs) -> Result<()> {
@@ -251,6 +253,10 @@ fn json_line(
             "load_ms": ms(loaded.load_time),
             "prefill_ms": ms(t.prefill),
             "decode_ms": ms(t.decode),
+            "prefill_tokens": t.prefill_tokens,
+            "generated_tokens": t.generated_tokens,
+            "decode_tokens": t.decode_tokens,
+            "reprefill_tokens": t.reprefill_tokens,
             "prefill_tokens_per_s": t.prefill_tokens_per_s(),
             "decode_tokens_per_s": t.decode_tokens_per_s(),
         }

@@ -261,3 +261,79 @@ struct InspectHeadsArgs {
     #[arg(long)]
     scores: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpt2::rng::SplitMix64;
+
+    /// Cases of the seeded command-line fuzz run (the README states this number).
+    const CASES: usize = 5000;
+
+    #[test]
+    fn option_parsing_never_panics() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+        let words = [
+            "generate",
+            "bench",
+            "inspect-heads",
+            "info",
+            "--model",
+            "--model-dir",
+            "--config",
+            "--revision",
+            "--dtype",
+            "--device",
+            "--prompt",
+            "--prompt-file",
+            "-n",
+            "--max-new-tokens",
+            "--temperature",
+            "--top-k",
+            "--top-p",
+            "--repeat-penalty",
+            "--num-samples",
+            "--seed",
+            "--stop",
+            "--no-escape",
+            "--json",
+            "--layer",
+            "--head",
+            "--format",
+            "--out",
+            "--scores",
+            "--bos",
+            "--context",
+            "--runs",
+            "--prompt-tokens",
+            "--truncate-prompt",
+            "-",
+            "--",
+            "0",
+            "-1",
+            "1e-40",
+            "NaN",
+            "inf",
+            "all",
+            "f16",
+            "bf16",
+            "cuda:7",
+            "png",
+            "npy",
+            "x",
+            "18446744073709551616",
+            "\\x",
+            "é🦀",
+            "",
+        ];
+        let mut rng = SplitMix64::new(4);
+        for i in 0..CASES {
+            let n = rng.below(9) as usize;
+            let mut argv = vec!["gpt2".to_string()];
+            argv.extend((0..n).map(|_| words[rng.below(words.len() as u64) as usize].to_string()));
+            let parsed = std::panic::catch_unwind(|| Cli::try_parse_from(&argv).map(|_| ()));
+            assert!(parsed.is_ok(), "case {i} panicked: {argv:?}");
+        }
+        println!("command line: {CASES} cases, none panicked");
+    }
+}

@@ -1,0 +1,224 @@
+//! A bounded, seeded fuzz run over the inputs a user controls: config files, safetensors files,
+//! tokenizer input. Every case must end in `Ok` or a clean `Err`, never a panic or an abort.
+//! The case counts are fixed (CI runs exactly these); a failure prints its seed and case.
+//! The command line's option parsing is fuzzed in `src/cli/mod.rs`.
+
+use std::path::{Path, PathBuf};
+
+use gpt2::rng::SplitMix64;
+use gpt2::{Config, LoadOptions, ModelSource, Tokenizer};
+
+const CONFIG_CASES: usize = 3000;
+const SAFETENSORS_CASES: usize = 400;
+const TOKENIZER_CASES: usize = 2000;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Runs `case(rng, i)` for `n` cases, naming the one that panicked.
+fn fuzz(name: &str, n: usize, seed: u64, mut case: impl FnMut(&mut SplitMix64, usize)) {
+    let mut rng = SplitMix64::new(seed);
+    for i in 0..n {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&mut rng, i)));
+        assert!(result.is_ok(), "{name}: case {i} (seed {seed}) panicked");
+    }
+    println!("{name}: {n} cases, none panicked");
+}
+
+fn pick<'a, T>(rng: &mut SplitMix64, items: &'a [T]) -> &'a T {
+    &items[rng.below(items.len() as u64) as usize]
+}
+
+/// JSON values a config field may be given by mistake or malice.
+const VALUES: [&str; 22] = [
+    "0",
+    "1",
+    "-1",
+    "2",
+    "3",
+    "7",
+    "64",
+    "1024",
+    "1e308",
+    "-1e308",
+    "1.5",
+    "NaN",
+    "null",
+    "true",
+    "\"gelu\"",
+    "\"swish\"",
+    "[]",
+    "{}",
+    "18446744073709551615",
+    "18446744073709551616",
+    "9223372036854775807",
+    "\"\"",
+];
+const FIELDS: [&str; 16] = [
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_inner",
+    "activation_function",
+    "layer_norm_epsilon",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "n_ctx",
+    "add_cross_attention",
+];
+
+#[test]
+fn config_parsing_never_panics() {
+    let base = std::fs::read_to_string(fixture("tiny").join("config.json")).unwrap_or_default();
+    fuzz("config.json", CONFIG_CASES, 1, |rng, _| {
+        let text = match rng.below(3) {
+            // A config of random fields with random values.
+            0 => {
+                let n = rng.below(8) as usize;
+                let fields: Vec<String> = (0..n)
+                    .map(|_| format!("\"{}\": {}", pick(rng, &FIELDS), pick(rng, &VALUES)))
+                    .collect();
+                format!("{{{}}}", fields.join(", "))
+            }
+            // The real config with bytes flipped, cut or repeated.
+            1 => {
+                let mut b = base.clone().into_bytes();
+                for _ in 0..=rng.below(4) {
+                    if b.is_empty() {
+                        break;
+                    }
+                    let at = rng.below(b.len() as u64) as usize;
+                    match rng.below(3) {
+                        0 => b[at] = rng.below(256) as u8,
+                        1 => b.truncate(at),
+                        _ => {
+                            let piece = b[at..].to_vec();
+                            b.extend(piece);
+                        }
+                    }
+                }
+                String::from_utf8_lossy(&b).into_owned()
+            }
+            // Random bytes.
+            _ => {
+                let b: Vec<u8> = (0..rng.below(64)).map(|_| rng.below(256) as u8).collect();
+                String::from_utf8_lossy(&b).into_owned()
+            }
+        };
+        if let Ok(c) = Config::from_json(&text) {
+            // Whatever parses is a config a model can be sized for, without overflow.
+            assert!(c.validate().is_ok());
+            let _ = gpt2::info::ModelInfo::new(&c, c.n_positions);
+        }
+    });
+}
+
+#[test]
+fn safetensors_validation_never_panics() {
+    let src = fixture("tiny");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap_or_default();
+    assert!(bytes.len() > 8);
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default()) as usize;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-safetensors");
+    let _ = std::fs::create_dir_all(&dir);
+    for f in ["config.json", "tokenizer.json"] {
+        let _ = std::fs::copy(src.join(f), dir.join(f));
+    }
+    let path = dir.join("model.safetensors");
+    fuzz("model.safetensors", SAFETENSORS_CASES, 2, |rng, _| {
+        let mut b = bytes.clone();
+        match rng.below(4) {
+            // The length prefix: too big, too small, zero, huge.
+            0 => {
+                let len = *pick(
+                    rng,
+                    &[
+                        0u64,
+                        1,
+                        7,
+                        header_len as u64 - 1,
+                        header_len as u64 + 8,
+                        u64::MAX,
+                        1 << 40,
+                    ],
+                );
+                b[..8].copy_from_slice(&len.to_le_bytes());
+            }
+            // A byte of the JSON header (names, dtypes, shapes, offsets).
+            1 => {
+                let at = 8 + rng.below(header_len as u64) as usize;
+                b[at] = *pick(rng, &[b'0', b'9', b'"', b'}', b'[', b',', b'-', b' ', 0xff]);
+            }
+            // Cut anywhere.
+            2 => b.truncate(rng.below(b.len() as u64) as usize),
+            // Data bytes: any value is a number (or a NaN, which must be refused cleanly).
+            _ => {
+                for _ in 0..8 {
+                    let at = 8 + header_len + rng.below((b.len() - 8 - header_len) as u64) as usize;
+                    b[at] = rng.below(256) as u8;
+                }
+            }
+        }
+        if std::fs::write(&path, &b).is_ok() {
+            let _ = ModelSource::dir(&dir).load_model(&LoadOptions::default());
+        }
+    });
+}
+
+#[test]
+fn tokenizer_input_never_panics_and_round_trips() {
+    let tok = match Tokenizer::from_dir(fixture("tiny")) {
+        Ok(t) => t,
+        Err(e) => panic!("{e}"),
+    };
+    let pieces = [
+        "<|endoftext|>",
+        "<|endo",
+        "'s",
+        " ",
+        "\n",
+        "\r\n",
+        "\u{0}",
+        "é",
+        "日本",
+        "🦀",
+        "\u{200d}",
+        "\u{fffd}",
+        "a",
+        "1",
+        "  ",
+        "\t",
+    ];
+    fuzz("tokenizer", TOKENIZER_CASES, 3, |rng, _| {
+        let text: String = match rng.below(2) {
+            0 => (0..rng.below(20)).map(|_| *pick(rng, &pieces)).collect(),
+            _ => {
+                let b: Vec<u8> = (0..rng.below(40)).map(|_| rng.below(256) as u8).collect();
+                String::from_utf8_lossy(&b).into_owned()
+            }
+        };
+        let ids = tok.encode(&text).unwrap_or_default();
+        // Byte-level BPE covers every byte: decoding gives the text back.
+        assert_eq!(tok.decode(&ids).unwrap_or_default(), text);
+        let mut stream = tok.stream();
+        let mut streamed = String::new();
+        for &id in &ids {
+            if let Ok(Some(t)) = stream.push(id) {
+                streamed.push_str(&t);
+            }
+        }
+        if let Ok(Some(t)) = stream.finish() {
+            streamed.push_str(&t);
+        }
+        assert_eq!(streamed, text);
+    });
+}

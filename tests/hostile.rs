@@ -1,0 +1,854 @@
+//! Hostile input against the real `gpt2` binary: closed pipes, full disks, huge numbers, broken
+//! checkpoints, secrets, interrupts. Whatever happens, the process says one `error:` line (or
+//! nothing), exits 0, 1, 2 or 130, never panics or aborts, and never leaves a broken file.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use gpt2::{random_checkpoint, Config, DType, Tensor};
+use serde_json::Value;
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gpt2");
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn layout(name: &str) -> String {
+    format!("{}/configs/{name}.json", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh, empty scratch folder.
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("hostile")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::create_dir_all(&d);
+    d
+}
+
+fn entries(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn gpt2(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(BIN)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+/// Runs `gpt2 args` under bash with a file-size limit of `blocks` 512-byte blocks, as a full disk
+/// would stop it: writes past the limit fail with EFBIG (the signal that would kill it is ignored).
+fn gpt2_with_disk_limit(blocks: usize, args: &[&str]) -> Result<Output> {
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect();
+    let script = format!(
+        "trap '' XFSZ; ulimit -f {blocks}; exec '{BIN}' {}",
+        quoted.join(" ")
+    );
+    Ok(Command::new("bash")
+        .args(["-c", &script])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()?)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Exit code `code`, and stderr one `error:` line containing `needle`, no panic, no backtrace.
+fn assert_error(out: &Output, code: i32, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "exit code: {err}");
+    // A random-weight layout says so first; that is the only other line allowed.
+    let lines: Vec<&str> = err
+        .trim_end()
+        .lines()
+        .filter(|l| !(l.starts_with("warning: ") && l.contains("random weights")))
+        .collect();
+    assert_eq!(lines.len(), 1, "not one line: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "`{needle}` not in: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+fn tiny() -> String {
+    fixture("tiny").display().to_string()
+}
+
+// -------------------------------------------------------------------------------------------
+// Outputs: a full disk, a closed pipe
+
+#[test]
+fn png_on_a_full_disk_is_an_error_and_leaves_nothing() -> Result {
+    // /dev/full: every write fails with ENOSPC. The PNG writer used to swallow it and say
+    // "written" with rc 0.
+    let out = gpt2(&[
+        "inspect-heads",
+        "--model-dir",
+        &tiny(),
+        "--layer",
+        "1",
+        "--format",
+        "png",
+        "--out",
+        "/dev/full",
+        "--prompt",
+        "The cat sat on the mat",
+    ])?;
+    assert_error(&out, 1, "/dev/full");
+    // A regular file on a disk that fills up: no PNG (not even a truncated one), no temporary.
+    let dir = scratch("png-full");
+    let path = dir.join("heads.png");
+    let out = gpt2_with_disk_limit(
+        8,
+        &[
+            "inspect-heads",
+            "--model-dir",
+            &tiny(),
+            "--format",
+            "png",
+            "--out",
+            path.to_str().ok_or("p")?,
+            "--prompt",
+            "The cat sat on the mat",
+        ],
+    )?;
+    assert_error(&out, 1, "heads.png");
+    assert_eq!(entries(&dir), Vec::<String>::new());
+    Ok(())
+}
+
+#[test]
+fn every_format_on_a_full_disk_leaves_no_file() -> Result {
+    for format in ["json", "html", "npy", "safetensors"] {
+        let dir = scratch(&format!("full-{format}"));
+        let path = dir.join(format!("attn.{format}"));
+        let out = gpt2_with_disk_limit(
+            2,
+            &[
+                "inspect-heads",
+                "--model-dir",
+                &tiny(),
+                "--format",
+                format,
+                "--out",
+                path.to_str().ok_or("p")?,
+                "--prompt",
+                &"The cat sat on the mat. ".repeat(4),
+            ],
+        )?;
+        assert_error(&out, 1, &format!("attn.{format}"));
+        assert_eq!(entries(&dir), Vec::<String>::new(), "{format}");
+    }
+    Ok(())
+}
+
+#[test]
+fn npy_into_a_folder_is_refused_and_leaves_no_sidecar() -> Result {
+    let dir = scratch("npy-folder");
+    let target = dir.join("out");
+    std::fs::create_dir_all(&target)?;
+    let out = gpt2(&[
+        "inspect-heads",
+        "--model-dir",
+        &tiny(),
+        "--format",
+        "npy",
+        "--out",
+        target.to_str().ok_or("p")?,
+        "--prompt",
+        "x y",
+    ])?;
+    assert_error(&out, 2, "is a folder");
+    assert_eq!(entries(&dir), ["out"]);
+    Ok(())
+}
+
+#[test]
+fn out_cannot_be_the_models_own_file() -> Result {
+    let dir = scratch("own-file");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("tiny").join(f), dir.join(f))?;
+    }
+    let weights = dir.join("model.safetensors");
+    let before = std::fs::read(&weights)?;
+    let out = gpt2(&[
+        "inspect-heads",
+        "--model-dir",
+        dir.to_str().ok_or("p")?,
+        "--format",
+        "safetensors",
+        "--out",
+        weights.to_str().ok_or("p")?,
+        "--prompt",
+        "x y",
+    ])?;
+    assert_error(&out, 2, "one of the model's own files");
+    assert_eq!(std::fs::read(&weights)?, before);
+    Ok(())
+}
+
+/// Runs `args` with stdout a pipe whose reader is already gone.
+fn with_closed_stdout(args: &[&str]) -> Result<Output> {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err)?;
+    }
+    let status = child.wait()?;
+    Ok(Output {
+        status,
+        stdout: Vec::new(),
+        stderr: err.into_bytes(),
+    })
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() -> Result {
+    let gpt2_layout = layout("gpt2");
+    let tiny_layout = layout("tiny");
+    let cases: [&[&str]; 4] = [
+        &["info", "--config", &gpt2_layout],
+        &["info", "--config", &gpt2_layout, "--json"],
+        &[
+            "bench",
+            "--config",
+            &tiny_layout,
+            "--prompt-tokens",
+            "4",
+            "--new-tokens",
+            "2",
+            "--runs",
+            "1",
+        ],
+        &[
+            "generate",
+            "--model-dir",
+            &tiny(),
+            "--prompt",
+            "Hello",
+            "-n",
+            "50",
+            "--ignore-eos",
+        ],
+    ];
+    for args in cases {
+        for _ in 0..3 {
+            let out = with_closed_stdout(args)?;
+            let err = stderr(&out);
+            assert!(
+                !err.contains("panicked") && !err.contains("error"),
+                "{args:?}: {err}"
+            );
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_full_stdout_is_an_error() -> Result {
+    let file = std::fs::OpenOptions::new().write(true).open("/dev/full")?;
+    let out = Command::new(BIN)
+        .args(["info", "--config", &layout("gpt2")])
+        .stdout(file)
+        .output()?;
+    assert_error(&out, 1, "No space left on device");
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------
+// Numbers
+
+#[test]
+fn huge_token_counts_are_errors_not_panics() -> Result {
+    let out = gpt2(&[
+        "bench",
+        "--config",
+        &layout("tiny"),
+        "--prompt-tokens",
+        "18446744073709551614",
+        "--new-tokens",
+        "4",
+    ])?;
+    assert_error(&out, 2, "--prompt-tokens");
+    let out = gpt2(&[
+        "info",
+        "--config",
+        &layout("gpt2"),
+        "--context",
+        "18446744073709551615",
+    ])?;
+    assert_error(
+        &out,
+        2,
+        "--context 18446744073709551615 is beyond the model's 1024 positions",
+    );
+    let out = gpt2(&[
+        "generate",
+        "--model-dir",
+        &tiny(),
+        "--prompt",
+        "x",
+        "-n",
+        "-1",
+    ])?;
+    assert_error(&out, 2, "invalid value '-1'");
+    Ok(())
+}
+
+#[test]
+fn too_many_samples_are_refused_with_the_bytes_they_need() -> Result {
+    let out = gpt2(&[
+        "generate",
+        "--model-dir",
+        &tiny(),
+        "--prompt",
+        "x",
+        "--num-samples",
+        "100000000",
+    ])?;
+    assert_error(&out, 2, "--num-samples 100000000 needs ");
+    assert!(stderr(&out).contains(" bytes ("), "{}", stderr(&out));
+    let out = gpt2(&[
+        "generate",
+        "--config",
+        &layout("gpt2"),
+        "--prompt",
+        "x",
+        "--num-samples",
+        "100000",
+    ])?;
+    assert_error(&out, 2, "--num-samples 100000 needs ");
+    Ok(())
+}
+
+#[test]
+fn a_layout_too_big_for_memory_is_refused_before_allocating() -> Result {
+    let dir = scratch("huge-layout");
+    let path = dir.join("huge.json");
+    std::fs::write(
+        &path,
+        r#"{"_comment": "far too big", "n_embd": 1048576, "n_head": 16, "n_layer": 64}"#,
+    )?;
+    let out = gpt2(&[
+        "generate",
+        "--config",
+        path.to_str().ok_or("p")?,
+        "--prompt",
+        "x",
+        "-n",
+        "1",
+    ])?;
+    assert_error(&out, 1, "--config");
+    let err = stderr(&out);
+    assert!(
+        err.contains("the weights (F32) needs ") && err.contains("bytes"),
+        "{err}"
+    );
+    Ok(())
+}
+
+fn generate_json(extra: &[&str]) -> Result<Vec<Value>> {
+    let dir = tiny();
+    let mut args = vec!["generate", "--model-dir", &dir, "--json"];
+    args.extend_from_slice(extra);
+    let out = gpt2(&args)?;
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?)
+}
+
+#[test]
+fn tiny_temperatures_are_greedy_and_tiny_penalties_are_not_an_error() -> Result {
+    let prompt = ["--prompt", "The cat sat on the", "-n", "12", "--ignore-eos"];
+    let greedy = generate_json(&[&prompt[..], &["--temperature", "0"]].concat())?;
+    for extra in [
+        &["--temperature", "1e-40"][..],
+        &["--temperature", "1e-40", "--top-k", "1"],
+        &["--temperature", "1e-30", "--top-p", "0.5"],
+    ] {
+        let got = generate_json(&[&prompt[..], extra].concat())?;
+        assert_eq!(
+            got[0]["completion_token_ids"], greedy[0]["completion_token_ids"],
+            "{extra:?}"
+        );
+    }
+    for penalty in ["1e-45", "1e30"] {
+        let got =
+            generate_json(&[&prompt[..], &["--repeat-penalty", penalty, "--seed", "1"]].concat())?;
+        assert_eq!(
+            got[0]["completion_token_ids"].as_array().map(Vec::len),
+            Some(12)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn stats_count_what_was_generated() -> Result {
+    // -n 1: the only token comes from the prefill; there is no decode rate to report.
+    let one = generate_json(&["--prompt", "Hello", "-n", "1"])?;
+    assert!(
+        one[0]["timings"]["decode_tokens_per_s"].is_null(),
+        "{}",
+        one[0]
+    );
+    // Past the 128 positions the window slides: re-run tokens are not "decoded" tokens.
+    let long = generate_json(&[
+        "--prompt",
+        "Hello",
+        "-n",
+        "200",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+    ])?;
+    let t = &long[0]["timings"];
+    assert_eq!(t["generated_tokens"], 200, "{t}");
+    assert_eq!(t["decode_tokens"], 199, "{t}");
+    assert!(
+        t["reprefill_tokens"].as_u64().is_some_and(|n| n >= 63),
+        "{t}"
+    );
+    let rate = t["decode_tokens_per_s"].as_f64().ok_or("rate")?;
+    let ms = t["decode_ms"].as_f64().ok_or("ms")?;
+    assert!((rate - 199.0 / (ms / 1e3)).abs() < 1e-6 * rate, "{t}");
+    Ok(())
+}
+
+#[test]
+fn stop_strings_understand_escapes() -> Result {
+    let base = [
+        "--prompt",
+        "Hello",
+        "-n",
+        "30",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+    ];
+    let full = generate_json(&base)?;
+    let text = full[0]["completion"].as_str().ok_or("completion")?;
+    // A character from the middle of the text, spelled as an escape.
+    let c = text.chars().nth(6).ok_or("short")?;
+    let stop = format!("\\u{{{:x}}}", c as u32);
+    let got = generate_json(&[&base[..], &["--stop", &stop]].concat())?;
+    assert_eq!(got[0]["finish_reason"], "stop", "{stop}: {}", got[0]);
+    let cut: String = text.chars().take_while(|&x| x != c).collect();
+    assert_eq!(got[0]["completion"], cut);
+    // --no-escape takes it literally: that text never comes.
+    let got = generate_json(&[&base[..], &["--stop", &stop, "--no-escape"]].concat())?;
+    assert_eq!(got[0]["finish_reason"], "length");
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------
+// Checkpoints that are not weights
+
+fn folder_with(name: &str, config: &Config, tensors: &HashMap<String, Tensor>) -> Result<PathBuf> {
+    let dir = scratch(name);
+    std::fs::write(dir.join("config.json"), serde_json::to_string(config)?)?;
+    std::fs::copy(
+        fixture("tiny").join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )?;
+    candle_core::safetensors::save(tensors, dir.join("model.safetensors"))?;
+    Ok(dir)
+}
+
+fn small_config() -> Config {
+    Config {
+        vocab_size: 512,
+        n_positions: 16,
+        n_embd: 16,
+        n_layer: 1,
+        n_head: 2,
+        bos_token_id: 511,
+        eos_token_id: 511,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn nan_weights_and_integer_tensors_are_refused_at_load() -> Result {
+    let config = small_config();
+    let good = random_checkpoint(&config, 1)?;
+    let run = |dir: &Path| {
+        gpt2(&[
+            "generate",
+            "--model-dir",
+            dir.to_str().unwrap_or(""),
+            "--prompt",
+            "a",
+            "-n",
+            "3",
+            "--temperature",
+            "0",
+        ])
+    };
+
+    let mut nan = good.clone();
+    let w = &nan["h.0.mlp.c_fc.weight"];
+    let mut v = w.flatten_all()?.to_vec1::<f32>()?;
+    v[17] = f32::NAN;
+    nan.insert(
+        "h.0.mlp.c_fc.weight".into(),
+        Tensor::from_vec(v, w.dims(), w.device())?,
+    );
+    assert_error(
+        &run(&folder_with("nan", &config, &nan)?)?,
+        1,
+        "h.0.mlp.c_fc.weight",
+    );
+
+    let mut inf = good.clone();
+    inf.insert(
+        "ln_f.bias".into(),
+        (inf["ln_f.bias"].clone() + f64::INFINITY)?,
+    );
+    assert_error(&run(&folder_with("inf", &config, &inf)?)?, 1, "ln_f.bias");
+
+    for dtype in [DType::I64, DType::U8] {
+        let mut ints = good.clone();
+        let t = ints["wpe.weight"].to_dtype(dtype)?;
+        ints.insert("wpe.weight".into(), t);
+        let out = run(&folder_with(&format!("{dtype:?}"), &config, &ints)?)?;
+        assert_error(&out, 1, "wpe.weight");
+        assert!(stderr(&out).contains("floating point"), "{}", stderr(&out));
+    }
+    // A float checkpoint in f64 is cast, as transformers casts to torch_dtype.
+    let f64s: HashMap<String, Tensor> = good
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F64)?)))
+        .collect::<std::result::Result<_, candle_core::Error>>()?;
+    let out = run(&folder_with("f64", &config, &f64s)?)?;
+    let want = run(&folder_with("f32", &config, &good)?)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, want.stdout);
+    Ok(())
+}
+
+#[test]
+fn misleading_messages_say_what_is_wrong() -> Result {
+    let dir = scratch("messages");
+    // A model "folder" that is a file.
+    let file = dir.join("a-file");
+    std::fs::write(&file, "x")?;
+    let f = file.to_str().ok_or("p")?;
+    assert_error(
+        &gpt2(&["generate", "--model-dir", f, "--prompt", "x"])?,
+        1,
+        "is a file, not a folder",
+    );
+    // A dangling model.safetensors link.
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken)?;
+    for name in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixture("tiny").join(name), broken.join(name))?;
+    }
+    std::os::unix::fs::symlink(
+        broken.join("gone.safetensors"),
+        broken.join("model.safetensors"),
+    )?;
+    let b = broken.to_str().ok_or("p")?;
+    assert_error(
+        &gpt2(&["generate", "--model-dir", b, "--prompt", "x"])?,
+        1,
+        "broken symlink",
+    );
+    // Weights that cannot be read are a read error, not "not a valid safetensors file"; and the
+    // OS's words appear once.
+    std::fs::remove_file(broken.join("model.safetensors"))?;
+    std::fs::create_dir_all(broken.join("model.safetensors"))?;
+    let index = broken.join("model.safetensors.index.json");
+    std::fs::write(
+        &index,
+        r#"{"weight_map": {"wte.weight": "model.safetensors"}}"#,
+    )?;
+    let out = gpt2(&["generate", "--model-dir", b, "--prompt", "x"])?;
+    let err = stderr(&out);
+    assert!(!err.contains("not a valid safetensors"), "{err}");
+    assert!(err.matches("(os error").count() <= 1, "{err}");
+    // A shard index that points outside the folder is refused without reading the file.
+    std::fs::remove_dir_all(broken.join("model.safetensors"))?;
+    std::fs::write(
+        &index,
+        r#"{"weight_map": {"wte.weight": "../../../../../../etc/passwd"}}"#,
+    )?;
+    let out = gpt2(&["generate", "--model-dir", b, "--prompt", "x"])?;
+    assert_error(&out, 1, "outside the model folder");
+    // --model and --model-dir together.
+    let out = gpt2(&[
+        "generate",
+        "--model",
+        "gpt2-xl",
+        "--model-dir",
+        &tiny(),
+        "--prompt",
+        "x",
+    ])?;
+    assert_error(&out, 2, "cannot be used with");
+    Ok(())
+}
+
+#[test]
+fn a_token_never_appears_in_any_output() -> Result {
+    let secret = "hf_SecretTokenValue123";
+    for token in [
+        format!("{secret}\nrest"),
+        format!("{secret} rest"),
+        secret.to_string(),
+    ] {
+        let out = Command::new(BIN)
+            .args(["generate", "--model", "org/private", "--prompt", "x"])
+            .env_remove("HF_HUB_OFFLINE")
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env("HF_HOME", scratch("token"))
+            .env("HF_TOKEN", &token)
+            .output()?;
+        let all = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+        assert!(!all.contains("SecretTokenValue"), "{all}");
+        assert_error(&out, 1, "");
+    }
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------
+// Threads, interrupts, the exit-code contract
+
+#[test]
+fn threads_follow_the_cpus_the_process_may_use() -> Result {
+    let out = Command::new("taskset")
+        .args([
+            "-c",
+            "0",
+            BIN,
+            "bench",
+            "--config",
+            &layout("tiny"),
+            "--prompt-tokens",
+            "4",
+            "--new-tokens",
+            "2",
+            "--runs",
+            "1",
+            "--json",
+        ])
+        .env_remove("RAYON_NUM_THREADS")
+        .output()?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["threads"], 1, "{v}");
+    Ok(())
+}
+
+/// Starts `args`, waits until stdout has `bytes` bytes, sends SIGINT, and returns the output.
+fn interrupt(args: &[&str], bytes: usize) -> Result<Output> {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdout = child.stdout.take().ok_or("stdout")?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let start = Instant::now();
+    while seen.len() < bytes {
+        let n = stdout.read(&mut buf)?;
+        if n == 0 || start.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status()?;
+    stdout.read_to_end(&mut seen)?;
+    let mut err = Vec::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_end(&mut err)?;
+    }
+    Ok(Output {
+        status: child.wait()?,
+        stdout: seen,
+        stderr: err,
+    })
+}
+
+#[test]
+fn ctrl_c_keeps_the_text_and_the_stats() -> Result {
+    let args = [
+        "generate",
+        "--model-dir",
+        &tiny(),
+        "--prompt",
+        "Hello",
+        "-n",
+        "100000000",
+        "--ignore-eos",
+    ];
+    let out = interrupt(&args, 200)?;
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Hello"));
+    let err = stderr(&out);
+    assert!(
+        err.contains("generated: ") && !err.contains("panicked"),
+        "{err}"
+    );
+    // --json (two samples, so nothing streams): each object so far, marked interrupted.
+    let mut child = Command::new(BIN)
+        .args([
+            "generate",
+            "--model-dir",
+            &tiny(),
+            "--prompt",
+            "Hello",
+            "-n",
+            "100000000",
+            "--ignore-eos",
+            "--json",
+            "--num-samples",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    let mut text = String::new();
+    child
+        .stdout
+        .take()
+        .ok_or("stdout")?
+        .read_to_string(&mut text)?;
+    assert_eq!(child.wait()?.code(), Some(130));
+    let lines: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    assert_eq!(lines.len(), 2, "{text}");
+    for l in &lines {
+        assert_eq!(l["finish_reason"], "interrupted");
+        assert!(l["completion_token_ids"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()));
+    }
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_during_an_export_leaves_no_file() -> Result {
+    let dir = scratch("interrupted-npy");
+    let path = dir.join("attn.npy");
+    // A long run: 16 layers of 8 heads over 400 tokens, written block by block.
+    let layout_path = dir.join("deep.json");
+    std::fs::write(
+        &layout_path,
+        r#"{"_comment": "slow to inspect", "n_embd": 256, "n_head": 8, "n_layer": 16, "n_positions": 512, "vocab_size": 512, "bos_token_id": 511, "eos_token_id": 511}"#,
+    )?;
+    let mut child = Command::new(BIN)
+        .args([
+            "inspect-heads",
+            "--config",
+            layout_path.to_str().ok_or("p")?,
+            "--layer",
+            "all",
+            "--format",
+            "npy",
+            "--out",
+            path.to_str().ok_or("p")?,
+            "--prompt",
+            &"abcd".repeat(100),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Wait for the temporary file to appear, then interrupt.
+    let start = Instant::now();
+    while entries(&dir).len() < 2 && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert_eq!(child.wait()?.code(), Some(130));
+    assert_eq!(entries(&dir), ["deep.json"]);
+    Ok(())
+}
+
+#[test]
+fn exit_codes_are_a_contract() -> Result {
+    let t = tiny();
+    // 0: success.
+    assert_eq!(
+        gpt2(&["info", "--config", &layout("tiny")])?.status.code(),
+        Some(0)
+    );
+    // 2: usage (clap's and ours).
+    for args in [
+        &["generate", "--no-such-flag"][..],
+        &[
+            "generate",
+            "--model-dir",
+            &t,
+            "--prompt",
+            "x",
+            "--temperature",
+            "-1",
+        ],
+        &[
+            "inspect-heads",
+            "--model-dir",
+            &t,
+            "--prompt",
+            "x",
+            "--layer",
+            "9",
+        ],
+    ] {
+        let out = gpt2(args)?;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).starts_with("error:"), "{}", stderr(&out));
+    }
+    // 1: runtime (a missing folder), one line even with RUST_BACKTRACE=1.
+    assert_error(
+        &gpt2(&["generate", "--model-dir", "/no/such/dir", "--prompt", "x"])?,
+        1,
+        "/no/such/dir",
+    );
+    Ok(())
+}
