@@ -100,12 +100,13 @@ impl fmt::Display for BenchReport<'_> {
         let c = m.config();
         writeln!(
             f,
-            "model       {} ({} layers, {} heads x {}, {:?})",
+            "model       {} ({} layers, {} heads x {}, {} weights, {:.0} MB)",
             self.loaded.name,
             c.n_layer,
             c.n_head,
             c.head_size(),
-            m.dtype()
+            m.weights_label(),
+            m.weight_bytes() as f64 / 1e6
         )?;
         writeln!(
             f,

@@ -1,6 +1,6 @@
 //! One pre-LN transformer block: `x = x + attn(ln_1(x))`, then `x = x + mlp(ln_2(x))`.
 
-use candle_core::{Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::attention::Attention;
@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::layer_norm::LayerNorm;
 use crate::mlp::Mlp;
+use crate::model::{LayerHook, Point};
 
 pub(crate) struct Block {
     ln_1: LayerNorm,
@@ -29,19 +30,39 @@ impl Block {
         })
     }
 
-    /// (B, T, C) -> (B, T, C), and the attention probabilities when `capture`.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        self.attn.weight_bytes() + self.mlp.weight_bytes()
+    }
+
+    pub(crate) fn head_output_weights(
+        &self,
+        h: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        self.attn.head_output_weights(h, device)
+    }
+
+    /// (B, T, C) at positions `past..past + T` -> (B, T, C).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
-        capture: bool,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let (a, probs) = self
+        past: usize,
+        mut hook: Option<LayerHook<'_>>,
+    ) -> Result<Tensor> {
+        let a = self
             .attn
-            .forward(&self.ln_1.forward(x)?, mask, cache, capture)?;
+            .forward(&self.ln_1.forward(x)?, mask, cache, past, hook.as_mut())?;
         let x = (x + a)?;
-        let x = (&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?;
-        Ok((x, probs))
+        let mut m = self.mlp.forward(&self.ln_2.forward(&x)?)?;
+        if let Some(h) = hook.as_mut() {
+            h.at(Point::MlpOut, &mut m)?;
+        }
+        let mut x = (&x + m)?;
+        if let Some(h) = hook.as_mut() {
+            h.at(Point::ResidPost, &mut x)?;
+        }
+        Ok(x)
     }
 }

@@ -1,41 +1,38 @@
-//! Reading GPT-2 weights: memory-mapped safetensors (one file or shards) or an in-memory map.
+//! Reading GPT-2 weights: memory-mapped safetensors (one file or shards), an in-memory map, or
+//! seeded random numbers, into the storage each layer runs from.
 //!
 //! Every checkpoint quirk is handled here, once:
 //! - names come with or without the `transformer.` prefix (`save_pretrained` writes it, the Hub's
 //!   `openai-community/gpt2` does not);
-//! - HF `Conv1D` weights are stored (in, out); candle's `Linear` wants (out, in);
+//! - HF `Conv1D` weights are stored (in, out), which is how [`Linear`] reads them;
 //! - `attn.bias` / `attn.masked_bias` are old mask buffers, not parameters: ignored;
-//! - `lm_head.weight` is optional: absent, the head is tied to `wte`.
+//! - `lm_head.weight` is optional: absent, the head is tied to `wte`;
+//! - a float dtype other than the target is converted (f64 included); an integer or boolean
+//!   tensor, a NaN or an infinity is refused, naming the tensor.
+//!
+//! On the CPU, an f32 weight that the model keeps in f32 is not copied: the layer reads the
+//! mapped file. (As with every mmap loader, llama.cpp's and candle's included, the file must not
+//! be truncated while the model lives; `LoadOptions::mmap = false` copies instead.) Weights
+//! converted at load are streamed a chunk at a time and the file's pages given back as they are
+//! read, so memory holds one copy of the weights in their final form.
 //!
 //! Pickle (`pytorch_model.bin`) is never read.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype as StDtype, TensorInfo};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layer_norm::LayerNorm;
-use crate::linear::Linear;
+use crate::linear::quant::{QuantKind, QuantMatrix};
+use crate::linear::{Buf, HostElems, Linear, Matrix};
 use crate::rng::{hash_name, SplitMix64};
 use crate::tokenizer::TokenizerFiles;
-
-enum Source {
-    /// One mmap per file, and which file holds each tensor name.
-    Files {
-        files: Vec<(PathBuf, MmapedSafetensors)>,
-        routing: HashMap<String, usize>,
-    },
-    Map(HashMap<String, Tensor>),
-    /// Tensors made on demand, one at a time, so a random model never exists twice in memory
-    /// (an f32 copy next to the model's dtype would not fit for a 7B layout).
-    Random {
-        seed: u64,
-        layout: HashMap<String, Vec<usize>>,
-    },
-}
 
 /// The files of a model, on local disk.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,37 +55,132 @@ pub enum Checkpoint {
     Random { seed: u64 },
 }
 
-/// Named tensors, resolved against the optional `transformer.` prefix, shape-checked and cast to
-/// the model's dtype and device as they are taken.
+/// How the big matrices are stored: a dtype, or 8/4-bit blocks (CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Storage {
+    Dtype(DType),
+    Quant(QuantKind),
+}
+
+/// Where weights go and in what form.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) storage: Storage,
+    /// The dtype of activations, and so of biases, layer norms and `wpe`.
+    pub(crate) act_dtype: DType,
+    pub(crate) device: Device,
+    /// Matrices stay on the host for the CPU kernels (else: candle tensors, for GPUs).
+    pub(crate) host: bool,
+    /// f32 weights may be read from the mapped file in place.
+    pub(crate) mmap: bool,
+}
+
+/// One memory-mapped safetensors file and its header.
+struct MappedFile {
+    path: PathBuf,
+    map: Arc<memmap2::Mmap>,
+    /// Where the data starts: after the 8-byte length and the JSON header.
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+impl MappedFile {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: mapped read-only. Like every mmap-based loader we rely on nobody truncating
+        // the file while it is mapped (see the module doc).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header, meta) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::BadCheckpoint {
+                file: path.to_path_buf(),
+                msg: e.to_string(),
+            })?;
+        let tensors = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| (name, info.clone()))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+            data_start: 8 + header,
+            tensors,
+        })
+    }
+
+    /// The byte range of a tensor in the map (validated by `read_metadata`).
+    fn range(&self, info: &TensorInfo) -> std::ops::Range<usize> {
+        self.data_start + info.data_offsets.0..self.data_start + info.data_offsets.1
+    }
+
+    /// Gives the pages of `range` back to the page cache: they were converted, and keeping them
+    /// would hold the weights twice.
+    fn release(&self, range: std::ops::Range<usize>) {
+        const PAGE: usize = 4096;
+        let (start, end) = (range.start.next_multiple_of(PAGE), range.end / PAGE * PAGE);
+        if end > start {
+            // SAFETY: a read-only, file-backed private mapping: dropping its pages only makes
+            // the next read fetch them from the file again; nothing refers to them now (the
+            // converted copy is owned).
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+}
+
+enum Source {
+    /// The files, and which file holds each tensor name.
+    Files {
+        files: Vec<MappedFile>,
+        routing: HashMap<String, usize>,
+    },
+    Map(HashMap<String, Tensor>),
+    /// Tensors made on demand, one at a time, so a random model never exists twice in memory
+    /// (an f32 copy next to the model's dtype would not fit for a 7B layout).
+    Random {
+        seed: u64,
+        layout: HashMap<String, Vec<usize>>,
+    },
+}
+
+/// Named tensors, resolved against the optional `transformer.` prefix, shape-checked, validated
+/// and stored as the [`Target`] says as they are taken.
 pub(crate) struct Weights {
     source: Source,
     prefix: &'static str,
-    dtype: DType,
-    device: Device,
+    target: Target,
 }
 
+/// A tensor's stored dtype, as far as loading cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    F32,
+    F16,
+    Bf16,
+    F64,
+}
+
+/// Elements converted at a time when streaming a tensor.
+const CHUNK: usize = 1 << 18;
+
 impl Weights {
-    /// Opens `checkpoint` for a model of `config`, to be cast to `dtype` on `device`.
-    pub(crate) fn open(
-        checkpoint: Checkpoint,
-        config: &Config,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    /// Opens `checkpoint` for a model of `config`.
+    pub(crate) fn open(checkpoint: Checkpoint, config: &Config, target: Target) -> Result<Self> {
         let source = match checkpoint {
             Checkpoint::Files(paths) => {
                 let mut files = Vec::with_capacity(paths.len());
                 let mut routing = HashMap::new();
                 for path in paths {
-                    // SAFETY: the file is mapped read-only; like every mmap-based loader
-                    // (candle's own VarBuilder included) we rely on nobody truncating it while
-                    // the model loads.
-                    let st =
-                        unsafe { MmapedSafetensors::new(&path) }.map_err(|e| bad_file(&path, e))?;
-                    for (name, _) in st.tensors() {
-                        routing.insert(name, files.len());
+                    let file = MappedFile::open(&path)?;
+                    for name in file.tensors.keys() {
+                        routing.insert(name.clone(), files.len());
                     }
-                    files.push((path, st));
+                    files.push(file);
                 }
                 Source::Files { files, routing }
             }
@@ -98,15 +190,10 @@ impl Weights {
                 layout: checkpoint_layout(config).into_iter().collect(),
             },
         };
-        Self::new(source, dtype, device)
-    }
-
-    fn new(source: Source, dtype: DType, device: &Device) -> Result<Self> {
         let mut weights = Self {
             source,
             prefix: "",
-            dtype,
-            device: device.clone(),
+            target,
         };
         if !weights.has("wte.weight") && weights.has("transformer.wte.weight") {
             weights.prefix = "transformer.";
@@ -114,12 +201,8 @@ impl Weights {
         Ok(weights)
     }
 
-    pub(crate) fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    pub(crate) fn device(&self) -> &Device {
-        &self.device
+    pub(crate) fn target(&self) -> &Target {
+        &self.target
     }
 
     fn has(&self, full_name: &str) -> bool {
@@ -144,7 +227,7 @@ impl Weights {
         match &self.source {
             Source::Files { files, routing } => {
                 let i = routing.get(full_name).copied().unwrap_or(0);
-                files.get(i).map(|(p, _)| p.clone()).unwrap_or_default()
+                files.get(i).map(|f| f.path.clone()).unwrap_or_default()
             }
             Source::Map(_) | Source::Random { .. } => PathBuf::from("<in-memory weights>"),
         }
@@ -163,20 +246,47 @@ impl Weights {
         self.resolve(name).is_some()
     }
 
-    /// Takes tensor `name`, checking it has `shape`, cast to the model's dtype and device.
-    pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    fn bad(&self, full: &str, msg: String) -> Error {
+        Error::BadTensor {
+            file: self.file_of(full),
+            name: full.to_string(),
+            msg,
+        }
+    }
+
+    /// The stored name of `name`, checked to have `shape` and a float dtype.
+    fn find(&self, name: &str, shape: &[usize]) -> Result<(String, Stored)> {
         let full = self.resolve(name).ok_or_else(|| Error::MissingTensor {
             name: format!("{}{name}", self.prefix),
             file: self.file_of(""),
         })?;
-        let found: Vec<usize> = match &self.source {
+        let (found, stored) = match &self.source {
             Source::Files { files, routing } => {
-                let (path, st) = &files[routing[&full]];
-                let view = st.get(&full).map_err(|e| bad_file(path, e))?;
-                view.shape().to_vec()
+                let info = &files[routing[&full]].tensors[&full];
+                let stored = match info.dtype {
+                    StDtype::F32 => Some(Stored::F32),
+                    StDtype::F16 => Some(Stored::F16),
+                    StDtype::BF16 => Some(Stored::Bf16),
+                    StDtype::F64 => Some(Stored::F64),
+                    _ => None,
+                };
+                (
+                    info.shape.clone(),
+                    stored.ok_or(format!("{:?}", info.dtype)),
+                )
             }
-            Source::Map(map) => map[&full].dims().to_vec(),
-            Source::Random { layout, .. } => layout[&full].clone(),
+            Source::Map(map) => {
+                let t = &map[&full];
+                let stored = match t.dtype() {
+                    DType::F32 => Ok(Stored::F32),
+                    DType::F16 => Ok(Stored::F16),
+                    DType::BF16 => Ok(Stored::Bf16),
+                    DType::F64 => Ok(Stored::F64),
+                    d => Err(format!("{d:?}")),
+                };
+                (t.dims().to_vec(), stored)
+            }
+            Source::Random { layout, .. } => (layout[&full].clone(), Ok(Stored::F32)),
         };
         if found != shape {
             return Err(Error::ShapeMismatch {
@@ -186,38 +296,226 @@ impl Weights {
                 file: self.file_of(&full),
             });
         }
-        let tensor = match &self.source {
-            Source::Files { files, routing } => {
-                let (path, st) = &files[routing[&full]];
-                let t = st
-                    .load(&full, &Device::Cpu)
-                    .map_err(|e| bad_file(path, e))?;
-                check_weight(&t, &full, path)?;
-                t.to_device(&self.device)?
-            }
-            Source::Map(map) => {
-                check_weight(&map[&full], &full, Path::new("<in-memory weights>"))?;
-                map[&full].to_device(&self.device)?
-            }
-            Source::Random { seed, .. } => {
-                random_tensor(&full, shape, *seed)?.to_device(&self.device)?
-            }
-        };
+        let stored = stored.map_err(|d| {
+            self.bad(
+                &full,
+                format!("has dtype {d}; weights must be floating point (F32, F16, BF16 or F64)"),
+            )
+        })?;
         crate::interrupt::check()?;
-        Ok(tensor.to_dtype(self.dtype)?)
+        Ok((full, stored))
     }
 
-    /// An HF `Conv1D` (`y = x W + b`, `W` stored (in, out)) as a candle `Linear` (weight (out, in)).
+    /// The values of `full` as f32, a chunk of at most [`CHUNK`] at a time, each checked to be
+    /// finite before `f` sees it (offset in elements, values). A file's pages are given back
+    /// after each chunk unless `keep`.
+    fn stream(
+        &self,
+        full: &str,
+        stored: Stored,
+        keep: bool,
+        mut f: impl FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let check = |offset: usize, v: &[f32]| -> Result<()> {
+            match v.iter().position(|x| !x.is_finite()) {
+                Some(i) => Err(self.bad(
+                    full,
+                    format!(
+                        "holds {} at flat index {}; weights must be finite numbers",
+                        v[i],
+                        offset + i
+                    ),
+                )),
+                None => Ok(()),
+            }
+        };
+        match &self.source {
+            Source::Files { files, routing } => {
+                let file = &files[routing[full]];
+                let range = file.range(&file.tensors[full]);
+                let bytes = &file.map[range.clone()];
+                let size = match stored {
+                    Stored::F32 => 4,
+                    Stored::F16 | Stored::Bf16 => 2,
+                    Stored::F64 => 8,
+                };
+                let mut buf = Vec::with_capacity(CHUNK);
+                for (c, part) in bytes.chunks(CHUNK * size).enumerate() {
+                    buf.clear();
+                    buf.extend(part.chunks_exact(size).map(|b| decode(b, stored)));
+                    check(c * CHUNK, &buf)?;
+                    f(c * CHUNK, &buf)?;
+                    if !keep {
+                        let start = range.start + c * CHUNK * size;
+                        file.release(start..start + part.len());
+                    }
+                }
+                Ok(())
+            }
+            Source::Map(map) => {
+                let v = map[full]
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
+                check(0, &v)?;
+                f(0, &v)
+            }
+            Source::Random { seed, layout } => {
+                let t = random_tensor(full, &layout[full], *seed)?;
+                f(0, &t.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+
+    /// All values of `full` as f32 (borrowed from the map when they are f32 there), checked.
+    fn values(&self, full: &str, stored: Stored) -> Result<Cow<'_, [f32]>> {
+        if let (Source::Files { files, routing }, Stored::F32) = (&self.source, stored) {
+            let file = &files[routing[full]];
+            if let Ok(v) =
+                bytemuck::try_cast_slice::<u8, f32>(&file.map[file.range(&file.tensors[full])])
+            {
+                if let Some(i) = first_non_finite(v) {
+                    return Err(self.bad(
+                        full,
+                        format!(
+                            "holds {} at flat index {i}; weights must be finite numbers",
+                            v[i]
+                        ),
+                    ));
+                }
+                return Ok(Cow::Borrowed(v));
+            }
+        }
+        let mut all = Vec::new();
+        self.stream(full, stored, false, |_, v| {
+            all.extend_from_slice(v);
+            Ok(())
+        })?;
+        Ok(Cow::Owned(all))
+    }
+
+    /// Takes tensor `name`, checking it has `shape`, as a tensor of the activations' dtype on the
+    /// target device: biases, layer norms, `wpe`.
+    pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (full, stored) = self.find(name, shape)?;
+        let v = self.values(&full, stored)?.into_owned();
+        let t = Tensor::from_vec(v, shape, &Device::Cpu)?;
+        Ok(t.to_dtype(self.target.act_dtype)?
+            .to_device(&self.target.device)?)
+    }
+
+    /// Matrix `name` of `shape` (rows, cols) as stored, in the target storage. `rows_are_outputs`:
+    /// the stored rows are output units (`wte`: (vocab, C)); else they are inputs (`Conv1D`:
+    /// (in, out)).
+    pub(crate) fn matrix(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        rows_are_outputs: bool,
+    ) -> Result<Matrix> {
+        let (full, stored) = self.find(name, &shape)?;
+        let [rows, cols] = shape;
+        let (k, n) = if rows_are_outputs {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let t = &self.target;
+        if !t.host {
+            let v = self.values(&full, stored)?.into_owned();
+            let w = Tensor::from_vec(v, (rows, cols), &Device::Cpu)?;
+            let dtype = match t.storage {
+                Storage::Dtype(d) => d,
+                Storage::Quant(_) => DType::F32,
+            };
+            let w = w.to_dtype(dtype)?.to_device(&t.device)?;
+            // The tensor path multiplies by (in, out).
+            return Ok(Matrix::Tensor(if rows_are_outputs { w.t()? } else { w }));
+        }
+        let host = |e: HostElems| {
+            if rows_are_outputs {
+                Matrix::OutIn(e)
+            } else {
+                Matrix::InOut(e)
+            }
+        };
+        match t.storage {
+            Storage::Dtype(DType::F32) => {
+                if let (Source::Files { files, routing }, Stored::F32, true) =
+                    (&self.source, stored, t.mmap)
+                {
+                    let file = &files[routing[&full]];
+                    let range = file.range(&file.tensors[&full]);
+                    if let Some(buf) = Buf::<f32>::mapped(&file.map, range) {
+                        if let Some(i) = first_non_finite(buf.as_slice()) {
+                            let v = buf.as_slice()[i];
+                            return Err(self.bad(
+                                &full,
+                                format!(
+                                    "holds {v} at flat index {i}; weights must be finite numbers"
+                                ),
+                            ));
+                        }
+                        return Ok(host(HostElems::F32(buf)));
+                    }
+                }
+                let v = self.values(&full, stored)?.into_owned();
+                Ok(host(HostElems::F32(Buf::owned(v))))
+            }
+            Storage::Dtype(d @ (DType::F16 | DType::BF16)) => {
+                let mut bits: Vec<u16> = Vec::with_capacity(rows * cols);
+                self.stream(&full, stored, false, |_, v| {
+                    if d == DType::F16 {
+                        bits.extend(v.iter().map(|x| half::f16::from_f32(*x).to_bits()));
+                    } else {
+                        bits.extend(v.iter().map(|x| half::bf16::from_f32(*x).to_bits()));
+                    }
+                    Ok(())
+                })?;
+                let buf = Buf::owned(bits);
+                Ok(host(if d == DType::F16 {
+                    HostElems::F16(buf)
+                } else {
+                    HostElems::Bf16(buf)
+                }))
+            }
+            Storage::Dtype(d) => Err(Error::Input(format!("unsupported weight dtype {d:?}"))),
+            Storage::Quant(kind) => {
+                if !k.is_multiple_of(crate::linear::quant::BLOCK) {
+                    return Err(Error::param(
+                        "quantize",
+                        format!("needs inputs in multiples of 32, but `{full}` has {k}"),
+                    ));
+                }
+                let v = self.values(&full, stored)?;
+                let q = if rows_are_outputs {
+                    QuantMatrix::quantize(kind, n, k, |j, out| {
+                        out.copy_from_slice(&v[j * k..(j + 1) * k])
+                    })
+                } else {
+                    // (in, out) stored: output row j is column j.
+                    QuantMatrix::quantize(kind, n, k, |j, out| {
+                        out.iter_mut()
+                            .enumerate()
+                            .for_each(|(kk, o)| *o = v[kk * n + j])
+                    })
+                };
+                Ok(Matrix::Quant(Arc::new(q)))
+            }
+        }
+    }
+
+    /// An HF `Conv1D` (`y = x W + b`, `W` stored (in, out)).
     pub(crate) fn conv1d(&self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
-        let w = self.get(&format!("{name}.weight"), &[d_in, d_out])?;
+        let w = self.matrix(&format!("{name}.weight"), [d_in, d_out], false)?;
         let b = self.get(&format!("{name}.bias"), &[d_out])?;
-        Ok(Linear::new(w.t()?.contiguous()?, Some(b)))
+        Ok(Linear::new(w, Some(b), d_in, d_out)?)
     }
 
     pub(crate) fn layer_norm(&self, name: &str, size: usize, eps: f64) -> Result<LayerNorm> {
         let w = self.get(&format!("{name}.weight"), &[size])?;
         let b = self.get(&format!("{name}.bias"), &[size])?;
-        Ok(LayerNorm::new(w, b, eps))
+        Ok(LayerNorm::new(w, b, eps)?)
     }
 
     /// Fails if the checkpoint holds layers beyond `n_layer`: a config that contradicts the weights
@@ -242,55 +540,27 @@ impl Weights {
     }
 }
 
-/// Refuses a tensor that cannot be a weight: an integer or boolean dtype (a float is cast to the
-/// model's dtype, as transformers' `torch_dtype` does; an integer would silently become nonsense),
-/// or a NaN or an infinity, which would make every logit NaN (greedy "!!!!", rc 0).
-fn check_weight(t: &Tensor, name: &str, file: &Path) -> Result<()> {
-    let bad = |msg: String| Error::BadTensor {
-        file: file.to_path_buf(),
-        name: name.to_string(),
-        msg,
-    };
-    if !t.dtype().is_float() {
-        return Err(bad(format!(
-            "has dtype {:?}; weights must be floating point (F32, F16, BF16 or F64)",
-            t.dtype()
-        )));
-    }
-    // One pass over the values: f32 holds every f16/bf16 value, and an f64 beyond f32's range
-    // would be an infinity once cast.
-    let flat = t.flatten_all()?.to_dtype(DType::F32)?;
-    let (storage, layout) = flat.storage_and_layout();
-    let first_bad = match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
-            v[a..b].iter().position(|x| !x.is_finite())
-        }
-        _ => None,
-    };
-    match first_bad {
-        Some(i) => {
-            let v = flat.get(i)?.to_scalar::<f32>()?;
-            Err(bad(format!(
-                "holds {v} at flat index {i}; weights must be finite numbers"
-            )))
-        }
-        None => Ok(()),
+/// One little-endian element of `stored` as f32.
+fn decode(b: &[u8], stored: Stored) -> f32 {
+    match stored {
+        Stored::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        Stored::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        Stored::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        Stored::F64 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32,
     }
 }
 
-fn bad_file(path: &Path, e: candle_core::Error) -> Error {
-    // candle wraps file errors with the path, which our message already starts with.
-    let e = match e {
-        candle_core::Error::WithPath { inner, .. } => *inner,
-        e => e,
-    };
-    match e {
-        // Reading failed (a folder, a permission, a device): say so, not "invalid".
-        candle_core::Error::Io(err) => Error::io(path, err),
-        e => Error::BadCheckpoint {
-            file: path.to_path_buf(),
-            msg: e.to_string().lines().next().unwrap_or_default().to_string(),
-        },
+/// The index of the first NaN or infinity: the whole slice is scanned with bit tests the
+/// compiler vectorises, and only a slice that has one is searched again.
+fn first_non_finite(v: &[f32]) -> Option<usize> {
+    let exp = 0x7f80_0000u32;
+    let any = v
+        .chunks(4096)
+        .any(|c| c.iter().fold(false, |a, x| a | (x.to_bits() & exp == exp)));
+    if any {
+        v.iter().position(|x| !x.is_finite())
+    } else {
+        None
     }
 }
 

@@ -40,7 +40,7 @@ pub use candle_core::{DType, Device, Tensor};
 pub use checkpoint::{random_checkpoint, Checkpoint, ModelFiles};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use model::{Cache, Gpt2, LoadOptions};
+pub use model::{Cache, Gpt2, Hook, LoadOptions, Output, Point, Quantization};
 pub use prompt::Prompt;
 pub use source::{Loaded, ModelSource};
 pub use tokenizer::Tokenizer;

@@ -1,6 +1,6 @@
 //! The position-wise feed-forward network: `c_fc` → activation → `c_proj`.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 
 use crate::checkpoint::Weights;
 use crate::config::{Activation, Config};
@@ -23,15 +23,14 @@ impl Mlp {
         })
     }
 
-    /// (B, T, C) -> (B, T, inner) -> (B, T, C)
+    pub(crate) fn weight_bytes(&self) -> usize {
+        self.c_fc.weight_bytes() + self.c_proj.weight_bytes()
+    }
+
+    /// (B, T, C) -> (B, T, inner) -> (B, T, C); the activation is applied as `c_fc` writes its
+    /// output (no pass of its own).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.c_fc.forward(x)?;
-        let h = match self.act {
-            // candle's `gelu` is the tanh approximation, transformers' `NewGELUActivation`.
-            Activation::GeluNew | Activation::GeluPytorchTanh => h.gelu()?,
-            Activation::Gelu => h.gelu_erf()?,
-            Activation::Relu => h.relu()?,
-        };
-        Ok(self.c_proj.forward(&h)?)
+        let h = self.c_fc.forward(x, Some(self.act))?;
+        Ok(self.c_proj.forward(&h, None)?)
     }
 }

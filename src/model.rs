@@ -1,25 +1,135 @@
 //! GPT-2: token + position embeddings → `n_layer` pre-LN blocks → `ln_f` → LM head tied to `wte`.
 //!
 //! Follows transformers' `GPT2LMHeadModel` (eager attention) operation for operation, so logits and
-//! attention probabilities match it to float rounding.
+//! attention probabilities match it to float rounding. One forward pass, [`Gpt2::run`], serves
+//! every use: logits of all positions or the last, attention capture, and the [`Hook`]s the
+//! analyses see and change the pass through (TransformerLens' hook points).
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::Embedding;
 use candle_transformers::utils::build_additive_causal_mask;
 
 use crate::block::Block;
-use crate::checkpoint::{Checkpoint, Weights};
+use crate::checkpoint::{Checkpoint, Storage, Target, Weights};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layer_norm::LayerNorm;
-use crate::linear::Linear;
+use crate::linear::quant::QuantKind;
+use crate::linear::{Linear, Matrix};
 
-/// A GPT-2 language model, ready to run on one device in one dtype.
+/// 8- or 4-bit weights, in llama.cpp's block formats, quantized at load (CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantization {
+    /// 32 weights share an f16 scale; 8 bits each (8.5 bits a weight).
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 32 weights share an f16 scale; 4 bits each (4.5 bits a weight).
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+impl Quantization {
+    /// `q8_0` or `q4_0`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+        }
+    }
+}
+
+/// How to load a model: [`Gpt2::new`] and [`crate::ModelSource::load`] take these.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The weights' dtype (f32, f16 or bf16). On the CPU, activations stay f32 whatever it is
+    /// (f16 weights are widened as they are read); on a GPU they take this dtype.
+    pub dtype: DType,
+    pub device: Device,
+    /// Only the embeddings and the first `n` blocks (`None`: all of them). Attention at layer L
+    /// depends on nothing above it, so inspection loads layers `0..=L` only; such a model has no
+    /// logits, and [`Gpt2::for_each_attention`] is what it is for.
+    pub layers: Option<usize>,
+    /// Quantize the matrices (projections, MLP, `wte`/LM head) at load; CPU only.
+    pub quantize: Option<Quantization>,
+    /// Read f32 weights from the memory-mapped file in place (no copy). Off: copied into memory,
+    /// so the file may change while the model runs.
+    pub mmap: bool,
+}
+
+impl Default for LoadOptions {
+    /// f32 on the CPU, every layer, memory-mapped.
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            layers: None,
+            quantize: None,
+            mmap: true,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// These options with weights in `dtype`.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// These options on `device`.
+    pub fn with_device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// These options with only the first `n` blocks.
+    pub fn first_layers(mut self, n: usize) -> Self {
+        self.layers = Some(n);
+        self
+    }
+
+    /// These options with quantized matrices.
+    pub fn quantized(mut self, q: Quantization) -> Self {
+        self.quantize = Some(q);
+        self
+    }
+
+    fn target(&self) -> Result<Target> {
+        let host = self.device.is_cpu();
+        let storage = match self.quantize {
+            None => Storage::Dtype(self.dtype),
+            Some(_) if !host => {
+                return Err(Error::param(
+                    "quantize",
+                    "runs on the CPU only; use --dtype f16 on a GPU",
+                ))
+            }
+            Some(Quantization::Q8_0) => Storage::Quant(QuantKind::Q8_0),
+            Some(Quantization::Q4_0) => Storage::Quant(QuantKind::Q4_0),
+        };
+        Ok(Target {
+            storage,
+            act_dtype: if host { DType::F32 } else { self.dtype },
+            device: self.device.clone(),
+            host,
+            mmap: self.mmap,
+        })
+    }
+}
+
+/// Token embeddings: rows of `wte` gathered per id.
+enum Embeddings {
+    /// (vocab, C) on the device.
+    Tensor(Tensor),
+    /// The host matrix the LM head also reads (f32, halves or blocks).
+    Host(Matrix),
+}
+
+/// A GPT-2 language model, ready to run on one device.
 pub struct Gpt2 {
-    wte: Embedding,
+    wte: Embeddings,
     /// (n_positions, C); narrowed per call, so positions cost no gather and no allocation.
     wpe: Tensor,
     /// All `n_layer` blocks, or only the first ones for attention inspection.
@@ -27,14 +137,20 @@ pub struct Gpt2 {
     /// `ln_f` and the LM head; absent when only the first blocks were loaded.
     head: Option<(LayerNorm, Linear)>,
     config: Config,
+    /// The weights' dtype, and the activations'.
     dtype: DType,
+    act_dtype: DType,
+    quantize: Option<Quantization>,
     device: Device,
+    /// The LM head is `wte` (one copy of the weights).
+    tied: bool,
+    wte_bytes: usize,
 }
 
 /// Keys and values of every layer for incremental decoding: prefill the prompt once, then feed one
 /// token per step. Buffers are allocated once, at the first call, for the full context.
 pub struct Cache {
-    layers: Vec<KvCache>,
+    pub(crate) layers: Vec<KvCache>,
 }
 
 impl Cache {
@@ -58,78 +174,116 @@ impl Cache {
     }
 }
 
-/// How to load a model: [`Gpt2::new`] and [`crate::ModelSource::load`] take these.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// The dtype weights are cast to at load (f32, f16 or bf16).
-    pub dtype: DType,
-    pub device: Device,
-    /// Only the embeddings and the first `n` blocks (`None`: all of them). Attention at layer L
-    /// depends on nothing above it, so inspection loads layers `0..=L` only; such a model has no
-    /// logits, and [`Gpt2::for_each_attention`] is what it is for.
-    pub layers: Option<usize>,
+/// A place in the forward pass where a [`Hook`] sees, and may change, a tensor; named after
+/// TransformerLens' hook points. Layers are 0-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Point {
+    /// (B, T, C): token plus position embeddings (`blocks.0.hook_resid_pre`).
+    Embed,
+    /// (B, n_head, T, T_k) f32: layer l's post-softmax attention (`attn.hook_pattern`). Asking
+    /// for it makes that layer take the unfused attention path, which computes it.
+    Pattern(usize),
+    /// (B, T, n_head, head_size): each head's output before `c_proj` (`attn.hook_z`). Zeroing a
+    /// head here removes it (head ablation).
+    Z(usize),
+    /// (B, T, C): layer l's attention output, `c_proj` and its bias included (`hook_attn_out`).
+    AttnOut(usize),
+    /// (B, T, C): layer l's MLP output (`hook_mlp_out`).
+    MlpOut(usize),
+    /// (B, T, C): the residual stream after block l (`hook_resid_post`).
+    ResidPost(usize),
 }
 
-impl Default for LoadOptions {
-    /// f32 on the CPU, every layer.
-    fn default() -> Self {
-        Self {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            layers: None,
+/// Sees (and may change) tensors at [`Point`]s of a forward pass. Points it does not want cost
+/// nothing.
+pub trait Hook {
+    /// Whether [`Hook::at`] should be called at `point`.
+    fn wants(&self, point: Point) -> bool;
+    /// Called at each wanted point, in forward order; may replace `t` (same shape).
+    fn at(&mut self, point: Point, t: &mut Tensor) -> Result<()>;
+}
+
+/// The hook points a block of layer `layer` calls, if any.
+pub(crate) struct LayerHook<'a> {
+    pub(crate) layer: usize,
+    pub(crate) hook: &'a mut dyn Hook,
+}
+
+impl LayerHook<'_> {
+    pub(crate) fn wants(&self, point: fn(usize) -> Point) -> bool {
+        self.hook.wants(point(self.layer))
+    }
+
+    pub(crate) fn at(&mut self, point: fn(usize) -> Point, t: &mut Tensor) -> Result<()> {
+        let p = point(self.layer);
+        if self.hook.wants(p) {
+            self.hook.at(p, t)?;
         }
+        Ok(())
     }
 }
 
-impl LoadOptions {
-    /// These options with weights in `dtype`.
-    pub fn with_dtype(mut self, dtype: DType) -> Self {
-        self.dtype = dtype;
-        self
+/// What a forward pass returns.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Output {
+    /// Logits at every position: (B, T, vocab).
+    All,
+    /// Logits at the last position: (B, vocab).
+    Last,
+    /// No logits: stop after block `l` (nothing above it changes what was asked for).
+    StopAfter(usize),
+}
+
+/// Collects the attention of some layers.
+struct Patterns<'a, F: FnMut(usize, Tensor) -> Result<()>> {
+    layers: &'a [usize],
+    f: F,
+}
+
+impl<F: FnMut(usize, Tensor) -> Result<()>> Hook for Patterns<'_, F> {
+    fn wants(&self, point: Point) -> bool {
+        matches!(point, Point::Pattern(l) if self.layers.contains(&l))
     }
 
-    /// These options on `device`.
-    pub fn with_device(mut self, device: Device) -> Self {
-        self.device = device;
-        self
-    }
-
-    /// These options with only the first `n` blocks.
-    pub fn first_layers(mut self, n: usize) -> Self {
-        self.layers = Some(n);
-        self
+    fn at(&mut self, point: Point, t: &mut Tensor) -> Result<()> {
+        match point {
+            Point::Pattern(l) => (self.f)(l, t.clone()),
+            _ => Ok(()),
+        }
     }
 }
 
 impl Gpt2 {
     /// The model of `config` with the weights of `checkpoint`, loaded as `opts` says. Every
-    /// tensor is shape-checked against the config; a missing or misshapen tensor, or a checkpoint
-    /// with more layers than the config, is an error naming the tensor and the file.
+    /// tensor is shape-checked against the config; a missing or misshapen tensor, a tensor that
+    /// is not a finite float, or a checkpoint with more layers than the config, is an error
+    /// naming the tensor and the file.
     ///
     /// [`crate::ModelSource`] finds the config and the checkpoint of a Hub repo, a folder or a
     /// layout file, and calls this.
     pub fn new(config: Config, checkpoint: Checkpoint, opts: &LoadOptions) -> Result<Self> {
         config.validate()?;
-        let w = Weights::open(checkpoint, &config, opts.dtype, &opts.device)?;
-        let layers = opts.layers.unwrap_or(config.n_layer);
-        Self::from_weights(config, w, layers)
-    }
-
-    fn from_weights(config: Config, w: Weights, n_layers: usize) -> Result<Self> {
-        config.validate()?;
-        if !matches!(w.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::Input(format!("unsupported dtype {:?}", w.dtype())));
+        if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::param(
+                "dtype",
+                format!("{:?} is not a weight dtype (f32, f16 or bf16)", opts.dtype),
+            ));
         }
+        let target = opts.target()?;
+        let n_layers = opts.layers.unwrap_or(config.n_layer);
         if n_layers == 0 || n_layers > config.n_layer {
             return Err(Error::Input(format!(
                 "cannot load {n_layers} layers of a {}-layer model",
                 config.n_layer
             )));
         }
+        check_weight_memory(&config, n_layers, target.storage)?;
+        let w = Weights::open(checkpoint, &config, target)?;
         w.check_layer_count(&config)?;
-        check_weight_memory(&config, n_layers, w.dtype())?;
         let (v, c) = (config.vocab_size, config.n_embd);
-        let wte = w.get("wte.weight", &[v, c])?;
+        let wte = w.matrix("wte.weight", [v, c], true)?;
+        let tied = !w.contains("lm_head.weight");
+        let wte_bytes = Linear::new(wte.clone(), None, c, v)?.weight_bytes();
         let wpe = w.get("wpe.weight", &[config.n_positions, c])?;
         let h = (0..n_layers)
             .map(|i| Block::load(&w, i, &config))
@@ -139,20 +293,30 @@ impl Gpt2 {
         } else {
             let ln_f = w.layer_norm("ln_f", c, config.layer_norm_epsilon)?;
             // A checkpoint's own head wins; otherwise tie it to wte (same storage, no copy).
-            let lm_head = if w.contains("lm_head.weight") {
-                w.get("lm_head.weight", &[v, c])?
-            } else {
+            let lm_head = if tied {
                 wte.clone()
+            } else {
+                w.matrix("lm_head.weight", [v, c], true)?
             };
-            Some((ln_f, Linear::new(lm_head, None)))
+            Some((ln_f, Linear::new(lm_head, None, c, v)?))
         };
+        let wte = match wte {
+            // (in, out) = (C, vocab) is a transposed view of wte (vocab, C): gather from that.
+            Matrix::Tensor(t) => Embeddings::Tensor(t.t()?.contiguous()?),
+            m => Embeddings::Host(m),
+        };
+        let t = w.target();
         Ok(Self {
-            wte: Embedding::new(wte, c),
+            wte,
             wpe,
             h,
             head,
-            dtype: w.dtype(),
-            device: w.device().clone(),
+            dtype: opts.dtype,
+            act_dtype: t.act_dtype,
+            quantize: opts.quantize,
+            device: t.device.clone(),
+            tied,
+            wte_bytes,
             config,
         })
     }
@@ -162,14 +326,50 @@ impl Gpt2 {
         &self.config
     }
 
-    /// The dtype the weights were cast to.
+    /// The dtype the weights were cast to (before any quantization).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype of the activations: f32 on the CPU, the weights' on a GPU.
+    pub fn act_dtype(&self) -> DType {
+        self.act_dtype
+    }
+
+    /// The quantization of the matrices, if any.
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.quantize
+    }
+
+    /// `f32`, `f16`, `bf16`, `q8_0` or `q4_0`: how the matrices are stored.
+    pub fn weights_label(&self) -> String {
+        match self.quantize {
+            Some(q) => q.name().to_string(),
+            None => format!("{:?}", self.dtype).to_lowercase(),
+        }
+    }
+
+    /// Bytes of the weight matrices as stored (projections, MLP, `wte`, an untied head).
+    pub fn weight_bytes(&self) -> usize {
+        let blocks: usize = self.h.iter().map(Block::weight_bytes).sum();
+        let head = self.head.as_ref().map_or(0, |(_, l)| l.weight_bytes());
+        blocks
+            + head
+            + if self.tied && self.head.is_some() {
+                0
+            } else {
+                self.wte_bytes
+            }
     }
 
     /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Blocks loaded: `n_layer`, or fewer for inspection.
+    pub fn loaded_layers(&self) -> usize {
+        self.h.len()
     }
 
     /// An empty KV cache for this model.
@@ -180,14 +380,14 @@ impl Gpt2 {
     /// Logits (B, T, vocab) in f32 for token ids (B, T). With `cache`, the ids continue the cached
     /// sequence (their positions start at `cache.seq_len()`) and are appended to it.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        self.run(ids, cache, &[], &mut |_, _| Ok(()), Output::All)?
+        self.run(ids, cache, None, Output::All)?
             .ok_or_else(no_logits)
     }
 
     /// Logits (B, vocab) in f32 of the last position only: what generation needs, without paying
     /// for the LM head over the whole prompt.
     pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        self.run(ids, cache, &[], &mut |_, _| Ok(()), Output::Last)?
+        self.run(ids, cache, None, Output::Last)?
             .ok_or_else(no_logits)
     }
 
@@ -201,17 +401,15 @@ impl Gpt2 {
     ) -> Result<(Tensor, Vec<Tensor>)> {
         self.check_layers(layers)?;
         let mut by_layer = HashMap::new();
+        let mut hook = Patterns {
+            layers,
+            f: |l, p| {
+                by_layer.insert(l, p);
+                Ok(())
+            },
+        };
         let logits = self
-            .run(
-                ids,
-                cache,
-                layers,
-                &mut |l, p| {
-                    by_layer.insert(l, p);
-                    Ok(())
-                },
-                Output::All,
-            )?
+            .run(ids, cache, Some(&mut hook), Output::All)?
             .ok_or_else(no_logits)?;
         let attentions = layers
             .iter()
@@ -235,21 +433,28 @@ impl Gpt2 {
         ids: &Tensor,
         cache: Option<&mut Cache>,
         layers: &[usize],
-        mut f: impl FnMut(usize, Tensor) -> Result<()>,
+        f: impl FnMut(usize, Tensor) -> Result<()>,
     ) -> Result<()> {
         self.check_layers(layers)?;
-        self.run(ids, cache, layers, &mut f, Output::None)?;
+        let Some(&last) = layers.iter().max() else {
+            return Ok(());
+        };
+        let mut hook = Patterns { layers, f };
+        self.run(ids, cache, Some(&mut hook), Output::StopAfter(last))?;
         Ok(())
     }
 
-    fn check_layers(&self, layers: &[usize]) -> Result<()> {
+    pub(crate) fn check_layers(&self, layers: &[usize]) -> Result<()> {
         let n = self.config.n_layer;
         match layers.iter().find(|&&l| l >= self.h.len()) {
             None => Ok(()),
-            Some(l) if *l >= n => Err(Error::Input(format!(
-                "layer {l} is out of range: the model has {n} layers (0..={})",
-                n - 1
-            ))),
+            Some(l) if *l >= n => Err(Error::param(
+                "layer",
+                format!(
+                    "{l} is out of range: the model has {n} layers (0..={})",
+                    n - 1
+                ),
+            )),
             Some(l) => Err(Error::Input(format!(
                 "layer {l} was not loaded: only the first {} layers were",
                 self.h.len()
@@ -257,37 +462,81 @@ impl Gpt2 {
         }
     }
 
-    fn run(
+    /// Token plus position embeddings of `ids` (B, T) at positions `past..past + T`: (B, T, C).
+    pub fn embed(&self, ids: &Tensor, past: usize) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = self.config.n_embd;
+        let x = match &self.wte {
+            Embeddings::Tensor(w) => candle_nn::Embedding::new(w.clone(), c).forward(ids)?,
+            Embeddings::Host(m) => {
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+                    return Err(Error::Input(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        self.config.vocab_size
+                    )));
+                }
+                let mut x = vec![0f32; b * t * c];
+                for (row, &id) in x.chunks_exact_mut(c).zip(&ids) {
+                    let at = id as usize;
+                    match m {
+                        Matrix::OutIn(e) => e.elems().widen(at * c..(at + 1) * c, row),
+                        Matrix::Quant(q) => q.dequantize_row(at, row),
+                        _ => {}
+                    }
+                }
+                Tensor::from_vec(x, (b, t, c), &self.device)?
+            }
+        };
+        // Positions past..past+T: (T, C) broadcast over B.
+        Ok(x.broadcast_add(&self.wpe.narrow(0, past, t)?)?)
+    }
+
+    /// The forward pass behind every other: embeddings (`ids` (B, T) after `cache`'s tokens),
+    /// the blocks with `hook` at its points, then the logits `output` asks for.
+    pub fn run(
         &self,
         ids: &Tensor,
-        mut cache: Option<&mut Cache>,
-        capture: &[usize],
-        on_attention: &mut dyn FnMut(usize, Tensor) -> Result<()>,
+        cache: Option<&mut Cache>,
+        hook: Option<&mut dyn Hook>,
         output: Output,
     ) -> Result<Option<Tensor>> {
-        let (_b, t) = ids.dims2()?;
+        let (_, t) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let n_ctx = self.config.n_positions;
-        if t == 0 {
-            return Err(Error::Input("no tokens to run".into()));
+        self.check_positions(past, t)?;
+        let mut x = self.embed(ids, past)?;
+        let mut hook = hook;
+        if let Some(h) = hook.as_deref_mut() {
+            if h.wants(Point::Embed) {
+                h.at(Point::Embed, &mut x)?;
+            }
         }
-        if past + t > n_ctx {
-            return Err(Error::Input(format!(
-                "{} tokens exceed the model's context of {n_ctx} positions",
-                past + t
-            )));
-        }
-        let (blocks, head) = match (output, &self.head) {
-            (Output::None, _) => (capture.iter().max().map_or(0, |l| l + 1), None),
-            (_, Some(head)) => (self.h.len(), Some(head)),
+        self.run_from(0, x, cache, hook, output)
+    }
+
+    /// The blocks from `layer` on, from the residual stream `x` (B, T, C) that enters it (at
+    /// positions after `cache`'s tokens), then the logits `output` asks for. What
+    /// [`Gpt2::run`] does after the embeddings, and what an analysis that changes layer L reuses
+    /// to skip the layers below it.
+    pub fn run_from(
+        &self,
+        layer: usize,
+        x: Tensor,
+        mut cache: Option<&mut Cache>,
+        mut hook: Option<&mut dyn Hook>,
+        output: Output,
+    ) -> Result<Option<Tensor>> {
+        let (_, t, _) = x.dims3()?;
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        self.check_positions(past, t)?;
+        let (last, head) = match (output, &self.head) {
+            (Output::StopAfter(l), _) => (l, None),
+            (_, Some(head)) => (self.h.len() - 1, Some(head)),
             (_, None) => return Err(no_logits()),
         };
-
-        // (B, T) -> (B, T, C), plus positions past..past+T: (T, C) broadcast over B.
-        let x = self.wte.forward(ids)?;
-        let mut x = x.broadcast_add(&self.wpe.narrow(0, past, t)?)?;
-        // One new token sees every cached key: no mask. Otherwise one (1, 1, T, past + T) additive
-        // mask, built once for all layers.
+        self.check_layers(&[last])?;
+        // The unfused path needs one (1, 1, T, past + T) additive mask, built once for all
+        // layers; a single new token sees every cached key and needs none.
         let mask = if t > 1 {
             Some(build_additive_causal_mask(
                 t,
@@ -299,13 +548,11 @@ impl Gpt2 {
         } else {
             None
         };
-        for (i, block) in self.h.iter().enumerate().take(blocks) {
+        let mut x = x;
+        for (i, block) in self.h.iter().enumerate().take(last + 1).skip(layer) {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
-            let (y, probs) = block.forward(&x, mask.as_ref(), kv, capture.contains(&i))?;
-            x = y;
-            if let Some(p) = probs {
-                on_attention(i, p)?;
-            }
+            let lh = hook.as_deref_mut().map(|hook| LayerHook { layer: i, hook });
+            x = block.forward(&x, mask.as_ref(), kv, past, lh)?;
         }
         let Some((ln_f, lm_head)) = head else {
             return Ok(None);
@@ -315,17 +562,61 @@ impl Gpt2 {
             _ => x,
         };
         // (B, T, C) -> (B, T, vocab)
-        let logits = lm_head.forward(&ln_f.forward(&x)?)?.to_dtype(DType::F32)?;
+        let logits = lm_head
+            .forward(&ln_f.forward(&x)?, None)?
+            .to_dtype(DType::F32)?;
         Ok(Some(match output {
             Output::Last => logits.squeeze(1)?,
             _ => logits,
         }))
     }
+
+    /// `ln_f` then the LM head on a residual stream (..., C): the logits it stands for (the
+    /// logit lens reads every layer's residual this way).
+    pub fn unembed(&self, x: &Tensor) -> Result<Tensor> {
+        let (ln_f, lm_head) = self.head.as_ref().ok_or_else(no_logits)?;
+        Ok(lm_head
+            .forward(&ln_f.forward(x)?, None)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// `ln_f`'s weight and bias (C,) and epsilon, for analyses that take its scale apart.
+    pub fn ln_f(&self) -> Result<(Tensor, Tensor, f64)> {
+        let (ln_f, _) = self.head.as_ref().ok_or_else(no_logits)?;
+        Ok(ln_f.parameters())
+    }
+
+    /// Column `token` of the unembedding (the LM head): (C,) f32.
+    pub fn unembedding_column(&self, token: u32) -> Result<Tensor> {
+        let (_, lm_head) = self.head.as_ref().ok_or_else(no_logits)?;
+        Ok(lm_head.column(token as usize, &self.device)?)
+    }
+
+    /// Layer `layer`'s `c_proj` weight rows of head `head` (head_size, C) f32 and its bias (C,):
+    /// how a head's output z writes into the residual stream.
+    pub fn head_output_weights(&self, layer: usize, head: usize) -> Result<(Tensor, Tensor)> {
+        self.check_layers(&[layer])?;
+        self.h[layer].head_output_weights(head, &self.device)
+    }
+
+    fn check_positions(&self, past: usize, t: usize) -> Result<()> {
+        let n_ctx = self.config.n_positions;
+        if t == 0 {
+            return Err(Error::Input("no tokens to run".into()));
+        }
+        if past + t > n_ctx {
+            return Err(Error::Input(format!(
+                "{} tokens exceed the model's context of {n_ctx} positions",
+                past + t
+            )));
+        }
+        Ok(())
+    }
 }
 
-/// Refuses a model whose weights (the embeddings and `n_layers` blocks, in `dtype`) cannot fit
+/// Refuses a model whose weights (the embeddings and `n_layers` blocks, in `storage`) cannot fit
 /// in memory, before any is made: a layout with huge dimensions would otherwise abort.
-fn check_weight_memory(config: &Config, n_layers: usize, dtype: DType) -> Result<()> {
+fn check_weight_memory(config: &Config, n_layers: usize, storage: Storage) -> Result<()> {
     let elements: u128 = crate::checkpoint::checkpoint_layout(config)
         .iter()
         .filter(|(name, _)| {
@@ -336,19 +627,13 @@ fn check_weight_memory(config: &Config, n_layers: usize, dtype: DType) -> Result
         })
         .map(|(_, shape)| crate::memory::product(shape))
         .fold(0, u128::saturating_add);
-    let needed = elements.saturating_mul(dtype.size_in_bytes() as u128);
-    crate::memory::check(needed, || format!("the weights ({dtype:?})"))
-}
-
-/// What a forward pass returns.
-#[derive(Clone, Copy, PartialEq)]
-enum Output {
-    /// Logits at every position.
-    All,
-    /// Logits at the last position.
-    Last,
-    /// No logits: stop after the last captured layer.
-    None,
+    let (num, den, what) = match storage {
+        Storage::Dtype(d) => (d.size_in_bytes() as u128, 1, format!("{d:?}")),
+        Storage::Quant(QuantKind::Q8_0) => (34, 32, "q8_0".into()),
+        Storage::Quant(QuantKind::Q4_0) => (18, 32, "q4_0".into()),
+    };
+    let needed = elements.saturating_mul(num) / den;
+    crate::memory::check(needed, || format!("the weights ({what})"))
 }
 
 fn no_logits() -> Error {

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use gpt2::device::DeviceChoice;
 use gpt2::inspect::{Format, LayerChoice};
 use gpt2::prompt::PromptOptions;
-use gpt2::{DType, LoadOptions, ModelSource};
+use gpt2::{DType, LoadOptions, ModelSource, Quantization};
 
 pub(crate) use commands::run;
 
@@ -93,9 +93,16 @@ struct ModelArgs {
     /// fastest.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Precision,
+    /// Quantize the weight matrices at load to llama.cpp's 8- or 4-bit block format (CPU).
+    #[arg(long, value_enum)]
+    quantize: Option<Quantization>,
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     device: DeviceChoice,
+    /// Copy the weights into memory instead of reading the file in place (then the file may
+    /// change while gpt2 runs).
+    #[arg(long)]
+    no_mmap: bool,
 }
 
 fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
@@ -109,9 +116,13 @@ impl ModelArgs {
             Precision::F16 => DType::F16,
             Precision::Bf16 => DType::BF16,
         };
-        Ok(LoadOptions::default()
-            .with_dtype(dtype)
-            .with_device(self.device.open()?))
+        Ok(LoadOptions {
+            dtype,
+            device: self.device.open()?,
+            layers: None,
+            quantize: self.quantize,
+            mmap: !self.no_mmap,
+        })
     }
 }
 

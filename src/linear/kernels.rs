@@ -1,74 +1,172 @@
-//! The dot products behind [`super::Linear`]'s decode path: for each weight row, its dots with a
-//! few activation rows. AVX2 + FMA kernels (F16C widens half-precision weights) where the CPU
-//! has them, and plain Rust the compiler vectorises everywhere else (no AVX2, aarch64).
+//! The products behind [`super::Linear`]'s decode path, where a few activation rows meet every
+//! weight once and memory bandwidth, not arithmetic, sets the speed:
+//!
+//! - [`dot_rows`]: weights (N, K), row-major (`wte` as the LM head): for each weight row, its dots
+//!   with the rows of `x`;
+//! - [`axpy_rows`]: weights (K, N), row-major (GPT-2's `Conv1D`, as stored, read straight from
+//!   the memory-mapped file): `y += x[:, k] · W[k, :]` over a block of weight rows.
+//!
+//! Both read each weight once, in memory order, accumulate in f32, and sum every output in an
+//! order that does not depend on how many rows `x` has (so batched and single-sample generation
+//! agree bit for bit). f16 and bf16 weights are widened in registers. AVX2 + FMA (+ F16C) kernels
+//! where the CPU has them; plain Rust the compiler vectorises everywhere else (no AVX2, aarch64),
+//! tested against the same references.
 
 use std::ops::Range;
 
 use super::MAX_FAST_ROWS;
 
-/// A weight matrix (N, K), row-major, in its stored dtype (halves as their bits).
-#[derive(Clone, Copy)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // halves never get here off x86
-pub(super) enum WeightRows<'a> {
+/// A weight matrix's elements in their stored type (halves as their bits).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Elems<'a> {
     F32(&'a [f32]),
     F16(&'a [u16]),
-    BF16(&'a [u16]),
+    Bf16(&'a [u16]),
 }
 
-impl WeightRows<'_> {
-    /// For each weight row j in `rows`, its dots with the M rows of `x` (M, K), handed over as
-    /// `put(j - rows.start, dots)`.
-    pub(super) fn dot_rows(
-        self,
-        x: &[f32],
-        m: usize,
-        k: usize,
-        rows: Range<usize>,
-        put: impl FnMut(usize, &[f32]),
-    ) {
-        let span = rows.start * k..rows.end * k;
-        #[cfg(target_arch = "x86_64")]
-        if simd::available() {
-            // SAFETY: the CPU has AVX2, FMA and F16C (just checked); x holds M·K floats and each
-            // weight slice whole rows of K, as the kernels require.
-            unsafe {
-                match self {
-                    WeightRows::F32(w) => simd::dot_rows::<simd::F32, _>(x, m, &w[span], k, put),
-                    WeightRows::F16(w) => simd::dot_rows::<simd::F16, _>(x, m, &w[span], k, put),
-                    WeightRows::BF16(w) => simd::dot_rows::<simd::BF16, _>(x, m, &w[span], k, put),
-                }
-            }
-            return;
-        }
+impl Elems<'_> {
+    fn len(&self) -> usize {
         match self {
-            WeightRows::F32(w) => portable::dot_rows(x, m, &w[span], k, put),
-            _ => unreachable!("half weights take the fast path only with AVX2 and F16C"),
+            Self::F32(w) => w.len(),
+            Self::F16(w) | Self::Bf16(w) => w.len(),
+        }
+    }
+
+    /// Elements `r`, as f32, into `out` (`out.len()` of them).
+    pub(crate) fn widen(&self, r: Range<usize>, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Self::F32(w) => out.copy_from_slice(&w[r]),
+            Self::F16(w) => {
+                let w: &[half::f16] = bytemuck::cast_slice(&w[r]);
+                w.convert_to_f32_slice(out)
+            }
+            Self::Bf16(w) => {
+                let w: &[half::bf16] = bytemuck::cast_slice(&w[r]);
+                w.convert_to_f32_slice(out)
+            }
         }
     }
 }
 
-/// Plain Rust the compiler can vectorise: f32 weights without AVX2, and off x86.
-pub(super) mod portable {
-    /// See [`super::WeightRows::dot_rows`]; `w` holds whole rows of `k` floats.
-    pub(in crate::linear) fn dot_rows(
+/// For each weight row `j` in `rows` of `w` (N, K), its dots with the M rows of `x` (M, K),
+/// handed over as `put(j - rows.start, dots)`.
+pub(crate) fn dot_rows(
+    w: Elems<'_>,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    rows: Range<usize>,
+    put: impl FnMut(usize, &[f32]),
+) {
+    assert!(m <= MAX_FAST_ROWS && x.len() == m * k && rows.end * k <= w.len());
+    let span = rows.start * k..rows.end * k;
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (just checked); x holds M·K floats and each
+        // weight slice whole rows of K (asserted above).
+        unsafe {
+            match w {
+                Elems::F32(w) => simd::dot_rows::<simd::F32, _>(x, m, &w[span], k, put),
+                Elems::F16(w) => simd::dot_rows::<simd::F16, _>(x, m, &w[span], k, put),
+                Elems::Bf16(w) => simd::dot_rows::<simd::Bf16, _>(x, m, &w[span], k, put),
+            }
+        }
+        return;
+    }
+    portable::dot_rows(w, x, m, k, span, put)
+}
+
+/// `y (M, N) += x[:, ks] · w[ks, :]` for weight rows `ks` of `w` (K, N): x is (M, K) row-major
+/// with row stride `k`.
+pub(crate) fn axpy_rows(
+    w: Elems<'_>,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    ks: Range<usize>,
+    y: &mut [f32],
+) {
+    assert!(m <= MAX_FAST_ROWS && x.len() == m * k && y.len() == m * n);
+    assert!(ks.end <= k && ks.end * n <= w.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        let span = ks.start * n..ks.end * n;
+        // SAFETY: the CPU has AVX2, FMA and F16C (just checked); the lengths are asserted above.
+        unsafe {
+            match w {
+                Elems::F32(w) => simd::axpy_rows::<simd::F32>(&w[span], x, m, k, n, ks.start, y),
+                Elems::F16(w) => simd::axpy_rows::<simd::F16>(&w[span], x, m, k, n, ks.start, y),
+                Elems::Bf16(w) => simd::axpy_rows::<simd::Bf16>(&w[span], x, m, k, n, ks.start, y),
+            }
+        }
+        return;
+    }
+    portable::axpy_rows(w, x, m, k, n, ks, y)
+}
+
+/// Plain Rust the compiler can vectorise: CPUs without AVX2, and other architectures.
+pub(crate) mod portable {
+    use std::ops::Range;
+
+    use super::Elems;
+
+    /// Weights widened to f32 this many at a time, on the stack.
+    const TILE: usize = 256;
+
+    /// See [`super::dot_rows`]; `span` is whole rows of `w`.
+    pub(crate) fn dot_rows(
+        w: Elems<'_>,
         x: &[f32],
         m: usize,
-        w: &[f32],
         k: usize,
+        span: Range<usize>,
         mut put: impl FnMut(usize, &[f32]),
     ) {
         let mut dots = [0f32; super::MAX_FAST_ROWS];
-        for (r, w_row) in w.chunks_exact(k).enumerate() {
-            // The weight row (a few KB) stays in L1 while the M rows of x pass over it.
-            for (d, x_row) in dots.iter_mut().zip(x.chunks_exact(k)) {
-                *d = dot(x_row, w_row);
+        let mut tile = [0f32; TILE];
+        for (r, start) in span.step_by(k).enumerate() {
+            dots[..m].fill(0.0);
+            for c in (0..k).step_by(TILE) {
+                let len = TILE.min(k - c);
+                w.widen(start + c..start + c + len, &mut tile[..len]);
+                // The weight tile stays in L1 while the M rows of x pass over it.
+                for (d, x_row) in dots.iter_mut().zip(x.chunks_exact(k)) {
+                    *d += dot(&x_row[c..c + len], &tile[..len]);
+                }
             }
             put(r, &dots[..m]);
         }
     }
 
+    /// See [`super::axpy_rows`].
+    pub(crate) fn axpy_rows(
+        w: Elems<'_>,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        ks: Range<usize>,
+        y: &mut [f32],
+    ) {
+        let mut tile = [0f32; TILE];
+        for kk in ks {
+            for c in (0..n).step_by(TILE) {
+                let len = TILE.min(n - c);
+                w.widen(kk * n + c..kk * n + c + len, &mut tile[..len]);
+                for (i, y_row) in y.chunks_exact_mut(n).enumerate().take(m) {
+                    let a = x[i * k + kk];
+                    for (y, w) in y_row[c..c + len].iter_mut().zip(&tile[..len]) {
+                        *y = a.mul_add(*w, *y);
+                    }
+                }
+            }
+        }
+    }
+
     /// Eight independent partial sums, so the additions need not wait on each other.
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = [0f32; 8];
         let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
         let tail: f32 = a8
@@ -88,7 +186,7 @@ pub(super) mod portable {
 
 /// AVX2 + FMA kernels, with F16C to widen half-precision weights.
 #[cfg(target_arch = "x86_64")]
-pub(super) mod simd {
+pub(crate) mod simd {
     use std::arch::x86_64::*;
 
     /// Whether the kernels may run (std caches the CPUID answer).
@@ -98,19 +196,19 @@ pub(super) mod simd {
             && is_x86_feature_detected!("f16c")
     }
 
-    /// How to load 8 consecutive weights of one stored dtype as 8 f32 lanes.
-    pub(super) trait Load8 {
+    /// How to load 8 consecutive weights of one stored type as 8 f32 lanes.
+    pub(crate) trait Load8 {
         type Elem: Copy;
         /// # Safety
         /// `p` must point at 8 readable elements; the CPU must have AVX2 and F16C.
         unsafe fn load8(p: *const Self::Elem) -> __m256;
-        /// One weight, for the last `K % 8` of a row.
+        /// One weight, for the tails.
         fn to_f32(v: Self::Elem) -> f32;
     }
 
-    pub(super) struct F32;
-    pub(super) struct F16;
-    pub(super) struct BF16;
+    pub(crate) struct F32;
+    pub(crate) struct F16;
+    pub(crate) struct Bf16;
 
     impl Load8 for F32 {
         type Elem = f32;
@@ -138,7 +236,7 @@ pub(super) mod simd {
         }
     }
 
-    impl Load8 for BF16 {
+    impl Load8 for Bf16 {
         type Elem = u16;
         #[inline]
         #[target_feature(enable = "avx2")]
@@ -155,34 +253,32 @@ pub(super) mod simd {
         }
     }
 
-    /// See [`super::WeightRows::dot_rows`]: the kernel compiled for this M.
+    /// See [`super::dot_rows`]: the kernel compiled for this M.
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA and F16C.
-    pub(super) unsafe fn dot_rows<L: Load8, P: FnMut(usize, &[f32])>(
+    /// The CPU must have AVX2, FMA and F16C; `x` holds M·K floats and `w` whole rows of K.
+    pub(crate) unsafe fn dot_rows<L: Load8, P: FnMut(usize, &[f32])>(
         x: &[f32],
         m: usize,
         w: &[L::Elem],
         k: usize,
         put: P,
     ) {
-        assert!(k > 0 && x.len() == m * k && w.len() % k == 0);
         // Past ~5 FMAs per 4 weight bytes (f32: M ≥ 5, halves: M ≥ 3) the out-of-order window
         // no longer reaches far enough ahead in W to keep DRAM busy, so prefetch; below that,
         // prefetching only costs (lm_head on Zen 4: M=8 -35% time, M=1 +15%).
         let prefetch = m * 4 >= 5 * size_of::<L::Elem>();
-        // SAFETY: the caller's promise, and the slice lengths just checked.
+        // SAFETY: the caller's promise.
         unsafe {
             match m {
-                1 => kernel::<L, P, 1>(x, w, k, prefetch, put),
-                2 => kernel::<L, P, 2>(x, w, k, prefetch, put),
-                3 => kernel::<L, P, 3>(x, w, k, prefetch, put),
-                4 => kernel::<L, P, 4>(x, w, k, prefetch, put),
-                5 => kernel::<L, P, 5>(x, w, k, prefetch, put),
-                6 => kernel::<L, P, 6>(x, w, k, prefetch, put),
-                7 => kernel::<L, P, 7>(x, w, k, prefetch, put),
-                8 => kernel::<L, P, 8>(x, w, k, prefetch, put),
-                _ => unreachable!("at most MAX_FAST_ROWS rows"),
+                1 => dot_kernel::<L, P, 1>(x, w, k, prefetch, put),
+                2 => dot_kernel::<L, P, 2>(x, w, k, prefetch, put),
+                3 => dot_kernel::<L, P, 3>(x, w, k, prefetch, put),
+                4 => dot_kernel::<L, P, 4>(x, w, k, prefetch, put),
+                5 => dot_kernel::<L, P, 5>(x, w, k, prefetch, put),
+                6 => dot_kernel::<L, P, 6>(x, w, k, prefetch, put),
+                7 => dot_kernel::<L, P, 7>(x, w, k, prefetch, put),
+                _ => dot_kernel::<L, P, 8>(x, w, k, prefetch, put),
             }
         }
     }
@@ -190,7 +286,7 @@ pub(super) mod simd {
     /// Streams the weight rows once each: a row is read from memory by the first group of up
     /// to 4 rows of x and from L1 by the next (8 accumulators fit the 16 ymm registers).
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kernel<L: Load8, P: FnMut(usize, &[f32]), const M: usize>(
+    unsafe fn dot_kernel<L: Load8, P: FnMut(usize, &[f32]), const M: usize>(
         x: &[f32],
         w: &[L::Elem],
         k: usize,
@@ -202,8 +298,8 @@ pub(super) mod simd {
             for g in (0..M).step_by(4) {
                 let (x, d) = (&x[g * k..], &mut dots[g..]);
                 let prefetch = prefetch && g == 0;
-                // SAFETY: the group's x rows and the weight row are whole rows of K (checked
-                // by `dot_rows`); the CPU features are this function's own.
+                // SAFETY: the group's x rows and the weight row are whole rows of K (the
+                // caller's promise); the CPU features are this function's own.
                 unsafe {
                     match (M - g).min(4) {
                         1 => d[..1].copy_from_slice(&dots_of::<L, 1>(x, w_row, prefetch)),
@@ -219,7 +315,7 @@ pub(super) mod simd {
 
     /// The dots of one weight row (K) with the first G rows of `x` (G, K). Two accumulators per
     /// x row keep 2·G FMA chains in flight, and each x row is summed in the same order whatever
-    /// M is, so a row's result does not depend on what else is in the batch.
+    /// M is.
     ///
     /// # Safety
     /// `x` must hold at least G·K floats, with K = `w.len()`.
@@ -271,20 +367,237 @@ pub(super) mod simd {
         dots
     }
 
+    /// See [`super::axpy_rows`]; `w` holds the block's rows (k0.., each N long).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `x` holds M rows of stride `k` with
+    /// `k0 + w.len() / n <= k`, and `y` holds M·N floats.
+    pub(crate) unsafe fn axpy_rows<L: Load8>(
+        w: &[L::Elem],
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        k0: usize,
+        y: &mut [f32],
+    ) {
+        let rows = w.len() / n;
+        let mut r = 0;
+        // Four weight rows at a time: each y vector is loaded and stored once per four FMAs.
+        while r + 4 <= rows {
+            // SAFETY: rows r..r+4 exist; the rest is the caller's promise.
+            unsafe { axpy_group::<L, 4>(w, x, m, k, n, k0 + r, r, y) };
+            r += 4;
+        }
+        while r < rows {
+            // SAFETY: as above, one row.
+            unsafe { axpy_group::<L, 1>(w, x, m, k, n, k0 + r, r, y) };
+            r += 1;
+        }
+    }
+
+    /// `y[i, :] += Σ_g x[i, kx + g] · w[r + g, :]` for `g < G`, every i < m: in that order, so
+    /// each output sums its weight rows in row order whatever M is.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn axpy_group<L: Load8, const G: usize>(
+        w: &[L::Elem],
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        kx: usize,
+        r: usize,
+        y: &mut [f32],
+    ) {
+        let n8 = n / 8 * 8;
+        let mut a = [[0f32; G]; super::MAX_FAST_ROWS];
+        for (i, a) in a.iter_mut().enumerate().take(m) {
+            a.copy_from_slice(&x[i * k + kx..i * k + kx + G]);
+        }
+        let (wp, yp) = (w.as_ptr(), y.as_mut_ptr());
+        // SAFETY: weight offsets (r + g)·N + j < (r + G)·N <= w.len(); y offsets i·N + j < M·N.
+        unsafe {
+            let mut j = 0;
+            while j < n8 {
+                let mut wv = [_mm256_setzero_ps(); G];
+                for (g, wv) in wv.iter_mut().enumerate() {
+                    *wv = L::load8(wp.add((r + g) * n + j));
+                }
+                for (i, a) in a.iter().enumerate().take(m) {
+                    let p = yp.add(i * n + j);
+                    let mut yv = _mm256_loadu_ps(p);
+                    for g in 0..G {
+                        yv = _mm256_fmadd_ps(wv[g], _mm256_set1_ps(a[g]), yv);
+                    }
+                    _mm256_storeu_ps(p, yv);
+                }
+                j += 8;
+            }
+        }
+        for j in n8..n {
+            for (i, a) in a.iter().enumerate().take(m) {
+                let mut v = y[i * n + j];
+                for (g, a) in a.iter().enumerate() {
+                    v = a.mul_add(L::to_f32(w[(r + g) * n + j]), v);
+                }
+                y[i * n + j] = v;
+            }
+        }
+    }
+
     /// The sum of the 8 lanes.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn hsum(v: __m256) -> f32 {
+    pub(crate) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 }
 
-/// Off x86 there are no explicit kernels: f32 takes the portable path, half weights candle's.
+/// Off x86 there are no explicit kernels: everything takes the portable path.
 #[cfg(not(target_arch = "x86_64"))]
-pub(super) mod simd {
+pub(crate) mod simd {
     pub(crate) fn available() -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed);
+        (0..n).map(|_| r.unit()).collect()
+    }
+
+    /// f64 reference: y = x · W with W (K, N).
+    fn reference_kn(w: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for kk in 0..k {
+                for j in 0..n {
+                    y[i * n + j] += x[i * k + kk] as f64 * w[kk * n + j] as f64;
+                }
+            }
+        }
+        y
+    }
+
+    fn close(got: &[f32], want: &[f64], what: &str) {
+        let scale = want.iter().fold(1e-3f64, |a, b| a.max(b.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                ((*g as f64) - w).abs() <= 2e-6 * scale,
+                "{what}: index {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    /// Odd sizes reach every loop and tail (groups of 4 weight rows, 8 lanes, 16 lanes).
+    const SHAPES: [(usize, usize); 5] = [(1, 1), (7, 9), (37, 101), (61, 67), (64, 24)];
+
+    fn halves(w: &[f32]) -> (Vec<u16>, Vec<u16>) {
+        let f16 = w
+            .iter()
+            .map(|v| half::f16::from_f32(*v).to_bits())
+            .collect();
+        let bf16 = w
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        (f16, bf16)
+    }
+
+    /// The weights each Elems stands for, widened exactly.
+    fn widened(e: Elems<'_>) -> Vec<f32> {
+        let mut v = vec![0f32; e.len()];
+        e.widen(0..e.len(), &mut v);
+        v
+    }
+
+    #[test]
+    fn axpy_equals_the_product_on_every_tail_and_every_path() {
+        for (seed, &(k, n)) in SHAPES.iter().enumerate() {
+            let w = rand(k * n, seed as u64);
+            let (f16, bf16) = halves(&w);
+            for e in [Elems::F32(&w), Elems::F16(&f16), Elems::Bf16(&bf16)] {
+                let exact = widened(e);
+                for m in [1, 2, 3, 5, 8] {
+                    let x = rand(m * k, 100 + m as u64);
+                    let want = reference_kn(&exact, &x, m, k, n);
+                    // The whole of K in two blocks, as the pool splits it: a block that
+                    // starts elsewhere than 0 must read x from its own column.
+                    let split = k / 2;
+                    let mut y = vec![0f32; m * n];
+                    axpy_rows(e, &x, m, k, n, 0..split, &mut y);
+                    axpy_rows(e, &x, m, k, n, split..k, &mut y);
+                    close(&y, &want, &format!("simd {e:?} m={m} k={k} n={n}"));
+                    let mut y = vec![0f32; m * n];
+                    portable::axpy_rows(e, &x, m, k, n, 0..split, &mut y);
+                    portable::axpy_rows(e, &x, m, k, n, split..k, &mut y);
+                    close(&y, &want, &format!("portable m={m} k={k} n={n}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_rows_equal_the_product_on_every_tail_and_every_path() {
+        for (seed, &(k, n)) in SHAPES.iter().enumerate() {
+            // w (N, K): its transpose is the (K, N) reference's.
+            let w = rand(n * k, 7 + seed as u64);
+            let (f16, bf16) = halves(&w);
+            for e in [Elems::F32(&w), Elems::F16(&f16), Elems::Bf16(&bf16)] {
+                let exact = widened(e);
+                let mut t = vec![0f32; k * n];
+                for j in 0..n {
+                    for kk in 0..k {
+                        t[kk * n + j] = exact[j * k + kk];
+                    }
+                }
+                for m in [1, 2, 3, 4, 5, 7, 8] {
+                    let x = rand(m * k, 200 + m as u64);
+                    let want = reference_kn(&t, &x, m, k, n);
+                    // Rows in two ranges, as the pool hands them out.
+                    for path in ["simd", "portable"] {
+                        let mut y = vec![0f32; m * n];
+                        for rows in [0..n / 3, n / 3..n] {
+                            let j0 = rows.start;
+                            let put = |r: usize, dots: &[f32]| {
+                                for (i, d) in dots.iter().enumerate() {
+                                    y[i * n + j0 + r] = *d;
+                                }
+                            };
+                            if path == "simd" {
+                                dot_rows(e, &x, m, k, rows, put);
+                            } else {
+                                let span = rows.start * k..rows.end * k;
+                                portable::dot_rows(e, &x, m, k, span, put);
+                            }
+                        }
+                        close(&y, &want, &format!("{path} {e:?} m={m} k={k} n={n}"));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_the_batch() {
+        let (k, n) = (61, 67);
+        let w = rand(k * n, 3);
+        let x = rand(8 * k, 4);
+        let mut all = vec![0f32; 8 * n];
+        axpy_rows(Elems::F32(&w), &x, 8, k, n, 0..k, &mut all);
+        for m in 1..8 {
+            let mut some = vec![0f32; m * n];
+            axpy_rows(Elems::F32(&w), &x[..m * k], m, k, n, 0..k, &mut some);
+            assert_eq!(some, all[..m * n], "m={m}");
+        }
     }
 }

@@ -1,0 +1,259 @@
+//! Causal multi-head self-attention, as in GPT-2 (`GPT2Attention`, eager path):
+//! one fused QKV projection, scores `Q·Kᵀ/√hs`, causal mask, softmax in f32, `·V`, output projection.
+//!
+//! With `n_kv_head < n_head` (grouped-query attention; 1 is multi-query), K and V have `n_kv_head`
+//! heads and query heads `g·r .. (g+1)·r` (`r = n_head / n_kv_head`) share K/V head `g`. Instead of
+//! copying K and V `r` times (`repeat_kv`), each group's `r` query heads are stacked as `r·T` rows
+//! of one matmul: the same numbers, with no copy of the cache per token.
+//!
+//! Two paths compute the same numbers. On the CPU, unless a hook asks for the attention pattern,
+//! the fused path ([`kernels`]) reads Q, K and V in place and never builds the (T, T) scores of
+//! the masked half. Elsewhere (GPUs, or a captured pattern) it is candle's ops, step by step.
+
+pub(crate) mod kernels;
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_nn::kv_cache::KvCache;
+
+use crate::checkpoint::Weights;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::linear::Linear;
+use crate::model::{LayerHook, Point};
+
+pub(crate) struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+    n_kv_head: usize,
+    head_size: usize,
+    /// `1/√hs`, times `1/(layer+1)` when `scale_attn_by_inverse_layer_idx`.
+    scale: f64,
+    /// The host kernels run this layer (its weights are on the host).
+    fused: bool,
+}
+
+impl Attention {
+    pub(crate) fn load(w: &Weights, name: &str, layer: usize, cfg: &Config) -> Result<Self> {
+        let (c, kv) = (cfg.n_embd, cfg.kv_heads() * cfg.head_size());
+        let mut scale = 1.0;
+        if cfg.scale_attn_weights {
+            scale /= (cfg.head_size() as f64).sqrt();
+        }
+        if cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (layer + 1) as f64;
+        }
+        Ok(Self {
+            // Q, K, V side by side: (C, C + 2·n_kv_head·hs); 3C for plain GPT-2.
+            c_attn: w.conv1d(&format!("{name}.c_attn"), c, c + 2 * kv)?,
+            c_proj: w.conv1d(&format!("{name}.c_proj"), c, c)?,
+            n_head: cfg.n_head,
+            n_kv_head: cfg.kv_heads(),
+            head_size: cfg.head_size(),
+            scale,
+            fused: w.target().host,
+        })
+    }
+
+    pub(crate) fn weight_bytes(&self) -> usize {
+        self.c_attn.weight_bytes() + self.c_proj.weight_bytes()
+    }
+
+    /// `c_proj`'s rows of head `h` (hs, C) and its bias (C,), in f32.
+    pub(crate) fn head_output_weights(
+        &self,
+        h: usize,
+        device: &candle_core::Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let w = self.c_proj.weight_kn(device)?;
+        let rows = w.narrow(0, h * self.head_size, self.head_size)?;
+        let bias = self
+            .c_proj
+            .bias()
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()?
+            .map_or_else(|| Tensor::zeros(w.dim(1)?, DType::F32, device), Ok)?;
+        Ok((rows, bias))
+    }
+
+    /// `x`: (B, T, C) at positions `past..past + T`. `mask`: (1, 1, T, T_k) additive f32 mask,
+    /// `None` when no query can see a later key (a single new token). With `cache`, keys and
+    /// values are appended and attention spans the whole cached sequence.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        past: usize,
+        mut hook: Option<&mut LayerHook<'_>>,
+    ) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let (nh, hs) = (self.n_head, self.head_size);
+
+        // (B, T, C) -> (B, T, C + 2·nkv·hs)
+        let qkv = self.c_attn.forward(x, None)?;
+        let wants_pattern = hook.as_ref().is_some_and(|h| h.wants(Point::Pattern));
+        let y = if self.fused && !wants_pattern && qkv.dtype() == DType::F32 {
+            self.fused(&qkv, cache, past)?
+        } else {
+            self.unfused(&qkv, mask, cache, hook.as_deref_mut())?
+        };
+        // (B, T, C): the heads' outputs side by side, head-major.
+        let y = match hook.as_deref_mut() {
+            Some(h) if h.wants(Point::Z) => {
+                let mut z = y.reshape((b, t, nh, hs))?;
+                h.at(Point::Z, &mut z)?;
+                z.reshape((b, t, c))?
+            }
+            _ => y,
+        };
+        let mut out = self.c_proj.forward(&y, None)?;
+        if let Some(h) = hook {
+            h.at(Point::AttnOut, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// The heads of `qkv` starting at column `start`, `n` of them: (B, n, T, hs), contiguous.
+    fn heads(&self, qkv: &Tensor, start: usize, n: usize) -> Result<Tensor> {
+        let (b, t, _) = qkv.dims3()?;
+        let hs = self.head_size;
+        let part = qkv.narrow(2, start, n * hs)?.reshape((b, t, n, hs))?;
+        Ok(part.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// Host kernels: Q, K, V read in place; (B, T, C) out.
+    fn fused(&self, qkv: &Tensor, cache: Option<&mut KvCache>, past: usize) -> Result<Tensor> {
+        let (b, t, width) = qkv.dims3()?;
+        let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_size);
+        let c = nh * hs;
+        let d = kernels::Dims {
+            batch: b,
+            t,
+            past,
+            n_head: nh,
+            n_kv_head: nkv,
+            head_size: hs,
+        };
+        let mut y = vec![0f32; b * t * c];
+        let cached = match cache {
+            Some(cache) => Some(cache.append(
+                &self.heads(qkv, c, nkv)?,
+                &self.heads(qkv, c + nkv * hs, nkv)?,
+            )?),
+            None => None,
+        };
+        let qkv = qkv.contiguous()?;
+        let (qs, ql) = qkv.storage_and_layout();
+        let qkv_data = host_slice(&qs, ql)?;
+        // Q (and, without a cache, K and V) in place in (B, T, width): row stride `width`.
+        let in_qkv = |start: usize| kernels::Heads {
+            data: &qkv_data[start..],
+            batch: t * width,
+            head_stride: hs,
+            row: width,
+        };
+        let q = in_qkv(0);
+        let result = match &cached {
+            None => kernels::causal_attention(
+                q,
+                in_qkv(c),
+                in_qkv(c + nkv * hs),
+                d,
+                self.scale as f32,
+                &mut y,
+            ),
+            Some((k, v)) => {
+                // The cache's (B, nkv, capacity, hs) buffers, of which rows 0..past+T are filled.
+                let (ks, kl) = k.storage_and_layout();
+                let (vs, vl) = v.storage_and_layout();
+                let (kd, vd) = (strided_slice(&ks, kl)?, strided_slice(&vs, vl)?);
+                let (k, v) = (cache_heads(kd, kl), cache_heads(vd, vl));
+                kernels::causal_attention(q, k, v, d, self.scale as f32, &mut y)
+            }
+        };
+        result.map_err(|p| Error::Input(format!("attention kernel: {}", p.0)))?;
+        Ok(Tensor::from_vec(y, (b, t, c), qkv.device())?)
+    }
+
+    /// candle's ops, step by step: what transformers' eager attention does.
+    fn unfused(
+        &self,
+        qkv: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        hook: Option<&mut LayerHook<'_>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = qkv.dims3()?;
+        let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_size);
+        let (c, r) = (nh * hs, nh / nkv);
+        // -> (B, nh, T, hs) and 2 x (B, nkv, T, hs), contiguous so the cache can copy them in and
+        // matmul can batch them.
+        let q = self.heads(qkv, 0, nh)?;
+        let k = self.heads(qkv, c, nkv)?;
+        let v = self.heads(qkv, c + nkv * hs, nkv)?;
+        // (B, nkv, T_k, hs): views into the preallocated cache, no copy of the past.
+        let (k, v) = match cache {
+            Some(cache) => cache.append(&k, &v)?,
+            None => (k, v),
+        };
+        let t_k = k.dim(2)?;
+
+        // (B, nh, T, hs) -> (B, nkv, r·T, hs): a free view, query heads grouped by K/V head.
+        let q = q.reshape((b, nkv, r * t, hs))?;
+        // (B, nkv, r·T, hs) x (B, nkv, hs, T_k) -> (B, nkv, r·T, T_k) -> (B, nh, T, T_k)
+        let scores = (q.matmul(&k.t()?)? * self.scale)?
+            .reshape((b, nh, t, t_k))?
+            .to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let mut probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        if let Some(h) = hook {
+            h.at(Point::Pattern, &mut probs)?;
+        }
+
+        // (B, nkv, r·T, T_k) x (B, nkv, T_k, hs) -> (B, nkv, r·T, hs) = (B, nh, T, hs)
+        //   -> (B, T, nh, hs) -> (B, T, C)
+        Ok(probs
+            .to_dtype(v.dtype())?
+            .reshape((b, nkv, r * t, t_k))?
+            .matmul(&v)?
+            .reshape((b, nh, t, hs))?
+            .transpose(1, 2)?
+            .reshape((b, t, c))?)
+    }
+}
+
+/// A (B, nkv, capacity, hs) cache view as [`kernels::Heads`].
+fn cache_heads<'a>(data: &'a [f32], l: &candle_core::Layout) -> kernels::Heads<'a> {
+    kernels::Heads {
+        data,
+        batch: l.stride()[0],
+        head_stride: l.stride()[1],
+        row: l.stride()[2],
+    }
+}
+
+/// A contiguous f32 host tensor's elements.
+fn host_slice<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
+        _ => Err(Error::Input(
+            "attention: expected contiguous f32 host data".into(),
+        )),
+    }
+}
+
+/// A strided f32 host view's buffer from its first element on (the strides say where rows are).
+fn strided_slice<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(v)) if l.dims().len() == 4 && l.stride()[3] == 1 => {
+            Ok(&v[l.start_offset()..])
+        }
+        _ => Err(Error::Input(
+            "attention: expected an f32 host KV cache".into(),
+        )),
+    }
+}
