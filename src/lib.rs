@@ -31,6 +31,7 @@ pub mod memory;
 mod mlp;
 mod model;
 pub mod output;
+pub mod perplexity;
 pub mod prompt;
 pub mod rng;
 mod source;

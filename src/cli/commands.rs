@@ -11,7 +11,9 @@ use gpt2::output::print;
 use gpt2::{Error, Loaded, ModelSource, Prompt};
 
 use super::escape::unescape;
-use super::{BenchArgs, Cli, Command, GenerateArgs, InfoArgs, InspectHeadsArgs, ModelArgs};
+use super::{
+    BenchArgs, Cli, Command, GenerateArgs, InfoArgs, InspectHeadsArgs, ModelArgs, PerplexityArgs,
+};
 
 /// Runs the command `cli` names.
 pub(crate) fn run(cli: Cli) -> Result<()> {
@@ -20,6 +22,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => cmd_bench(args),
         Command::InspectHeads(args) => cmd_inspect_heads(args),
         Command::Info(args) => cmd_info(args),
+        Command::Perplexity(args) => cmd_perplexity(args),
     }
 }
 
@@ -234,6 +237,71 @@ fn cmd_info(args: InfoArgs) -> Result<()> {
         print(format_args!("{}", info.report(&source.name())))?;
     }
     Ok(())
+}
+
+fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
+    let text = if args.file.as_os_str() == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+            .context("cannot read the text from standard input")?;
+        t
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?
+    };
+    let loaded = load(&args.model, None)?;
+    let ids = loaded.tokenizer.encode(&text)?;
+    // Checked against the vocabulary; any length (the windows slide).
+    if let Some(bad) = ids
+        .iter()
+        .find(|&&i| i as usize >= loaded.model.config().vocab_size)
+    {
+        anyhow::bail!("the tokenizer produced id {bad}, outside the model's vocabulary");
+    }
+    let bar = progress_bar("windows");
+    let start = Instant::now();
+    let p = gpt2::perplexity::perplexity(&loaded.model, &ids, args.stride, None, |done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if args.json {
+        let mut v = serde_json::to_value(&p)?;
+        v["model"] = loaded.name.clone().into();
+        v["weights"] = loaded.model.weights_label().into();
+        v["seconds"] = start.elapsed().as_secs_f64().into();
+        print(format_args!("{v}\n"))?;
+    } else {
+        print(format_args!(
+            "perplexity {:.4}  (mean NLL {:.6} nats, {} tokens, {} windows of up to {} with stride {}; {} weights)\n",
+            p.perplexity,
+            p.mean_nll,
+            p.tokens,
+            p.windows,
+            p.max_length,
+            p.stride,
+            loaded.model.weights_label()
+        ))?;
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal.
+fn progress_bar(what: &'static str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:40}} {{pos}}/{{len}} {what} {{elapsed}}"
+        )) {
+            bar.set_style(style);
+        }
+        bar
+    })
 }
 
 fn json_line(

@@ -37,6 +37,8 @@ enum Command {
     InspectHeads(InspectHeadsArgs),
     /// Sizes of a layout: heads, parameters per component, KV-cache bytes, FLOPs per token.
     Info(InfoArgs),
+    /// Perplexity of a text, as transformers' sliding-window recipe computes it.
+    Perplexity(PerplexityArgs),
 }
 
 /// The command-line name of a library parameter: `max_new_tokens` is `--max-new-tokens`.
@@ -229,6 +231,21 @@ struct GenerateArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     num_samples: u64,
     /// Print one JSON object per sample instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text to score; `-` reads standard input.
+    #[arg(long, value_name = "PATH")]
+    file: PathBuf,
+    /// Tokens between window starts; default: half the context (n_positions / 2).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
