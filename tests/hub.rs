@@ -3,23 +3,28 @@
 //! uses, and then runs from that cache with no network at all.
 //!
 //! Each test has its own `HF_HOME` under cargo's scratch directory and its own server, so the
-//! tests run in parallel. The server speaks just enough HTTP/1.1 for the `hf-hub` crate: GET and
-//! HEAD on `/{org}/{name}/resolve/{revision}/{file}`, byte ranges, `x-repo-commit` and `etag`,
-//! 404 for unknown repos, revisions and files, and, like the real Hub, a redirect to a "CDN" URL
-//! (`/cdn/{etag}`) for LFS files (`*.safetensors`, `*.bin`). It logs every request, so tests can
-//! check what was and was not fetched, and with which headers.
+//! tests run in parallel. The server speaks just enough HTTP/1.1 for a Hub client: GET and HEAD
+//! on `/{org}/{name}/resolve/{revision}/{file}`, byte ranges, `x-repo-commit` and `etag`, 404 for
+//! unknown repos, revisions and files, and, like the real Hub, a redirect to a "CDN" URL
+//! (`/cdn/{sha256}`) for LFS files (`*.safetensors`, `*.bin`), whose etag is their sha256. It logs
+//! every request, so tests can check what was and was not fetched, and with which headers.
+//!
+//! It can also misbehave on purpose ([`Fault`]): error statuses, a connection that drops or
+//! stalls mid-file, a body longer, shorter or other than announced, a slow body. Each connection
+//! has its own thread, so two clients can download at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 /// The commit every served repo is at.
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -27,6 +32,9 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const TINY: &str = "test-org/tiny-gpt2";
 /// The repo served from `tests/fixtures/tiny-b`, which has no `tokenizer.json`.
 const TINY_B: &str = "test-org/tiny-b";
+/// How long a stalled or silent connection stays silent: far longer than the 1 s timeouts the
+/// tests set, and short enough that a client without timeouts fails the test in bounded time.
+const STALL: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------------------------
 // A small Hub.
@@ -52,66 +60,190 @@ impl Request {
     }
 }
 
+/// A way for the server to misbehave. "The download of `file`" is a GET for its bytes (not the
+/// `Range: bytes=0-0` a client asks for its metadata): at its resolve URL, or at the "CDN" for an
+/// LFS file.
+#[derive(Clone, Debug)]
+enum Fault {
+    /// The next `times` requests, whatever they ask, are answered `status`, with `Retry-After`
+    /// when set.
+    Status {
+        status: &'static str,
+        retry_after: Option<u64>,
+        times: usize,
+    },
+    /// Every request is read and never answered: the connection stays open and silent.
+    Silent,
+    /// The download of `file` announces its whole length, sends its first `keep` bytes, and closes.
+    Drop { file: &'static str, keep: usize },
+    /// The download of `file` sends its headers and first `keep` bytes, then nothing.
+    Stall { file: &'static str, keep: usize },
+    /// The download of `file` sends `body` instead: with a Content-Length if `framed`, else ended
+    /// by closing the connection.
+    Body {
+        file: &'static str,
+        body: Vec<u8>,
+        framed: bool,
+    },
+    /// The download of `file` trickles: `chunk` bytes every `every`.
+    Slow {
+        file: &'static str,
+        chunk: usize,
+        every: Duration,
+    },
+}
+
 /// What a [`Server`] serves.
 struct Hub {
     /// Repo id -> files.
     repos: HashMap<String, Files>,
-    /// The server's own URL, for redirects.
-    base: String,
     /// When set, every repo is gated: `resolve` needs `Authorization: Bearer <token>`.
     token: Option<String>,
+    /// The "CDN" LFS files redirect to: the server's own URL, or the same server under another
+    /// host name.
+    cdn: String,
+    /// How it misbehaves, until [`Server::heal`].
+    faults: Mutex<Vec<Fault>>,
+    /// Set when the server is dropped: stalled connections end.
+    stop: AtomicBool,
+}
+
+impl Hub {
+    /// The fault that applies to `request`, if any (a [`Fault::Status`] counts down).
+    fn fault(&self, request: &Request) -> Option<Fault> {
+        let mut faults = self.faults.lock().unwrap();
+        let download = self.download_of(request);
+        for fault in faults.iter_mut() {
+            match fault {
+                Fault::Status { times, .. } if *times > 0 => {
+                    *times -= 1;
+                    return Some(fault.clone());
+                }
+                Fault::Status { .. } => {}
+                Fault::Silent => return Some(fault.clone()),
+                Fault::Drop { file, .. }
+                | Fault::Stall { file, .. }
+                | Fault::Body { file, .. }
+                | Fault::Slow { file, .. } => {
+                    if download.as_deref() == Some(*file) {
+                        return Some(fault.clone());
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The file whose bytes `request` downloads, if it does.
+    fn download_of(&self, request: &Request) -> Option<String> {
+        if request.method != "GET" || request.header("range") == Some("bytes=0-0") {
+            return None;
+        }
+        if let Some(tag) = request.path.strip_prefix("/cdn/") {
+            return self
+                .repos
+                .values()
+                .flat_map(|f| f.iter())
+                .find(|(_, d)| lfs_etag(d) == tag)
+                .map(|(name, _)| name.clone());
+        }
+        let parts: Vec<&str> = request.path.splitn(6, '/').collect();
+        match parts[..] {
+            ["", _, _, "resolve", _, file] => Some(file.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Sleeps `d`, or less if the server is dropped meanwhile.
+    fn nap(&self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end && !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// A Hub on 127.0.0.1 serving `repos` at [`COMMIT`]. Dropping it closes its port.
 struct Server {
     addr: SocketAddr,
+    hub: Arc<Hub>,
     log: Arc<Mutex<Vec<Request>>>,
-    stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Server {
     fn start(repos: Vec<(&str, Files)>) -> Server {
-        Self::start_with(repos, None)
+        Self::start_with(repos, None, Vec::new())
     }
 
     /// A server whose repos are all gated behind `token`.
     fn start_gated(repos: Vec<(&str, Files)>, token: &str) -> Server {
-        Self::start_with(repos, Some(token.to_string()))
+        Self::start_with(repos, Some(token.to_string()), Vec::new())
     }
 
-    fn start_with(repos: Vec<(&str, Files)>, token: Option<String>) -> Server {
+    /// A server with `faults`, until [`Server::heal`].
+    fn start_faulty(repos: Vec<(&str, Files)>, faults: Vec<Fault>) -> Server {
+        Self::start_with(repos, None, faults)
+    }
+
+    /// A gated server whose LFS redirects go to `localhost` rather than `127.0.0.1`: another
+    /// host, as the real CDN is, though the same server.
+    fn start_gated_with_cdn_elsewhere(repos: Vec<(&str, Files)>, token: &str) -> Server {
+        Self::start_on(
+            repos,
+            Some(token.to_string()),
+            Vec::new(),
+            Some("localhost"),
+        )
+    }
+
+    fn start_with(repos: Vec<(&str, Files)>, token: Option<String>, faults: Vec<Fault>) -> Server {
+        Self::start_on(repos, token, faults, None)
+    }
+
+    fn start_on(
+        repos: Vec<(&str, Files)>,
+        token: Option<String>,
+        faults: Vec<Fault>,
+        cdn_host: Option<&str>,
+    ) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
-        let hub = Hub {
+        let cdn = match cdn_host {
+            Some(host) => format!("http://{host}:{}", addr.port()),
+            None => format!("http://{addr}"),
+        };
+        let hub = Arc::new(Hub {
             repos: repos
                 .into_iter()
                 .map(|(id, f)| (id.to_string(), f))
                 .collect(),
-            base: format!("http://{addr}"),
             token,
-        };
+            cdn,
+            faults: Mutex::new(faults),
+            stop: AtomicBool::new(false),
+        });
         let log = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (log, stop) = (log.clone(), stop.clone());
+            let (hub, log) = (hub.clone(), log.clone());
             std::thread::spawn(move || {
-                // One connection at a time: the client makes one request at a time, and every
-                // response closes its connection.
+                // A thread per connection: two clients may download at once, and a stalled
+                // connection must not hold up the others. Every response closes its connection.
                 for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
+                    if hub.stop.load(Ordering::SeqCst) {
                         break;
                     }
                     if let Ok(stream) = conn {
-                        serve(stream, &hub, &log);
+                        let (hub, log) = (hub.clone(), log.clone());
+                        std::thread::spawn(move || serve(stream, &hub, &log));
                     }
                 }
             })
         };
         Server {
             addr,
+            hub,
             log,
-            stop,
             thread: Some(thread),
         }
     }
@@ -119,6 +251,16 @@ impl Server {
     /// The endpoint, for `HF_ENDPOINT`.
     fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// From now on, misbehaves with `faults` (only).
+    fn set_faults(&self, faults: Vec<Fault>) {
+        *self.hub.faults.lock().unwrap() = faults;
+    }
+
+    /// From now on, serves correctly.
+    fn heal(&self) {
+        self.set_faults(Vec::new());
     }
 
     /// Every request so far.
@@ -136,6 +278,15 @@ impl Server {
         self.requests(&format!("/{repo}/resolve/main/{file}"))
     }
 
+    /// The `Range` headers of the requests for `path` that had one.
+    fn ranges(&self, path: &str) -> Vec<String> {
+        self.log()
+            .iter()
+            .filter(|r| r.path == path)
+            .filter_map(|r| r.header("range").map(String::from))
+            .collect()
+    }
+
     fn total(&self) -> usize {
         self.log.lock().unwrap().len()
     }
@@ -143,7 +294,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.hub.stop.store(true, Ordering::SeqCst);
         // Wake the blocking accept; the loop then sees the flag and ends, dropping the listener.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(thread) = self.thread.take() {
@@ -152,7 +303,7 @@ impl Drop for Server {
     }
 }
 
-/// Reads one request from `stream`, logs it, and answers it.
+/// Reads one request from `stream`, logs it, and answers it (or misbehaves, as told).
 fn serve(mut stream: TcpStream, hub: &Hub, log: &Mutex<Vec<Request>>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
@@ -172,19 +323,73 @@ fn serve(mut stream: TcpStream, hub: &Hub, log: &Mutex<Vec<Request>>) {
     };
     // Logged before answering, so a client that got its answer finds its request in the log.
     log.lock().unwrap().push(request.clone());
-    let (status, mut headers, body) = respond(&request, hub);
-    headers.push(("Content-Length".into(), body.len().to_string()));
+    let fault = hub.fault(&request);
+    let (status, mut headers, body) = match &fault {
+        Some(Fault::Silent) => return hub.nap(STALL),
+        Some(Fault::Status {
+            status,
+            retry_after,
+            ..
+        }) => {
+            let mut headers = vec![("x-error-code".to_string(), "Fault".to_string())];
+            if let Some(secs) = retry_after {
+                headers.push(("Retry-After".into(), secs.to_string()));
+            }
+            (*status, headers, format!("{status}\n").into_bytes())
+        }
+        _ => respond(&request, hub),
+    };
+    let body = if request.method == "HEAD" {
+        headers.push(("Content-Length".into(), body.len().to_string()));
+        Vec::new()
+    } else {
+        match &fault {
+            Some(Fault::Body { body, framed, .. }) => {
+                if *framed {
+                    headers.push(("Content-Length".into(), body.len().to_string()));
+                }
+                body.clone()
+            }
+            _ => {
+                headers.push(("Content-Length".into(), body.len().to_string()));
+                body
+            }
+        }
+    };
     headers.push(("Connection".into(), "close".into()));
-    let mut out = format!("HTTP/1.1 {status}\r\n");
+    let mut head = format!("HTTP/1.1 {status}\r\n");
     for (name, value) in &headers {
-        out.push_str(&format!("{name}: {value}\r\n"));
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
-    out.push_str("\r\n");
-    let mut out = out.into_bytes();
-    if request.method != "HEAD" {
-        out.extend_from_slice(&body);
+    head.push_str("\r\n");
+    if stream.write_all(head.as_bytes()).is_err() {
+        return;
     }
-    let _ = stream.write_all(&out);
+    match fault {
+        Some(Fault::Drop { keep, .. }) => {
+            let _ = stream.write_all(&body[..keep.min(body.len())]);
+        }
+        Some(Fault::Stall { keep, .. }) => {
+            let _ = stream.write_all(&body[..keep.min(body.len())]);
+            let _ = stream.flush();
+            hub.nap(STALL);
+        }
+        Some(Fault::Slow { chunk, every, .. }) => {
+            for part in body.chunks(chunk) {
+                if stream
+                    .write_all(part)
+                    .and_then(|()| stream.flush())
+                    .is_err()
+                {
+                    return;
+                }
+                hub.nap(every);
+            }
+        }
+        _ => {
+            let _ = stream.write_all(&body);
+        }
+    }
     let _ = stream.flush();
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
@@ -224,7 +429,7 @@ fn respond(request: &Request, hub: &Hub) -> Response {
             .repos
             .values()
             .flat_map(|f| f.values())
-            .find(|d| etag(d) == tag);
+            .find(|d| lfs_etag(d) == tag);
         return match blob {
             Some(data) => send_bytes(request, data, Vec::new()),
             None => error("404 Not Found", "NoSuchKey"),
@@ -257,14 +462,17 @@ fn respond(request: &Request, hub: &Hub) -> Response {
     };
     if is_lfs(file) {
         // As the real Hub does for LFS files: a redirect to a "CDN" URL on an absolute URL, with
-        // the blob's etag and size in x-linked-* headers.
+        // the blob's etag (its sha256) and size in x-linked-* headers.
         let headers = vec![
             ("x-repo-commit".to_string(), COMMIT.to_string()),
-            ("x-linked-etag".to_string(), format!("\"{}\"", etag(data))),
+            (
+                "x-linked-etag".to_string(),
+                format!("\"{}\"", lfs_etag(data)),
+            ),
             ("x-linked-size".to_string(), data.len().to_string()),
             (
                 "Location".to_string(),
-                format!("{}/cdn/{}", hub.base, etag(data)),
+                format!("{}/cdn/{}", hub.cdn, lfs_etag(data)),
             ),
         ];
         return ("302 Found", headers, Vec::new());
@@ -315,7 +523,8 @@ fn parse_range(range: &str, len: usize) -> Option<(usize, usize)> {
     (start <= end).then_some((start, end))
 }
 
-/// A file's etag (and so its blob name in the cache): FNV-1a of its bytes, in hex.
+/// A regular (non-LFS) file's etag, and so its blob name in the cache: FNV-1a of its bytes, in
+/// hex. Like the real Hub's git sha1 it is not a sha256, so a client cannot check a body by it.
 fn etag(data: &[u8]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in data {
@@ -323,6 +532,23 @@ fn etag(data: &[u8]) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{hash:016x}{:08x}", data.len())
+}
+
+/// An LFS file's etag, as on the real Hub: the sha256 of its bytes, in hex.
+fn lfs_etag(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The blob name of `file` in the cache: its etag.
+fn blob_name(file: &str, data: &[u8]) -> String {
+    if is_lfs(file) {
+        lfs_etag(data)
+    } else {
+        etag(data)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -406,6 +632,43 @@ fn closed_endpoint() -> String {
 /// test's own environment, only those in `env`, which must set `HF_HOME` (so no test touches the
 /// user's cache); `HF_ENDPOINT` defaults to a closed port, so no test ever reaches the real Hub.
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    spawn(args, env).wait()
+}
+
+/// A `gpt2` process started by [`spawn`], its pipes drained on their own threads so it never
+/// blocks on a full pipe.
+struct Running {
+    child: Child,
+    args: Vec<String>,
+    stdout: JoinHandle<Vec<u8>>,
+    stderr: JoinHandle<Vec<u8>>,
+}
+
+impl Running {
+    /// Its exit status and output, once it ends (a panic if that takes over 180 s).
+    fn wait(mut self) -> Output {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("gpt2 {:?} did not finish in 180 s", self.args);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: self.stdout.join().unwrap(),
+            stderr: self.stderr.join().unwrap(),
+        }
+    }
+}
+
+/// Starts what [`run`] runs, without waiting for it.
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Running {
     assert!(
         env.iter().any(|(k, _)| *k == "HF_HOME"),
         "every run needs its own HF_HOME"
@@ -419,6 +682,8 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
         "HF_TOKEN",
         "HF_TOKEN_PATH",
         "HF_HUB_OFFLINE",
+        "HF_HUB_ETAG_TIMEOUT",
+        "HF_HUB_DOWNLOAD_TIMEOUT",
         "ALL_PROXY",
         "all_proxy",
         "HTTPS_PROXY",
@@ -436,7 +701,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn gpt2");
-    // Drain the pipes on their own threads so the child never blocks on a full pipe.
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -446,27 +710,16 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     };
     let stdout = drain(Box::new(child.stdout.take().unwrap()));
     let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("gpt2 {args:?} did not finish in 180 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
+    Running {
+        child,
+        args: args.iter().map(|a| a.to_string()).collect(),
+        stdout,
+        stderr,
     }
 }
 
-/// `gpt2 generate` greedy, 20 tokens, JSON, of `repo` (extra options after).
-fn generate(repo: &str, prompt: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+/// The arguments of `gpt2 generate` greedy, 20 tokens, JSON, of `repo` (extra options after).
+fn generate_args<'a>(repo: &'a str, prompt: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "generate",
         "--model",
@@ -482,7 +735,12 @@ fn generate(repo: &str, prompt: &str, extra: &[&str], env: &[(&str, &str)]) -> O
         "cpu",
     ];
     args.extend_from_slice(extra);
-    run(&args, env)
+    args
+}
+
+/// `gpt2 generate` greedy, 20 tokens, JSON, of `repo` (extra options after).
+fn generate(repo: &str, prompt: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    run(&generate_args(repo, prompt, extra), env)
 }
 
 fn stderr(out: &Output) -> String {
@@ -564,7 +822,7 @@ fn first_run_downloads_into_the_python_cache_layout_then_runs_without_the_server
         assert_eq!(server.file_requests(TINY, file), 0, "{file} was requested");
     }
     // model.safetensors came through the redirect to the "CDN", as from the real Hub.
-    let blob = etag(&tiny_files()["model.safetensors"]);
+    let blob = lfs_etag(&tiny_files()["model.safetensors"]);
     assert!(
         server.requests(&format!("/cdn/{blob}")) > 0,
         "{:?}",
@@ -587,7 +845,7 @@ fn first_run_downloads_into_the_python_cache_layout_then_runs_without_the_server
     for (name, data) in tiny_files() {
         let path = snapshot.join(&name);
         assert_eq!(std::fs::read(&path).unwrap(), data, "{}", path.display());
-        let blob = repo_dir.join("blobs").join(etag(&data));
+        let blob = repo_dir.join("blobs").join(blob_name(&name, &data));
         assert_eq!(std::fs::read(&blob).unwrap(), data, "{}", blob.display());
         #[cfg(unix)]
         {
@@ -818,6 +1076,8 @@ fn an_unknown_repo_fails_in_one_line() {
     ];
     let line = error_line(&generate("test-org/nope", "Hello", &[], &env));
     assert!(line.contains("test-org/nope"), "{line}");
+    // A 404 is an answer, not a failure to retry.
+    assert_eq!(server.total(), 1, "{:?}", server.log());
 }
 
 /// Writes a snapshot of `files` at `commit` into the cache `hub` the way Python's huggingface_hub
@@ -829,14 +1089,18 @@ fn python_snapshot(hub: &Path, repo: &str, commit: &str, files: &Files, copy: bo
     std::fs::create_dir_all(repo_dir.join("blobs")).unwrap();
     std::fs::create_dir_all(&snapshot).unwrap();
     for (name, data) in files {
-        let blob = repo_dir.join("blobs").join(etag(data));
+        let blob = repo_dir.join("blobs").join(blob_name(name, data));
         std::fs::write(&blob, data).unwrap();
         let entry = snapshot.join(name);
         if copy {
             std::fs::write(&entry, data).unwrap();
         } else {
             #[cfg(unix)]
-            std::os::unix::fs::symlink(Path::new("../../blobs").join(etag(data)), &entry).unwrap();
+            std::os::unix::fs::symlink(
+                Path::new("../../blobs").join(blob_name(name, data)),
+                &entry,
+            )
+            .unwrap();
             #[cfg(not(unix))]
             std::fs::write(&entry, data).unwrap();
         }
@@ -935,6 +1199,38 @@ fn the_token_file_in_hf_home_is_used_without_hf_token() {
 }
 
 #[test]
+fn the_token_is_not_sent_to_a_cdn_on_another_host() {
+    let dir = scratch("token_cdn");
+    let home = dir.join("hf-home");
+    let golden = golden("tiny");
+    let server = Server::start_gated_with_cdn_elsewhere(vec![(TINY, tiny_files())], "secret");
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+        ("HF_TOKEN", "secret"),
+    ];
+    assert_eq!(
+        completion_ids(&generate(TINY, &golden.prompt, &[], &env)),
+        golden.ids
+    );
+    let log = server.log();
+    let (cdn, hub): (Vec<&Request>, Vec<&Request>) =
+        log.iter().partition(|r| r.path.starts_with("/cdn/"));
+    assert!(!cdn.is_empty() && !hub.is_empty(), "{log:?}");
+    for r in cdn {
+        assert_eq!(
+            r.header("host").map(|h| h.starts_with("localhost")),
+            Some(true)
+        );
+        assert_eq!(r.header("authorization"), None, "{r:?}");
+    }
+    for r in hub {
+        assert_eq!(r.header("authorization"), Some("Bearer secret"), "{r:?}");
+    }
+}
+
+#[test]
 fn a_gated_repo_needs_hf_token() {
     let dir = scratch("gated");
     let home = dir.join("hf-home");
@@ -986,7 +1282,7 @@ fn an_interrupted_download_is_resumed() {
     let home = dir.join("hf-home");
     let golden = golden("tiny");
     let weights = tiny_files()["model.safetensors"].clone();
-    let blob = etag(&weights);
+    let blob = lfs_etag(&weights);
     // What an interrupted download leaves: part of the blob, in blobs/<etag>.part.
     let blobs = home.join("hub").join(repo_folder(TINY)).join("blobs");
     std::fs::create_dir_all(&blobs).unwrap();
@@ -1063,4 +1359,427 @@ fn the_token_file_in_hf_home_is_used_with_hf_hub_cache() {
     for r in &server.log() {
         assert_eq!(r.header("authorization"), Some("Bearer from-file"), "{r:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A Hub that misbehaves: whatever happens, nothing that is not the file's true bytes ends up
+// looking complete in the cache, the error is one line that says what happened, and the next
+// healthy run finishes the job.
+
+/// `blobs/` of `repo` in the cache under `home`.
+fn blobs(home: &Path, repo: &str) -> PathBuf {
+    home.join("hub").join(repo_folder(repo)).join("blobs")
+}
+
+/// The snapshot entry of `file` of `repo` at [`COMMIT`] in the cache under `home`.
+fn snapshot_entry(home: &Path, repo: &str, file: &str) -> PathBuf {
+    home.join("hub")
+        .join(repo_folder(repo))
+        .join("snapshots")
+        .join(COMMIT)
+        .join(file)
+}
+
+/// Whether anything (even a dangling symlink) is at `path`.
+fn present(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
+/// The names in `dir`, sorted; none if it does not exist.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Neither a blob nor a snapshot entry of `file` (with `data` its true bytes) is in the cache.
+fn assert_not_cached(home: &Path, repo: &str, file: &str, data: &[u8]) {
+    let blob = blobs(home, repo).join(blob_name(file, data));
+    assert!(!present(&blob), "{} exists", blob.display());
+    let entry = snapshot_entry(home, repo, file);
+    assert!(!present(&entry), "{} exists", entry.display());
+}
+
+/// A healthy run now gives the golden output, and leaves `file` in the cache with its true
+/// bytes, its blob named by its etag, and no temporary beside it.
+fn assert_healthy_run_fixes(home: &Path, url: &str, file: &str) {
+    let golden = golden("tiny");
+    let env = [("HF_HOME", home.to_str().unwrap()), ("HF_ENDPOINT", url)];
+    assert_eq!(
+        completion_ids(&generate(TINY, &golden.prompt, &[], &env)),
+        golden.ids
+    );
+    let data = &tiny_files()[file];
+    let entry = snapshot_entry(home, TINY, file);
+    assert_eq!(&std::fs::read(&entry).unwrap(), data, "{}", entry.display());
+    let blob = blobs(home, TINY).join(blob_name(file, data));
+    assert_eq!(&std::fs::read(&blob).unwrap(), data, "{}", blob.display());
+    if is_lfs(file) {
+        assert_eq!(lfs_etag(&std::fs::read(&entry).unwrap()), lfs_etag(data));
+    }
+    for name in names(&blobs(home, TINY)) {
+        assert!(
+            !name.ends_with(".incomplete") && !name.ends_with(".part"),
+            "{name} left in blobs/"
+        );
+    }
+}
+
+#[test]
+fn a_connection_dropped_mid_file_is_an_error_and_the_next_run_resumes_it() {
+    let dir = scratch("dropped");
+    let home = dir.join("hf-home");
+    let weights = tiny_files()["model.safetensors"].clone();
+    let (half, len) = (weights.len() / 2, weights.len());
+    let server = Server::start_faulty(
+        vec![(TINY, tiny_files())],
+        vec![Fault::Drop {
+            file: "model.safetensors",
+            keep: half,
+        }],
+    );
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+    ];
+    let out = generate(TINY, "Hello", &[], &env);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let line = error_line(&out);
+    assert!(line.starts_with("error: "), "{line}");
+    assert!(line.contains("model.safetensors"), "{line}");
+    assert!(line.contains(&format!("{half} of {len} bytes")), "{line}");
+    assert!(line.contains("run again to resume"), "{line}");
+    assert_not_cached(&home, TINY, "model.safetensors", &weights);
+    // What is kept is only what huggingface_hub would resume from too.
+    let incomplete = blobs(&home, TINY).join(format!("{}.incomplete", lfs_etag(&weights)));
+    assert_eq!(
+        std::fs::metadata(&incomplete).map(|m| m.len()).ok(),
+        Some(half as u64),
+        "{}",
+        incomplete.display()
+    );
+
+    server.heal();
+    assert_healthy_run_fixes(&home, &url, "model.safetensors");
+    let ranges = server.ranges(&format!("/cdn/{}", lfs_etag(&weights)));
+    assert!(ranges.contains(&format!("bytes={half}-")), "{ranges:?}");
+}
+
+#[test]
+fn a_body_longer_or_shorter_than_announced_is_never_cached() {
+    let dir = scratch("wrong_length");
+    let home = dir.join("hf-home");
+    let config = tiny_files()["config.json"].clone();
+    let mut longer = config.clone();
+    longer.extend_from_slice(b"\n\n\n\n");
+    let shorter = config[..config.len() / 2].to_vec();
+    let server = Server::start(vec![(TINY, tiny_files())]);
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+    ];
+    // config.json is not an LFS file: its etag is no sha256, so its length is all there is to
+    // check. Longer, ended by the connection's close; longer, with a Content-Length that says
+    // so; shorter, ended by the connection's close.
+    for (body, framed, says) in [
+        (longer.clone(), false, "more than"),
+        (longer, true, "announced"),
+        (shorter, false, "of"),
+    ] {
+        server.set_faults(vec![Fault::Body {
+            file: "config.json",
+            body,
+            framed,
+        }]);
+        let out = generate(TINY, "Hello", &[], &env);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let line = error_line(&out);
+        assert!(
+            line.contains("config.json") && line.contains(says),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("{} bytes", config.len())),
+            "the announced size is named: {line}"
+        );
+        assert_not_cached(&home, TINY, "config.json", &config);
+    }
+    server.heal();
+    assert_healthy_run_fixes(&home, &url, "config.json");
+}
+
+#[test]
+fn a_download_whose_sha256_is_not_its_etag_is_deleted_and_never_used() {
+    let dir = scratch("corrupted");
+    let home = dir.join("hf-home");
+    let weights = tiny_files()["model.safetensors"].clone();
+    let mut corrupted = weights.clone();
+    *corrupted.last_mut().unwrap() ^= 0x01;
+    let server = Server::start_faulty(
+        vec![(TINY, tiny_files())],
+        vec![Fault::Body {
+            file: "model.safetensors",
+            body: corrupted,
+            framed: true,
+        }],
+    );
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+    ];
+    let out = generate(TINY, "Hello", &[], &env);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let line = error_line(&out);
+    assert!(line.contains("model.safetensors"), "{line}");
+    assert!(line.contains("corrupted"), "{line}");
+    assert!(line.contains(&lfs_etag(&weights)), "{line}");
+    assert_not_cached(&home, TINY, "model.safetensors", &weights);
+    let blob_dir = blobs(&home, TINY);
+    assert!(
+        names(&blob_dir).iter().all(|n| !n.ends_with(".incomplete")),
+        "a corrupted download is not kept to be resumed: {:?}",
+        names(&blob_dir)
+    );
+
+    server.heal();
+    assert_healthy_run_fixes(&home, &url, "model.safetensors");
+}
+
+#[test]
+fn a_429_is_retried_after_its_retry_after() {
+    let dir = scratch("retry_429");
+    let home = dir.join("hf-home");
+    let golden = golden("tiny");
+    let server = Server::start_faulty(
+        vec![(TINY, tiny_files())],
+        vec![Fault::Status {
+            status: "429 Too Many Requests",
+            retry_after: Some(0),
+            times: 2,
+        }],
+    );
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+    ];
+    assert_eq!(
+        completion_ids(&generate(TINY, &golden.prompt, &[], &env)),
+        golden.ids
+    );
+    // The first request (config.json's metadata) got the two 429s, and was asked a third time.
+    assert!(
+        server.file_requests(TINY, "config.json") >= 3,
+        "{:?}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_503_forever_is_retried_a_bounded_number_of_times_then_one_error() {
+    let dir = scratch("retry_503");
+    let home = dir.join("hf-home");
+    let server = Server::start_faulty(
+        vec![(TINY, tiny_files())],
+        vec![Fault::Status {
+            status: "503 Service Unavailable",
+            retry_after: None,
+            times: usize::MAX,
+        }],
+    );
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+    ];
+    let start = Instant::now();
+    let out = generate(TINY, "Hello", &[], &env);
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let line = error_line(&out);
+    assert!(
+        line.contains("503") && line.contains("config.json"),
+        "{line}"
+    );
+    assert!(took < Duration::from_secs(40), "took {took:?}");
+    // One try and three retries, then nothing more.
+    assert_eq!(server.total(), 4, "{:?}", server.log());
+    assert_eq!(server.file_requests(TINY, "config.json"), 4);
+}
+
+#[test]
+fn a_stalled_download_times_out_with_hf_hub_download_timeout() {
+    let dir = scratch("stalled");
+    let home = dir.join("hf-home");
+    let weights = tiny_files()["model.safetensors"].clone();
+    let server = Server::start_faulty(
+        vec![(TINY, tiny_files())],
+        vec![Fault::Stall {
+            file: "model.safetensors",
+            keep: 4096,
+        }],
+    );
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+        ("HF_HUB_DOWNLOAD_TIMEOUT", "1"),
+    ];
+    let start = Instant::now();
+    let out = generate(TINY, "Hello", &[], &env);
+    let took = start.elapsed();
+    let line = error_line(&out);
+    assert!(
+        took < Duration::from_secs(STALL.as_secs() / 2),
+        "took {took:?}: {line}"
+    );
+    assert!(line.contains("timed out"), "{line}");
+    assert!(line.contains("model.safetensors"), "{line}");
+    assert!(line.contains("HF_HUB_DOWNLOAD_TIMEOUT"), "{line}");
+    assert_not_cached(&home, TINY, "model.safetensors", &weights);
+
+    server.heal();
+    assert_healthy_run_fixes(&home, &url, "model.safetensors");
+}
+
+#[test]
+fn a_silent_hub_times_out_with_hf_hub_etag_timeout() {
+    let dir = scratch("silent");
+    let home = dir.join("hf-home");
+    let server = Server::start_faulty(vec![(TINY, tiny_files())], vec![Fault::Silent]);
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+        ("HF_HUB_ETAG_TIMEOUT", "1"),
+    ];
+    let start = Instant::now();
+    let out = generate(TINY, "Hello", &[], &env);
+    let took = start.elapsed();
+    let line = error_line(&out);
+    assert!(
+        took < Duration::from_secs(STALL.as_secs() / 2),
+        "took {took:?}: {line}"
+    );
+    assert!(line.contains("timed out"), "{line}");
+    assert!(line.contains("config.json"), "{line}");
+    assert!(line.contains("HF_HUB_ETAG_TIMEOUT"), "{line}");
+}
+
+#[test]
+fn two_processes_downloading_the_same_model_at_once_both_succeed_with_one_copy() {
+    let dir = scratch("two_at_once");
+    let home = dir.join("hf-home");
+    let golden = golden("tiny");
+    let weights = tiny_files()["model.safetensors"].clone();
+    // Slow enough (~6.5 s) that the second process waits for the first one's download.
+    let server = Server::start_faulty(
+        vec![(TINY, tiny_files())],
+        vec![Fault::Slow {
+            file: "model.safetensors",
+            chunk: 32 * 1024,
+            every: Duration::from_millis(300),
+        }],
+    );
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+    ];
+    let args = generate_args(TINY, &golden.prompt, &[]);
+    let (a, b) = (spawn(&args, &env), spawn(&args, &env));
+    let (a, b) = (a.wait(), b.wait());
+    assert_eq!(completion_ids(&a), golden.ids, "{}", stderr(&a));
+    assert_eq!(completion_ids(&b), golden.ids, "{}", stderr(&b));
+    let (a, b) = (json(&a), json(&b));
+    for key in ["completion", "completion_token_ids", "prompt_token_ids"] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
+
+    // One copy, downloaded once; nothing half-done left beside it.
+    let sha = lfs_etag(&weights);
+    let blob_names = names(&blobs(&home, TINY));
+    // Beside the blob, at most the lock file the hf-hub crate's convention leaves (harmless).
+    let of_weights: Vec<&String> = blob_names
+        .iter()
+        .filter(|n| n.starts_with(&sha) && !n.ends_with(".lock"))
+        .collect();
+    assert_eq!(of_weights, vec![&sha], "{blob_names:?}");
+    for name in &blob_names {
+        assert!(
+            !name.ends_with(".incomplete") && !name.ends_with(".part"),
+            "{blob_names:?}"
+        );
+    }
+    assert_eq!(
+        lfs_etag(&std::fs::read(blobs(&home, TINY).join(&sha)).unwrap()),
+        sha
+    );
+    assert_eq!(
+        server.requests(&format!("/cdn/{sha}")),
+        1,
+        "{:?}",
+        server.log()
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_mid_download_leaves_only_a_resumable_incomplete() {
+    let dir = scratch("ctrl_c");
+    let home = dir.join("hf-home");
+    let weights = tiny_files()["model.safetensors"].clone();
+    let sha = lfs_etag(&weights);
+    let server = Server::start_faulty(
+        vec![(TINY, tiny_files())],
+        vec![Fault::Slow {
+            file: "model.safetensors",
+            chunk: 16 * 1024,
+            every: Duration::from_millis(200),
+        }],
+    );
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+    ];
+    let running = spawn(&generate_args(TINY, "Hello", &[]), &env);
+    let cdn = format!("/cdn/{sha}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.requests(&cdn) == 0 {
+        assert!(Instant::now() < deadline, "the download never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = running.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = running.wait();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert_not_cached(&home, TINY, "model.safetensors", &weights);
+    let incomplete = blobs(&home, TINY).join(format!("{sha}.incomplete"));
+    let kept = std::fs::metadata(&incomplete)
+        .map(|m| m.len())
+        .unwrap_or_else(|e| panic!("{}: {e}", incomplete.display()));
+    assert!(kept > 0 && kept < weights.len() as u64, "{kept}");
+
+    server.heal();
+    assert_healthy_run_fixes(&home, &url, "model.safetensors");
+    assert!(
+        server.ranges(&cdn).contains(&format!("bytes={kept}-")),
+        "{:?}",
+        server.ranges(&cdn)
+    );
 }

@@ -1,0 +1,795 @@
+//! The transfer of one Hub file into the shared cache, done here rather than by the hf-hub
+//! crate's `download`, which checks neither the length nor the sha256 of what it received, sets
+//! no timeouts (a stalled server hangs it for ever), retries nothing by default (or, with
+//! `with_retries`, everything at once, 404s included), and gives up on another process's lock
+//! after 5 s.
+//!
+//! The requests are the ones the Hub expects and hf-hub and `huggingface_hub` make: a
+//! `Range: bytes=0-0` GET on `/{repo}/resolve/{revision}/{file}` for the metadata (`x-repo-commit`,
+//! `x-linked-etag` or `etag`, the size), relative redirects followed on the Hub, an absolute one
+//! taken as the CDN holding an LFS file's bytes, and the token sent only to the Hub's own host.
+//! The cache is `huggingface_hub`'s: the bytes arrive in `blobs/<etag>.incomplete` (kept, and
+//! resumed with a `Range` request, when a transfer is cut short), under the lock
+//! `huggingface_hub` takes (`.locks/<repo folder>/<etag>.lock`), and are renamed to
+//! `blobs/<etag>` only once complete: exactly the announced size and, for an LFS file (whose etag
+//! is its sha256), the right sha256.
+//!
+//! What can go wrong is bounded: connect and read timeouts (`HF_HUB_ETAG_TIMEOUT` for the
+//! metadata, `HF_HUB_DOWNLOAD_TIMEOUT` for the transfer, 10 s each by default), a few retries with
+//! exponential backoff for 429 and 5xx (honouring a `Retry-After` in seconds, capped), none for
+//! other errors, and Ctrl-C checked between chunks.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use crate::error::Error;
+
+/// How many times a 429 or 5xx answer is asked again before it is an error.
+const RETRIES: u32 = 3;
+/// The longest wait before a retry, whatever `Retry-After` asks for: a user is waiting.
+const MAX_WAIT: Duration = Duration::from_secs(20);
+/// Relative redirects followed on the Hub (a renamed repo answers with one).
+const MAX_REDIRECTS: usize = 5;
+/// Bytes read (and checked for Ctrl-C) at a time.
+const CHUNK: usize = 256 * 1024;
+
+/// Why a file could not be had. [`super::Hub`] words it, with the file, repo and revision.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// An HTTP error status, after the retries it deserved.
+    Status {
+        code: u16,
+        text: String,
+        /// The Hub's `x-error-code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`, ...).
+        error_code: Option<String>,
+        /// How many times it was asked, and how long it waited between.
+        attempts: u32,
+        waited: Duration,
+        /// Whether the Hub itself answered (rather than the CDN holding an LFS file's bytes).
+        hub: bool,
+    },
+    /// The transfer failed; `msg` says how, and what the user can do.
+    Transfer {
+        msg: String,
+        /// Whether it may be the network (then the cache or a local folder are the way out).
+        network: bool,
+    },
+    /// A local failure (a file of the cache) or an interrupt, passed on as it is.
+    Local(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Self::Local(e)
+    }
+}
+
+fn transfer(msg: String) -> Failure {
+    Failure::Transfer {
+        msg,
+        network: false,
+    }
+}
+
+/// What the Hub says of a file before its bytes are asked for.
+#[derive(Debug)]
+pub(super) struct Metadata {
+    /// The commit the revision is at (`x-repo-commit`): the snapshot folder's name.
+    pub(super) commit: String,
+    /// The blob's name: `x-linked-etag` for an LFS file (its sha256), else `etag`.
+    pub(super) etag: String,
+    /// The file's length in bytes.
+    pub(super) size: u64,
+    /// Where its bytes are: the resolve URL (after relative redirects) or the CDN's.
+    location: String,
+    /// Whether the token goes along to `location`: only on the Hub's own host, as
+    /// `huggingface_hub` does (a CDN URL is signed; the token is not the CDN's business).
+    auth: bool,
+}
+
+/// An HTTP client for the Hub, with `huggingface_hub`'s timeouts.
+pub(super) struct Client {
+    /// For the metadata requests: connect and read time out after `etag_timeout`.
+    meta: ureq::Agent,
+    /// For the transfers: connect and each read time out after `download_timeout`.
+    data: ureq::Agent,
+    etag_timeout: Duration,
+    download_timeout: Duration,
+    token: Option<String>,
+    /// Whether to draw a progress bar (and say when waiting for another process) on stderr.
+    progress: bool,
+}
+
+impl Client {
+    pub(super) fn new(
+        token: Option<String>,
+        etag_timeout: Duration,
+        download_timeout: Duration,
+        progress: bool,
+    ) -> Self {
+        let agent = |timeout: Duration| {
+            ureq::AgentBuilder::new()
+                .try_proxy_from_env(true)
+                // Redirects are followed by hand: which ones, and where the token goes, matters.
+                .redirects(0)
+                .timeout_connect(timeout)
+                .timeout_read(timeout)
+                .timeout_write(timeout)
+                .user_agent(concat!("gpt2/", env!("CARGO_PKG_VERSION"), "; rust"))
+                .build()
+        };
+        Self {
+            meta: agent(etag_timeout),
+            data: agent(download_timeout),
+            etag_timeout,
+            download_timeout,
+            token,
+            progress,
+        }
+    }
+
+    /// The token, for [`super::redact`].
+    pub(super) fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    fn get(&self, agent: &ureq::Agent, url: &str, auth: bool) -> ureq::Request {
+        // Identity: a compressed body's length is not the file's, and the size is checked.
+        let request = agent.get(url).set("Accept-Encoding", "identity");
+        match (&self.token, auth) {
+            (Some(token), true) => request.set("Authorization", &format!("Bearer {token}")),
+            _ => request,
+        }
+    }
+
+    /// `request()` sent, and sent again after a wait while the answer is 429 or 5xx, at most
+    /// [`RETRIES`] times. Any other answer, error statuses included, is returned as it is: a 404
+    /// or a 401 will not change by asking again.
+    fn send(
+        &self,
+        request: impl Fn() -> ureq::Request,
+        timeout: (Duration, &'static str),
+        hub: bool,
+    ) -> Result<ureq::Response, Failure> {
+        let mut waited = Duration::ZERO;
+        let mut attempt = 0;
+        loop {
+            crate::interrupt::check()?;
+            let response = match request().call() {
+                Ok(response) | Err(ureq::Error::Status(_, response)) => response,
+                Err(ureq::Error::Transport(e)) => return Err(transport_failure(&e, timeout)),
+            };
+            let code = response.status();
+            if code != 429 && !(500..600).contains(&code) {
+                return Ok(response);
+            }
+            attempt += 1;
+            if attempt > RETRIES {
+                return Err(status_failure(&response, attempt, waited, hub));
+            }
+            let wait = retry_after(&response)
+                .unwrap_or(Duration::from_secs(1 << (attempt - 1)))
+                .min(MAX_WAIT);
+            drop(response);
+            sleep(wait)?;
+            waited += wait;
+        }
+    }
+
+    /// The metadata of the file at `url` (a resolve URL).
+    pub(super) fn metadata(&self, url: &str) -> Result<Metadata, Failure> {
+        let timeout = (self.etag_timeout, "HF_HUB_ETAG_TIMEOUT");
+        let origin = Url::parse(url)
+            .map_err(|e| transfer(format!("{url} is not a URL ({e}); check HF_ENDPOINT")))?;
+        let mut here = origin.clone();
+        let mut redirects = 0;
+        let response = loop {
+            let response = self.send(
+                || {
+                    self.get(&self.meta, here.as_str(), true)
+                        .set("Range", "bytes=0-0")
+                },
+                timeout,
+                true,
+            )?;
+            if (300..400).contains(&response.status()) && redirects < MAX_REDIRECTS {
+                if let Some(location) = response.header("Location") {
+                    // Relative: still the Hub (a renamed repo). Absolute: the CDN, not followed.
+                    if let Err(url::ParseError::RelativeUrlWithoutBase) = Url::parse(location) {
+                        here = here.join(location).map_err(|e| {
+                            transfer(format!(
+                                "the Hub redirected to {location:?}, not a URL ({e})"
+                            ))
+                        })?;
+                        redirects += 1;
+                        continue;
+                    }
+                }
+            }
+            break response;
+        };
+        let status = response.status();
+        // 416: a zero-length file has no byte 0; its Content-Range still gives its size.
+        if status >= 400 && status != 416 {
+            return Err(status_failure(&response, 1, Duration::ZERO, true));
+        }
+        let commit = response
+            .header("x-repo-commit")
+            .map(str::trim)
+            .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .ok_or_else(|| {
+                transfer(format!(
+                    "{here} answered without a usable x-repo-commit header: is HF_ENDPOINT a \
+                     Hugging Face Hub?"
+                ))
+            })?
+            .to_string();
+        let etag = response
+            .header("x-linked-etag")
+            .or_else(|| response.header("etag"))
+            .map(normalize_etag)
+            .filter(|e| is_file_name(e))
+            .ok_or_else(|| {
+                transfer(format!(
+                    "{here} answered without a usable etag (the file's id in the cache)"
+                ))
+            })?;
+        let linked_size = response
+            .header("x-linked-size")
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        if !(300..400).contains(&status) {
+            let size = match linked_size {
+                Some(size) => size,
+                None => total_size(&response)
+                    .ok_or_else(|| transfer(format!("{here} did not say how long the file is")))?,
+            };
+            return Ok(Metadata {
+                commit,
+                etag,
+                size,
+                location: here.to_string(),
+                auth: true,
+            });
+        }
+        let location = response
+            .header("Location")
+            .and_then(|l| Url::parse(l).ok())
+            .ok_or_else(|| transfer(format!("{here} redirected without a usable Location")))?;
+        let auth = same_host(&origin, &location);
+        let size = match linked_size {
+            Some(size) => size,
+            // No x-linked-size (a mirror, say): ask the CDN, as hf-hub does.
+            None => {
+                let response = self.send(
+                    || {
+                        self.get(&self.meta, location.as_str(), auth)
+                            .set("Range", "bytes=0-0")
+                    },
+                    timeout,
+                    false,
+                )?;
+                if response.status() >= 400 && response.status() != 416 {
+                    return Err(status_failure(&response, 1, Duration::ZERO, false));
+                }
+                total_size(&response).ok_or_else(|| {
+                    transfer(format!("{location} did not say how long the file is"))
+                })?
+            }
+        };
+        Ok(Metadata {
+            commit,
+            etag,
+            size,
+            location: location.to_string(),
+            auth,
+        })
+    }
+
+    /// Makes `blob` the file `meta` describes: already there with its size (another process may
+    /// have just finished it), or downloaded into `<blob>.incomplete` (resuming what an earlier
+    /// run left there), checked, and renamed into place. It holds `locks` meanwhile, waiting for
+    /// any other process that holds them, and returns them still held so that the caller can
+    /// link the snapshot entry before another process looks.
+    pub(super) fn fetch_blob(
+        &self,
+        meta: &Metadata,
+        blob: &Path,
+        locks: &[PathBuf],
+        name: &str,
+    ) -> Result<Vec<Lock>, Failure> {
+        if let Some(dir) = blob.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let held = locks
+            .iter()
+            .map(|path| Lock::acquire(path, name, self.progress))
+            .collect::<Result<Vec<_>, _>>()?;
+        if std::fs::metadata(blob).is_ok_and(|m| m.is_file() && m.len() == meta.size) {
+            return Ok(held);
+        }
+        let incomplete = with_suffix(blob, ".incomplete");
+        // What an interrupted hf-hub download left (`<etag>.part`) is resumed just the same.
+        let mut part = blob.to_path_buf();
+        part.set_extension("part");
+        if !incomplete.exists() && part.is_file() {
+            std::fs::rename(&part, &incomplete).map_err(|e| Error::io(&part, e))?;
+        }
+        self.transfer(meta, &incomplete, name)?;
+        std::fs::rename(&incomplete, blob).map_err(|e| Error::io(blob, e))?;
+        Ok(held)
+    }
+
+    /// Fills `incomplete` with the file's bytes, from what it already holds on, and checks them.
+    fn transfer(&self, meta: &Metadata, incomplete: &Path, name: &str) -> Result<(), Failure> {
+        let io = |e| Failure::Local(Error::io(incomplete, e));
+        let size = meta.size;
+        let sha256 = is_sha256(&meta.etag).then_some(meta.etag.as_str());
+        let mut hasher = sha256.map(|_| Sha256::new());
+        let have = match std::fs::metadata(incomplete) {
+            Ok(m) if m.len() <= size => m.len(),
+            _ => 0, // none, or longer than the file: not a start of it
+        };
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(incomplete)
+                .map_err(io)
+        };
+        let file = if have == size {
+            // An earlier run got every byte but stopped before the rename.
+            let mut file = open()?;
+            if let Some(hasher) = hasher.as_mut() {
+                hash_prefix(&mut file, size, hasher).map_err(io)?;
+            }
+            file
+        } else {
+            let range = format!("bytes={have}-");
+            let response = self.send(
+                || {
+                    let request = self.get(&self.data, &meta.location, meta.auth);
+                    if have > 0 {
+                        request.set("Range", &range)
+                    } else {
+                        request
+                    }
+                },
+                (self.download_timeout, "HF_HUB_DOWNLOAD_TIMEOUT"),
+                false,
+            )?;
+            let start = match response.status() {
+                200 => 0, // the whole file: a server that ignores Range answers so
+                206 => match content_range(&response) {
+                    Some((start, total)) if start == have && total.is_none_or(|t| t == size) => {
+                        start
+                    }
+                    _ => {
+                        return Err(transfer(format!(
+                            "asked for bytes {have}- of {size}, the server sent {}; run again",
+                            response
+                                .header("Content-Range")
+                                .unwrap_or("no Content-Range")
+                        )))
+                    }
+                },
+                416 => {
+                    // It lacks bytes the part we hold says it has: start afresh next time.
+                    let _ = std::fs::remove_file(incomplete);
+                    return Err(transfer(format!(
+                        "the server refused to resume at byte {have} of {size}; the partial \
+                         download was deleted, run again"
+                    )));
+                }
+                _ => return Err(status_failure(&response, 1, Duration::ZERO, false)),
+            };
+            let identity = response
+                .header("Content-Encoding")
+                .is_none_or(|e| e.trim().eq_ignore_ascii_case("identity"));
+            if let Some(len) = response
+                .header("Content-Length")
+                .and_then(|l| l.trim().parse::<u64>().ok())
+            {
+                if identity && start.checked_add(len) != Some(size) {
+                    return Err(transfer(format!(
+                        "the server announced {} bytes where the Hub announced {size} bytes; \
+                         nothing was kept, run again",
+                        start.saturating_add(len)
+                    )));
+                }
+            }
+            let mut file = open()?;
+            file.set_len(start).map_err(io)?;
+            if let Some(hasher) = hasher.as_mut() {
+                // The part from an earlier run is hashed as it is on disk.
+                hash_prefix(&mut file, start, hasher).map_err(io)?;
+            }
+            file.seek(SeekFrom::Start(start)).map_err(io)?;
+            let mut have = start;
+            let bar = Bar::new(self.progress, name, size, have);
+            let mut reader = response.into_reader();
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                // On Ctrl-C the bytes so far stay in `.incomplete`, for the next run to resume.
+                crate::interrupt::check()?;
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if is_timeout(&e) => {
+                        return Err(transfer(format!(
+                            "timed out: no data for {} (HF_HUB_DOWNLOAD_TIMEOUT) after {have} of \
+                             {size} bytes; run again to resume",
+                            seconds(self.download_timeout)
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(transfer(format!(
+                            "the connection dropped after {have} of {size} bytes ({e}); run \
+                             again to resume"
+                        )))
+                    }
+                };
+                if have + n as u64 > size {
+                    drop(file);
+                    let _ = std::fs::remove_file(incomplete);
+                    return Err(transfer(format!(
+                        "the server sent more than the {size} bytes the Hub announced; nothing \
+                         was kept, run again"
+                    )));
+                }
+                file.write_all(&buf[..n]).map_err(io)?;
+                if let Some(hasher) = hasher.as_mut() {
+                    hasher.update(&buf[..n]);
+                }
+                have += n as u64;
+                bar.set(have);
+            }
+            if have < size {
+                return Err(transfer(format!(
+                    "the download ended after {have} of {size} bytes; run again to resume"
+                )));
+            }
+            bar.done();
+            file
+        };
+        if let (Some(expected), Some(hasher)) = (sha256, hasher) {
+            let got: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if got != expected {
+                drop(file);
+                let _ = std::fs::remove_file(incomplete);
+                return Err(transfer(format!(
+                    "the download was corrupted: its sha256 is {got}, not the {expected} the Hub \
+                     announced; it was deleted, run again"
+                )));
+            }
+        }
+        // On disk before it is renamed into place: a blob in the cache is always whole.
+        file.sync_all().map_err(io)?;
+        Ok(())
+    }
+}
+
+/// Feeds the first `len` bytes of `file` to `hasher`.
+fn hash_prefix(file: &mut File, len: u64, hasher: &mut Sha256) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(0))?;
+    let copied = std::io::copy(&mut Read::by_ref(file).take(len), hasher)?;
+    if copied == len {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("holds {copied} bytes, not {len}"),
+        ))
+    }
+}
+
+/// An exclusive lock on a file, held until dropped (the OS releases it when the file closes,
+/// also when the process dies, so a crash never leaves a stale lock).
+pub(super) struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    /// Waits (without a limit, but Ctrl-C ends the wait) until no other process holds `path`.
+    fn acquire(path: &Path, name: &str, tell: bool) -> Result<Self, Failure> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        let mut told = false;
+        loop {
+            if try_lock(&file).map_err(|e| Error::io(path, e))? {
+                return Ok(Self { _file: file });
+            }
+            if tell && !told {
+                eprintln!("waiting for another download of {name} to finish...");
+                told = true;
+            }
+            crate::interrupt::check()?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: whether it got the lock; polled rather than blocking, so that
+/// Ctrl-C is noticed while waiting. Python's `filelock` locks the same way, so the two exclude
+/// each other.
+#[cfg(unix)]
+fn try_lock(file: &File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only acts on the descriptor, which `file` keeps open for the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// Without flock, no lock: two downloads of one blob then both run, each renaming a whole,
+/// checked file into place, so the cache stays right; only the bandwidth is spent twice.
+#[cfg(not(unix))]
+fn try_lock(_file: &File) -> std::io::Result<bool> {
+    Ok(true)
+}
+
+/// A progress bar on stderr, or nothing; cleared if dropped before [`Bar::done`], so that an
+/// error line stands alone.
+struct Bar(Option<ProgressBar>);
+
+impl Bar {
+    fn new(show: bool, name: &str, size: u64, at: u64) -> Self {
+        if !show {
+            return Self(None);
+        }
+        let bar = ProgressBar::new(size);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})",
+        ) {
+            bar.set_style(style);
+        }
+        bar.set_message(name.to_string());
+        bar.set_position(at);
+        Self(Some(bar))
+    }
+
+    fn set(&self, at: u64) {
+        if let Some(bar) = &self.0 {
+            bar.set_position(at);
+        }
+    }
+
+    fn done(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish();
+        }
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            if !bar.is_finished() {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}
+
+/// Sleeps `d`, checking for Ctrl-C meanwhile.
+fn sleep(d: Duration) -> Result<(), Failure> {
+    let end = Instant::now() + d;
+    loop {
+        crate::interrupt::check()?;
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+fn status_failure(
+    response: &ureq::Response,
+    attempts: u32,
+    waited: Duration,
+    hub: bool,
+) -> Failure {
+    Failure::Status {
+        code: response.status(),
+        text: response.status_text().to_string(),
+        error_code: response.header("x-error-code").map(String::from),
+        attempts,
+        waited,
+        hub,
+    }
+}
+
+fn transport_failure(e: &ureq::Transport, (timeout, var): (Duration, &'static str)) -> Failure {
+    let msg = if is_timeout(e) {
+        format!("timed out: no answer within {} ({var})", seconds(timeout))
+    } else {
+        e.to_string()
+    };
+    Failure::Transfer { msg, network: true }
+}
+
+/// Whether `e`, or an error under it, is a socket timeout (which a read timeout shows as
+/// `WouldBlock` on unix).
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        if matches!(
+            io.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        ) {
+            return true;
+        }
+        // An io::Error's `source` skips the error it wraps.
+        if let Some(inner) = io.get_ref() {
+            if is_timeout(inner) {
+                return true;
+            }
+        }
+    }
+    e.source().is_some_and(is_timeout)
+}
+
+/// `1 s`, `2.5 s`.
+fn seconds(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+/// The wait a 429 or 503 asks for, when it gives one in seconds (the HTTP-date form is rare
+/// enough to get the backoff instead).
+fn retry_after(response: &ureq::Response) -> Option<Duration> {
+    let secs: u64 = response.header("Retry-After")?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+/// The size of the whole file from an answer to a range request: `Content-Range: bytes a-b/N`
+/// (or `bytes */N`), else the `Content-Length` of a 200 (a server that ignored the range).
+fn total_size(response: &ureq::Response) -> Option<u64> {
+    if let Some(range) = response.header("Content-Range") {
+        return range.rsplit('/').next()?.trim().parse().ok();
+    }
+    if response.status() == 200 {
+        return response.header("Content-Length")?.trim().parse().ok();
+    }
+    None
+}
+
+/// `(a, Some(N))` of `Content-Range: bytes a-b/N` (`None` for a total of `*`).
+fn content_range(response: &ureq::Response) -> Option<(u64, Option<u64>)> {
+    parse_content_range(response.header("Content-Range")?)
+}
+
+fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
+    let (range, total) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end): (u64, u64) = (start.trim().parse().ok()?, end.trim().parse().ok()?);
+    if end < start {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start, total))
+}
+
+/// An ETag as a blob name: without `W/` and quotes, as `huggingface_hub` does.
+fn normalize_etag(raw: &str) -> String {
+    let raw = raw.trim();
+    raw.strip_prefix("W/")
+        .unwrap_or(raw)
+        .trim_matches('"')
+        .to_string()
+}
+
+/// Whether a server-given name can be a file in `blobs/`: no path, no hidden or odd name.
+fn is_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Whether an etag is a sha256 (an LFS file's), as `huggingface_hub` tells them apart from git's
+/// sha1s.
+fn is_sha256(etag: &str) -> bool {
+    etag.len() == 64 && etag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether `a` and `b` are on one host and port, as the token's destination is judged.
+fn same_host(a: &Url, b: &Url) -> bool {
+    a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// `path` with `suffix` added to its name (`<etag>.incomplete`, whatever dots the etag has).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(parse_content_range("bytes 0-0/42"), Some((0, Some(42))));
+        assert_eq!(parse_content_range("bytes 10-41/42"), Some((10, Some(42))));
+        assert_eq!(parse_content_range("bytes 10-41/*"), Some((10, None)));
+        assert_eq!(parse_content_range("bytes */42"), None);
+        assert_eq!(parse_content_range("bytes 5-4/42"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+
+    #[test]
+    fn etags() {
+        assert_eq!(normalize_etag("\"abc\""), "abc");
+        assert_eq!(normalize_etag("W/\"abc\""), "abc");
+        assert!(is_file_name("0123abcd"));
+        assert!(is_file_name("abc-3.x_y"));
+        for bad in ["", "..", ".hidden", "../x", "a/b", "a\\b", "a b", "a\0b"] {
+            assert!(!is_file_name(bad), "{bad:?}");
+        }
+        let sha = "a".repeat(64);
+        assert!(is_sha256(&sha));
+        assert!(!is_sha256(&"A".repeat(64)));
+        assert!(!is_sha256(&"a".repeat(40)));
+    }
+
+    #[test]
+    fn the_token_stays_on_its_host() {
+        let hub = Url::parse("https://huggingface.co/org/name/resolve/main/x").unwrap();
+        let same = Url::parse("https://huggingface.co:443/other").unwrap();
+        let cdn = Url::parse("https://cdn-lfs.hf.co/repos/x").unwrap();
+        let port = Url::parse("https://huggingface.co:8443/x").unwrap();
+        let tricky = Url::parse("https://huggingface.co@evil.example/x").unwrap();
+        assert!(same_host(&hub, &same));
+        assert!(!same_host(&hub, &cdn));
+        assert!(!same_host(&hub, &port));
+        assert!(!same_host(&hub, &tricky));
+    }
+
+    #[test]
+    fn suffixes_keep_the_whole_name() {
+        assert_eq!(
+            with_suffix(Path::new("/c/blobs/abc.def"), ".incomplete"),
+            PathBuf::from("/c/blobs/abc.def.incomplete")
+        );
+    }
+
+    #[test]
+    fn timeouts_are_found_under_other_errors() {
+        let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "slow");
+        assert!(is_timeout(&timed_out));
+        let wrapped = std::io::Error::other(timed_out);
+        assert!(is_timeout(&wrapped));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!is_timeout(&refused));
+    }
+}
