@@ -34,12 +34,8 @@ impl Block {
         self.attn.weight_bytes() + self.mlp.weight_bytes()
     }
 
-    pub(crate) fn head_output_weights(
-        &self,
-        h: usize,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        self.attn.head_output_weights(h, device)
+    pub(crate) fn attention_output_weights(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        self.attn.output_weights(device)
     }
 
     /// (B, T, C) at positions `past..past + T` -> (B, T, C).

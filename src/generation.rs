@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::error::{human_bytes, Error, Result};
 use crate::memory::product;
-use crate::model::Gpt2;
+use crate::model::{Cache, Gpt2, Hook, Output};
 use crate::prompt::Prompt;
 use crate::tokenizer::{TextStream, Tokenizer};
 
@@ -348,6 +348,20 @@ pub fn generate(
     tokenizer: &Tokenizer,
     prompt: &Prompt,
     params: &GenerateParams,
+    on_text: impl FnMut(usize, &str) -> Result<()>,
+) -> Result<(Vec<Completion>, Timings)> {
+    generate_with_hook(model, tokenizer, prompt, params, None, on_text)
+}
+
+/// [`generate`] with `hook` in every forward pass: the prefill, then each decode step (one new
+/// query row against the KV cache). Ablated heads stay ablated; captured attention is the
+/// decode's own, nothing is recomputed.
+pub fn generate_with_hook(
+    model: &Gpt2,
+    tokenizer: &Tokenizer,
+    prompt: &Prompt,
+    params: &GenerateParams,
+    mut hook: Option<&mut (dyn Hook + '_)>,
     mut on_text: impl FnMut(usize, &str) -> Result<()>,
 ) -> Result<(Vec<Completion>, Timings)> {
     params.validate()?;
@@ -394,7 +408,12 @@ pub fn generate(
         )?)
     };
     // (N, P) -> (N, vocab)
-    let mut logits = model.forward_last(&batch(&seqs, 0)?, Some(&mut cache))?;
+    let mut forward = |ids: Tensor, cache: &mut Cache| -> Result<Tensor> {
+        model
+            .run(&ids, Some(cache), hook.as_deref_mut(), Output::Last)?
+            .ok_or_else(|| Error::Input("this model has no logits (first layers only)".into()))
+    };
+    let mut logits = forward(batch(&seqs, 0)?, &mut cache)?;
     timings.prefill = start.elapsed();
     let decode_start = Instant::now();
 
@@ -451,7 +470,7 @@ pub fn generate(
         } else {
             len - 1
         };
-        logits = model.forward_last(&batch(&seqs, from)?, Some(&mut cache))?;
+        logits = forward(batch(&seqs, from)?, &mut cache)?;
     }
     timings.decode = decode_start.elapsed();
 

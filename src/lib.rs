@@ -13,6 +13,7 @@
 //! # Ok::<(), gpt2::Error>(())
 //! ```
 
+pub mod analysis;
 mod attention;
 pub mod bench;
 mod block;
@@ -41,7 +42,7 @@ pub use candle_core::{DType, Device, Tensor};
 pub use checkpoint::{random_checkpoint, Checkpoint, ModelFiles};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use model::{Cache, Gpt2, Hook, LoadOptions, Output, Point, Quantization};
+pub use model::{Cache, Gpt2, HeadMask, Hook, HookPair, LoadOptions, Output, Point, Quantization};
 pub use prompt::Prompt;
 pub use source::{Loaded, ModelSource};
 pub use tokenizer::Tokenizer;

@@ -145,6 +145,8 @@ pub struct Gpt2 {
     /// The LM head is `wte` (one copy of the weights).
     tied: bool,
     wte_bytes: usize,
+    /// Heads removed from every pass.
+    head_mask: Option<HeadMask>,
 }
 
 /// Keys and values of every layer for incremental decoding: prefill the prompt once, then feed one
@@ -201,6 +203,73 @@ pub trait Hook {
     fn wants(&self, point: Point) -> bool;
     /// Called at each wanted point, in forward order; may replace `t` (same shape).
     fn at(&mut self, point: Point, t: &mut Tensor) -> Result<()>;
+}
+
+/// Heads removed from every pass of a model ([`Gpt2::set_head_mask`]): per layer, a
+/// (1, 1, n_head, hs) factor, 0 on removed heads and 1 elsewhere, and what to add after it
+/// (zeros, or each removed head's mean output), applied to the heads' outputs at [`Point::Z`].
+/// [`crate::analysis::ablation`] builds one.
+#[derive(Debug, Clone, Default)]
+pub struct HeadMask {
+    pub(crate) layers: std::collections::BTreeMap<usize, (Tensor, Tensor)>,
+}
+
+impl HeadMask {
+    /// Whether any head is removed.
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    fn apply(&self, p: Point, z: &mut Tensor) -> Result<()> {
+        if let Point::Z(l) = p {
+            if let Some((keep, fill)) = self.layers.get(&l) {
+                *z = z.broadcast_mul(keep)?.broadcast_add(fill)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Hook for HeadMask {
+    fn wants(&self, p: Point) -> bool {
+        matches!(p, Point::Z(l) if self.layers.contains_key(&l))
+    }
+
+    fn at(&mut self, p: Point, z: &mut Tensor) -> Result<()> {
+        self.apply(p, z)
+    }
+}
+
+/// A model's own head mask as a hook (it only reads the mask).
+struct MaskRef<'a>(&'a HeadMask);
+
+impl Hook for MaskRef<'_> {
+    fn wants(&self, p: Point) -> bool {
+        self.0.wants(p)
+    }
+
+    fn at(&mut self, p: Point, z: &mut Tensor) -> Result<()> {
+        self.0.apply(p, z)
+    }
+}
+
+/// Two hooks as one: both see every point either wants, the first first.
+pub struct HookPair<'a, 'x, 'y>(pub &'a mut (dyn Hook + 'x), pub &'a mut (dyn Hook + 'y));
+
+impl Hook for HookPair<'_, '_, '_> {
+    fn wants(&self, p: Point) -> bool {
+        self.0.wants(p) || self.1.wants(p)
+    }
+
+    fn at(&mut self, p: Point, t: &mut Tensor) -> Result<()> {
+        if self.0.wants(p) {
+            self.0.at(p, t)?;
+        }
+        if self.1.wants(p) {
+            self.1.at(p, t)?;
+        }
+        Ok(())
+    }
 }
 
 /// The hook points a block of layer `layer` calls, if any.
@@ -317,6 +386,7 @@ impl Gpt2 {
             device: t.device.clone(),
             tied,
             wte_bytes,
+            head_mask: None,
             config,
         })
     }
@@ -360,6 +430,16 @@ impl Gpt2 {
             } else {
                 self.wte_bytes
             }
+    }
+
+    /// Removes heads from every later pass (`None`: none). Costs nothing when unset.
+    pub fn set_head_mask(&mut self, mask: Option<HeadMask>) {
+        self.head_mask = mask.filter(|m| !m.is_empty());
+    }
+
+    /// The heads removed, if any.
+    pub fn head_mask(&self) -> Option<&HeadMask> {
+        self.head_mask.as_ref()
     }
 
     /// The device the model runs on.
@@ -498,7 +578,7 @@ impl Gpt2 {
         &self,
         ids: &Tensor,
         cache: Option<&mut Cache>,
-        hook: Option<&mut dyn Hook>,
+        hook: Option<&mut (dyn Hook + '_)>,
         output: Output,
     ) -> Result<Option<Tensor>> {
         let (_, t) = ids.dims2()?;
@@ -523,7 +603,7 @@ impl Gpt2 {
         layer: usize,
         x: Tensor,
         mut cache: Option<&mut Cache>,
-        mut hook: Option<&mut dyn Hook>,
+        mut hook: Option<&mut (dyn Hook + '_)>,
         output: Output,
     ) -> Result<Option<Tensor>> {
         let (_, t, _) = x.dims3()?;
@@ -547,6 +627,17 @@ impl Gpt2 {
             )?)
         } else {
             None
+        };
+        // The model's own head mask, first, then the caller's hook.
+        let mut own = self.head_mask.as_ref().map(MaskRef);
+        let mut pair;
+        let mut hook: Option<&mut dyn Hook> = match (own.as_mut(), hook.as_deref_mut()) {
+            (None, h) => h.map(|h| h as &mut dyn Hook),
+            (Some(m), None) => Some(m),
+            (Some(m), Some(h)) => {
+                pair = HookPair(m, h);
+                Some(&mut pair)
+            }
         };
         let mut x = x;
         for (i, block) in self.h.iter().enumerate().take(last + 1).skip(layer) {
@@ -592,11 +683,17 @@ impl Gpt2 {
         Ok(lm_head.column(token as usize, &self.device)?)
     }
 
-    /// Layer `layer`'s `c_proj` weight rows of head `head` (head_size, C) f32 and its bias (C,):
-    /// how a head's output z writes into the residual stream.
-    pub fn head_output_weights(&self, layer: usize, head: usize) -> Result<(Tensor, Tensor)> {
+    /// Layer `layer`'s attention output projection `c_proj` as (C, C) f32, rows by input (head
+    /// `h` owns rows `h·hs..(h+1)·hs`), and its bias (C,): how the heads' outputs z write into
+    /// the residual stream.
+    pub fn attention_output_weights(&self, layer: usize) -> Result<(Tensor, Tensor)> {
         self.check_layers(&[layer])?;
-        self.h[layer].head_output_weights(head, &self.device)
+        self.h[layer].attention_output_weights(&self.device)
+    }
+
+    /// Row `position` of `wpe`: (C,).
+    pub fn position_embedding(&self, position: usize) -> Result<Tensor> {
+        Ok(self.wpe.get(position)?.to_dtype(DType::F32)?)
     }
 
     fn check_positions(&self, past: usize, t: usize) -> Result<()> {

@@ -126,7 +126,7 @@ fn window_loss(
     match hook {
         // Both hooks see the pass: the caller's first, ours last (it only reads).
         Some(h) => {
-            let mut both = Chain(h, &mut resid);
+            let mut both = crate::model::HookPair(h, &mut resid);
             model.run(&ids, None, Some(&mut both), Output::StopAfter(last))?;
         }
         None => {
@@ -166,28 +166,6 @@ fn log_softmax_at(row: &[f32], i: usize) -> f64 {
         .ln()
         + max;
     row[i] as f64 - lse
-}
-
-/// Two hooks as one: both see every point either wants, the first first.
-pub(crate) struct Chain<'a, 'x, 'y>(
-    pub(crate) &'a mut (dyn Hook + 'x),
-    pub(crate) &'a mut (dyn Hook + 'y),
-);
-
-impl Hook for Chain<'_, '_, '_> {
-    fn wants(&self, p: Point) -> bool {
-        self.0.wants(p) || self.1.wants(p)
-    }
-
-    fn at(&mut self, p: Point, t: &mut Tensor) -> Result<()> {
-        if self.0.wants(p) {
-            self.0.at(p, t)?;
-        }
-        if self.1.wants(p) {
-            self.1.at(p, t)?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

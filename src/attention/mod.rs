@@ -59,21 +59,14 @@ impl Attention {
         self.c_attn.weight_bytes() + self.c_proj.weight_bytes()
     }
 
-    /// `c_proj`'s rows of head `h` (hs, C) and its bias (C,), in f32.
-    pub(crate) fn head_output_weights(
-        &self,
-        h: usize,
-        device: &candle_core::Device,
-    ) -> Result<(Tensor, Tensor)> {
+    /// `c_proj` as (C, C) f32 (rows by input: head `h` owns rows `h·hs..`) and its bias (C,).
+    pub(crate) fn output_weights(&self, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
         let w = self.c_proj.weight_kn(device)?;
-        let rows = w.narrow(0, h * self.head_size, self.head_size)?;
-        let bias = self
-            .c_proj
-            .bias()
-            .map(|b| b.to_dtype(DType::F32))
-            .transpose()?
-            .map_or_else(|| Tensor::zeros(w.dim(1)?, DType::F32, device), Ok)?;
-        Ok((rows, bias))
+        let bias = match self.c_proj.bias() {
+            Some(b) => b.to_dtype(DType::F32)?,
+            None => Tensor::zeros(w.dim(1)?, DType::F32, device)?,
+        };
+        Ok((w, bias))
     }
 
     /// `x`: (B, T, C) at positions `past..past + T`. `mask`: (1, 1, T, T_k) additive f32 mask,

@@ -23,11 +23,14 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::InspectHeads(args) => cmd_inspect_heads(args),
         Command::Info(args) => cmd_info(args),
         Command::Perplexity(args) => cmd_perplexity(args),
+        Command::HeadsEffect(args) => super::analyses::cmd_heads_effect(args),
+        Command::LogitLens(args) => super::analyses::cmd_logit_lens(args),
+        Command::Attribute(args) => super::analyses::cmd_attribute(args),
     }
 }
 
 /// Loads the model `args` names (only its first `layers` blocks, if given).
-fn load(args: &ModelArgs, layers: Option<usize>) -> Result<Loaded> {
+pub(crate) fn load(args: &ModelArgs, layers: Option<usize>) -> Result<Loaded> {
     let source = args.source.source();
     let mut opts = args.options()?;
     opts.layers = layers;
@@ -80,15 +83,16 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
     // Check options before the (possibly long) download.
     params.validate()?;
     let text = args.prompt.text()?;
-    let loaded = load(&args.model, None)?;
-    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let mut loaded = load(&args.model, None)?;
     let prompt = Prompt::new(
-        tokenizer,
+        &loaded.tokenizer,
         &text,
-        model.config(),
+        loaded.model.config(),
         args.prompt.options(false, true),
     )
     .map_err(truncate_hint)?;
+    args.ablate.apply(&mut loaded.model, &prompt.ids)?;
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     if prompt.dropped > 0 {
         note(format_args!(
             "warning: prompt truncated from {} to its last {} tokens\n",
@@ -187,20 +191,21 @@ fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
         .iter()
         .max()
         .map_or(config.n_layer, |l| l + 1);
-    let loaded = load(&args.model, Some(last))?;
+    let mut loaded = load(&args.model, Some(last))?;
     if let (Some(out), Some(files)) = (&args.out, &loaded.files) {
         let mut inputs = files.weights.clone();
         inputs.push(files.config.clone());
         gpt2::output::refuse_inputs(out, &inputs)?;
     }
-    let (model, name) = (&loaded.model, &loaded.name);
     let prompt = Prompt::new(
         &loaded.tokenizer,
         &text,
-        model.config(),
+        loaded.model.config(),
         args.prompt.options(args.bos, false),
     )
     .map_err(truncate_hint)?;
+    args.ablate.apply(&mut loaded.model, &prompt.ids)?;
+    let (model, name) = (&loaded.model, &loaded.name);
     let tokens = Tokens::new(&loaded.tokenizer, &prompt)?;
     let start = Instant::now();
     if args.scores {
@@ -249,7 +254,7 @@ fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
         std::fs::read_to_string(&args.file)
             .with_context(|| format!("cannot read {}", args.file.display()))?
     };
-    let loaded = load(&args.model, None)?;
+    let mut loaded = load(&args.model, None)?;
     let ids = loaded.tokenizer.encode(&text)?;
     // Checked against the vocabulary; any length (the windows slide).
     if let Some(bad) = ids
@@ -258,6 +263,9 @@ fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
     {
         anyhow::bail!("the tokenizer produced id {bad}, outside the model's vocabulary");
     }
+    // Mean ablation averages over the text's first window.
+    let first = &ids[..ids.len().min(loaded.model.config().n_positions)];
+    args.ablate.apply(&mut loaded.model, first)?;
     let bar = progress_bar("windows");
     let start = Instant::now();
     let p = gpt2::perplexity::perplexity(&loaded.model, &ids, args.stride, None, |done, total| {
@@ -288,6 +296,24 @@ fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
         ))?;
     }
     Ok(())
+}
+
+/// The closing stats line of an analysis.
+pub(crate) fn note_done(
+    loaded: &Loaded,
+    tokens: usize,
+    start: Instant,
+    out: Option<&std::path::Path>,
+) {
+    note(format_args!(
+        "{}: {tokens} tokens; loaded in {:.0} ms, ran in {:.0} ms{}\n",
+        loaded.name,
+        loaded.load_time.as_secs_f64() * 1e3,
+        start.elapsed().as_secs_f64() * 1e3,
+        out.map(|p| format!(", written to {}", p.display()))
+            .unwrap_or_default()
+    ));
+    print_peak_memory();
 }
 
 /// A progress bar on stderr when it is a terminal.

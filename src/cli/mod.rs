@@ -1,6 +1,7 @@
 //! The command line: clap types, and how each maps onto the library's types. [`commands`] runs
 //! each command with one library call and prints the result.
 
+mod analyses;
 mod commands;
 mod escape;
 
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use gpt2::analysis::ablation::AblateMode;
 use gpt2::device::DeviceChoice;
 use gpt2::inspect::{Format, LayerChoice};
 use gpt2::prompt::PromptOptions;
@@ -39,6 +41,143 @@ enum Command {
     Info(InfoArgs),
     /// Perplexity of a text, as transformers' sliding-window recipe computes it.
     Perplexity(PerplexityArgs),
+    /// Every head's importance: the change in the prompt's loss (or a target logit) when it alone
+    /// is ablated.
+    HeadsEffect(HeadsEffectArgs),
+    /// The logit lens: the most likely next tokens after each layer, at every position.
+    LogitLens(LogitLensArgs),
+    /// Direct logit attribution: a target token's logit split into embeddings, heads and MLPs.
+    Attribute(AttributeArgs),
+}
+
+/// Heads to remove from every forward pass.
+#[derive(Args)]
+struct AblateArgs {
+    /// Heads to ablate, as LAYER.HEAD,... (0-based), e.g. 5.1,5.5.
+    #[arg(long, value_name = "L.H,...")]
+    ablate: Option<String>,
+    /// zero: the head's output is 0 (transformers' head_mask); mean: its mean over the prompt.
+    #[arg(long, value_enum, default_value = "zero")]
+    ablate_mode: AblateMode,
+}
+
+impl AblateArgs {
+    /// Sets the head mask `--ablate` asks for on `model` (mean taken over `prompt`).
+    fn apply(&self, model: &mut gpt2::Gpt2, prompt: &[u32]) -> Result<()> {
+        let Some(spec) = &self.ablate else {
+            return Ok(());
+        };
+        let heads = gpt2::analysis::ablation::parse_heads(spec)?;
+        let mask = gpt2::analysis::ablation::head_mask(model, &heads, self.ablate_mode, prompt)?;
+        model.set_head_mask(Some(mask));
+        Ok(())
+    }
+}
+
+/// A token to measure: its text (one token, e.g. " Mary") or its id.
+#[derive(Args)]
+struct TargetArgs {
+    /// The target token as text; it must be a single token of the tokenizer (mind the leading
+    /// space GPT-2 tokens carry: " Mary").
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        allow_hyphen_values = true,
+        conflicts_with = "target_id"
+    )]
+    target: Option<String>,
+    /// The target token by id.
+    #[arg(long, value_name = "ID")]
+    target_id: Option<u32>,
+}
+
+impl TargetArgs {
+    fn id(&self, tokenizer: &gpt2::Tokenizer) -> Result<Option<u32>> {
+        match (&self.target, self.target_id) {
+            (_, Some(id)) => Ok(Some(id)),
+            (Some(text), None) => match tokenizer.encode(text)?.as_slice() {
+                [id] => Ok(Some(*id)),
+                ids => Err(gpt2::Error::param(
+                    "target",
+                    format!(
+                        "{text:?} is {} tokens ({ids:?}), not one; use --target-id",
+                        ids.len()
+                    ),
+                ))?,
+            },
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// How an analysis is written.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AnalysisFormat {
+    Text,
+    Json,
+    /// A layers x heads heatmap (needs --out).
+    Png,
+}
+
+#[derive(Args)]
+struct HeadsEffectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Put <|endoftext|> before the prompt, as TransformerLens does.
+    #[arg(long)]
+    bos: bool,
+    /// How each head is removed.
+    #[arg(long, value_enum, default_value = "zero")]
+    ablate_mode: AblateMode,
+    #[arg(long, value_enum, default_value = "text")]
+    format: AnalysisFormat,
+    /// Write to this file instead of standard output (needed for png).
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LogitLensArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[command(flatten)]
+    ablate: AblateArgs,
+    /// Put <|endoftext|> before the prompt, as TransformerLens does.
+    #[arg(long)]
+    bos: bool,
+    /// Tokens shown per layer and position.
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct AttributeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// The position whose logit is taken apart (0-based); default: the last.
+    #[arg(long)]
+    position: Option<usize>,
+    /// Put <|endoftext|> before the prompt, as TransformerLens does.
+    #[arg(long)]
+    bos: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    format: AnalysisFormat,
+    /// Write to this file instead of standard output (needed for png: the heads' heatmap).
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
 }
 
 /// The command-line name of a library parameter: `max_new_tokens` is `--max-new-tokens`.
@@ -194,6 +333,8 @@ struct GenerateArgs {
     model: ModelArgs,
     #[command(flatten)]
     prompt: PromptArgs,
+    #[command(flatten)]
+    ablate: AblateArgs,
     /// How many tokens to generate at most.
     #[arg(short = 'n', long, default_value_t = 100, allow_negative_numbers = true,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -239,6 +380,8 @@ struct GenerateArgs {
 struct PerplexityArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    ablate: AblateArgs,
     /// The text to score; `-` reads standard input.
     #[arg(long, value_name = "PATH")]
     file: PathBuf,
@@ -269,6 +412,8 @@ struct InspectHeadsArgs {
     model: ModelArgs,
     #[command(flatten)]
     prompt: PromptArgs,
+    #[command(flatten)]
+    ablate: AblateArgs,
     /// The layer to show, 0-based, or `all`.
     #[arg(long, default_value = "all")]
     layer: LayerChoice,

@@ -159,14 +159,14 @@ pub fn colormap(w: f32) -> [u8; 3] {
 }
 
 /// An RGB picture to draw on; pixels outside it are ignored.
-struct Canvas {
-    width: usize,
-    height: usize,
-    rgb: Vec<u8>,
+pub(crate) struct Canvas {
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+    pub(crate) rgb: Vec<u8>,
 }
 
 impl Canvas {
-    fn new(width: usize, height: usize) -> Self {
+    pub(crate) fn new(width: usize, height: usize) -> Self {
         Self {
             width,
             height,
@@ -174,7 +174,7 @@ impl Canvas {
         }
     }
 
-    fn set(&mut self, x: usize, y: usize, c: [u8; 3]) {
+    pub(crate) fn set(&mut self, x: usize, y: usize, c: [u8; 3]) {
         if x < self.width && y < self.height {
             let i = (y * self.width + x) * 3;
             self.rgb[i..i + 3].copy_from_slice(&c);
@@ -182,12 +182,12 @@ impl Canvas {
     }
 
     /// `text` left to right from its top-left corner.
-    fn text(&mut self, x: usize, y: usize, text: &str, scale: usize) {
+    pub(crate) fn text(&mut self, x: usize, y: usize, text: &str, scale: usize) {
         self.glyphs(text, scale, |u, v| (x + u, y + v));
     }
 
     /// `text` reading upwards (turned 90° anticlockwise), starting at `bottom`.
-    fn text_up(&mut self, x: usize, bottom: usize, text: &str, scale: usize) {
+    pub(crate) fn text_up(&mut self, x: usize, bottom: usize, text: &str, scale: usize) {
         self.glyphs(text, scale, |u, v| (x + v, bottom.wrapping_sub(u)));
     }
 
@@ -206,7 +206,7 @@ impl Canvas {
     }
 
     /// A one-pixel frame just outside the `side`-square at (x, y).
-    fn frame(&mut self, x: usize, y: usize, w: usize, h: usize) {
+    pub(crate) fn frame(&mut self, x: usize, y: usize, w: usize, h: usize) {
         for i in 0..w + 2 {
             self.set(x + i - 1, y - 1, FRAME);
             self.set(x + i - 1, y + h, FRAME);
@@ -219,7 +219,7 @@ impl Canvas {
 }
 
 /// Pixels a string takes along its direction.
-fn text_len(text: &str, scale: usize) -> usize {
+pub(crate) fn text_len(text: &str, scale: usize) -> usize {
     (text.chars().count() * (font::WIDTH + 1) * scale).saturating_sub(scale)
 }
 

@@ -1,0 +1,141 @@
+//! The analysis commands: heads-effect, logit-lens, attribute. One library call each.
+
+use anyhow::{bail, Result};
+use gpt2::analysis::attribution::attribute;
+use gpt2::analysis::figure::write_heatmap;
+use gpt2::analysis::heads_effect::{heads_effect, Metric};
+use gpt2::analysis::logit_lens::logit_lens;
+use gpt2::output::{print, Out};
+use gpt2::{Loaded, Prompt};
+
+use super::commands::{load, note_done};
+use super::{AnalysisFormat, AttributeArgs, HeadsEffectArgs, LogitLensArgs, PromptArgs};
+
+/// The prompt of an analysis: tokenised for `loaded`'s model, `<|endoftext|>` first with `bos`.
+fn prompt(loaded: &Loaded, args: &PromptArgs, bos: bool) -> Result<Prompt> {
+    let text = args.text()?;
+    Ok(Prompt::new(
+        &loaded.tokenizer,
+        &text,
+        loaded.model.config(),
+        args.options(bos, false),
+    )?)
+}
+
+/// Checks a format needs no file it lacks.
+fn check_format(format: AnalysisFormat, out: &Option<std::path::PathBuf>) -> Result<()> {
+    if format == AnalysisFormat::Png && out.is_none() {
+        Err(gpt2::Error::param("format", "png needs --out PATH"))?;
+    }
+    Ok(())
+}
+
+/// `text` to `--out` (atomically) or standard output.
+fn write(out: &Option<std::path::PathBuf>, text: &str) -> Result<()> {
+    match out {
+        Some(path) => {
+            let mut o = Out::open(Some(path))?;
+            o.bytes(text.as_bytes())?;
+            o.finish()?;
+        }
+        None => print(format_args!("{text}"))?,
+    }
+    Ok(())
+}
+
+pub(crate) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
+    check_format(args.format, &args.out)?;
+    let loaded = load(&args.model, None)?;
+    let p = prompt(&loaded, &args.prompt, args.bos)?;
+    let target = args.target.id(&loaded.tokenizer)?;
+    let metric = target.map_or(Metric::Loss, Metric::TargetLogit);
+    let start = std::time::Instant::now();
+    let effects = heads_effect(&loaded.model, &p.ids, metric, args.ablate_mode)?;
+    let target_text = target.map(|t| loaded.tokenizer.decode(&[t])).transpose()?;
+    let what = effects.describe(target_text.as_deref());
+    match args.format {
+        AnalysisFormat::Json => {
+            let mut v = serde_json::to_value(&effects)?;
+            v["model"] = loaded.name.clone().into();
+            v["token_ids"] = serde_json::json!(p.ids);
+            v["measured"] = what.into();
+            write(&args.out, &format!("{v}\n"))?;
+        }
+        AnalysisFormat::Text => write(
+            &args.out,
+            &format!(
+                "{}: {} tokens; effect of ablating each head ({:?}) on {what}\n\n{effects}",
+                loaded.name,
+                p.len(),
+                args.ablate_mode
+            ),
+        )?,
+        AnalysisFormat::Png => {
+            let Some(path) = &args.out else {
+                bail!("png needs --out")
+            };
+            write_heatmap(path, &format!("ablated - clean: {what}"), &effects.effect)?;
+        }
+    }
+    note_done(&loaded, p.len(), start, args.out.as_deref());
+    Ok(())
+}
+
+pub(crate) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
+    let mut loaded = load(&args.model, None)?;
+    let p = prompt(&loaded, &args.prompt, args.bos)?;
+    args.ablate.apply(&mut loaded.model, &p.ids)?;
+    let start = std::time::Instant::now();
+    let lens = logit_lens(&loaded.model, &loaded.tokenizer, &p.ids, args.top_k, None)?;
+    if args.json {
+        let mut v = serde_json::to_value(&lens)?;
+        v["model"] = loaded.name.clone().into();
+        v["token_ids"] = serde_json::json!(p.ids);
+        print(format_args!("{v}\n"))?;
+    } else {
+        print(format_args!(
+            "{}: logit lens over {} tokens (rows: the residual after each layer)\n\n{lens}",
+            loaded.name,
+            p.len()
+        ))?;
+    }
+    note_done(&loaded, p.len(), start, None);
+    Ok(())
+}
+
+pub(crate) fn cmd_attribute(args: AttributeArgs) -> Result<()> {
+    check_format(args.format, &args.out)?;
+    let loaded = load(&args.model, None)?;
+    let p = prompt(&loaded, &args.prompt, args.bos)?;
+    let Some(target) = args.target.id(&loaded.tokenizer)? else {
+        bail!("attribute needs --target TOKEN or --target-id ID");
+    };
+    let start = std::time::Instant::now();
+    let a = attribute(&loaded.model, &p.ids, args.position, target)?;
+    match args.format {
+        AnalysisFormat::Json => {
+            let mut v = serde_json::to_value(&a)?;
+            v["model"] = loaded.name.clone().into();
+            v["token_ids"] = serde_json::json!(p.ids);
+            v["target_text"] = loaded.tokenizer.decode(&[target])?.into();
+            write(&args.out, &format!("{v}\n"))?;
+        }
+        AnalysisFormat::Text => write(
+            &args.out,
+            &format!("{}: {} tokens\n{a}", loaded.name, p.len()),
+        )?,
+        AnalysisFormat::Png => {
+            let Some(path) = &args.out else {
+                bail!("png needs --out")
+            };
+            let text = loaded.tokenizer.decode(&[target])?;
+            write_heatmap(
+                path,
+                &format!("direct logit attribution to {text:?}, per head"),
+                &a.heads,
+            )?;
+        }
+    }
+    note_done(&loaded, p.len(), start, args.out.as_deref());
+    Ok(())
+}

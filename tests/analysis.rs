@@ -1,0 +1,335 @@
+//! The analyses against transformers (ablation, logit lens: goldens made by
+//! `scripts/make_analysis_goldens.py`) and against their own definitions (attribution parts sum
+//! to the logit; batched head importance equals one ablation at a time), library and binary.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gpt2::analysis::ablation::{head_mask, parse_heads, AblateMode};
+use gpt2::analysis::attribution::attribute;
+use gpt2::analysis::heads_effect::{heads_effect, Metric};
+use gpt2::analysis::logit_lens::logit_lens;
+use gpt2::{Device, Gpt2, LoadOptions, ModelSource, Tensor};
+use serde_json::Value;
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn goldens(name: &str) -> Result<(HashMap<String, Tensor>, Value)> {
+    let t =
+        candle_core::safetensors::load(fixture(name).join("analysis.safetensors"), &Device::Cpu)?;
+    let v = serde_json::from_str(&std::fs::read_to_string(
+        fixture(name).join("analysis.json"),
+    )?)?;
+    Ok((t, v))
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v["token_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_u64().map(|x| x as u32))
+        .collect()
+}
+
+fn model(name: &str) -> Result<Gpt2> {
+    Ok(ModelSource::dir(fixture(name)).load_model(&LoadOptions::default())?)
+}
+
+fn logits(m: &Gpt2, ids: &[u32]) -> Result<Tensor> {
+    let x = Tensor::new(ids, m.device())?.unsqueeze(0)?;
+    Ok(m.forward(&x, None)?.squeeze(0)?)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+#[test]
+fn zero_and_mean_ablation_equal_transformers() -> Result {
+    for name in ["tiny", "tiny-b"] {
+        let (g, v) = goldens(name)?;
+        let ids = ids_of(&v);
+        let heads: Vec<String> = v["ablate"]
+            .as_array()
+            .ok_or("ablate")?
+            .iter()
+            .filter_map(|h| h.as_str().map(String::from))
+            .collect();
+        let heads = parse_heads(&heads.join(","))?;
+        let mut m = model(name)?;
+        assert!(max_abs_diff(&logits(&m, &ids)?, &g["clean"])? < 1e-4);
+        for (mode, key) in [(AblateMode::Zero, "zero"), (AblateMode::Mean, "mean")] {
+            let mask = head_mask(&m, &heads, mode, &ids)?;
+            m.set_head_mask(Some(mask));
+            let d = max_abs_diff(&logits(&m, &ids)?, &g[key])?;
+            println!("{name} {key}: max |Δlogit| = {d:e}");
+            assert!(d < 1e-4, "{name} {key}: {d}");
+            m.set_head_mask(None);
+        }
+        // The ablation is not a no-op: the goldens differ from the clean logits.
+        assert!(max_abs_diff(&g["zero"], &g["clean"])? > 0.1);
+    }
+    Ok(())
+}
+
+#[test]
+fn the_logit_lens_equals_transformers_and_ends_at_the_models_logits() -> Result {
+    for name in ["tiny", "tiny-b"] {
+        let (g, v) = goldens(name)?;
+        let ids = ids_of(&v);
+        let m = model(name)?;
+        let tok = gpt2::Tokenizer::from_dir(fixture(name))?;
+        let lens = logit_lens(&m, &tok, &ids, 5, None)?;
+        let want_ids = g["lens_top_ids"]
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec3::<u32>()?;
+        let want_p = g["lens_top_p"].to_vec3::<f32>()?;
+        assert_eq!(lens.top.len(), m.config().n_layer + 1);
+        for (l, row) in lens.top.iter().enumerate() {
+            for (pos, guesses) in row.iter().enumerate() {
+                for (k, guess) in guesses.iter().enumerate() {
+                    assert!(
+                        (guess.prob - want_p[l][pos][k]).abs() < 1e-4,
+                        "{name} {l} {pos} {k}"
+                    );
+                    // Ids agree wherever the probabilities are not tied to 1e-5.
+                    if k + 1 < guesses.len()
+                        && (want_p[l][pos][k] - want_p[l][pos][k + 1]).abs() > 1e-5
+                    {
+                        assert_eq!(guess.token, want_ids[l][pos][k], "{name} {l} {pos} {k}");
+                    }
+                }
+            }
+        }
+        // The last row is the model's own prediction.
+        let p = candle_nn::ops::softmax_last_dim(&logits(&m, &ids)?)?.to_vec2::<f32>()?;
+        for (pos, guesses) in lens.top[m.config().n_layer].iter().enumerate() {
+            assert!((guesses[0].prob - p[pos][guesses[0].token as usize]).abs() < 1e-5);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn attributions_sum_to_the_logit() -> Result {
+    for name in ["tiny", "tiny-b"] {
+        let (_, v) = goldens(name)?;
+        let ids = ids_of(&v);
+        let m = model(name)?;
+        for (pos, target) in [(ids.len() - 1, 97u32), (3, 32), (10, 500)] {
+            let a = attribute(&m, &ids, Some(pos), target)?;
+            assert!(
+                (a.total - a.logit).abs() < 1e-3 * (1.0 + a.logit.abs()),
+                "{name} {pos}: {a:?}"
+            );
+            assert_eq!(a.heads.len(), m.config().n_layer);
+            // The heads do write something.
+            assert!(a.heads.iter().flatten().any(|h| h.abs() > 1e-3));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn batched_head_importance_equals_one_ablation_at_a_time() -> Result {
+    let (_, v) = goldens("tiny")?;
+    let ids = ids_of(&v);
+    let mut m = model("tiny")?;
+    for (metric, mode) in [
+        (Metric::Loss, AblateMode::Zero),
+        (Metric::TargetLogit(97), AblateMode::Mean),
+    ] {
+        let e = heads_effect(&m, &ids, metric, mode)?;
+        assert_eq!((e.effect.len(), e.effect[0].len()), (2, 4));
+        for l in 0..2 {
+            for h in 0..4 {
+                let mask = head_mask(&m, &parse_heads(&format!("{l}.{h}"))?, mode, &ids)?;
+                m.set_head_mask(Some(mask));
+                let x = logits(&m, &ids)?.to_vec2::<f32>()?;
+                m.set_head_mask(None);
+                let value = match metric {
+                    Metric::TargetLogit(t) => x[ids.len() - 1][t as usize] as f64,
+                    Metric::Loss => {
+                        (0..ids.len() - 1)
+                            .map(|p| -log_softmax(&x[p], ids[p + 1] as usize))
+                            .sum::<f64>()
+                            / (ids.len() - 1) as f64
+                    }
+                };
+                let want = value - e.clean;
+                assert!(
+                    (e.effect[l][h] - want).abs() < 1e-4,
+                    "{metric:?} {l}.{h}: {} vs {want}",
+                    e.effect[l][h]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn log_softmax(row: &[f32], i: usize) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = row
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    row[i] as f64 - lse
+}
+
+fn gpt2(args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_gpt2"))
+        .args(args)
+        .output()?)
+}
+
+#[test]
+fn the_commands_write_tables_json_and_heatmaps() -> Result {
+    let dir = fixture("tiny");
+    let d = dir.to_str().ok_or("p")?;
+    let prompt = "The cat sat on the mat because";
+    let out = gpt2(&[
+        "heads-effect",
+        "--model-dir",
+        d,
+        "--prompt",
+        prompt,
+        "--format",
+        "json",
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["effect"].as_array().map(Vec::len), Some(2));
+    let png = Path::new(env!("CARGO_TARGET_TMPDIR")).join("heads-effect.png");
+    let out = gpt2(&[
+        "heads-effect",
+        "--model-dir",
+        d,
+        "--prompt",
+        prompt,
+        "--target",
+        "a",
+        "--format",
+        "png",
+        "--out",
+        png.to_str().ok_or("p")?,
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png)?));
+    let mut reader = decoder.read_info()?;
+    let mut buf = vec![0; reader.output_buffer_size().ok_or("size")?];
+    let info = reader.next_frame(&mut buf)?;
+    let layout = gpt2::analysis::figure::HeatmapLayout::new(2, 4);
+    assert_eq!(
+        (info.width as usize, info.height as usize),
+        (layout.width, layout.height)
+    );
+    // Cells are coloured (not the white background) where the effect is not zero.
+    let colours: std::collections::HashSet<[u8; 3]> = (0..2)
+        .flat_map(|l| (0..4).map(move |h| (l, h)))
+        .map(|(l, h)| {
+            let (x, y) = layout.centre(l, h);
+            let i = (y * info.width as usize + x) * 3;
+            [buf[i], buf[i + 1], buf[i + 2]]
+        })
+        .collect();
+    assert!(colours.len() > 2, "{colours:?}");
+    let out = gpt2(&[
+        "logit-lens",
+        "--model-dir",
+        d,
+        "--prompt",
+        prompt,
+        "--top-k",
+        "3",
+        "--json",
+    ])?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["rows"].as_array().map(Vec::len), Some(3));
+    let out = gpt2(&[
+        "attribute",
+        "--model-dir",
+        d,
+        "--prompt",
+        prompt,
+        "--target",
+        "a",
+        "--format",
+        "json",
+    ])?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let (total, logit) = (
+        v["total"].as_f64().ok_or("t")?,
+        v["logit"].as_f64().ok_or("l")?,
+    );
+    assert!((total - logit).abs() < 1e-3 * (1.0 + logit.abs()));
+    // A target that is not one token is refused, naming it.
+    let out = gpt2(&[
+        "attribute",
+        "--model-dir",
+        d,
+        "--prompt",
+        prompt,
+        "--target",
+        "hello there",
+    ])?;
+    assert_eq!(out.status.code(), Some(2));
+    // --ablate on generate changes the greedy continuation, and mean differs from zero.
+    let gen = |extra: &[&str]| -> Result<String> {
+        let mut args = vec![
+            "generate",
+            "--model-dir",
+            d,
+            "--prompt",
+            prompt,
+            "-n",
+            "12",
+            "--temperature",
+            "0",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = gpt2(&args)?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["completion_token_ids"].to_string())
+    };
+    let clean = gen(&[])?;
+    let zero = gen(&["--ablate", "0.1,1.2,1.3"])?;
+    let mean = gen(&["--ablate", "0.1,1.2,1.3", "--ablate-mode", "mean"])?;
+    assert_ne!(clean, zero);
+    assert_ne!(zero, mean);
+    let out = gpt2(&[
+        "generate",
+        "--model-dir",
+        d,
+        "--prompt",
+        prompt,
+        "--ablate",
+        "7.0",
+    ])?;
+    assert_eq!(out.status.code(), Some(2));
+    Ok(())
+}
