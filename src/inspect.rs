@@ -26,6 +26,7 @@
 
 mod export;
 mod font;
+pub mod generated;
 mod html;
 pub mod image;
 pub mod scores;

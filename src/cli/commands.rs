@@ -4,8 +4,10 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use gpt2::generation::{generate, Completion, GenerateParams, SamplingParams, Timings};
+use gpt2::generation::{generate_with_hook, Completion, GenerateParams, SamplingParams, Timings};
 use gpt2::info::ModelInfo;
+use gpt2::inspect::generated::{AttentionRecorder, GeneratedTokens};
+use gpt2::inspect::Format;
 use gpt2::inspect::{self, Output, Selection, Tokens};
 use gpt2::output::print;
 use gpt2::{Error, Loaded, ModelSource, Prompt};
@@ -106,16 +108,38 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
         text
     };
 
+    let mut recorder = match &args.attention_out {
+        Some(path) => Some(attention_recorder(&args, &loaded, &prompt, &params, path)?),
+        None => None,
+    };
     let stream = !args.json && params.num_samples == 1;
     if stream {
         print(format_args!("{shown_prompt}"))?;
     }
-    let (completions, timings) = generate(model, tokenizer, &prompt, &params, |_, text| {
-        if stream {
-            print(format_args!("{text}"))?;
-        }
-        Ok(())
-    })?;
+    let hook = recorder.as_mut().map(|(r, _, _)| r as &mut dyn gpt2::Hook);
+    let (completions, timings) =
+        generate_with_hook(model, tokenizer, &prompt, &params, hook, |_, text| {
+            if stream {
+                print(format_args!("{text}"))?;
+            }
+            Ok(())
+        })?;
+    if let Some((rec, path, format)) = &recorder {
+        let mut ids = prompt.ids.clone();
+        ids.extend(&completions[0].token_ids);
+        let meta = GeneratedTokens {
+            model: loaded.name.clone(),
+            tokens: ids
+                .iter()
+                .map(|&i| tokenizer.decode(&[i]))
+                .collect::<gpt2::Result<_>>()?,
+            token_ids: ids,
+            prompt_tokens: prompt.len(),
+            layers: Selection::new(model.config(), args.layer, None)?.layers,
+            n_head: model.config().n_head,
+        };
+        gpt2::inspect::generated::write(rec, &meta, *format, path)?;
+    }
     if args.json {
         for c in &completions {
             let line = json_line(&loaded, &shown_prompt, &prompt, c, &timings);
@@ -138,6 +162,52 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
     ));
     print_peak_memory();
     Ok(())
+}
+
+/// The recorder --attention-out needs, its path and format, after checking the run can give it.
+fn attention_recorder(
+    args: &GenerateArgs,
+    loaded: &Loaded,
+    prompt: &Prompt,
+    params: &GenerateParams,
+    path: &std::path::Path,
+) -> Result<(AttentionRecorder, std::path::PathBuf, Format)> {
+    let format = match path.extension().and_then(|e| e.to_str()) {
+        Some("npy") => Format::Npy,
+        Some("safetensors") => Format::Safetensors,
+        Some("json") => Format::Json,
+        Some("html") => Format::Html,
+        _ => Err(Error::param(
+            "attention_out",
+            format!(
+                "{}: name it .npy, .safetensors, .json or .html",
+                path.display()
+            ),
+        ))?,
+    };
+    let c = loaded.model.config();
+    if params.num_samples != 1 {
+        Err(Error::param(
+            "attention_out",
+            "records one sample: drop --num-samples",
+        ))?;
+    }
+    if prompt.len() + params.max_new_tokens > c.n_positions {
+        Err(Error::param(
+            "attention_out",
+            format!(
+                "needs the whole run inside the context: {} prompt tokens + -n {} > {} positions",
+                prompt.len(),
+                params.max_new_tokens,
+                c.n_positions
+            ),
+        ))?;
+    }
+    if let Some(files) = &loaded.files {
+        gpt2::output::refuse_inputs(path, &files.weights)?;
+    }
+    let layers = Selection::new(c, args.layer, None)?.layers;
+    Ok((AttentionRecorder::new(layers), path.to_path_buf(), format))
 }
 
 /// Adds the option that fixes a too-long prompt.

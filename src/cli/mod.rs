@@ -374,6 +374,14 @@ struct GenerateArgs {
     /// Print one JSON object per sample instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Record, for every generated token, its attention over the context so far (read from the
+    /// KV-cached decode) into this file: .npy, .safetensors, .json or .html (a page stepping
+    /// through the tokens).
+    #[arg(long, value_name = "FILE")]
+    attention_out: Option<PathBuf>,
+    /// The layers --attention-out records, 0-based, or `all`.
+    #[arg(long, default_value = "all", requires = "attention_out")]
+    layer: LayerChoice,
 }
 
 #[derive(Args)]

@@ -1,0 +1,208 @@
+//! Attention during generation (`gpt2 generate --attention-out FILE --layer ...`): for every
+//! generated token, the attention of the query that produced it over the whole context so far
+//! (prompt + tokens generated before it), in the chosen layers. Read from the KV-cached decode
+//! itself ([`AttentionRecorder`] is a [`Hook`] on each step's pattern): nothing is recomputed.
+//!
+//! Row `i` is the query that produced generated token `i`: the prompt's last position for the
+//! first token (from the prefill), then each decode step's one new query. It sees `P + i` keys.
+
+use serde::Serialize;
+
+use super::export::npy_header;
+use super::html::{escape_html, script_json};
+use super::Format;
+use crate::error::{Error, Result};
+use crate::model::{Hook, Point};
+use crate::output::{Out, PendingFile};
+
+/// Collects the last query row of the chosen layers' attention in every forward pass.
+#[derive(Debug, Clone)]
+pub struct AttentionRecorder {
+    layers: Vec<usize>,
+    /// `steps[i][j]`: layer `layers[j]`'s (n_head, keys) row-major weights of step i.
+    steps: Vec<Vec<Vec<f32>>>,
+}
+
+impl AttentionRecorder {
+    /// Records `layers` (ascending).
+    pub fn new(layers: Vec<usize>) -> Self {
+        Self {
+            layers,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Steps recorded: one per generated token.
+    pub fn steps(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Step `i`, layer index `j`: (n_head, keys) weights, row-major.
+    pub fn row(&self, i: usize, j: usize) -> &[f32] {
+        &self.steps[i][j]
+    }
+}
+
+impl Hook for AttentionRecorder {
+    fn wants(&self, p: Point) -> bool {
+        matches!(p, Point::Pattern(l) if self.layers.contains(&l))
+    }
+
+    fn at(&mut self, p: Point, probs: &mut candle_core::Tensor) -> Result<()> {
+        let Point::Pattern(l) = p else {
+            return Ok(());
+        };
+        let j = self.layers.iter().position(|&x| x == l).unwrap_or(0);
+        if j == 0 {
+            self.steps.push(Vec::with_capacity(self.layers.len()));
+        }
+        // (1, nh, T, T_k): the last query's row of every head.
+        let (_, _, t, _) = probs.dims4()?;
+        let row = probs
+            .get(0)?
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if let Some(step) = self.steps.last_mut() {
+            step.push(row);
+        }
+        Ok(())
+    }
+}
+
+/// What the files say about the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct GeneratedTokens {
+    pub model: String,
+    /// Every token of the context, prompt first, as text.
+    pub tokens: Vec<String>,
+    pub token_ids: Vec<u32>,
+    /// How many of them are the prompt's.
+    pub prompt_tokens: usize,
+    pub layers: Vec<usize>,
+    pub n_head: usize,
+}
+
+/// Writes the recorded attention as `format` says: npy (steps, layers, heads, keys) padded with
+/// zeros past each row's context, with a `.json` beside it; safetensors `attn.{layer}` (steps,
+/// heads, keys); json (ragged rows); html (a page stepping through the generated tokens).
+pub fn write(
+    rec: &AttentionRecorder,
+    meta: &GeneratedTokens,
+    format: Format,
+    path: &std::path::Path,
+) -> Result<()> {
+    let steps = rec.steps().min(meta.tokens.len() - meta.prompt_tokens);
+    let keys = meta.prompt_tokens + steps.saturating_sub(1);
+    let (nl, nh) = (meta.layers.len(), meta.n_head);
+    // Row i sees P + i keys; padded to the longest.
+    let padded = |i: usize, j: usize, h: usize| -> Vec<f32> {
+        let len = meta.prompt_tokens + i;
+        let row = &rec.row(i, j)[h * len..(h + 1) * len];
+        let mut v = row.to_vec();
+        v.resize(keys, 0.0);
+        v
+    };
+    match format {
+        Format::Npy => {
+            let shape = [steps, nl, nh, keys];
+            let mut file = PendingFile::create(path)?;
+            let mut bytes = npy_header(&shape);
+            for i in 0..steps {
+                for j in 0..nl {
+                    for h in 0..nh {
+                        padded(i, j, h)
+                            .iter()
+                            .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+                    }
+                }
+            }
+            std::io::Write::write_all(file.file(), &bytes).map_err(|e| Error::io(path, e))?;
+            let mut side = Out::open(Some(&super::Output::npy_tokens_path(path)))?;
+            side.json(&serde_json::json!({
+                "array": path.file_name().map(|f| f.to_string_lossy()),
+                "shape": shape,
+                "axes": ["step", "layer", "head", "key"],
+                "row": "step i: the query that produced generated token i, over keys 0..prompt_tokens+i (zeros after)",
+                "meta": meta,
+            }))?;
+            side.bytes(b"\n")?;
+            file.commit()?;
+            side.finish()
+        }
+        Format::Safetensors => {
+            let per = steps * nh * keys * 4;
+            let mut header = serde_json::Map::new();
+            header.insert(
+                "__metadata__".into(),
+                serde_json::json!({
+                    "model": meta.model,
+                    "tokens": serde_json::to_string(&meta.tokens).unwrap_or_default(),
+                    "token_ids": serde_json::to_string(&meta.token_ids).unwrap_or_default(),
+                    "prompt_tokens": meta.prompt_tokens.to_string(),
+                    "layout": "attn.{layer}: (step, head, key); step i = the query that produced generated token i, zeros past its context",
+                }),
+            );
+            for (j, l) in meta.layers.iter().enumerate() {
+                header.insert(
+                    format!("attn.{l}"),
+                    serde_json::json!({"dtype": "F32", "shape": [steps, nh, keys], "data_offsets": [j * per, (j + 1) * per]}),
+                );
+            }
+            let mut text = serde_json::Value::Object(header).to_string();
+            text.push_str(&" ".repeat((8 - text.len() % 8) % 8));
+            let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(text.as_bytes());
+            for j in 0..nl {
+                for i in 0..steps {
+                    for h in 0..nh {
+                        padded(i, j, h)
+                            .iter()
+                            .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+                    }
+                }
+            }
+            let mut out = Out::open(Some(path))?;
+            out.bytes(&bytes)?;
+            out.finish()
+        }
+        Format::Json | Format::Html => {
+            let layers: Vec<serde_json::Value> = meta
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(j, l)| {
+                    let steps: Vec<Vec<Vec<f32>>> = (0..steps)
+                        .map(|i| {
+                            let len = meta.prompt_tokens + i;
+                            rec.row(i, j).chunks(len).map(<[f32]>::to_vec).collect()
+                        })
+                        .collect();
+                    serde_json::json!({"layer": l, "steps": steps})
+                })
+                .collect();
+            let data = serde_json::json!({"meta": meta, "layers": layers}).to_string();
+            let mut out = Out::open(Some(path))?;
+            if format == Format::Json {
+                out.bytes(data.as_bytes())?;
+                out.bytes(b"\n")?;
+            } else {
+                let page = PAGE
+                    .replace("{{TITLE}}", &escape_html(&meta.model))
+                    .replacen("{{DATA}}", &script_json(&data), 1);
+                out.bytes(page.as_bytes())?;
+            }
+            out.finish()
+        }
+        f => Err(Error::param(
+            "format",
+            format!(
+                "{f} cannot hold attention during generation: use npy, safetensors, json or html"
+            ),
+        )),
+    }
+}
+
+const PAGE: &str = include_str!("generated_view.html");
