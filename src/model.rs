@@ -631,7 +631,7 @@ impl Gpt2 {
         // The model's own head mask, first, then the caller's hook.
         let mut own = self.head_mask.as_ref().map(MaskRef);
         let mut pair;
-        let mut hook: Option<&mut dyn Hook> = match (own.as_mut(), hook.as_deref_mut()) {
+        let mut hook: Option<&mut dyn Hook> = match (own.as_mut(), hook) {
             (None, h) => h.map(|h| h as &mut dyn Hook),
             (Some(m), None) => Some(m),
             (Some(m), Some(h)) => {

@@ -232,7 +232,9 @@ fn scores_table_and_json_cover_every_head() -> Result {
         .stdout,
     )?;
     assert!(
-        text.contains("layer head   prev  first    dup  induct  local  entropy  type"),
+        text.contains(
+            "layer head   prev  first offset    dup  (ctl) induct  (ctl)   sink  local entropy  type"
+        ),
         "{text}"
     );
     // 2 layers x 4 heads.
@@ -249,6 +251,7 @@ fn scores_table_and_json_cover_every_head() -> Result {
     let labels = [
         "induction",
         "previous-token",
+        "positional-offset",
         "duplicate-token",
         "first-token",
         "local",
@@ -807,5 +810,64 @@ fn scores_streamed_by_row_blocks_equal_scores_of_whole_patterns() -> Result {
         Ok(())
     })?;
     assert_eq!(i, 12);
+    Ok(())
+}
+
+#[test]
+fn scores_over_several_prompts_report_mean_and_spread() -> Result {
+    let lines = tmp("prompts.txt");
+    std::fs::write(
+        &lines,
+        "The cat sat on the mat.\n\nOne fish, two fish, red fish.\nA B C A B C A B C\n",
+    )?;
+    let jsonl = tmp("prompts.jsonl");
+    std::fs::write(&jsonl, "\"The cat sat on the mat.\"\n{\"prompt\": \"One fish, two fish, red fish.\"}\n{\"prompt\": \"A B C A B C A B C\"}\n")?;
+    let mut got = Vec::new();
+    for f in [&lines, &jsonl] {
+        let v = {
+            let out = gpt2(&[
+                "inspect-heads",
+                "--model-dir",
+                fixture("tiny").to_str().ok_or("p")?,
+                "--scores",
+                "--format",
+                "json",
+                "--prompts",
+                f.to_str().ok_or("p")?,
+            ])?;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<Value>(&out.stdout)?
+        };
+        assert_eq!(v["prompts"], 3);
+        assert_eq!(v["spread"].as_array().map(Vec::len), Some(8));
+        assert!(
+            v["spread"][0]["previous_token"]
+                .as_f64()
+                .is_some_and(|s| s > 0.0),
+            "{}",
+            v["spread"][0]
+        );
+        got.push(v["heads"].clone());
+    }
+    assert_eq!(got[0], got[1], "lines and jsonl are the same prompts");
+    let text = String::from_utf8(
+        gpt2(&[
+            "inspect-heads",
+            "--model-dir",
+            fixture("tiny").to_str().ok_or("p")?,
+            "--scores",
+            "--prompts",
+            lines.to_str().ok_or("p")?,
+        ])?
+        .stdout,
+    )?;
+    assert!(
+        text.contains("3 prompts (mean ± spread)") && text.contains('±'),
+        "{text}"
+    );
     Ok(())
 }

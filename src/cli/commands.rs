@@ -249,10 +249,15 @@ fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
     if args.scores {
         inspect::scores::check_output(&output)?;
     }
-    let text = args.prompt.text()?;
-    if text.is_empty() {
+    // Several prompts (--prompts) for the scores, else the one prompt.
+    let texts = match &args.prompts {
+        Some(path) => read_prompts(path)?,
+        None => vec![args.prompt.text()?],
+    };
+    if texts.iter().any(String::is_empty) {
         Err(Error::EmptyPrompt)?;
     }
+    let text = texts[0].clone();
     // Only the layers up to the last one shown are built and run.
     let config = args.model.source.source().config()?;
     let selection = Selection::new(&config, args.layer, args.head)?;
@@ -279,7 +284,16 @@ fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
     let tokens = Tokens::new(&loaded.tokenizer, &prompt)?;
     let start = Instant::now();
     if args.scores {
-        let table = inspect::scores::head_scores(model, &tokens, &selection)?;
+        let all = texts
+            .iter()
+            .map(|t| {
+                let opts = args.prompt.options(args.bos, false);
+                let p = Prompt::new(&loaded.tokenizer, t, model.config(), opts)
+                    .map_err(truncate_hint)?;
+                Ok(Tokens::new(&loaded.tokenizer, &p)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let table = inspect::scores::head_scores_over(model, &all, &selection)?;
         inspect::scores::write_scores(&table, name, &tokens, &output)?;
     } else {
         inspect::write_attention(model, name, &tokens, &selection, &output)?;
@@ -298,6 +312,38 @@ fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
     ));
     print_peak_memory();
     Ok(())
+}
+
+/// Prompts from a file: one per line, or JSON Lines of strings or `{"prompt": ...}` objects
+/// (`.jsonl`). Blank lines are skipped.
+fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the prompts file {}", path.display()))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !jsonl {
+            prompts.push(line.to_string());
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}", path.display(), i + 1))?;
+        match v.as_str().or_else(|| v["prompt"].as_str()) {
+            Some(p) => prompts.push(p.to_string()),
+            None => anyhow::bail!(
+                "{} line {}: expected a string or {{\"prompt\": ...}}",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    if prompts.is_empty() {
+        anyhow::bail!("{} holds no prompt", path.display());
+    }
+    Ok(prompts)
 }
 
 fn cmd_info(args: InfoArgs) -> Result<()> {

@@ -437,10 +437,15 @@ struct InspectHeadsArgs {
     /// Write to this file instead of standard output (needed for npy, safetensors and png).
     #[arg(long, value_name = "PATH")]
     out: Option<PathBuf>,
-    /// Score every head (previous-token, first-token, duplicate-token, induction, local,
-    /// entropy) and label its type, instead of showing attention; text or json.
+    /// Score every head (previous-token, first-token, positional-offset, duplicate-token,
+    /// induction with their controls, local, entropy) and label its type, instead of showing
+    /// attention; text or json.
     #[arg(long)]
     scores: bool,
+    /// With --scores: score over every prompt of this file (one per line, or .jsonl of strings
+    /// or {"prompt": ...}), reporting means and spreads.
+    #[arg(long, value_name = "FILE", requires = "scores", conflicts_with_all = ["prompt", "prompt_file"])]
+    prompts: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -35,13 +35,22 @@ pub const REPEAT_LEN: usize = 50;
 pub const REPEAT_SEED: u64 = 0x5EED_1D0C;
 /// A local head keeps its attention on the current token and the `LOCAL_WINDOW` before it.
 pub const LOCAL_WINDOW: usize = 3;
+/// Positional-offset heads are looked for at offsets `2..=MAX_OFFSET` (1 is previous-token).
+pub const MAX_OFFSET: usize = 8;
+/// Seed of the control sequence: as many distinct random tokens as the repeated one, no repeat.
+pub const CONTROL_SEED: u64 = 0xC047_201D;
+/// An induction or duplicate-token score counts only when the control (the same key positions
+/// on a sequence that does not repeat) is at most this fraction of it: a head that reads a fixed
+/// offset back scores the same on both and is positional, not induction.
+pub const CONTROL_RATIO: f32 = 1.0 / 3.0;
 
 /// Thresholds of [`classify`], tried in this order; the first type whose score reaches its
 /// threshold is the head's label. Mechanisms come before resting: an induction head rests on the
 /// first token when there is nothing to copy, and is still an induction head.
-pub const THRESHOLDS: [(HeadType, f32); 6] = [
+pub const THRESHOLDS: [(HeadType, f32); 7] = [
     (HeadType::Induction, 0.4),
     (HeadType::PreviousToken, 0.5),
+    (HeadType::PositionalOffset, 0.5),
     (HeadType::DuplicateToken, 0.4),
     (HeadType::FirstToken, 0.5),
     (HeadType::Local, 0.6),
@@ -81,6 +90,11 @@ impl Pattern {
                 .map(|k| k + 1)
                 .collect()
         })
+    }
+
+    /// Row `q` → key `q - k` for `q ≥ k`: a head that reads a fixed distance back.
+    pub fn offset(t: usize, k: usize) -> Self {
+        Self::from_fn(t, |q| if q >= k { vec![q - k] } else { vec![] })
     }
 
     /// Row `q` → keys `q - window ..= q`, for rows where that window is at most half of the keys
@@ -216,6 +230,8 @@ pub enum HeadType {
     Induction,
     /// Attends to the token just before.
     PreviousToken,
+    /// Attends to the token a fixed k ≥ 2 positions back (`offset_k`).
+    PositionalOffset,
     /// Attends to earlier copies of the current token.
     DuplicateToken,
     /// Rests on the first token (position 0, `<|endoftext|>` with `--bos`).
@@ -234,6 +250,7 @@ impl HeadType {
         match self {
             Self::Induction => "induction",
             Self::PreviousToken => "previous-token",
+            Self::PositionalOffset => "positional-offset",
             Self::DuplicateToken => "duplicate-token",
             Self::FirstToken => "first-token",
             Self::Local => "local",
@@ -259,12 +276,23 @@ pub struct HeadScores {
     pub head: usize,
     /// On the prompt: attention to the previous token.
     pub previous_token: Option<f32>,
-    /// On the prompt: attention to position 0, over rows `q ≥ 1`.
+    /// On the prompt: attention to position 0, over rows `q ≥ 1` (the sink, or resting, mass).
     pub first_token: Option<f32>,
+    /// On the prompt: attention to the token `offset_k` back, the best offset in
+    /// `2..=MAX_OFFSET`.
+    pub positional_offset: Option<f32>,
+    pub offset_k: Option<usize>,
     /// On the repeated random tokens: attention to the same token one copy back.
     pub duplicate_token: Option<f32>,
     /// On the repeated random tokens: attention to the token after the previous occurrence.
     pub induction: Option<f32>,
+    /// The same two measures on the control sequence (distinct tokens, nothing repeats): what a
+    /// head gets from position alone.
+    pub duplicate_control: Option<f32>,
+    pub induction_control: Option<f32>,
+    /// On the repeated random tokens: attention to position 0 (how much the head rests while
+    /// it could copy).
+    pub sink: Option<f32>,
     /// On the prompt: attention to the current token and the [`LOCAL_WINDOW`] before it.
     pub local: Option<f32>,
     /// On the prompt: mean attention entropy over rows, in nats.
@@ -276,10 +304,15 @@ pub struct HeadScores {
 
 impl HeadScores {
     fn score_of(&self, kind: HeadType) -> Option<f32> {
+        // A repetition score that the control matches is position, not content.
+        let content = |score: Option<f32>, control: Option<f32>| {
+            score.filter(|&s| control.is_none_or(|c| c <= s * CONTROL_RATIO))
+        };
         match kind {
-            HeadType::Induction => self.induction,
+            HeadType::Induction => content(self.induction, self.induction_control),
             HeadType::PreviousToken => self.previous_token,
-            HeadType::DuplicateToken => self.duplicate_token,
+            HeadType::PositionalOffset => self.positional_offset,
+            HeadType::DuplicateToken => content(self.duplicate_token, self.duplicate_control),
             HeadType::FirstToken => self.first_token,
             HeadType::Local => self.local,
             HeadType::Broad => self.normalized_entropy,
@@ -288,7 +321,9 @@ impl HeadScores {
     }
 }
 
-/// The first type in [`THRESHOLDS`] whose score reaches its threshold, else [`HeadType::Mixed`].
+/// The first type in [`THRESHOLDS`] whose score reaches its threshold (induction and
+/// duplicate-token only when their control is at most [`CONTROL_RATIO`] of them), else
+/// [`HeadType::Mixed`].
 pub fn classify(s: &HeadScores) -> HeadType {
     THRESHOLDS
         .iter()
@@ -302,8 +337,10 @@ pub struct Detectors {
     previous: Pattern,
     first: Pattern,
     local: Pattern,
+    offsets: Vec<Pattern>,
     duplicate: Pattern,
     induction: Pattern,
+    sink: Pattern,
 }
 
 impl Detectors {
@@ -313,8 +350,10 @@ impl Detectors {
             previous: Pattern::previous_token(t),
             first: Pattern::first_token(t),
             local: Pattern::local(t, LOCAL_WINDOW),
+            offsets: (2..=MAX_OFFSET).map(|k| Pattern::offset(t, k)).collect(),
             duplicate: Pattern::duplicate_token(repeated),
             induction: Pattern::induction(repeated),
+            sink: Pattern::first_token(repeated.len()),
         }
     }
 
@@ -326,29 +365,58 @@ impl Detectors {
         prompt: &[f32],
         repeated: &[f32],
     ) -> HeadScores {
-        let mut rows = PromptRows::default();
+        self.scores_with_control(layer, head, prompt, repeated, None)
+    }
+
+    /// [`Detectors::scores`], with the head's pattern on the control sequence (as long as the
+    /// repeated one) for the induction and duplicate-token controls.
+    pub fn scores_with_control(
+        &self,
+        layer: usize,
+        head: usize,
+        prompt: &[f32],
+        repeated: &[f32],
+        control: Option<&[f32]>,
+    ) -> HeadScores {
+        let mut rows = PromptRows::new(self);
         for (q, row) in prompt.chunks(self.t).enumerate() {
             rows.add(self, q, row);
         }
-        self.finish(layer, head, &rows, repeated)
+        self.finish(layer, head, &rows, repeated, control)
     }
 
-    /// Scores of one head from its prompt rows, already summed, and its pattern on the repeated
-    /// sequence; labelled.
+    /// Scores of one head from its prompt rows, already summed, and its patterns on the repeated
+    /// and control sequences; labelled.
     pub(super) fn finish(
         &self,
         layer: usize,
         head: usize,
         rows: &PromptRows,
         repeated: &[f32],
+        control: Option<&[f32]>,
     ) -> HeadScores {
+        // The best offset; the smaller k on ties.
+        let best = rows
+            .offsets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.get().map(|v| (i + 2, v)))
+            .fold(None, |b: Option<(usize, f32)>, (k, v)| match b {
+                Some((_, bv)) if bv >= v => b,
+                _ => Some((k, v)),
+            });
         let mut s = HeadScores {
             layer,
             head,
             previous_token: rows.previous.get(),
             first_token: rows.first.get(),
+            positional_offset: best.map(|b| b.1),
+            offset_k: best.map(|b| b.0),
             duplicate_token: self.duplicate.score(repeated),
             induction: self.induction.score(repeated),
+            duplicate_control: control.and_then(|c| self.duplicate.score(c)),
+            induction_control: control.and_then(|c| self.induction.score(c)),
+            sink: self.sink.score(repeated),
             local: rows.local.get(),
             entropy: rows.entropy.get().unwrap_or(0.0),
             normalized_entropy: rows.normalized_entropy.get(),
@@ -361,20 +429,31 @@ impl Detectors {
 
 /// One head's prompt scores, summed a query row at a time, so the prompt's attention can arrive
 /// in blocks of rows.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct PromptRows {
     previous: Mean,
     first: Mean,
     local: Mean,
+    offsets: Vec<Mean>,
     entropy: Mean,
     normalized_entropy: Mean,
 }
 
 impl PromptRows {
+    pub(super) fn new(d: &Detectors) -> Self {
+        Self {
+            offsets: vec![Mean::default(); d.offsets.len()],
+            ..Self::default()
+        }
+    }
+
     pub(super) fn add(&mut self, d: &Detectors, q: usize, row: &[f32]) {
         self.previous.add(d.previous.row_score(q, row));
         self.first.add(d.first.row_score(q, row));
         self.local.add(d.local.row_score(q, row));
+        for (m, p) in self.offsets.iter_mut().zip(&d.offsets) {
+            m.add(p.row_score(q, row));
+        }
         self.entropy.add(Some(row_entropy(row)));
         self.normalized_entropy.add(row_normalized_entropy(q, row));
     }
@@ -382,6 +461,17 @@ impl PromptRows {
 
 /// `len` distinct seeded random ids below `vocab`, none of them in `skip`, twice over.
 pub fn repeated_random_tokens(
+    vocab: usize,
+    skip: &[u32],
+    len: usize,
+    seed: u64,
+) -> Result<Vec<u32>> {
+    let once = distinct_random_tokens(vocab, skip, len, seed)?;
+    Ok([once.clone(), once].concat())
+}
+
+/// `len` distinct seeded random ids below `vocab`, none of them in `skip`.
+pub fn distinct_random_tokens(
     vocab: usize,
     skip: &[u32],
     len: usize,
@@ -402,7 +492,7 @@ pub fn repeated_random_tokens(
             once.push(id);
         }
     }
-    Ok([once.clone(), once].concat())
+    Ok(once)
 }
 
 #[cfg(test)]
@@ -574,5 +664,36 @@ mod tests {
         assert_eq!(a[..40].iter().collect::<HashSet<_>>().len(), 40);
         assert!(repeated_random_tokens(10, &[0], 10, 1).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn offset_heads_and_the_induction_control() {
+        let ids = repeated();
+        let d = Detectors::new(T, &ids);
+        // Three back, exactly: positional-offset, k = 3.
+        let back3 = attn(T, |q| vec![q.saturating_sub(3)]);
+        let rest = attn(2 * L, |_| vec![0]);
+        let s = d.scores(0, 0, &back3, &rest);
+        assert_eq!(
+            (s.offset_k, s.label),
+            (Some(3), HeadType::PositionalOffset),
+            "{s:?}"
+        );
+        assert!(close(s.positional_offset, 1.0));
+        // A head that reads L - 1 back scores as induction on the repeated sequence, but equally
+        // on the control, where nothing repeats: positional, not induction.
+        let reader = attn(2 * L, |q| vec![if q >= L { q - L + 1 } else { 0 }]);
+        let s = d.scores_with_control(0, 0, &rest[..T * T], &reader, Some(&reader));
+        assert!(
+            close(s.induction, 1.0) && close(s.induction_control, 1.0),
+            "{s:?}"
+        );
+        assert_ne!(s.label, HeadType::Induction);
+        // A real induction head rests on the first token of the control.
+        let s = d.scores_with_control(0, 0, &attn(T, |_| vec![0]), &reader, Some(&rest));
+        assert_eq!(s.label, HeadType::Induction, "{s:?}");
+        assert!(close(s.induction_control, 0.0));
+        // The sink: attention to position 0 on the repeated tokens.
+        assert!(close(s.sink, (L - 1) as f32 / (2 * L - 1) as f32), "{s:?}");
     }
 }
