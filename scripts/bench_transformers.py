@@ -2,10 +2,12 @@
 """The transformers side of scripts/bench.sh: the same measurement as `gpt2 bench`.
 
 A GPT2LMHeadModel of the given config.json layout with random weights (speed does not depend on the
-values), float32, eager attention, `torch.set_num_threads(--threads)`. Prefill: one forward pass over
-`--prompt-tokens` ids with the KV cache on. Decode: `--new-tokens - 1` further greedy steps, one
-token each, from the cache. The fastest of `--runs` runs of each phase is reported, as JSON on
-one line with the same keys as `gpt2 bench --json`.
+values), or with --model-dir the checkpoint in that folder (`from_pretrained`, so load_ms includes
+reading the weights); float32, transformers' default attention (sdpa in transformers 5; the "model"
+key names it), `torch.set_num_threads(--threads)`. Prefill: one forward pass over `--prompt-tokens`
+ids with the KV cache on. Decode: `--new-tokens - 1` further greedy steps, one token each, from the
+cache. The fastest of `--runs` runs of each phase is reported, as JSON on one line with the same
+keys as `gpt2 bench --json`.
 """
 import argparse
 import json
@@ -17,7 +19,9 @@ import transformers
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default="configs/gpt2.json")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", default="configs/gpt2.json")
+    src.add_argument("--model-dir", metavar="DIR")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
@@ -26,10 +30,16 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    with open(args.config) as f:
-        config = transformers.GPT2Config(**{k: v for k, v in json.load(f).items() if not k.startswith("_")})
-    t0 = time.perf_counter()
-    model = transformers.GPT2LMHeadModel(config).eval()
+    if args.model_dir:
+        t0 = time.perf_counter()
+        model = transformers.GPT2LMHeadModel.from_pretrained(
+            args.model_dir, dtype=torch.float32).eval()
+        config = model.config
+    else:
+        with open(args.config) as f:
+            config = transformers.GPT2Config(**{k: v for k, v in json.load(f).items() if not k.startswith("_")})
+        t0 = time.perf_counter()
+        model = transformers.GPT2LMHeadModel(config).eval()
     load_ms = (time.perf_counter() - t0) * 1e3
     ids = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
 
@@ -50,7 +60,8 @@ def main():
             best_prefill, best_decode = min(best_prefill, prefill), min(best_decode, decode)
 
     print(json.dumps({
-        "model": f"transformers {transformers.__version__} / torch {torch.__version__}",
+        "model": f"transformers {transformers.__version__} / torch {torch.__version__}"
+                 f" / {config._attn_implementation}",
         "dtype": "f32",
         "threads": args.threads,
         "load_ms": load_ms,

@@ -603,7 +603,7 @@ impl Gpt2 {
         layer: usize,
         x: Tensor,
         mut cache: Option<&mut Cache>,
-        mut hook: Option<&mut (dyn Hook + '_)>,
+        hook: Option<&mut (dyn Hook + '_)>,
         output: Output,
     ) -> Result<Option<Tensor>> {
         let (_, t, _) = x.dims3()?;
