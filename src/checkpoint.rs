@@ -88,8 +88,10 @@ impl MappedFile {
     fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: mapped read-only. Like every mmap-based loader we rely on nobody truncating
-        // the file while it is mapped (see the module doc).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // the file while it is mapped (see the module doc). Populated up front: one call maps
+        // every page already in the page cache, instead of a fault per 4 KiB page later.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+            .map_err(|e| Error::io(path, e))?;
         let (header, meta) =
             safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::BadCheckpoint {
                 file: path.to_path_buf(),
@@ -550,14 +552,30 @@ fn decode(b: &[u8], stored: Stored) -> f32 {
     }
 }
 
-/// The index of the first NaN or infinity: the whole slice is scanned with bit tests the
-/// compiler vectorises, and only a slice that has one is searched again.
+/// The index of the first NaN or infinity: the slice is scanned with bit tests the compiler
+/// vectorises, in chunks shared by the pool's threads, and only if one has a non-finite value is
+/// it searched again.
 fn first_non_finite(v: &[f32]) -> Option<usize> {
+    const CHUNK: usize = 1 << 16;
     let exp = 0x7f80_0000u32;
-    let any = v
-        .chunks(4096)
-        .any(|c| c.iter().fold(false, |a, x| a | (x.to_bits() & exp == exp)));
-    if any {
+    let bad = |c: &[f32]| c.iter().fold(false, |a, x| a | (x.to_bits() & exp == exp));
+    let chunks = v.len().div_ceil(CHUNK);
+    let found = std::sync::atomic::AtomicBool::new(false);
+    let scan = |i: usize| {
+        let c = &v[i * CHUNK..v.len().min((i + 1) * CHUNK)];
+        if bad(c) {
+            found.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    if chunks > 4 {
+        // A panic cannot come from a bit test; if the pool failed, scan here.
+        if crate::linear::pool::run(chunks, &scan).is_err() {
+            (0..chunks).for_each(scan);
+        }
+    } else {
+        (0..chunks).for_each(scan);
+    }
+    if found.into_inner() {
         v.iter().position(|x| !x.is_finite())
     } else {
         None

@@ -111,8 +111,15 @@ impl ModelSource {
         let (model, tokenizer) = match (&files, self) {
             (Some(f), _) => {
                 let config = Config::from_file(&f.config)?;
-                let model = Gpt2::new(config, Checkpoint::Files(f.weights.clone()), opts)?;
-                (model, Tokenizer::from_files(&f.tokenizer)?)
+                // The tokenizer (parsing ~1 MB of JSON) loads on its own thread meanwhile.
+                std::thread::scope(|s| {
+                    let tokenizer = s.spawn(|| Tokenizer::from_files(&f.tokenizer));
+                    let model = Gpt2::new(config, Checkpoint::Files(f.weights.clone()), opts)?;
+                    let tokenizer = tokenizer
+                        .join()
+                        .map_err(|_| Error::Tokenizer("the tokenizer thread panicked".into()))??;
+                    Ok::<_, Error>((model, tokenizer))
+                })?
             }
             (None, Self::Layout { .. }) => {
                 let model = self.load_model(opts)?;
