@@ -495,11 +495,11 @@ impl Weights {
                         out.copy_from_slice(&v[j * k..(j + 1) * k])
                     })
                 } else {
-                    // (in, out) stored: output row j is column j.
+                    // (in, out) stored: output row j is column j; transposed first, in tiles
+                    // that stay in cache (a column read straight would miss on every element).
+                    let t = transpose(&v, k, n);
                     QuantMatrix::quantize(kind, n, k, |j, out| {
-                        out.iter_mut()
-                            .enumerate()
-                            .for_each(|(kk, o)| *o = v[kk * n + j])
+                        out.copy_from_slice(&t[j * k..(j + 1) * k])
                     })
                 };
                 Ok(Matrix::Quant(Arc::new(q)))
@@ -540,6 +540,35 @@ impl Weights {
             }),
         }
     }
+}
+
+/// `v` (rows, cols) row-major, transposed: (cols, rows); output rows split over the cores, in
+/// tiles that stay in cache.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let mut t = vec![0f32; rows * cols];
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 16);
+    let per = cols.div_ceil(threads).div_ceil(TILE).max(1) * TILE;
+    std::thread::scope(|s| {
+        for (b, part) in t.chunks_mut(per * rows).enumerate() {
+            s.spawn(move || {
+                for (tile, band) in part.chunks_mut(TILE * rows).enumerate() {
+                    let c0 = b * per + tile * TILE;
+                    for r0 in (0..rows).step_by(TILE) {
+                        for (i, out) in band.chunks_exact_mut(rows).enumerate() {
+                            let src = &v[c0 + i..];
+                            for r in r0..rows.min(r0 + TILE) {
+                                out[r] = src[r * cols];
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    t
 }
 
 /// One little-endian element of `stored` as f32.

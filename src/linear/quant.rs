@@ -45,29 +45,45 @@ pub(crate) struct QuantMatrix {
 }
 
 impl QuantMatrix {
-    /// Quantizes `rows` rows of K weights, each handed over by `row(j, out)` as f32.
+    /// Quantizes `n` rows of K weights, each handed over by `row(j, out)` as f32, on every core
+    /// (it runs once, at load).
     pub(crate) fn quantize(
         kind: QuantKind,
         n: usize,
         k: usize,
-        mut row: impl FnMut(usize, &mut [f32]),
+        row: impl Fn(usize, &mut [f32]) + Sync,
     ) -> Self {
         assert!(k.is_multiple_of(BLOCK));
-        let blocks = n * k / BLOCK;
-        let mut d = Vec::with_capacity(blocks);
-        let mut qs = Vec::with_capacity(blocks * kind.block_bytes());
-        let mut buf = vec![0f32; k];
-        for j in 0..n {
-            row(j, &mut buf);
-            for b in buf.chunks_exact(BLOCK) {
-                let (scale, q) = match kind {
-                    QuantKind::Q8_0 => quantize_q8_0(b),
-                    QuantKind::Q4_0 => quantize_q4_0(b),
-                };
-                d.push(half::f16::from_f32(scale).to_bits());
-                qs.extend_from_slice(&q[..kind.block_bytes()]);
+        let (bpr, bb) = (k / BLOCK, kind.block_bytes());
+        let mut d = vec![0u16; n * bpr];
+        let mut qs = vec![0u8; n * bpr * bb];
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |t| t.get())
+            .clamp(1, 16);
+        let per = n.div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            for (c, (d, qs)) in d
+                .chunks_mut(per * bpr)
+                .zip(qs.chunks_mut(per * bpr * bb))
+                .enumerate()
+            {
+                let row = &row;
+                s.spawn(move || {
+                    let mut buf = vec![0f32; k];
+                    for (r, (d, qs)) in d.chunks_mut(bpr).zip(qs.chunks_mut(bpr * bb)).enumerate() {
+                        row(c * per + r, &mut buf);
+                        for ((b, d), q) in buf.chunks_exact(BLOCK).zip(d).zip(qs.chunks_mut(bb)) {
+                            let (scale, block) = match kind {
+                                QuantKind::Q8_0 => quantize_q8_0(b),
+                                QuantKind::Q4_0 => quantize_q4_0(b),
+                            };
+                            *d = half::f16::from_f32(scale).to_bits();
+                            q.copy_from_slice(&block[..bb]);
+                        }
+                    }
+                });
             }
-        }
+        });
         Self { kind, n, k, d, qs }
     }
 
@@ -147,7 +163,9 @@ fn quantize_q8_0(w: &[f32]) -> (f32, [u8; BLOCK]) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut q = [0u8; BLOCK];
     for (q, v) in q.iter_mut().zip(w) {
-        *q = (v * id).round() as i8 as u8;
+        // Round half away from zero (C's roundf), by truncating x ± 0.5: no libm call.
+        let x = v * id;
+        *q = (x + 0.5f32.copysign(x)) as i8 as u8;
     }
     (d, q)
 }
