@@ -486,7 +486,11 @@ impl Weights {
                 // The embedding / LM head stays 8-bit under 4-bit blocks, as llama.cpp keeps
                 // `token_embd`/`output` at 6 bits in its Q4_0 files: its error goes straight
                 // into every logit.
-                let kind = if rows_are_outputs { QuantKind::Q8_0 } else { kind };
+                let kind = if rows_are_outputs {
+                    QuantKind::Q8_0
+                } else {
+                    kind
+                };
                 if !k.is_multiple_of(crate::linear::quant::BLOCK) {
                     return Err(Error::param(
                         "quantize",

@@ -22,6 +22,7 @@ pub mod config;
 pub mod device;
 mod error;
 pub mod generation;
+mod hooks;
 pub mod hub;
 pub mod info;
 pub mod inspect;

@@ -15,6 +15,8 @@ use crate::block::Block;
 use crate::checkpoint::{Checkpoint, Storage, Target, Weights};
 use crate::config::Config;
 use crate::error::{Error, Result};
+pub use crate::hooks::{HeadMask, Hook, HookPair, Point};
+pub(crate) use crate::hooks::{LayerHook, MaskRef, Patterns};
 use crate::layer_norm::LayerNorm;
 use crate::linear::quant::QuantKind;
 use crate::linear::{Linear, Matrix};
@@ -176,122 +178,6 @@ impl Cache {
     }
 }
 
-/// A place in the forward pass where a [`Hook`] sees, and may change, a tensor; named after
-/// TransformerLens' hook points. Layers are 0-based.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Point {
-    /// (B, T, C): token plus position embeddings (`blocks.0.hook_resid_pre`).
-    Embed,
-    /// (B, n_head, T, T_k) f32: layer l's post-softmax attention (`attn.hook_pattern`). Asking
-    /// for it makes that layer take the unfused attention path, which computes it.
-    Pattern(usize),
-    /// (B, T, n_head, head_size): each head's output before `c_proj` (`attn.hook_z`). Zeroing a
-    /// head here removes it (head ablation).
-    Z(usize),
-    /// (B, T, C): layer l's attention output, `c_proj` and its bias included (`hook_attn_out`).
-    AttnOut(usize),
-    /// (B, T, C): layer l's MLP output (`hook_mlp_out`).
-    MlpOut(usize),
-    /// (B, T, C): the residual stream after block l (`hook_resid_post`).
-    ResidPost(usize),
-}
-
-/// Sees (and may change) tensors at [`Point`]s of a forward pass. Points it does not want cost
-/// nothing.
-pub trait Hook {
-    /// Whether [`Hook::at`] should be called at `point`.
-    fn wants(&self, point: Point) -> bool;
-    /// Called at each wanted point, in forward order; may replace `t` (same shape).
-    fn at(&mut self, point: Point, t: &mut Tensor) -> Result<()>;
-}
-
-/// Heads removed from every pass of a model ([`Gpt2::set_head_mask`]): per layer, a
-/// (1, 1, n_head, hs) factor, 0 on removed heads and 1 elsewhere, and what to add after it
-/// (zeros, or each removed head's mean output), applied to the heads' outputs at [`Point::Z`].
-/// [`crate::analysis::ablation`] builds one.
-#[derive(Debug, Clone, Default)]
-pub struct HeadMask {
-    pub(crate) layers: std::collections::BTreeMap<usize, (Tensor, Tensor)>,
-}
-
-impl HeadMask {
-    /// Whether any head is removed.
-    pub fn is_empty(&self) -> bool {
-        self.layers.is_empty()
-    }
-
-    fn apply(&self, p: Point, z: &mut Tensor) -> Result<()> {
-        if let Point::Z(l) = p {
-            if let Some((keep, fill)) = self.layers.get(&l) {
-                *z = z.broadcast_mul(keep)?.broadcast_add(fill)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Hook for HeadMask {
-    fn wants(&self, p: Point) -> bool {
-        matches!(p, Point::Z(l) if self.layers.contains_key(&l))
-    }
-
-    fn at(&mut self, p: Point, z: &mut Tensor) -> Result<()> {
-        self.apply(p, z)
-    }
-}
-
-/// A model's own head mask as a hook (it only reads the mask).
-struct MaskRef<'a>(&'a HeadMask);
-
-impl Hook for MaskRef<'_> {
-    fn wants(&self, p: Point) -> bool {
-        self.0.wants(p)
-    }
-
-    fn at(&mut self, p: Point, z: &mut Tensor) -> Result<()> {
-        self.0.apply(p, z)
-    }
-}
-
-/// Two hooks as one: both see every point either wants, the first first.
-pub struct HookPair<'a, 'x, 'y>(pub &'a mut (dyn Hook + 'x), pub &'a mut (dyn Hook + 'y));
-
-impl Hook for HookPair<'_, '_, '_> {
-    fn wants(&self, p: Point) -> bool {
-        self.0.wants(p) || self.1.wants(p)
-    }
-
-    fn at(&mut self, p: Point, t: &mut Tensor) -> Result<()> {
-        if self.0.wants(p) {
-            self.0.at(p, t)?;
-        }
-        if self.1.wants(p) {
-            self.1.at(p, t)?;
-        }
-        Ok(())
-    }
-}
-
-/// The hook points a block of layer `layer` calls, if any.
-pub(crate) struct LayerHook<'a> {
-    pub(crate) layer: usize,
-    pub(crate) hook: &'a mut dyn Hook,
-}
-
-impl LayerHook<'_> {
-    pub(crate) fn wants(&self, point: fn(usize) -> Point) -> bool {
-        self.hook.wants(point(self.layer))
-    }
-
-    pub(crate) fn at(&mut self, point: fn(usize) -> Point, t: &mut Tensor) -> Result<()> {
-        let p = point(self.layer);
-        if self.hook.wants(p) {
-            self.hook.at(p, t)?;
-        }
-        Ok(())
-    }
-}
-
 /// What a forward pass returns.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Output {
@@ -301,25 +187,6 @@ pub enum Output {
     Last,
     /// No logits: stop after block `l` (nothing above it changes what was asked for).
     StopAfter(usize),
-}
-
-/// Collects the attention of some layers.
-struct Patterns<'a, F: FnMut(usize, Tensor) -> Result<()>> {
-    layers: &'a [usize],
-    f: F,
-}
-
-impl<F: FnMut(usize, Tensor) -> Result<()>> Hook for Patterns<'_, F> {
-    fn wants(&self, point: Point) -> bool {
-        matches!(point, Point::Pattern(l) if self.layers.contains(&l))
-    }
-
-    fn at(&mut self, point: Point, t: &mut Tensor) -> Result<()> {
-        match point {
-            Point::Pattern(l) => (self.f)(l, t.clone()),
-            _ => Ok(()),
-        }
-    }
 }
 
 impl Gpt2 {
