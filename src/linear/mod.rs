@@ -297,6 +297,11 @@ impl Linear {
                 run(parallel, n.div_ceil(columns), &reduce)
             }
             Matrix::OutIn(_) | Matrix::Quant(_) => {
+                // Integer products read the activations quantized, once per call.
+                let xq = match &self.w {
+                    Matrix::Quant(_) => Some(quant::Q8Acts::new(x, m, k)),
+                    _ => None,
+                };
                 let rows_of = |rows: Range<usize>| {
                     let j0 = rows.start;
                     let put = |r: usize, dots: &[f32]| {
@@ -308,7 +313,11 @@ impl Linear {
                     };
                     match &self.w {
                         Matrix::OutIn(e) => kernels::dot_rows(e.elems(), x, m, k, rows, put),
-                        Matrix::Quant(q) => q.dot_rows(x, m, rows, put),
+                        Matrix::Quant(q) => {
+                            if let Some(xq) = &xq {
+                                q.dot_rows(xq, rows, put)
+                            }
+                        }
                         _ => {}
                     }
                 };
@@ -653,7 +662,10 @@ mod tests {
             for m in ROWS {
                 let x = rand(&[m, k], 7 + m as u64)?;
                 let err = rel_err(&layer.forward(&x, None)?, &x.matmul(&w_deq)?)?;
-                assert!(err <= 1e-5, "{kind:?} m={m}: {err}");
+                // Decode (m <= 8) quantizes the activations too, as llama.cpp does; prefill
+                // multiplies f32 activations by the dequantized weights.
+                let tol = if m <= MAX_FAST_ROWS { 1e-2 } else { 1e-5 };
+                assert!(err <= tol, "{kind:?} m={m}: {err}");
             }
         }
         Ok(())

@@ -116,43 +116,82 @@ impl QuantMatrix {
         self.d.len() * 2 + self.qs.len()
     }
 
-    /// For each row `j` in `rows`, its dots with the M rows of `x` (M, K), handed over as
-    /// `put(j - rows.start, dots)`.
-    pub(crate) fn dot_rows(
-        &self,
-        x: &[f32],
-        m: usize,
-        rows: Range<usize>,
-        put: impl FnMut(usize, &[f32]),
-    ) {
-        assert!(m <= super::MAX_FAST_ROWS && x.len() == m * self.k && rows.end <= self.n);
+    /// For each row `j` in `rows`, its dots with the M rows of `x`, handed over as
+    /// `put(j - rows.start, dots)`. Products are llama.cpp's: `x` comes quantized to 8 bits per
+    /// block ([`Q8Acts`]), each block's sum is exact in integers, then scaled by both blocks' `d`.
+    pub(crate) fn dot_rows(&self, x: &Q8Acts, rows: Range<usize>, put: impl FnMut(usize, &[f32])) {
+        assert!(x.m <= super::MAX_FAST_ROWS && x.k == self.k && rows.end <= self.n);
         #[cfg(target_arch = "x86_64")]
         if super::kernels::simd::available() {
             // SAFETY: AVX2, FMA and F16C are there (just checked); the sizes are asserted above
-            // and hold for the matrix by construction.
-            unsafe { simd::dot_rows(self, x, m, rows, put) };
+            // and hold for the matrix and the activations by construction.
+            unsafe { simd::dot_rows(self, x, rows, put) };
             return;
         }
-        self.dot_rows_portable(x, m, rows, put)
+        self.dot_rows_portable(x, rows, put)
     }
 
-    /// [`QuantMatrix::dot_rows`] in plain Rust: each row dequantized, then dotted.
+    /// [`QuantMatrix::dot_rows`] in plain Rust: the same integer sums.
     pub(crate) fn dot_rows_portable(
         &self,
-        x: &[f32],
-        m: usize,
+        x: &Q8Acts,
         rows: Range<usize>,
         mut put: impl FnMut(usize, &[f32]),
     ) {
-        let mut row = vec![0f32; self.k];
+        let (bpr, bb) = (self.k / BLOCK, self.kind.block_bytes());
         let mut dots = [0f32; super::MAX_FAST_ROWS];
+        let mut w = [0i8; BLOCK];
         for (r, j) in rows.enumerate() {
-            self.dequantize_row(j, &mut row);
-            for (d, x) in dots.iter_mut().zip(x.chunks_exact(self.k)) {
-                *d = super::kernels::portable::dot(x, &row);
+            dots[..x.m].fill(0.0);
+            for b in 0..bpr {
+                let i = j * bpr + b;
+                let q = &self.qs[i * bb..(i + 1) * bb];
+                match self.kind {
+                    QuantKind::Q8_0 => w.iter_mut().zip(q).for_each(|(w, q)| *w = *q as i8),
+                    QuantKind::Q4_0 => {
+                        for (t, &q) in q.iter().enumerate() {
+                            w[t] = (q & 0x0F) as i8 - 8;
+                            w[t + 16] = (q >> 4) as i8 - 8;
+                        }
+                    }
+                }
+                let dw = half::f16::from_bits(self.d[i]).to_f32();
+                for (row, d) in dots.iter_mut().enumerate().take(x.m) {
+                    let xb = &x.q[(row * bpr + b) * BLOCK..][..BLOCK];
+                    let s: i32 = w
+                        .iter()
+                        .zip(xb)
+                        .map(|(a, b)| i32::from(*a) * i32::from(*b))
+                        .sum();
+                    *d += s as f32 * (dw * x.d[row * bpr + b]);
+                }
             }
-            put(r, &dots[..m]);
+            put(r, &dots[..x.m]);
         }
+    }
+}
+
+/// Activations quantized for the integer products: per block of 32, `d = max|x| / 127` and
+/// `q = round(x / d)` (llama.cpp's Q8_0, with an f32 `d`).
+#[derive(Debug, Clone)]
+pub(crate) struct Q8Acts {
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    pub(crate) q: Vec<i8>,
+    pub(crate) d: Vec<f32>,
+}
+
+impl Q8Acts {
+    /// `x` (M, K) row-major; K a multiple of 32.
+    pub(crate) fn new(x: &[f32], m: usize, k: usize) -> Self {
+        let mut q = vec![0i8; m * k];
+        let mut d = Vec::with_capacity(m * k / BLOCK);
+        for (xb, qb) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)) {
+            let (scale, block) = quantize_q8_0(xb);
+            d.push(scale);
+            qb.iter_mut().zip(block).for_each(|(q, b)| *q = b as i8);
+        }
+        Self { m, k, q, d }
     }
 }
 
@@ -193,119 +232,118 @@ mod simd {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{QuantKind, QuantMatrix, BLOCK};
+    use super::{Q8Acts, QuantKind, QuantMatrix, BLOCK};
     use crate::linear::kernels::simd::hsum;
 
     /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; `x` holds M·K floats, `rows` are rows of `q`.
+    /// The CPU must have AVX2, FMA and F16C; `x` has the matrix's K, `rows` are rows of `q`.
     pub(super) unsafe fn dot_rows(
         q: &QuantMatrix,
-        x: &[f32],
-        m: usize,
+        x: &Q8Acts,
         rows: Range<usize>,
         put: impl FnMut(usize, &[f32]),
     ) {
         // SAFETY: the caller's promise.
         unsafe {
-            match (q.kind, m) {
+            match (q.kind, x.m) {
                 (QuantKind::Q8_0, 1) => kernel::<true, 1>(q, x, rows, put),
                 (QuantKind::Q8_0, 2) => kernel::<true, 2>(q, x, rows, put),
-                (QuantKind::Q8_0, 3 | 4) => {
-                    kernel::<true, 4>(q, pad(x, m, 4, q.k).as_slice(), rows, trim(put, m))
-                }
-                (QuantKind::Q8_0, _) => {
-                    kernel::<true, 8>(q, pad(x, m, 8, q.k).as_slice(), rows, trim(put, m))
-                }
+                (QuantKind::Q8_0, 3) => kernel::<true, 3>(q, x, rows, put),
+                (QuantKind::Q8_0, 4) => kernel::<true, 4>(q, x, rows, put),
+                (QuantKind::Q8_0, _) => kernel::<true, 8>(q, x, rows, put),
                 (QuantKind::Q4_0, 1) => kernel::<false, 1>(q, x, rows, put),
                 (QuantKind::Q4_0, 2) => kernel::<false, 2>(q, x, rows, put),
-                (QuantKind::Q4_0, 3 | 4) => {
-                    kernel::<false, 4>(q, pad(x, m, 4, q.k).as_slice(), rows, trim(put, m))
-                }
-                (QuantKind::Q4_0, _) => {
-                    kernel::<false, 8>(q, pad(x, m, 8, q.k).as_slice(), rows, trim(put, m))
-                }
+                (QuantKind::Q4_0, 3) => kernel::<false, 3>(q, x, rows, put),
+                (QuantKind::Q4_0, 4) => kernel::<false, 4>(q, x, rows, put),
+                (QuantKind::Q4_0, _) => kernel::<false, 8>(q, x, rows, put),
             }
         }
     }
 
-    /// `x` with zero rows added up to `to` rows (so one kernel serves several M).
-    fn pad(x: &[f32], m: usize, to: usize, k: usize) -> Vec<f32> {
-        let mut v = x.to_vec();
-        v.resize(to.max(m) * k, 0.0);
-        v
-    }
-
-    /// `put` that drops the padded rows' dots.
-    fn trim(mut put: impl FnMut(usize, &[f32]), m: usize) -> impl FnMut(usize, &[f32]) {
-        move |r, dots| put(r, &dots[..m])
-    }
-
-    /// One block's 32 weights as 4 vectors of 8 lanes, unscaled: `q` (Q8_0) or `q - 8` (Q4_0).
+    /// A block's 32 weights as signed bytes: as stored (Q8_0), or nibbles minus 8 (Q4_0).
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn widen<const Q8: bool>(p: *const u8) -> [__m256; 4] {
+    #[target_feature(enable = "avx2")]
+    unsafe fn weights<const Q8: bool>(p: *const u8) -> __m256i {
         // SAFETY: a Q8_0 block has 32 readable bytes at p, a Q4_0 block 16.
         unsafe {
             if Q8 {
-                let lane = |o: usize| {
-                    let v = _mm_loadl_epi64(p.add(o).cast());
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
-                };
-                [lane(0), lane(8), lane(16), lane(24)]
+                _mm256_loadu_si256(p.cast())
             } else {
+                // Low nibbles are elements 0..16, high nibbles 16..32.
                 let bytes = _mm_loadu_si128(p.cast());
-                let mask = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(bytes, mask); // elements 0..16
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask); // elements 16..32
-                let eight = _mm256_set1_epi32(8);
-                let lane = |v: __m128i| {
-                    _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(v), eight))
-                };
-                [
-                    lane(lo),
-                    lane(_mm_srli_si128::<8>(lo)),
-                    lane(hi),
-                    lane(_mm_srli_si128::<8>(hi)),
-                ]
+                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes);
+                _mm256_sub_epi8(
+                    _mm256_and_si256(both, _mm256_set1_epi8(0x0F)),
+                    _mm256_set1_epi8(8),
+                )
             }
         }
     }
 
-    /// Each block is widened once and dotted with the M rows of x; a block's sum is scaled by
-    /// its `d` into the row's accumulator.
+    /// Σ w·x over 32 signed bytes, as 8 f32 lanes, given `ax = |w|`: |w| times x with w's sign
+    /// (maddubs takes unsigned × signed; |w|·|x| ≤ 127·127, so pairs never saturate i16).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot32(ax: __m256i, w: __m256i, x: __m256i) -> __m256 {
+        let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(x, w));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    /// Each block's weights are unpacked once and dotted with the M rows' blocks; a block's
+    /// integer sum is scaled by `d_w · d_x` into the row's accumulator. Scales are widened 8 at a
+    /// time (F16C), two blocks per step keep two chains of FMAs per row in flight, and raw
+    /// pointers (bounds checked once, by the caller) keep the loop free of checks.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn kernel<const Q8: bool, const M: usize>(
         q: &QuantMatrix,
-        x: &[f32],
+        x: &Q8Acts,
         rows: Range<usize>,
         mut put: impl FnMut(usize, &[f32]),
     ) {
-        let (k, bb) = (q.k, q.kind.block_bytes());
-        let bpr = k / BLOCK;
-        let xp = x.as_ptr();
+        let (bpr, bb) = (q.k / BLOCK, q.kind.block_bytes());
+        let m = x.m.min(M);
+        let (qs, ds, xq, xd) = (q.qs.as_ptr(), q.d.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        let mut scales = vec![0f32; bpr + 8];
         for (r, j) in rows.enumerate() {
-            let mut acc = [_mm256_setzero_ps(); M];
-            for b in 0..bpr {
-                let i = j * bpr + b;
-                let d = _mm256_set1_ps(half::f16::from_bits(q.d[i]).to_f32());
-                // SAFETY: block i has bb bytes in qs; x rows have K floats, b·32 + 32 <= K.
-                unsafe {
-                    let w = widen::<Q8>(q.qs.as_ptr().add(i * bb));
-                    for (row, acc) in acc.iter_mut().enumerate() {
-                        let xb = xp.add(row * k + b * BLOCK);
-                        let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
-                        s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb.add(8)), s);
-                        s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb.add(16)), s);
-                        s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb.add(24)), s);
-                        *acc = _mm256_fmadd_ps(d, s, *acc);
-                    }
+            let row0 = j * bpr;
+            // SAFETY: row j has bpr scales and bpr blocks (j < n, checked by `dot_rows`); x
+            // rows have bpr blocks each; `scales` has room for 8 past the last block.
+            unsafe {
+                let mut b = 0;
+                while b < bpr {
+                    let n = (bpr - b).min(8);
+                    let mut bits = [0u16; 8];
+                    std::ptr::copy_nonoverlapping(ds.add(row0 + b), bits.as_mut_ptr(), n);
+                    let v = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
+                    _mm256_storeu_ps(scales.as_mut_ptr().add(b), v);
+                    b += 8;
                 }
+                let mut acc = [[_mm256_setzero_ps(); 2]; M];
+                let mut b = 0;
+                while b < bpr {
+                    let two = b + 1 < bpr;
+                    let w0 = weights::<Q8>(qs.add((row0 + b) * bb));
+                    let w1 = if two { weights::<Q8>(qs.add((row0 + b + 1) * bb)) } else { w0 };
+                    let (ax0, ax1) = (_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(w1, w1));
+                    for (row, acc) in acc.iter_mut().enumerate().take(m) {
+                        let xb = xq.add((row * bpr + b) * BLOCK);
+                        let x0 = _mm256_loadu_si256(xb.cast());
+                        let s0 = *scales.get_unchecked(b) * *xd.add(row * bpr + b);
+                        acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(s0), dot32(ax0, w0, x0), acc[0]);
+                        if two {
+                            let x1 = _mm256_loadu_si256(xb.add(BLOCK).cast());
+                            let s1 = *scales.get_unchecked(b + 1) * *xd.add(row * bpr + b + 1);
+                            acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(s1), dot32(ax1, w1, x1), acc[1]);
+                        }
+                    }
+                    b += 2;
+                }
+                let mut dots = [0f32; M];
+                for (d, [a0, a1]) in dots.iter_mut().zip(acc).take(m) {
+                    *d = hsum(_mm256_add_ps(a0, a1));
+                }
+                put(r, &dots[..m]);
             }
-            let mut dots = [0f32; M];
-            for (d, a) in dots.iter_mut().zip(acc) {
-                *d = hsum(a);
-            }
-            put(r, &dots);
         }
     }
 }
@@ -365,6 +403,11 @@ mod tests {
             }
             for m in [1, 2, 3, 5, 8] {
                 let x = rand(m * k, 10 + m as u64);
+                let xq = Q8Acts::new(&x, m, k);
+                // The reference: the dequantized weights times the dequantized activations.
+                let xd: Vec<f64> = (0..m * k)
+                    .map(|c| xq.q[c] as f64 * xq.d[c / BLOCK] as f64)
+                    .collect();
                 for path in ["simd", "portable"] {
                     let mut y = vec![0f32; m * n];
                     for rows in [0..5, 5..n] {
@@ -375,24 +418,77 @@ mod tests {
                             }
                         };
                         if path == "simd" {
-                            q.dot_rows(&x, m, rows, put);
+                            q.dot_rows(&xq, rows, put);
                         } else {
-                            q.dot_rows_portable(&x, m, rows, put);
+                            q.dot_rows_portable(&xq, rows, put);
                         }
                     }
                     for i in 0..m {
                         for j in 0..n {
-                            let want: f64 = (0..k)
-                                .map(|c| x[i * k + c] as f64 * deq[j * k + c] as f64)
-                                .sum();
+                            let want: f64 =
+                                (0..k).map(|c| xd[i * k + c] * deq[j * k + c] as f64).sum();
                             let got = y[i * n + j] as f64;
                             assert!(
                                 (got - want).abs() < 1e-4 * (1.0 + want.abs()),
                                 "{kind:?} {path} m={m}: {got} vs {want}"
                             );
+                            // And within the activations' rounding of the f32 product: each
+                            // x is off by at most half its block's step, so the sum by at most
+                            // Σ |w| · step / 2.
+                            let exact: f64 = (0..k)
+                                .map(|c| x[i * k + c] as f64 * deq[j * k + c] as f64)
+                                .sum();
+                            let bound: f64 = (0..k)
+                                .map(|c| {
+                                    deq[j * k + c].abs() as f64 * xq.d[(i * k + c) / BLOCK] as f64
+                                        / 2.0
+                                })
+                                .sum();
+                            assert!(
+                                (got - exact).abs() <= bound * 1.001 + 1e-6,
+                                "{got} vs {exact} (bound {bound})"
+                            );
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// Compute speed of the products, weights in cache (not a check: run with
+    /// `cargo test --release --lib linear::quant::speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn speed() {
+        let (n, k) = (3072, 768);
+        let mut r = SplitMix64::new(1);
+        let w: Vec<f32> = (0..n * k).map(|_| r.unit()).collect();
+        let x: Vec<f32> = (0..k).map(|_| r.unit()).collect();
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
+            let q = QuantMatrix::quantize(kind, n, k, |j, out| out.copy_from_slice(&w[j * k..][..k]));
+            // Enough copies to be read from memory, taken in turn, as in decode.
+            let copies = (512 << 20) / q.bytes() + 1;
+            let qs: Vec<QuantMatrix> = (0..copies).map(|_| q.clone()).collect();
+            let xq = Q8Acts::new(&x, 1, k);
+            let mut sink = 0f32;
+            let (mut hot, mut cold) = (f64::MAX, f64::MAX);
+            for i in 0..3 * copies {
+                let t = std::time::Instant::now();
+                q.dot_rows(&xq, 0..n, |_, d| sink += d[0]);
+                hot = hot.min(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                qs[i % copies].dot_rows(&xq, 0..n, |_, d| sink += d[0]);
+                cold = cold.min(t.elapsed().as_secs_f64());
+            }
+            let blocks = (n * k / BLOCK) as f64;
+            for (what, t) in [("in cache", hot), ("from memory", cold)] {
+                println!("{kind:?} {what}: {:.2} ns/block, {:.1} GB/s ({sink})", t / blocks * 1e9, q.bytes() as f64 / t / 1e9);
             }
         }
     }
