@@ -375,7 +375,16 @@ pub fn write_attention(
     let mut sink: Box<dyn Sink> = match output.format {
         Format::Json => Box::new(export::JsonSink::new(out, &header)?),
         Format::Png => Box::new(image::PngSink::new(out, &header)?),
-        Format::Html => Box::new(html::HtmlSink::new(out, &header)?),
+        Format::Html => {
+            // The model view labels every thumbnail with its head type: a few short passes.
+            let labels = match scores::head_scores(model, tokens, selection) {
+                Ok(t) => Some(t),
+                // A context too short for induction: thumbnails without labels.
+                Err(Error::Input(_)) => None,
+                Err(e) => return Err(e),
+            };
+            Box::new(html::HtmlSink::new(out, &header, labels.as_ref())?)
+        }
         _ => Box::new(text::TextSink::new(out, &header)?),
     };
     for_each_layer(model, &tokens.ids, selection, |a| sink.layer(&a))?;

@@ -604,6 +604,134 @@ fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
     Ok(())
 }
 
+/// Runs headless chromium on `url` with `args` (`--dump-dom`, `--screenshot=...`), its timers
+/// run to the end on a virtual clock; stdout and the log.
+fn chromium_run(
+    browser: &str,
+    profile: &Path,
+    url: &str,
+    args: &[&str],
+) -> Result<(String, String)> {
+    let out = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            &format!("--user-data-dir={}", profile.display()),
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--window-size=1000,1400",
+        ])
+        .args(args)
+        .arg(url)
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "chromium failed: {log}");
+    Ok((String::from_utf8(out.stdout)?, log))
+}
+
+#[test]
+fn html_model_view_labels_every_head_and_opens_the_one_clicked() -> Result {
+    // The trained fixture: heads whose types are known (tests/induction.rs).
+    let path = tmp("model-view.html");
+    let prompt = "one looks back a token, another finds where this token came before";
+    inspect(
+        "induction",
+        &[
+            "--format",
+            "html",
+            "--out",
+            path.to_str().ok_or("p")?,
+            "--prompt",
+            prompt,
+        ],
+    )?;
+    let Some(browser) = chromium() else {
+        skip_or_fail("the model view in a browser: no chromium on PATH");
+        return Ok(());
+    };
+    let profile = tmp("chromium-model-view");
+    let url = format!("file://{}#layer=1&head=1", path.display());
+    let (dom, log) = chromium_run(browser, &profile, &url, &["--dump-dom"])?;
+    let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
+    assert!(console.is_empty(), "{console:?}");
+    assert!(
+        dom.contains(r#"<pre id="errors" hidden=""></pre>"#),
+        "errors shown: {dom}"
+    );
+    // Every head drawn, each labelled with its type as --scores gives it.
+    assert!(dom.contains(r#"data-thumbnails="4""#), "{dom}");
+    for (l, h, kind) in [
+        (0, 0, "previous-token"),
+        (0, 1, "previous-token"),
+        (1, 1, "induction"),
+    ] {
+        let fig =
+            format!(r#"data-layer="{l}" data-head="{h}" title="layer {l}, head {h}: {kind}""#);
+        assert!(dom.contains(&fig), "{l}.{h} is not labelled {kind}: {dom}");
+        assert!(dom.contains(&format!(
+            r#"{l}.{h}<span class="kind {kind}">{kind}</span>"#
+        )));
+    }
+    // The head of the URL is open, in the head view and marked in the model view.
+    assert!(dom.contains(">Layer 1 · Head 1</span>"), "{dom}");
+    assert!(
+        dom.contains(r#"class="thumb current" data-layer="1" data-head="1""#),
+        "{dom}"
+    );
+    assert_eq!(dom.matches("thumb current").count(), 1);
+    // A short prompt gets token labels on the heatmap's axes.
+    assert!(dom.contains(r#"data-axis-labels="tokens""#), "{dom}");
+
+    // The screenshot shows the thumbnails: viridis pixels in the model view's rows, and the red
+    // frame of the open head.
+    let shot = tmp("model-view.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium_run(
+        browser,
+        &profile,
+        &url,
+        &[&format!("--screenshot={}", shot.display())],
+    )?;
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot)?));
+    let mut reader = decoder.read_info()?;
+    let mut buf = vec![0; reader.output_buffer_size().ok_or("png size")?];
+    let info = reader.next_frame(&mut buf)?;
+    let channels = info.line_size / info.width as usize;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let pixel = |x: usize, y: usize| {
+        let at = y * info.line_size + x * channels;
+        (buf[at], buf[at + 1], buf[at + 2])
+    };
+    // The model view is the top of the page (below the title, above the head controls).
+    let (mut dark, mut red) = (0, 0);
+    for y in 0..h.min(260) {
+        for x in 0..w {
+            let (r, g, b) = pixel(x, y);
+            // Viridis' low end, what an attention map is mostly made of.
+            if r < 90 && g < 40 && b > 60 && b < 120 {
+                dark += 1;
+            }
+            if r > 180 && g < 80 && b < 80 {
+                red += 1;
+            }
+        }
+    }
+    // Four thumbnails of ~48×48 pixels, at least half dark each; one frame of ~200 pixels.
+    assert!(
+        dark > 4 * 48 * 48 / 2,
+        "{dark} viridis pixels in the model view"
+    );
+    assert!(red > 100, "{red} red pixels: no frame on the open head");
+    Ok(())
+}
+
 #[test]
 fn terminal_heatmaps_fit_80_columns_and_say_when_cut() -> Result {
     let short = String::from_utf8(

@@ -1,11 +1,15 @@
-//! One self-contained HTML page (no network, no CDN): a layer and head selector, a bertviz-style
+//! One self-contained HTML page (no network, no CDN): a model view with one canvas thumbnail per
+//! head (layers × heads, each labelled with its [`HeadType`](super::scores::HeadType)), a click on
+//! one opens it in the head view below: a layer and head selector, a bertviz-style
 //! head view (queries left, keys right, lines as strong as the weights), a heatmap whose cells show
-//! the weight and both tokens on hover, and each query's most-attended token.
+//! the weight and both tokens on hover (its axes labelled with the tokens where they fit), and each
+//! query's most-attended token.
 //!
 //! The attention sits in a `<script type="application/json">` element with `<`, `>` and `&`
 //! escaped as `\u003c`..., so no token can close it, and the page puts token text in the document
 //! only through `textContent`: a prompt full of markup stays text.
 
+use super::scores::ScoreTable;
 use super::{Header, LayerAttention, Out, Sink};
 use crate::error::Result;
 
@@ -20,7 +24,8 @@ pub(crate) struct HtmlSink {
 }
 
 impl HtmlSink {
-    pub(crate) fn new(mut out: Out, h: &Header<'_>) -> Result<Self> {
+    /// `labels`: the heads' scores, shown on the thumbnails (none: unlabelled).
+    pub(crate) fn new(mut out: Out, h: &Header<'_>, labels: Option<&ScoreTable>) -> Result<Self> {
         let (before, rest) = TEMPLATE.split_once(DATA).unwrap_or((TEMPLATE, ""));
         out.bytes(
             before
@@ -32,6 +37,11 @@ impl HtmlSink {
             "tokens": h.tokens.text,
             "token_ids": h.tokens.ids,
             "heads": h.selection.heads,
+            "labels": labels.map(|t| t.heads.iter().map(|s| serde_json::json!({
+                "layer": s.layer,
+                "head": s.head,
+                "label": s.label.name(),
+            })).collect::<Vec<_>>()),
         })
         .to_string();
         // `{...}` without its closing brace, then the layers as they come.

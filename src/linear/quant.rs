@@ -323,7 +323,11 @@ mod simd {
                 while b < bpr {
                     let two = b + 1 < bpr;
                     let w0 = weights::<Q8>(qs.add((row0 + b) * bb));
-                    let w1 = if two { weights::<Q8>(qs.add((row0 + b + 1) * bb)) } else { w0 };
+                    let w1 = if two {
+                        weights::<Q8>(qs.add((row0 + b + 1) * bb))
+                    } else {
+                        w0
+                    };
                     let (ax0, ax1) = (_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(w1, w1));
                     for (row, acc) in acc.iter_mut().enumerate().take(m) {
                         let xb = xq.add((row * bpr + b) * BLOCK);
@@ -333,7 +337,8 @@ mod simd {
                         if two {
                             let x1 = _mm256_loadu_si256(xb.add(BLOCK).cast());
                             let s1 = *scales.get_unchecked(b + 1) * *xd.add(row * bpr + b + 1);
-                            acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(s1), dot32(ax1, w1, x1), acc[1]);
+                            acc[1] =
+                                _mm256_fmadd_ps(_mm256_set1_ps(s1), dot32(ax1, w1, x1), acc[1]);
                         }
                     }
                     b += 2;
@@ -471,7 +476,8 @@ mod speed {
         let w: Vec<f32> = (0..n * k).map(|_| r.unit()).collect();
         let x: Vec<f32> = (0..k).map(|_| r.unit()).collect();
         for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
-            let q = QuantMatrix::quantize(kind, n, k, |j, out| out.copy_from_slice(&w[j * k..][..k]));
+            let q =
+                QuantMatrix::quantize(kind, n, k, |j, out| out.copy_from_slice(&w[j * k..][..k]));
             // Enough copies to be read from memory, taken in turn, as in decode.
             let copies = (512 << 20) / q.bytes() + 1;
             let qs: Vec<QuantMatrix> = (0..copies).map(|_| q.clone()).collect();
@@ -488,7 +494,11 @@ mod speed {
             }
             let blocks = (n * k / BLOCK) as f64;
             for (what, t) in [("in cache", hot), ("from memory", cold)] {
-                println!("{kind:?} {what}: {:.2} ns/block, {:.1} GB/s ({sink})", t / blocks * 1e9, q.bytes() as f64 / t / 1e9);
+                println!(
+                    "{kind:?} {what}: {:.2} ns/block, {:.1} GB/s ({sink})",
+                    t / blocks * 1e9,
+                    q.bytes() as f64 / t / 1e9
+                );
             }
         }
     }
