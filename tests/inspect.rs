@@ -596,8 +596,11 @@ fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
     let items: Vec<&str> = dom.split("<li>").skip(1).collect();
     assert_eq!(items.len(), rows.len());
     for (q, (row, item)) in rows.iter().zip(&items).enumerate() {
-        // The page compares the 5-decimal weights it holds; the first of equals wins.
-        let r: Vec<f64> = row.iter().map(|w| (*w as f64 * 1e5).round()).collect();
+        // The page compares the 8-bit weights it holds (round(w * 255)); the first of equals wins.
+        let r: Vec<f32> = row
+            .iter()
+            .map(|w| (w.clamp(0.0, 1.0) * 255.0).round())
+            .collect();
         let k = (0..=q).fold(0, |best, k| if r[k] > r[best] { k } else { best });
         assert!(item.contains(&format!("-&gt; #{k} ")), "row {q}: {item}");
     }
