@@ -554,28 +554,7 @@ fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
     };
     let profile = tmp("chromium-profile");
     let url = format!("file://{}#layer=1&head=2", path.display());
-    let out = Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            &format!("--user-data-dir={}", profile.display()),
-            "--enable-logging=stderr",
-            "--v=0",
-            "--dump-dom",
-            &url,
-        ])
-        .output()?;
-    let dom = String::from_utf8(out.stdout)?;
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !dom.is_empty(),
-        "chromium failed: {log}"
-    );
+    let (dom, log) = chromium_run(browser, &profile, &url, &["--dump-dom"])?;
     // No console message at all: the page logs nothing when all is well.
     let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
     assert!(console.is_empty(), "{console:?}");
