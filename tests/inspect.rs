@@ -554,14 +554,7 @@ fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
     };
     let profile = tmp("chromium-profile");
     let url = format!("file://{}#layer=1&head=2", path.display());
-    let (dom, log) = chromium_run(browser, &profile, &url, &["--dump-dom"])?;
-    // No console message at all: the page logs nothing when all is well.
-    let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
-    assert!(console.is_empty(), "{console:?}");
-    assert!(
-        dom.contains(r#"<pre id="errors" hidden=""></pre>"#),
-        "errors shown: {dom}"
-    );
+    let dom = clean_dom(browser, &profile, &url)?;
     // The head asked for in the URL is the one shown.
     assert!(dom.contains(">Layer 1 · Head 2</span>"), "{dom}");
     assert!(dom.contains(r#"data-layer="1" data-head="2""#));
@@ -618,6 +611,19 @@ fn chromium_run(
     Ok((String::from_utf8(out.stdout)?, log))
 }
 
+/// The page's DOM once its timers have run, checked to have logged nothing and shown no error
+/// (the page logs nothing when all is well).
+fn clean_dom(browser: &str, profile: &Path, url: &str) -> Result<String> {
+    let (dom, log) = chromium_run(browser, profile, url, &["--dump-dom"])?;
+    let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
+    assert!(console.is_empty(), "{console:?}");
+    assert!(
+        dom.contains(r#"<pre id="errors" hidden=""></pre>"#),
+        "errors shown: {dom}"
+    );
+    Ok(dom)
+}
+
 #[test]
 fn html_model_view_labels_every_head_and_opens_the_one_clicked() -> Result {
     // The trained fixture: heads whose types are known (tests/induction.rs).
@@ -640,13 +646,7 @@ fn html_model_view_labels_every_head_and_opens_the_one_clicked() -> Result {
     };
     let profile = tmp("chromium-model-view");
     let url = format!("file://{}#layer=1&head=1", path.display());
-    let (dom, log) = chromium_run(browser, &profile, &url, &["--dump-dom"])?;
-    let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
-    assert!(console.is_empty(), "{console:?}");
-    assert!(
-        dom.contains(r#"<pre id="errors" hidden=""></pre>"#),
-        "errors shown: {dom}"
-    );
+    let dom = clean_dom(browser, &profile, &url)?;
     // Every head drawn, each labelled with its type as --scores gives it.
     assert!(dom.contains(r#"data-thumbnails="4""#), "{dom}");
     for (l, h, kind) in [

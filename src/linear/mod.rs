@@ -298,10 +298,7 @@ impl Linear {
             }
             Matrix::OutIn(_) | Matrix::Quant(_) => {
                 // Integer products read the activations quantized, once per call.
-                let xq = match &self.w {
-                    Matrix::Quant(_) => Some(quant::Q8Acts::new(x, m, k)),
-                    _ => None,
-                };
+                let xq = matches!(self.w, Matrix::Quant(_)).then(|| quant::Q8Acts::new(x, m, k));
                 let rows_of = |rows: Range<usize>| {
                     let j0 = rows.start;
                     let put = |r: usize, dots: &[f32]| {
