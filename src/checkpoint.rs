@@ -396,6 +396,14 @@ impl Weights {
         Ok(Cow::Owned(all))
     }
 
+    /// Gives the mapped pages of tensor `full` back (it was copied).
+    fn release(&self, full: &str) {
+        if let Source::Files { files, routing } = &self.source {
+            let file = &files[routing[full]];
+            file.release(file.range(&file.tensors[full]));
+        }
+    }
+
     /// Takes tensor `name`, checking it has `shape`, as a tensor of the activations' dtype on the
     /// target device: biases, layer norms, `wpe`.
     pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -442,6 +450,10 @@ impl Weights {
             }
         };
         match t.storage {
+            // f32 is read where it lies in the map: `wte` (vocab, C) as (out, in), a `Conv1D`
+            // as (in, out). Transposing a `Conv1D` at load bought no decode speed at f32 (the
+            // kernels are bandwidth-bound either way: 51.7-54.7 vs 52.6-55.0 tok/s), cost
+            // 0.2 s of start-up and 20 % of prefill (gemm packs (in, out) faster).
             Storage::Dtype(DType::F32) => {
                 if let (Source::Files { files, routing }, Stored::F32, true) =
                     (&self.source, stored, t.mmap)
@@ -464,18 +476,32 @@ impl Weights {
                 let v = self.values(&full, stored)?.into_owned();
                 Ok(host(HostElems::F32(Buf::owned(v))))
             }
+            // Halves are converted anyway, so a `Conv1D` is also transposed, once, to (out, in):
+            // decode then reads each output's weights as one contiguous row, one dot product
+            // each, instead of widening and adding scaled (in, out) rows, which left f16
+            // decode compute-bound (GPT-2 small, 2 threads: 76-78 -> 106-108 tok/s).
             Storage::Dtype(d @ (DType::F16 | DType::BF16)) => {
-                let mut bits: Vec<u16> = Vec::with_capacity(rows * cols);
-                self.stream(&full, stored, false, |_, v| {
+                let half = |v: &[f32], bits: &mut Vec<u16>| {
                     if d == DType::F16 {
                         bits.extend(v.iter().map(|x| half::f16::from_f32(*x).to_bits()));
                     } else {
                         bits.extend(v.iter().map(|x| half::bf16::from_f32(*x).to_bits()));
                     }
-                    Ok(())
-                })?;
+                };
+                let mut bits: Vec<u16> = Vec::with_capacity(rows * cols);
+                if rows_are_outputs {
+                    self.stream(&full, stored, false, |_, v| {
+                        half(v, &mut bits);
+                        Ok(())
+                    })?;
+                } else {
+                    let v = self.values(&full, stored)?;
+                    half(&transpose(&v, k, n), &mut bits);
+                    drop(v);
+                    self.release(&full);
+                }
                 let buf = Buf::owned(bits);
-                Ok(host(if d == DType::F16 {
+                Ok(Matrix::OutIn(if d == DType::F16 {
                     HostElems::F16(buf)
                 } else {
                     HostElems::Bf16(buf)

@@ -106,6 +106,49 @@ pub(crate) fn axpy_rows(
     portable::axpy_rows(w, x, m, k, n, ks, y)
 }
 
+/// `out[kk·stride + j0 + r] = a[r·k + kk]`: `a` (R, K) row-major written transposed into
+/// columns `j0..j0 + R` of a row-major matrix of row stride `stride`, in 8×8 blocks so every
+/// read and write stays in cache lines already loaded.
+///
+/// # Safety
+/// `out` must address a live buffer holding `(k - 1)·stride + j0 + R` floats whose columns
+/// `j0..j0 + R` no other thread touches meanwhile.
+pub(crate) unsafe fn transpose_into(
+    a: &[f32],
+    r: usize,
+    k: usize,
+    out: super::SharedOut,
+    stride: usize,
+    j0: usize,
+) {
+    const B: usize = 8;
+    assert!(a.len() == r * k);
+    for kk0 in (0..k).step_by(B) {
+        for r0 in (0..r).step_by(B) {
+            #[cfg(target_arch = "x86_64")]
+            if kk0 + B <= k && r0 + B <= r && simd::available() {
+                // SAFETY: the CPU has AVX2; the block's 8 rows of 8 are inside `a`, and its
+                // output rows kk0.. hold columns j0 + r0 .. + 8 (the caller's promise).
+                unsafe {
+                    simd::transpose8(
+                        a.as_ptr().add(r0 * k + kk0),
+                        k,
+                        out.0.add(kk0 * stride + j0 + r0),
+                        stride,
+                    )
+                };
+                continue;
+            }
+            for kk in kk0..k.min(kk0 + B) {
+                for i in r0..r.min(r0 + B) {
+                    // SAFETY: the caller's promise; kk < K and j0 + i < j0 + R.
+                    unsafe { out.write(kk * stride + j0 + i, a[i * k + kk]) };
+                }
+            }
+        }
+    }
+}
+
 /// Plain Rust the compiler can vectorise: CPUs without AVX2, and other architectures.
 pub(crate) mod portable {
     use std::ops::Range;
@@ -447,6 +490,48 @@ pub(crate) mod simd {
         }
     }
 
+    /// The 8×8 block at `a` (row stride `sa`) written transposed at `o` (row stride `so`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; 8 rows of 8 floats must be readable at `a` and writable at `o`.
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn transpose8(a: *const f32, sa: usize, o: *mut f32, so: usize) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(a.add(i * sa)));
+            // Pairs of rows interleaved, then quads, then the 128-bit halves swapped.
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let c = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (i, c) in c.into_iter().enumerate() {
+                _mm256_storeu_ps(o.add(i * so), c);
+            }
+        }
+    }
+
     /// The sum of the 8 lanes.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -582,6 +667,37 @@ mod tests {
                         }
                         close(&y, &want, &format!("{path} {e:?} m={m} k={k} n={n}"));
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_into_writes_every_element_in_its_place() {
+        // Full 8x8 blocks and every tail, into columns offset inside a wider matrix.
+        for (r, k) in [(8, 8), (16, 24), (3, 5), (13, 21), (16, 3072)] {
+            let a = rand(r * k, (r * k) as u64);
+            let (stride, j0) = (r + 11, 7);
+            let mut out = vec![-1f32; k * stride];
+            // SAFETY: out holds k rows of `stride`, columns j0..j0 + r inside them.
+            unsafe {
+                transpose_into(
+                    &a,
+                    r,
+                    k,
+                    super::super::SharedOut(out.as_mut_ptr()),
+                    stride,
+                    j0,
+                )
+            };
+            for kk in 0..k {
+                for j in 0..stride {
+                    let want = if (j0..j0 + r).contains(&j) {
+                        a[(j - j0) * k + kk]
+                    } else {
+                        -1.0
+                    };
+                    assert_eq!(out[kk * stride + j], want, "r={r} k={k} kk={kk} j={j}");
                 }
             }
         }

@@ -271,30 +271,47 @@ impl Linear {
             Matrix::InOut(e) => {
                 let w = e.elems();
                 let blocks = k.div_ceil(K_BLOCK);
-                // Partial sums of each block of weight rows, then added in block order.
-                let mut partial = vec![0f32; blocks * m * n];
-                let part = SharedOut(partial.as_mut_ptr());
-                let block = |c: usize| {
-                    let ks = c * K_BLOCK..k.min((c + 1) * K_BLOCK);
-                    // SAFETY: block c owns partial[c·M·N .. (c+1)·M·N], which outlives the
-                    // pool's run; no other call touches it.
-                    let p = unsafe { part.slice(c * m * n, m * n) };
-                    kernels::axpy_rows(w, x, m, k, n, ks, p);
-                };
-                run(parallel, blocks, &block)?;
-                let columns = n.div_ceil(pool::threads() * 4).max(64);
-                let reduce = |c: usize| {
-                    let js = c * columns..n.min((c + 1) * columns);
-                    for i in 0..m {
-                        for j in js.clone() {
-                            let s = (0..blocks).fold(0f32, |s, b| s + partial[(b * m + i) * n + j]);
-                            // SAFETY: column range js belongs to this call alone; y outlives
-                            // the run.
-                            unsafe { out.write(i * n + j, finish(s, j)) };
+                // Partial sums of each block of weight rows, then added in block order. The
+                // buffer is this thread's, reused, and each block zeroes its own part on the
+                // pool (a fresh zeroed buffer was a serial memset, 4 % of decode).
+                PARTIAL.with_borrow_mut(|partial| -> Result<()> {
+                    partial.resize(partial.len().max(blocks * m * n), 0.0);
+                    let part = SharedOut(partial.as_mut_ptr());
+                    let block = |c: usize| {
+                        let ks = c * K_BLOCK..k.min((c + 1) * K_BLOCK);
+                        // SAFETY: block c owns partial[c·M·N .. (c+1)·M·N], which outlives the
+                        // pool's run; no other call touches it.
+                        let p = unsafe { part.slice(c * m * n, m * n) };
+                        p.fill(0.0);
+                        kernels::axpy_rows(w, x, m, k, n, ks, p);
+                    };
+                    run(parallel, blocks, &block)?;
+                    let partial = &partial[..blocks * m * n];
+                    let columns = n.div_ceil(pool::threads() * 4).max(64);
+                    let reduce = |c: usize| {
+                        let js = c * columns..n.min((c + 1) * columns);
+                        let mut sum = [0f32; 64];
+                        for i in 0..m {
+                            for j0 in js.clone().step_by(64) {
+                                let cols = 64.min(js.end - j0);
+                                let sum = &mut sum[..cols];
+                                // Block by block over contiguous columns (vectorised), each
+                                // column still summed in block order.
+                                sum.fill(0.0);
+                                for b in 0..blocks {
+                                    let row = &partial[(b * m + i) * n + j0..][..cols];
+                                    sum.iter_mut().zip(row).for_each(|(s, p)| *s += p);
+                                }
+                                for (jj, s) in sum.iter().enumerate() {
+                                    // SAFETY: columns js belong to this call alone; y outlives
+                                    // the run.
+                                    unsafe { out.write(i * n + j0 + jj, finish(*s, j0 + jj)) };
+                                }
+                            }
                         }
-                    }
-                };
-                run(parallel, n.div_ceil(columns), &reduce)
+                    };
+                    run(parallel, n.div_ceil(columns), &reduce)
+                })
             }
             Matrix::OutIn(_) | Matrix::Quant(_) => {
                 // Integer products read the activations quantized, once per call.
@@ -355,18 +372,25 @@ impl Linear {
                 // SAFETY: as above.
                 unsafe { gemm_into(y, n, 0, x, k, 0, m, w.as_slice(), k, 1, k, n) };
             }
+            Matrix::OutIn(_) | Matrix::Quant(_) if k * n <= MAX_WIDENED => {
+                // Widened whole, once per call, into the (K, N) layout gemm packs fastest: one
+                // gemm over all of K, as for f32. Measured (f16, GPT-2 small, 512 tokens):
+                // reading (N, K) transposed instead was ~15 % slower, and L2-sized bands of
+                // outputs, each widened then multiplied, 4 % slower (gemm on narrow bands).
+                WIDENED.with_borrow_mut(|w| -> Result<()> {
+                    w.resize(k * n, 0.0);
+                    self.widen_kn(w)?;
+                    // SAFETY: x (M, K), w (K, N) and y (M, N) are row-major with those lengths.
+                    unsafe { gemm_into(y, n, 0, x, k, 0, m, w, 1, n, k, n) };
+                    Ok(())
+                })?;
+            }
             Matrix::OutIn(_) | Matrix::Quant(_) => {
                 for j0 in (0..n).step_by(SLAB) {
                     let rows = SLAB.min(n - j0);
                     slab.resize(rows * k, 0.0);
-                    match &self.w {
-                        Matrix::OutIn(e) => e.elems().widen(j0 * k..(j0 + rows) * k, &mut slab),
-                        Matrix::Quant(q) => {
-                            for (r, out) in slab.chunks_exact_mut(k).enumerate() {
-                                q.dequantize_row(j0 + r, out);
-                            }
-                        }
-                        _ => {}
+                    for (r, out) in slab.chunks_exact_mut(k).enumerate() {
+                        self.widen_row(j0 + r, out);
                     }
                     // SAFETY: the slab (rows, K) read transposed, into columns j0.. of y.
                     unsafe { gemm_into(y, n, j0, x, k, 0, m, &slab, k, 1, k, rows) };
@@ -376,6 +400,50 @@ impl Linear {
         }
         Ok(())
     }
+
+    /// Output `j`'s (K,) weights of an (N, K) matrix, as f32.
+    fn widen_row(&self, j: usize, out: &mut [f32]) {
+        let k = self.k;
+        match &self.w {
+            Matrix::OutIn(e) => e.elems().widen(j * k..(j + 1) * k, out),
+            Matrix::Quant(q) => q.dequantize_row(j, out),
+            Matrix::InOut(_) | Matrix::Tensor(_) => {}
+        }
+    }
+
+    /// An (N, K) matrix widened to f32 as (K, N) row-major, 64 outputs at a time on the pool
+    /// (each K-row then takes 256 contiguous bytes per tile: 16 left the writes missing).
+    fn widen_kn(&self, w: &mut [f32]) -> Result<()> {
+        const TILE: usize = 64;
+        let (k, n) = (self.k, self.n);
+        let out = SharedOut(w.as_mut_ptr());
+        run(k * n >= MIN_PARALLEL_WORK, n.div_ceil(TILE), &|t| {
+            let js = t * TILE..n.min((t + 1) * TILE);
+            // Per thread, reused: a fresh (64, K) buffer per tile is an mmap and page faults.
+            TILE_ROWS.with_borrow_mut(|rows| {
+                rows.resize(js.len() * k, 0.0);
+                for (r, row) in rows.chunks_exact_mut(k).enumerate() {
+                    self.widen_row(js.start + r, row);
+                }
+                // SAFETY: columns js of w (K, N) belong to tile t alone; w outlives the run.
+                unsafe { kernels::transpose_into(rows, js.len(), k, out, n, js.start) };
+            })
+        })
+    }
+}
+
+/// Most elements a matrix widened whole for gemm may have (64 MB of f32: GPT-2 XL's MLP is
+/// 41 MB); the tied LM head (vocab, C) is widened a slab at a time instead.
+const MAX_WIDENED: usize = 1 << 24;
+
+thread_local! {
+    /// The (in, out) decode kernels' partial sums, (blocks, M, N), on each calling thread.
+    static PARTIAL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The widened weights of the last prefill on this thread, reused: a fresh buffer per
+    /// call would fault in every page again.
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One tile of outputs being widened (64, K), on each thread of the pool.
+    static TILE_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `y[:, j0..j0+cols] += x[:, k0..k0+depth] · W` where `W(kk, j)` is `w[kk·w_rs + j·w_cs]`.
@@ -759,5 +827,59 @@ mod tests {
                     .map_err(|_| candle_core::Error::Msg("panicked".into()))?
             })
         })
+    }
+
+    /// Decode (one row) speed of GPT-2 small's layers from memory, in both f32 layouts:
+    /// `cargo test --release --lib decode_speed -- --ignored --nocapture`. Alone, (out, in)
+    /// streams ~2x faster (2026-12-04: 40-47 vs 20-29 GB/s); inside the model, with f32
+    /// `Conv1D`s transposed at load, decode was no faster (see `checkpoint::Weights::matrix`).
+    #[test]
+    #[ignore]
+    fn decode_speed() -> Result<()> {
+        for (k, n) in [
+            (768, 2304),
+            (768, 768),
+            (768, 3072),
+            (3072, 768),
+            (768, 50257),
+        ] {
+            let w = rand(&[k, n], 1)?;
+            let kn = host(&w)?;
+            let nk = host(&w.t()?.contiguous()?)?;
+            let bytes = k * n * 4;
+            let copies = (768 << 20) / bytes + 1;
+            let x = rand(&[1, k], 2)?;
+            for layout in ["in-out", "out-in"] {
+                let ls: Vec<Linear> = (0..copies)
+                    .map(|_| {
+                        let e = HostElems::F32(Buf::owned(if layout == "in-out" {
+                            kn.clone()
+                        } else {
+                            nk.clone()
+                        }));
+                        let m = if layout == "in-out" {
+                            Matrix::InOut(e)
+                        } else {
+                            Matrix::OutIn(e)
+                        };
+                        Linear::new(m, None, k, n)
+                    })
+                    .collect::<Result<_>>()?;
+                let mut times = Vec::new();
+                for i in 0..4 * copies {
+                    let t = std::time::Instant::now();
+                    ls[i % copies].forward(&x, None)?;
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                times.sort_by(f64::total_cmp);
+                let t = times[times.len() / 2];
+                println!(
+                    "{layout} ({k}, {n}): {:.3} ms, {:.1} GB/s",
+                    t * 1e3,
+                    bytes as f64 / t / 1e9
+                );
+            }
+        }
+        Ok(())
     }
 }
