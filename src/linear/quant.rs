@@ -7,9 +7,10 @@
 //!   element `i` in its low nibble and `i + 16` in its high one. 4.5 bits a weight.
 //!
 //! Weights are quantized at load from the safetensors' f32/f16/bf16, row by row of the (out, in)
-//! matrix, so each block runs along the dot product. Products keep the activations in f32 and
-//! widen each block in registers: the same numbers as multiplying by the dequantized matrix, up to
-//! summation order.
+//! matrix, so each block runs along the dot product. Decode products are llama.cpp's: the
+//! activations are quantized to Q8_0 blocks once per call ([`Q8Acts`]), each block's dot is exact
+//! in integers (AVX2, or one `vpdpbusd` with AVX-512 VNNI), then scaled by both blocks' `d`.
+//! Prefill multiplies f32 activations by the dequantized matrix (gemm).
 
 use std::ops::Range;
 
@@ -123,12 +124,27 @@ impl QuantMatrix {
         assert!(x.m <= super::MAX_FAST_ROWS && x.k == self.k && rows.end <= self.n);
         #[cfg(target_arch = "x86_64")]
         if super::kernels::simd::available() {
-            // SAFETY: AVX2, FMA and F16C are there (just checked); the sizes are asserted above
-            // and hold for the matrix and the activations by construction.
-            unsafe { simd::dot_rows(self, x, rows, put) };
+            // SAFETY: AVX2, FMA and F16C are there (just checked), and VNNI when asked for; the
+            // sizes are asserted above and hold for the matrix and the activations by
+            // construction.
+            unsafe { simd::dot_rows(self, x, rows, simd::vnni(), put) };
             return;
         }
         self.dot_rows_portable(x, rows, put)
+    }
+
+    /// [`QuantMatrix::dot_rows`] on plain AVX2 even where VNNI is there (for the tests).
+    #[cfg(all(test, target_arch = "x86_64"))]
+    pub(crate) fn dot_rows_avx2(
+        &self,
+        x: &Q8Acts,
+        rows: Range<usize>,
+        put: impl FnMut(usize, &[f32]),
+    ) {
+        assert!(x.m <= super::MAX_FAST_ROWS && x.k == self.k && rows.end <= self.n);
+        assert!(super::kernels::simd::available());
+        // SAFETY: as in `dot_rows`, without VNNI.
+        unsafe { simd::dot_rows(self, x, rows, false, put) };
     }
 
     /// [`QuantMatrix::dot_rows`] in plain Rust: the same integer sums.
@@ -179,6 +195,8 @@ pub(crate) struct Q8Acts {
     pub(crate) k: usize,
     pub(crate) q: Vec<i8>,
     pub(crate) d: Vec<f32>,
+    /// Σq of each block (for Q4_0's unsigned products).
+    pub(crate) s: Vec<i32>,
 }
 
 impl Q8Acts {
@@ -186,12 +204,14 @@ impl Q8Acts {
     pub(crate) fn new(x: &[f32], m: usize, k: usize) -> Self {
         let mut q = vec![0i8; m * k];
         let mut d = Vec::with_capacity(m * k / BLOCK);
+        let mut s = Vec::with_capacity(m * k / BLOCK);
         for (xb, qb) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)) {
             let (scale, block) = quantize_q8_0(xb);
             d.push(scale);
             qb.iter_mut().zip(block).for_each(|(q, b)| *q = b as i8);
+            s.push(qb.iter().map(|q| i32::from(*q)).sum());
         }
-        Self { m, k, q, d }
+        Self { m, k, q, d, s }
     }
 }
 
@@ -235,122 +255,204 @@ mod simd {
     use super::{Q8Acts, QuantKind, QuantMatrix, BLOCK};
     use crate::linear::kernels::simd::hsum;
 
+    /// Whether the VNNI kernel may run: `vpdpbusd` on 256-bit vectors (AVX-512 VNNI + VL: Zen 4,
+    /// Ice Lake and later). One instruction does the u8 × i8 products and their sums into i32
+    /// lanes that take maddubs, madd and, for Q4_0, the sign juggling on plain AVX2.
+    pub(super) fn vnni() -> bool {
+        is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    }
+
     /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; `x` has the matrix's K, `rows` are rows of `q`.
+    /// The CPU must have AVX2, FMA and F16C (and AVX-512 VNNI + VL when `vnni`); `x` has the
+    /// matrix's K, `rows` are rows of `q`.
     pub(super) unsafe fn dot_rows(
         q: &QuantMatrix,
         x: &Q8Acts,
         rows: Range<usize>,
+        vnni: bool,
         put: impl FnMut(usize, &[f32]),
     ) {
+        macro_rules! pick {
+            ($kernel:ident) => {
+                match (q.kind, x.m) {
+                    (QuantKind::Q8_0, 1) => $kernel::<true, 1>(q, x, rows, put),
+                    (QuantKind::Q8_0, 2) => $kernel::<true, 2>(q, x, rows, put),
+                    (QuantKind::Q8_0, 3) => $kernel::<true, 3>(q, x, rows, put),
+                    (QuantKind::Q8_0, 4) => $kernel::<true, 4>(q, x, rows, put),
+                    (QuantKind::Q8_0, _) => $kernel::<true, 8>(q, x, rows, put),
+                    (QuantKind::Q4_0, 1) => $kernel::<false, 1>(q, x, rows, put),
+                    (QuantKind::Q4_0, 2) => $kernel::<false, 2>(q, x, rows, put),
+                    (QuantKind::Q4_0, 3) => $kernel::<false, 3>(q, x, rows, put),
+                    (QuantKind::Q4_0, 4) => $kernel::<false, 4>(q, x, rows, put),
+                    (QuantKind::Q4_0, _) => $kernel::<false, 8>(q, x, rows, put),
+                }
+            };
+        }
         // SAFETY: the caller's promise.
         unsafe {
-            match (q.kind, x.m) {
-                (QuantKind::Q8_0, 1) => kernel::<true, 1>(q, x, rows, put),
-                (QuantKind::Q8_0, 2) => kernel::<true, 2>(q, x, rows, put),
-                (QuantKind::Q8_0, 3) => kernel::<true, 3>(q, x, rows, put),
-                (QuantKind::Q8_0, 4) => kernel::<true, 4>(q, x, rows, put),
-                (QuantKind::Q8_0, _) => kernel::<true, 8>(q, x, rows, put),
-                (QuantKind::Q4_0, 1) => kernel::<false, 1>(q, x, rows, put),
-                (QuantKind::Q4_0, 2) => kernel::<false, 2>(q, x, rows, put),
-                (QuantKind::Q4_0, 3) => kernel::<false, 3>(q, x, rows, put),
-                (QuantKind::Q4_0, 4) => kernel::<false, 4>(q, x, rows, put),
-                (QuantKind::Q4_0, _) => kernel::<false, 8>(q, x, rows, put),
-            }
-        }
-    }
-
-    /// A block's 32 weights as signed bytes: as stored (Q8_0), or nibbles minus 8 (Q4_0).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn weights<const Q8: bool>(p: *const u8) -> __m256i {
-        // SAFETY: a Q8_0 block has 32 readable bytes at p, a Q4_0 block 16.
-        unsafe {
-            if Q8 {
-                _mm256_loadu_si256(p.cast())
+            if vnni {
+                pick!(kernel_vnni)
             } else {
-                // Low nibbles are elements 0..16, high nibbles 16..32.
-                let bytes = _mm_loadu_si128(p.cast());
-                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes);
-                _mm256_sub_epi8(
-                    _mm256_and_si256(both, _mm256_set1_epi8(0x0F)),
-                    _mm256_set1_epi8(8),
-                )
+                pick!(kernel_avx2)
             }
         }
     }
 
-    /// Σ w·x over 32 signed bytes, as 8 f32 lanes, given `ax = |w|`: |w| times x with w's sign
-    /// (maddubs takes unsigned × signed; |w|·|x| ≤ 127·127, so pairs never saturate i16).
+    /// A Q4_0 block's 32 nibbles as bytes 0..=15: low nibbles are elements 0..16, high 16..32.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn dot32(ax: __m256i, w: __m256i, x: __m256i) -> __m256 {
-        let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(x, w));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        // SAFETY: a Q4_0 block has 16 readable bytes at p.
+        unsafe {
+            let bytes = _mm_loadu_si128(p.cast());
+            let both = _mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes);
+            _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+        }
+    }
+
+    /// Plain AVX2. A block's weights as signed bytes `w` (Q4_0: nibbles minus 8) and `|w|`,
+    /// once per block; then per row, Σ w·x over 32 bytes as 8 i32 lanes: |w| times x with w's
+    /// sign (maddubs takes unsigned × signed; |w|·|x| ≤ 127·127, so pairs never saturate i16).
+    struct Avx2;
+
+    impl Avx2 {
+        #[inline(always)]
+        unsafe fn prepare<const Q8: bool>(p: *const u8) -> (__m256i, __m256i) {
+            // SAFETY: the block's bytes are readable (the caller's promise); AVX2 is enabled in
+            // the kernel this is inlined into.
+            unsafe {
+                let w = if Q8 {
+                    _mm256_loadu_si256(p.cast())
+                } else {
+                    _mm256_sub_epi8(nibbles(p), _mm256_set1_epi8(8))
+                };
+                (_mm256_sign_epi8(w, w), w)
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn dot<const Q8: bool>(
+            (ax, w): (__m256i, __m256i),
+            x: __m256i,
+            _sx: i32,
+        ) -> __m256i {
+            // SAFETY: AVX2 is enabled in the kernel this is inlined into.
+            unsafe {
+                let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(x, w));
+                _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+            }
+        }
+    }
+
+    /// AVX-512 VNNI + VL on 256-bit vectors. Q8_0 keeps the sign trick into one `vpdpbusd`;
+    /// Q4_0 multiplies the unsigned nibbles by x straight away and takes 8·Σx off the sum
+    /// (Σ (n - 8)·x = Σ n·x - 8·Σx, llama.cpp's way), as Σx spread over the 8 lanes.
+    struct Vnni;
+
+    impl Vnni {
+        #[inline(always)]
+        unsafe fn prepare<const Q8: bool>(p: *const u8) -> (__m256i, __m256i) {
+            // SAFETY: as for Avx2::prepare.
+            unsafe {
+                if Q8 {
+                    let w = _mm256_loadu_si256(p.cast());
+                    (_mm256_sign_epi8(w, w), w)
+                } else {
+                    (nibbles(p), _mm256_setzero_si256())
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn dot<const Q8: bool>((a, w): (__m256i, __m256i), x: __m256i, sx: i32) -> __m256i {
+            // SAFETY: AVX-512 VNNI + VL are enabled in the kernel this is inlined into.
+            unsafe {
+                let zero = _mm256_setzero_si256();
+                if Q8 {
+                    _mm256_dpbusd_epi32(zero, a, _mm256_sign_epi8(x, w))
+                } else {
+                    _mm256_sub_epi32(_mm256_dpbusd_epi32(zero, a, x), _mm256_set1_epi32(sx))
+                }
+            }
+        }
     }
 
     /// Each block's weights are unpacked once and dotted with the M rows' blocks; a block's
     /// integer sum is scaled by `d_w · d_x` into the row's accumulator. Scales are widened 8 at a
     /// time (F16C), two blocks per step keep two chains of FMAs per row in flight, and raw
-    /// pointers (bounds checked once, by the caller) keep the loop free of checks.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kernel<const Q8: bool, const M: usize>(
-        q: &QuantMatrix,
-        x: &Q8Acts,
-        rows: Range<usize>,
-        mut put: impl FnMut(usize, &[f32]),
-    ) {
-        let (bpr, bb) = (q.k / BLOCK, q.kind.block_bytes());
-        let m = x.m.min(M);
-        let (qs, ds, xq, xd) = (q.qs.as_ptr(), q.d.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
-        let mut scales = vec![0f32; bpr + 8];
-        for (r, j) in rows.enumerate() {
-            let row0 = j * bpr;
-            // SAFETY: row j has bpr scales and bpr blocks (j < n, checked by `dot_rows`); x
-            // rows have bpr blocks each; `scales` has room for 8 past the last block.
-            unsafe {
-                let mut b = 0;
-                while b < bpr {
-                    let n = (bpr - b).min(8);
-                    let mut bits = [0u16; 8];
-                    std::ptr::copy_nonoverlapping(ds.add(row0 + b), bits.as_mut_ptr(), n);
-                    let v = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
-                    _mm256_storeu_ps(scales.as_mut_ptr().add(b), v);
-                    b += 8;
-                }
-                let mut acc = [[_mm256_setzero_ps(); 2]; M];
-                let mut b = 0;
-                while b < bpr {
-                    let two = b + 1 < bpr;
-                    let w0 = weights::<Q8>(qs.add((row0 + b) * bb));
-                    let w1 = if two {
-                        weights::<Q8>(qs.add((row0 + b + 1) * bb))
-                    } else {
-                        w0
-                    };
-                    let (ax0, ax1) = (_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(w1, w1));
-                    for (row, acc) in acc.iter_mut().enumerate().take(m) {
-                        let xb = xq.add((row * bpr + b) * BLOCK);
-                        let x0 = _mm256_loadu_si256(xb.cast());
-                        let s0 = *scales.get_unchecked(b) * *xd.add(row * bpr + b);
-                        acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(s0), dot32(ax0, w0, x0), acc[0]);
-                        if two {
-                            let x1 = _mm256_loadu_si256(xb.add(BLOCK).cast());
-                            let s1 = *scales.get_unchecked(b + 1) * *xd.add(row * bpr + b + 1);
-                            acc[1] =
-                                _mm256_fmadd_ps(_mm256_set1_ps(s1), dot32(ax1, w1, x1), acc[1]);
+    /// pointers (bounds checked once, by the caller) keep the loop free of checks. One body,
+    /// compiled for each instruction set (`$ops`: [`Avx2`] or [`Vnni`]).
+    macro_rules! kernel {
+        ($name:ident, $features:literal, $ops:ident) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const Q8: bool, const M: usize>(
+                q: &QuantMatrix,
+                x: &Q8Acts,
+                rows: Range<usize>,
+                mut put: impl FnMut(usize, &[f32]),
+            ) {
+                let (bpr, bb) = (q.k / BLOCK, q.kind.block_bytes());
+                let m = x.m.min(M);
+                let (qs, ds) = (q.qs.as_ptr(), q.d.as_ptr());
+                let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+                let mut scales = vec![0f32; bpr + 8];
+                for (r, j) in rows.enumerate() {
+                    let row0 = j * bpr;
+                    // SAFETY: row j has bpr scales and bpr blocks (j < n, checked by
+                    // `dot_rows`); x rows have bpr blocks (and sums) each; `scales` has room
+                    // for 8 past the last block.
+                    unsafe {
+                        let mut b = 0;
+                        while b < bpr {
+                            let n = (bpr - b).min(8);
+                            let mut bits = [0u16; 8];
+                            std::ptr::copy_nonoverlapping(ds.add(row0 + b), bits.as_mut_ptr(), n);
+                            let v = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
+                            _mm256_storeu_ps(scales.as_mut_ptr().add(b), v);
+                            b += 8;
                         }
+                        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+                        let mut b = 0;
+                        while b < bpr {
+                            let two = b + 1 < bpr;
+                            let w0 = $ops::prepare::<Q8>(qs.add((row0 + b) * bb));
+                            let w1 = if two {
+                                $ops::prepare::<Q8>(qs.add((row0 + b + 1) * bb))
+                            } else {
+                                w0
+                            };
+                            for (row, acc) in acc.iter_mut().enumerate().take(m) {
+                                let i = row * bpr + b;
+                                let x0 = _mm256_loadu_si256(xq.add(i * BLOCK).cast());
+                                let d0 = _mm256_cvtepi32_ps($ops::dot::<Q8>(w0, x0, *xs.add(i)));
+                                let s0 = *scales.get_unchecked(b) * *xd.add(i);
+                                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(s0), d0, acc[0]);
+                                if two {
+                                    let x1 = _mm256_loadu_si256(xq.add((i + 1) * BLOCK).cast());
+                                    let d1 = $ops::dot::<Q8>(w1, x1, *xs.add(i + 1));
+                                    let s1 = *scales.get_unchecked(b + 1) * *xd.add(i + 1);
+                                    acc[1] = _mm256_fmadd_ps(
+                                        _mm256_set1_ps(s1),
+                                        _mm256_cvtepi32_ps(d1),
+                                        acc[1],
+                                    );
+                                }
+                            }
+                            b += 2;
+                        }
+                        let mut dots = [0f32; M];
+                        for (d, [a0, a1]) in dots.iter_mut().zip(acc).take(m) {
+                            *d = hsum(_mm256_add_ps(a0, a1));
+                        }
+                        put(r, &dots[..m]);
                     }
-                    b += 2;
                 }
-                let mut dots = [0f32; M];
-                for (d, [a0, a1]) in dots.iter_mut().zip(acc).take(m) {
-                    *d = hsum(_mm256_add_ps(a0, a1));
-                }
-                put(r, &dots[..m]);
             }
-        }
+        };
     }
+
+    kernel!(kernel_avx2, "avx2,fma,f16c", Avx2);
+    kernel!(kernel_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", Vnni);
 }
 
 #[cfg(test)]
@@ -413,7 +515,7 @@ mod tests {
                 let xd: Vec<f64> = (0..m * k)
                     .map(|c| xq.q[c] as f64 * xq.d[c / BLOCK] as f64)
                     .collect();
-                for path in ["simd", "portable"] {
+                for path in ["simd", "avx2", "portable"] {
                     let mut y = vec![0f32; m * n];
                     for rows in [0..5, 5..n] {
                         let j0 = rows.start;
@@ -422,10 +524,11 @@ mod tests {
                                 y[i * n + j0 + r] = *d;
                             }
                         };
-                        if path == "simd" {
-                            q.dot_rows(&xq, rows, put);
-                        } else {
-                            q.dot_rows_portable(&xq, rows, put);
+                        match path {
+                            "simd" => q.dot_rows(&xq, rows, put),
+                            #[cfg(target_arch = "x86_64")]
+                            "avx2" => q.dot_rows_avx2(&xq, rows, put),
+                            _ => q.dot_rows_portable(&xq, rows, put),
                         }
                     }
                     for i in 0..m {
