@@ -267,12 +267,8 @@ impl Linear {
             if let Some(b) = bias {
                 y.iter_mut().zip(&b[j0..]).for_each(|(v, b)| *v += b);
             }
-            match act {
-                None => {}
-                Some(Activation::GeluNew | Activation::GeluPytorchTanh) => {
-                    y.iter_mut().for_each(|v| *v = gelu_tanh(*v))
-                }
-                Some(a) => y.iter_mut().for_each(|v| *v = activate(*v, a)),
+            if let Some(a) = act {
+                activate_slice(y, a);
             }
         };
         let parallel = m * n * k >= MIN_PARALLEL_WORK;
@@ -584,8 +580,34 @@ fn activate_rows(y: &mut [f32], n: usize, act: Activation) -> Result<()> {
         let rs = c * per..rows.min((c + 1) * per);
         // SAFETY: rows rs belong to this call alone; y outlives the run.
         let part = unsafe { out.slice(rs.start * n, rs.len() * n) };
-        part.iter_mut().for_each(|v| *v = activate(*v, act));
+        activate_slice(part, act);
     })
+}
+
+/// The activation over a slice, chosen once outside the loop so the compiler vectorises the
+/// tanh GELU (chosen per element it did not: 4.4 % of f32 prefill in perf).
+/// With AVX2 it is compiled for 8 lanes (the crate's baseline is SSE2's 4); Rust never fuses
+/// a multiply and an add on its own, so both give the same bits.
+fn activate_slice(y: &mut [f32], act: Activation) {
+    match act {
+        Activation::GeluNew | Activation::GeluPytorchTanh => {
+            #[cfg(target_arch = "x86_64")]
+            if kernels::simd::available() {
+                // SAFETY: the CPU has AVX2 and FMA (just checked).
+                return unsafe { gelu_tanh_avx2(y) };
+            }
+            y.iter_mut().for_each(|v| *v = gelu_tanh(*v))
+        }
+        a => y.iter_mut().for_each(|v| *v = activate(*v, a)),
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gelu_tanh_avx2(y: &mut [f32]) {
+    y.iter_mut().for_each(|v| *v = gelu_tanh(*v))
 }
 
 /// The activation on a tensor, with candle's ops (the GPU path).
