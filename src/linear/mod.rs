@@ -246,7 +246,7 @@ impl Linear {
             if m <= MAX_FAST_ROWS {
                 self.decode(xs, m, act, &mut y)?;
             } else {
-                self.prefill(xs, m, &mut y)?;
+                self.prefill(xs, m, &mut y, MAX_WIDENED)?;
                 if let Some(a) = act {
                     activate_rows(&mut y, self.n, a)?;
                 }
@@ -355,7 +355,8 @@ impl Linear {
     }
 
     /// Many rows: gemm. The bias is the initial value of `y`.
-    fn prefill(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+    /// Halves and blocks of more than `max_widened` elements are widened a slab at a time.
+    fn prefill(&self, x: &[f32], m: usize, y: &mut [f32], max_widened: usize) -> Result<()> {
         let (k, n) = (self.k, self.n);
         if let Some(b) = &self.bias_host {
             y.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b));
@@ -381,7 +382,7 @@ impl Linear {
                 // SAFETY: as above.
                 unsafe { gemm_into(y, n, 0, x, k, 0, m, w.as_slice(), k, 1, k, n) };
             }
-            Matrix::OutIn(_) | Matrix::Quant(_) if k * n <= MAX_WIDENED => {
+            Matrix::OutIn(_) | Matrix::Quant(_) if k * n <= max_widened => {
                 // Widened whole, once per call, into the (K, N) layout gemm packs fastest: one
                 // gemm over all of K, as for f32. Measured (f16, GPT-2 small, 512 tokens):
                 // reading (N, K) transposed instead was ~15 % slower, and L2-sized bands of
@@ -741,6 +742,39 @@ mod tests {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Prefill of halves and blocks too large to widen whole (the tied LM head of a big
+    /// vocabulary) goes a slab of outputs at a time: forced here on a small matrix.
+    #[test]
+    fn prefill_by_slabs_equals_prefill_widened_whole() -> Result<()> {
+        let (k, n, m) = (64, 600, 11);
+        let w = rand(&[k, n], 9)?;
+        let nk = host(&w.t()?.contiguous()?)?;
+        let f16: Vec<u16> = nk
+            .iter()
+            .map(|v| half::f16::from_f32(*v).to_bits())
+            .collect();
+        let q = QuantMatrix::quantize(quant::QuantKind::Q4_0, n, k, |j, out| {
+            out.copy_from_slice(&nk[j * k..][..k])
+        });
+        let x = host(&rand(&[m, k], 10)?)?;
+        for w in [
+            Matrix::OutIn(HostElems::F16(Buf::owned(f16))),
+            Matrix::Quant(Arc::new(q)),
+        ] {
+            let layer = Linear::new(w, Some(rand(&[n], 11)?), k, n)?;
+            let (mut whole, mut slabs) = (vec![0f32; m * n], vec![0f32; m * n]);
+            layer.prefill(&x, m, &mut whole, MAX_WIDENED)?;
+            layer.prefill(&x, m, &mut slabs, 0)?;
+            let diff = whole
+                .iter()
+                .zip(&slabs)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            let scale = whole.iter().fold(0f32, |a, v| a.max(v.abs()));
+            assert!(diff <= 1e-5 * scale, "{diff} of {scale}");
         }
         Ok(())
     }
