@@ -85,13 +85,19 @@ struct MappedFile {
 }
 
 impl MappedFile {
-    fn open(path: &Path) -> Result<Self> {
+    /// `populate`: map every page at once (the weights are used in place).
+    fn open(path: &Path, populate: bool) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut options = memmap2::MmapOptions::new();
+        if populate {
+            options.populate();
+        }
         // SAFETY: mapped read-only. Like every mmap-based loader we rely on nobody truncating
-        // the file while it is mapped (see the module doc). Populated up front: one call maps
-        // every page already in the page cache, instead of a fault per 4 KiB page later.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
-            .map_err(|e| Error::io(path, e))?;
+        // the file while it is mapped (see the module doc). Populated up front when the f32
+        // weights are used in place: one call maps every page already in the page cache,
+        // instead of a fault per 4 KiB page later. Weights that are converted are read once and
+        // their pages given back, so mapping them all up front would only raise the peak.
+        let map = unsafe { options.map(&file) }.map_err(|e| Error::io(path, e))?;
         let (header, meta) =
             safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::BadCheckpoint {
                 file: path.to_path_buf(),
@@ -177,8 +183,12 @@ impl Weights {
             Checkpoint::Files(paths) => {
                 let mut files = Vec::with_capacity(paths.len());
                 let mut routing = HashMap::new();
+                // f32 on the host from the map: the weights are used where they lie.
+                let in_place = target.host
+                    && target.mmap
+                    && matches!(target.storage, Storage::Dtype(DType::F32));
                 for path in paths {
-                    let file = MappedFile::open(&path)?;
+                    let file = MappedFile::open(&path, in_place)?;
                     for name in file.tensors.keys() {
                         routing.insert(name.clone(), files.len());
                     }
@@ -474,6 +484,7 @@ impl Weights {
                     }
                 }
                 let v = self.values(&full, stored)?.into_owned();
+                self.release(&full);
                 Ok(host(HostElems::F32(Buf::owned(v))))
             }
             // Halves are converted anyway, so a `Conv1D` is also transposed, once, to (out, in):
@@ -536,6 +547,10 @@ impl Weights {
                         out.copy_from_slice(&t[j * k..(j + 1) * k])
                     })
                 };
+                // The blocks are a copy: the pages read go back, or they would stay resident
+                // beside them.
+                drop(v);
+                self.release(&full);
                 Ok(Matrix::Quant(Arc::new(q)))
             }
         }
