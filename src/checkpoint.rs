@@ -492,7 +492,7 @@ impl Weights {
             // each, instead of widening and adding scaled (in, out) rows, which left f16
             // decode compute-bound (GPT-2 small, 2 threads: 76-78 -> 106-108 tok/s).
             Storage::Dtype(d @ (DType::F16 | DType::BF16)) => {
-                let half = |v: &[f32], bits: &mut Vec<u16>| {
+                let narrow = |v: &[f32], bits: &mut Vec<u16>| {
                     if d == DType::F16 {
                         bits.extend(v.iter().map(|x| half::f16::from_f32(*x).to_bits()));
                     } else {
@@ -502,12 +502,12 @@ impl Weights {
                 let mut bits: Vec<u16> = Vec::with_capacity(rows * cols);
                 if rows_are_outputs {
                     self.stream(&full, stored, false, |_, v| {
-                        half(v, &mut bits);
+                        narrow(v, &mut bits);
                         Ok(())
                     })?;
                 } else {
                     let v = self.values(&full, stored)?;
-                    half(&transpose(&v, k, n), &mut bits);
+                    narrow(&transpose(&v, k, n), &mut bits);
                     drop(v);
                     self.release(&full);
                 }

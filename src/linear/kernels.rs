@@ -123,10 +123,12 @@ pub(crate) unsafe fn transpose_into(
 ) {
     const B: usize = 8;
     assert!(a.len() == r * k);
+    #[cfg(target_arch = "x86_64")]
+    let fast = simd::available();
     for kk0 in (0..k).step_by(B) {
         for r0 in (0..r).step_by(B) {
             #[cfg(target_arch = "x86_64")]
-            if kk0 + B <= k && r0 + B <= r && simd::available() {
+            if fast && kk0 + B <= k && r0 + B <= r {
                 // SAFETY: the CPU has AVX2; the block's 8 rows of 8 are inside `a`, and its
                 // output rows kk0.. hold columns j0 + r0 .. + 8 (the caller's promise).
                 unsafe {
