@@ -110,6 +110,11 @@ impl fmt::Display for BenchReport<'_> {
         )?;
         writeln!(
             f,
+            "kv cache    {}",
+            format!("{:?}", m.kv_dtype()).to_lowercase()
+        )?;
+        writeln!(
+            f,
             "load        {:.0} ms",
             self.loaded.load_time.as_secs_f64() * 1e3
         )?;

@@ -68,6 +68,8 @@ pub(crate) struct Target {
     pub(crate) storage: Storage,
     /// The dtype of activations, and so of biases, layer norms and `wpe`.
     pub(crate) act_dtype: DType,
+    /// The KV cache's.
+    pub(crate) kv_dtype: DType,
     pub(crate) device: Device,
     /// Matrices stay on the host for the CPU kernels (else: candle tensors, for GPUs).
     pub(crate) host: bool,

@@ -58,6 +58,10 @@ pub struct LoadOptions {
     /// Read f32 weights from the memory-mapped file in place (no copy). Off: copied into memory,
     /// so the file may change while the model runs.
     pub mmap: bool,
+    /// What the KV cache stores keys and values as (f32, f16 or bf16). `None`: f16 on the CPU
+    /// when the weights are f16, bf16 or quantized (half the bytes each decoded token reads
+    /// from the cache, as llama.cpp does), else the activations' dtype (f32 on the CPU: exact).
+    pub kv_cache: Option<DType>,
 }
 
 impl Default for LoadOptions {
@@ -69,6 +73,7 @@ impl Default for LoadOptions {
             layers: None,
             quantize: None,
             mmap: true,
+            kv_cache: None,
         }
     }
 }
@@ -98,6 +103,12 @@ impl LoadOptions {
         self
     }
 
+    /// These options with a KV cache of `dtype`.
+    pub fn with_kv_cache(mut self, dtype: DType) -> Self {
+        self.kv_cache = Some(dtype);
+        self
+    }
+
     fn target(&self) -> Result<Target> {
         let host = self.device.is_cpu();
         let storage = match self.quantize {
@@ -111,9 +122,22 @@ impl LoadOptions {
             Some(Quantization::Q8_0) => Storage::Quant(QuantKind::Q8_0),
             Some(Quantization::Q4_0) => Storage::Quant(QuantKind::Q4_0),
         };
+        let act_dtype = if host { DType::F32 } else { self.dtype };
+        let kv_dtype = match self.kv_cache {
+            Some(d @ (DType::F32 | DType::F16 | DType::BF16)) => d,
+            Some(d) => {
+                return Err(Error::param(
+                    "kv-cache",
+                    format!("{d:?}: the cache holds f32, f16 or bf16"),
+                ))
+            }
+            None if host && storage != Storage::Dtype(DType::F32) => DType::F16,
+            None => act_dtype,
+        };
         Ok(Target {
             storage,
-            act_dtype: if host { DType::F32 } else { self.dtype },
+            kv_dtype,
+            act_dtype,
             device: self.device.clone(),
             host,
             mmap: self.mmap,
@@ -142,6 +166,7 @@ pub struct Gpt2 {
     /// The weights' dtype, and the activations'.
     dtype: DType,
     act_dtype: DType,
+    kv_dtype: DType,
     quantize: Option<Quantization>,
     device: Device,
     /// The LM head is `wte` (one copy of the weights).
@@ -249,6 +274,7 @@ impl Gpt2 {
             head,
             dtype: opts.dtype,
             act_dtype: t.act_dtype,
+            kv_dtype: t.kv_dtype,
             quantize: opts.quantize,
             device: t.device.clone(),
             tied,
@@ -271,6 +297,11 @@ impl Gpt2 {
     /// The dtype of the activations: f32 on the CPU, the weights' on a GPU.
     pub fn act_dtype(&self) -> DType {
         self.act_dtype
+    }
+
+    /// What the KV cache holds keys and values as ([`LoadOptions::kv_cache`]).
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
     }
 
     /// The quantization of the matrices, if any.

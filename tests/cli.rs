@@ -447,6 +447,25 @@ fn bench_runs_and_reports_both_phases() -> Result {
         assert!(v[key].as_f64().is_some_and(|r| r > 0.0), "{key}: {v}");
     }
     assert_eq!(v["prompt_tokens"], 8);
+    assert_eq!(v["kv_cache"], "f32");
+    // Reduced weights default to an f16 cache; --kv-cache chooses.
+    for (extra, want) in [
+        (&["--dtype", "f16"][..], "f16"),
+        (&["--quantize", "q4_0"], "f16"),
+        (&["--quantize", "q8_0", "--kv-cache", "f32"], "f32"),
+        (&["--kv-cache", "bf16"], "bf16"),
+    ] {
+        let out = gpt2(&[&args[..], extra].concat(), None)?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_str(String::from_utf8(out.stdout)?.trim())?;
+        assert_eq!(v["kv_cache"], want, "{extra:?}");
+    }
+    let bad = gpt2(&[&args[..], &["--kv-cache", "q8_0"]].concat(), None)?;
+    assert!(!bad.status.success());
     Ok(())
 }
 

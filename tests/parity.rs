@@ -167,3 +167,83 @@ fn kv_cache_decoding_equals_full_forward() -> Result {
     }
     Ok(())
 }
+
+/// Prefill 5 tokens, then a chunk of 4, then one token at a time: every path through the cache.
+fn decode_in_parts(model: &Gpt2, ids: &Tensor, capture: bool) -> Result<Tensor> {
+    let mut cache = model.new_cache();
+    let mut parts = vec![];
+    for (start, len) in [(0, 5), (5, 4)].into_iter().chain((9..16).map(|t| (t, 1))) {
+        let step = ids.narrow(1, start, len)?;
+        parts.push(if capture {
+            // The unfused path: candle's ops, the pattern captured.
+            model
+                .forward_with_attention(&step, Some(&mut cache), &[0])?
+                .0
+        } else {
+            model.forward(&step, Some(&mut cache))?
+        });
+    }
+    assert_eq!(cache.seq_len(), 16);
+    Ok(Tensor::cat(&parts, 1)?)
+}
+
+/// Reduced weights get an f16 KV cache by default (half the bytes a decoded token reads from
+/// it). Decoding through it stays within the weights' own contract of decoding through an f32
+/// cache (0.1 for f16, 1.0 for q8_0, whose 8-bit activations magnify any change on these
+/// fixtures), greedily picks the same first tokens, and both attention paths read the same
+/// cache. An f32 cache (`with_kv_cache`) gives back the full forward's numbers, and f32 weights
+/// keep an f32 cache.
+#[test]
+fn a_half_kv_cache_stays_close_to_an_f32_one() -> Result {
+    for name in FIXTURES {
+        assert_eq!(load(name, DType::F32)?.kv_dtype(), DType::F32);
+        let g = goldens(name)?;
+        let ids = g["input_ids"].to_dtype(DType::U32)?;
+        let prompt = golden_ids(&g, "greedy_prompt_ids")?;
+        let source = ModelSource::dir(fixture(name));
+        for (label, opts, tol, same_first) in [
+            (
+                "f16",
+                LoadOptions::default().with_dtype(DType::F16),
+                0.1,
+                10,
+            ),
+            (
+                "q8_0",
+                LoadOptions::default().quantized(gpt2::Quantization::Q8_0),
+                1.0,
+                3,
+            ),
+        ] {
+            let half = source.load_model(&opts)?;
+            let exact = source.load_model(&opts.clone().with_kv_cache(DType::F32))?;
+            assert_eq!(
+                (half.kv_dtype(), exact.kv_dtype()),
+                (DType::F16, DType::F32)
+            );
+            let reference = decode_in_parts(&exact, &ids, false)?;
+            let d = max_abs_diff(&decode_in_parts(&half, &ids, false)?, &reference)?;
+            println!("{name} {label}: f16 vs f32 cache max |Δlogit| {d:.3e}");
+            assert!(d > 0.0 && d <= tol, "{name} {label}: f16 vs f32 cache {d}");
+            assert_eq!(
+                greedy(&half, &prompt, same_first)?,
+                greedy(&exact, &prompt, same_first)?,
+                "{name} {label}"
+            );
+            if label == "f16" {
+                // f32 activations throughout: the paths differ in summation order only.
+                let full = max_abs_diff(&reference, &exact.forward(&ids, None)?)?;
+                let paths = max_abs_diff(
+                    &decode_in_parts(&half, &ids, false)?,
+                    &decode_in_parts(&half, &ids, true)?,
+                )?;
+                println!(
+                    "{name} {label}: f32 cache vs full {full:.3e}, fused vs unfused {paths:.3e}"
+                );
+                assert!(full <= 1e-4, "{name} {label}: f32 cache vs full {full}");
+                assert!(paths <= 1e-3, "{name} {label}: fused vs unfused {paths}");
+            }
+        }
+    }
+    Ok(())
+}

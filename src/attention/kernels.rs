@@ -3,25 +3,50 @@
 //! projection or the KV cache (no transposes, no (T, T) mask, nothing computed for the masked
 //! half), written straight into the merged (B, T, C) output.
 //!
-//! Many queries (prefill) go through gemm a block at a time; a few (decode) are plain loops the
-//! compiler vectorises. Either way a head's weights are a softmax in f32 over its visible keys,
-//! the same numbers as the unfused path up to summation order.
+//! Many queries (prefill) go through gemm a block at a time; a few (decode) stream the head's
+//! keys and values once through the linear layers' decode kernels (K as an (keys, hs) matrix
+//! against q, V as a (keys, hs) matrix under the weights), which read a cache of halves as it
+//! lies. Either way a head's weights are a softmax in f32 over its visible keys, the same
+//! numbers as the unfused path up to summation order.
 
+use crate::linear::kernels::{self as linear, Elems};
 use crate::linear::pool;
 
 /// Heads of one tensor laid out in memory: element `(b, head, row, d)` is
 /// `data[b·batch + head·head_stride + row·row + d]`, `d` contiguous.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Heads<'a> {
-    pub(crate) data: &'a [f32],
+pub(crate) struct Heads<E> {
+    pub(crate) data: E,
     pub(crate) batch: usize,
     pub(crate) head_stride: usize,
     pub(crate) row: usize,
 }
 
-impl Heads<'_> {
+/// Queries (and keys and values for gemm): f32.
+pub(crate) type F32Heads<'a> = Heads<&'a [f32]>;
+/// Keys or values: f32, or the halves of an f16/bf16 cache.
+pub(crate) type KvHeads<'a> = Heads<Elems<'a>>;
+
+impl<E> Heads<E> {
     fn at(&self, b: usize, h: usize, row: usize) -> usize {
         b * self.batch + h * self.head_stride + row * self.row
+    }
+
+    /// The same layout over `data`.
+    fn with<D>(&self, data: D) -> Heads<D> {
+        Heads {
+            data,
+            batch: self.batch,
+            head_stride: self.head_stride,
+            row: self.row,
+        }
+    }
+}
+
+impl<'a> F32Heads<'a> {
+    /// These f32 heads as [`KvHeads`].
+    pub(crate) fn kv(self) -> KvHeads<'a> {
+        self.with(Elems::F32(self.data))
     }
 }
 
@@ -45,57 +70,108 @@ const LOOP_QUERIES: usize = 4;
 /// `y (B, T, n_head·hs) = softmax(q kᵀ · scale, causal) v` for every head; query head `h` reads
 /// key/value head `h / (n_head / n_kv_head)`. `k` and `v` hold rows `0..past + t`.
 pub(crate) fn causal_attention(
-    q: Heads<'_>,
-    k: Heads<'_>,
-    v: Heads<'_>,
+    q: F32Heads<'_>,
+    k: KvHeads<'_>,
+    v: KvHeads<'_>,
     d: Dims,
     scale: f32,
     y: &mut [f32],
 ) -> Result<(), pool::Panicked> {
     let (t, hs, c) = (d.t, d.head_size, d.n_head * d.head_size);
     assert_eq!(y.len(), d.batch * t * c);
+    if t > LOOP_QUERIES {
+        // gemm multiplies f32: halves from the cache are widened first, (B, nkv, past + t, hs)
+        // each, a few percent of the products they feed.
+        if let (Elems::F32(kd), Elems::F32(vd)) = (k.data, v.data) {
+            return prefill(q, k.with(kd), v.with(vd), d, scale, y);
+        }
+        let (kw, vw) = (widen(k, d), widen(v, d));
+        let rows = d.past + t;
+        let dense = Heads {
+            data: (),
+            batch: d.n_kv_head * rows * hs,
+            head_stride: rows * hs,
+            row: hs,
+        };
+        return prefill(q, dense.with(&kw[..]), dense.with(&vw[..]), d, scale, y);
+    }
+    let out = crate::linear::SharedOut(y.as_mut_ptr());
     let group = d.n_head / d.n_kv_head;
-    let blocks = if t <= LOOP_QUERIES {
-        1
-    } else {
-        t.div_ceil(QUERY_BLOCK)
+    let item = |i: usize| {
+        let (b, h) = (i / d.n_head, i % d.n_head);
+        for r in 0..t {
+            // SAFETY: head h of batch b is written by this item alone: y's columns h·hs.. of
+            // each row (disjoint across items); y outlives the pool's run.
+            let y = unsafe { out.slice((b * t + r) * c + h * hs, hs) };
+            decode_row(q, k, v, b, h, h / group, d.past + r + 1, r, scale, hs, y);
+        }
     };
-    let items = d.batch * d.n_head * blocks;
+    run(d, d.batch * d.n_head, &item)
+}
+
+/// Many queries: blocks of `QUERY_BLOCK` rows of each head, by gemm.
+fn prefill(
+    q: F32Heads<'_>,
+    k: F32Heads<'_>,
+    v: F32Heads<'_>,
+    d: Dims,
+    scale: f32,
+    y: &mut [f32],
+) -> Result<(), pool::Panicked> {
+    let (t, hs, c) = (d.t, d.head_size, d.n_head * d.head_size);
+    let group = d.n_head / d.n_kv_head;
+    let blocks = t.div_ceil(QUERY_BLOCK);
     let out = crate::linear::SharedOut(y.as_mut_ptr());
     let item = |i: usize| {
         let (bh, blk) = (i / blocks, i % blocks);
         let (b, h) = (bh / d.n_head, bh % d.n_head);
-        let g = h / group;
-        let rows = if blocks == 1 {
-            0..t
-        } else {
-            blk * QUERY_BLOCK..t.min((blk + 1) * QUERY_BLOCK)
-        };
+        let rows = blk * QUERY_BLOCK..t.min((blk + 1) * QUERY_BLOCK);
         // SAFETY: head h of batch b, rows `rows`, is written by this item alone: y's columns
         // h·hs.. of those rows (disjoint across items); y outlives the pool's run.
         let y_at = |r: usize| unsafe { out.slice((b * t + r) * c + h * hs, hs) };
-        if t <= LOOP_QUERIES {
-            for r in rows {
-                decode_row(q, k, v, b, h, g, d.past + r + 1, r, scale, hs, y_at(r));
-            }
-        } else {
-            prefill_block(q, k, v, b, h, g, d, rows, scale, &y_at);
-        }
+        prefill_block(q, k, v, b, h, h / group, d, rows, scale, &y_at);
     };
-    if items > 1 && d.batch * (d.past + t) * t * c >= 1 << 15 {
-        pool::run(items, &item)
+    run(d, d.batch * d.n_head * blocks, &item)
+}
+
+/// `item(i)` for `i < items`: on the pool, unless the call is too small to share.
+fn run(d: Dims, items: usize, item: &(dyn Fn(usize) + Sync)) -> Result<(), pool::Panicked> {
+    let c = d.n_head * d.head_size;
+    if items > 1 && d.batch * (d.past + d.t) * d.t * c >= 1 << 15 {
+        pool::run(items, item)
     } else {
         (0..items).for_each(item);
         Ok(())
     }
 }
 
-/// One query row `r` against keys `0..keys`: loops.
+/// Rows `0..past + t` of every head of `x`, widened to f32: (B, nkv, past + t, hs) contiguous.
+fn widen(x: KvHeads<'_>, d: Dims) -> Vec<f32> {
+    let (rows, hs) = (d.past + d.t, d.head_size);
+    let mut out = vec![0f32; d.batch * d.n_kv_head * rows * hs];
+    for (i, dst) in out.chunks_exact_mut(rows * hs).enumerate() {
+        let (b, g) = (i / d.n_kv_head, i % d.n_kv_head);
+        if x.row == hs {
+            let at = x.at(b, g, 0);
+            x.data.widen(at..at + rows * hs, dst);
+        } else {
+            for (r, dst) in dst.chunks_exact_mut(hs).enumerate() {
+                let at = x.at(b, g, r);
+                x.data.widen(at..at + hs, dst);
+            }
+        }
+    }
+    out
+}
+
+/// One query row `r` against keys `0..keys`. Keys and values in rows of exactly `hs` (the
+/// cache) are one (keys, hs) matrix each, for the decode kernels; strided ones (in place in
+/// the QKV projection, f32) are read row by row.
 #[allow(clippy::too_many_arguments)]
 fn decode_row(
-    q: Heads<'_>,
-    k: Heads<'_>,
-    v: Heads<'_>,
+    q: F32Heads<'_>,
+    k: KvHeads<'_>,
+    v: KvHeads<'_>,
     b: usize,
     h: usize,
     g: usize,
@@ -106,14 +182,26 @@ fn decode_row(
     y: &mut [f32],
 ) {
     let qv = &q.data[q.at(b, h, r)..][..hs];
-    let mut s: Vec<f32> = (0..keys)
-        .map(|j| dot(qv, &k.data[k.at(b, g, j)..][..hs]) * scale)
-        .collect();
-    softmax(&mut s);
+    let mut s = vec![0f32; keys];
     y.fill(0.0);
+    if k.row == hs && v.row == hs {
+        let (k0, v0) = (k.at(b, g, 0), v.at(b, g, 0));
+        let kw = k.data.slice(k0..k0 + keys * hs);
+        linear::dot_rows(kw, qv, 1, hs, 0..keys, |j, dot| s[j] = dot[0] * scale);
+        softmax(&mut s);
+        let vw = v.data.slice(v0..v0 + keys * hs);
+        linear::axpy_rows(vw, &s, 1, keys, hs, 0..keys, y);
+        return;
+    }
+    let mut row = vec![0f32; hs];
+    for (j, s) in s.iter_mut().enumerate() {
+        k.data.widen(k.at(b, g, j)..k.at(b, g, j) + hs, &mut row);
+        *s = dot(qv, &row) * scale;
+    }
+    softmax(&mut s);
     for (j, p) in s.iter().enumerate() {
-        let vv = &v.data[v.at(b, g, j)..][..hs];
-        for (y, v) in y.iter_mut().zip(vv) {
+        v.data.widen(v.at(b, g, j)..v.at(b, g, j) + hs, &mut row);
+        for (y, v) in y.iter_mut().zip(&row) {
             *y += p * v;
         }
     }
@@ -123,9 +211,9 @@ fn decode_row(
 /// S = Q·Kᵀ, a causal softmax per row, Y = P·V.
 #[allow(clippy::too_many_arguments)]
 fn prefill_block<'y>(
-    q: Heads<'_>,
-    k: Heads<'_>,
-    v: Heads<'_>,
+    q: F32Heads<'_>,
+    k: F32Heads<'_>,
+    v: F32Heads<'_>,
     b: usize,
     h: usize,
     g: usize,
@@ -259,11 +347,24 @@ mod tests {
         y
     }
 
+    /// Contiguous (B, heads, rows, hs) `x` laid out with rows `pad` elements apart beyond
+    /// hs (0: the cache's layout; else strided, as in place in the QKV projection).
+    fn lay_out(x: &[f32], hs: usize, pad: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; x.len() / hs * (hs + pad)];
+        for (src, dst) in x.chunks_exact(hs).zip(out.chunks_exact_mut(hs + pad)) {
+            dst[..hs].copy_from_slice(src);
+        }
+        out
+    }
+
     #[test]
-    fn equals_the_definition_for_prefill_decode_and_grouped_heads() {
+    fn equals_the_definition_for_prefill_decode_grouped_heads_and_every_cache_layout() {
+        use half::{bf16, f16};
         for (batch, t, past, nh, nkv, hs) in [
             (1, 1, 0, 2, 2, 8),
             (2, 1, 37, 4, 2, 16),
+            (1, 1, 70, 2, 1, 64),
+            (1, 2, 9, 2, 2, 20),
             (1, 3, 5, 4, 1, 8),
             (2, 70, 0, 3, 3, 8),
             (1, 33, 20, 4, 2, 16),
@@ -278,27 +379,58 @@ mod tests {
             };
             let tk = past + t;
             let q = rand(batch * nh * t * hs, 1);
-            let k = rand(batch * nkv * tk * hs, 2);
-            let v = rand(batch * nkv * tk * hs, 3);
-            let heads = |data, n: usize, rows: usize| Heads {
-                data,
-                batch: n * rows * hs,
-                head_stride: rows * hs,
-                row: hs,
-            };
-            let mut y = vec![0f32; batch * t * nh * hs];
-            let r = causal_attention(
-                heads(&q, nh, t),
-                heads(&k, nkv, tk),
-                heads(&v, nkv, tk),
-                d,
-                0.3,
-                &mut y,
+            let (k32, v32) = (
+                rand(batch * nkv * tk * hs, 2),
+                rand(batch * nkv * tk * hs, 3),
             );
-            assert!(r.is_ok());
-            let want = reference(&q, &k, &v, d, 0.3);
-            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-                assert!((*a as f64 - b).abs() < 1e-5, "{d:?} at {i}: {a} vs {b}");
+            let heads = |n: usize, rows: usize, pad: usize| Heads {
+                data: (),
+                batch: n * rows * (hs + pad),
+                head_stride: rows * (hs + pad),
+                row: hs + pad,
+            };
+            let q_heads = heads(nh, t, 0).with(&q[..]);
+            type Round = fn(f32) -> f32;
+            let rounds: [(&str, Round); 3] = [
+                ("f32", |v| v),
+                ("f16", |v| f16::from_f32(v).to_f32()),
+                ("bf16", |v| bf16::from_f32(v).to_f32()),
+            ];
+            for pad in [0, 5] {
+                let (k, v) = (lay_out(&k32, hs, pad), lay_out(&v32, hs, pad));
+                let bits = |x: &[f32], half: bool| -> Vec<u16> {
+                    x.iter()
+                        .map(|v| match half {
+                            true => f16::from_f32(*v).to_bits(),
+                            false => bf16::from_f32(*v).to_bits(),
+                        })
+                        .collect()
+                };
+                let (k16, v16, kb, vb) = (
+                    bits(&k, true),
+                    bits(&v, true),
+                    bits(&k, false),
+                    bits(&v, false),
+                );
+                for (kind, round) in rounds {
+                    let (ke, ve) = match kind {
+                        "f32" => (Elems::F32(&k), Elems::F32(&v)),
+                        "f16" => (Elems::F16(&k16), Elems::F16(&v16)),
+                        _ => (Elems::Bf16(&kb), Elems::Bf16(&vb)),
+                    };
+                    let k_ref: Vec<f32> = k32.iter().map(|x| round(*x)).collect();
+                    let v_ref: Vec<f32> = v32.iter().map(|x| round(*x)).collect();
+                    let mut y = vec![0f32; batch * t * nh * hs];
+                    let kv = heads(nkv, tk, pad);
+                    let r = causal_attention(q_heads, kv.with(ke), kv.with(ve), d, 0.3, &mut y);
+                    assert!(r.is_ok());
+                    // Halves: the definition on the values they hold.
+                    let want = reference(&q, &k_ref, &v_ref, d, 0.3);
+                    for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                        let ok = (*a as f64 - b).abs() < 1e-5;
+                        assert!(ok, "{kind} pad {pad} {d:?} at {i}: {a} vs {b}");
+                    }
+                }
             }
         }
     }

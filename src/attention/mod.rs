@@ -18,6 +18,7 @@ use candle_nn::kv_cache::KvCache;
 use crate::checkpoint::Weights;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::linear::kernels::Elems;
 use crate::linear::Linear;
 use crate::model::{LayerHook, Point};
 
@@ -31,6 +32,8 @@ pub(crate) struct Attention {
     scale: f64,
     /// The host kernels run this layer (its weights are on the host).
     fused: bool,
+    /// What the KV cache stores keys and values as.
+    kv_dtype: DType,
 }
 
 impl Attention {
@@ -52,6 +55,7 @@ impl Attention {
             head_size: cfg.head_size(),
             scale,
             fused: w.target().host,
+            kv_dtype: w.target().kv_dtype,
         })
     }
 
@@ -115,6 +119,38 @@ impl Attention {
         Ok(part.transpose(1, 2)?.contiguous()?)
     }
 
+    /// Keys or values (B, nkv, T, hs) as the cache stores them. f32 to halves on the host goes
+    /// through `half`'s vectorised slice conversion (candle's is element by element: ~2 % of
+    /// a prefill).
+    fn to_cache(&self, x: Tensor) -> Result<Tensor> {
+        use half::slice::HalfFloatSliceExt;
+        let to = self.kv_dtype;
+        if x.dtype() == to {
+            return Ok(x);
+        }
+        let halves = {
+            let (s, l) = x.storage_and_layout();
+            match (&*s, l.contiguous_offsets(), to) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b)), DType::F16) => {
+                    let mut h = vec![half::f16::ZERO; b - a];
+                    h.convert_from_f32_slice(&v[a..b]);
+                    Some(CpuStorage::F16(h))
+                }
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b)), DType::BF16) => {
+                    let mut h = vec![half::bf16::ZERO; b - a];
+                    h.convert_from_f32_slice(&v[a..b]);
+                    Some(CpuStorage::BF16(h))
+                }
+                _ => None,
+            }
+        };
+        Ok(match halves {
+            Some(CpuStorage::F16(h)) => Tensor::from_vec(h, x.dims(), x.device())?,
+            Some(CpuStorage::BF16(h)) => Tensor::from_vec(h, x.dims(), x.device())?,
+            _ => x.to_dtype(to)?,
+        })
+    }
+
     /// Host kernels: Q, K, V read in place; (B, T, C) out.
     fn fused(&self, qkv: &Tensor, cache: Option<&mut KvCache>, past: usize) -> Result<Tensor> {
         let (b, t, width) = qkv.dims3()?;
@@ -131,8 +167,8 @@ impl Attention {
         let mut y = vec![0f32; b * t * c];
         let cached = match cache {
             Some(cache) => Some(cache.append(
-                &self.heads(qkv, c, nkv)?,
-                &self.heads(qkv, c + nkv * hs, nkv)?,
+                &self.to_cache(self.heads(qkv, c, nkv)?)?,
+                &self.to_cache(self.heads(qkv, c + nkv * hs, nkv)?)?,
             )?),
             None => None,
         };
@@ -150,8 +186,8 @@ impl Attention {
         let result = match &cached {
             None => kernels::causal_attention(
                 q,
-                in_qkv(c),
-                in_qkv(c + nkv * hs),
+                in_qkv(c).kv(),
+                in_qkv(c + nkv * hs).kv(),
                 d,
                 self.scale as f32,
                 &mut y,
@@ -160,8 +196,7 @@ impl Attention {
                 // The cache's (B, nkv, capacity, hs) buffers, of which rows 0..past+T are filled.
                 let (ks, kl) = k.storage_and_layout();
                 let (vs, vl) = v.storage_and_layout();
-                let (kd, vd) = (strided_slice(&ks, kl)?, strided_slice(&vs, vl)?);
-                let (k, v) = (cache_heads(kd, kl), cache_heads(vd, vl));
+                let (k, v) = (cache_heads(&ks, kl)?, cache_heads(&vs, vl)?);
                 kernels::causal_attention(q, k, v, d, self.scale as f32, &mut y)
             }
         };
@@ -185,9 +220,13 @@ impl Attention {
         let q = self.heads(qkv, 0, nh)?;
         let k = self.heads(qkv, c, nkv)?;
         let v = self.heads(qkv, c + nkv * hs, nkv)?;
-        // (B, nkv, T_k, hs): views into the preallocated cache, no copy of the past.
+        // (B, nkv, T_k, hs): views into the preallocated cache, no copy of the past (but a
+        // widened one when the cache holds halves).
         let (k, v) = match cache {
-            Some(cache) => cache.append(&k, &v)?,
+            Some(cache) => {
+                let (k, v) = cache.append(&self.to_cache(k)?, &self.to_cache(v)?)?;
+                (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?)
+            }
             None => (k, v),
         };
         let t_k = k.dim(2)?;
@@ -219,14 +258,29 @@ impl Attention {
     }
 }
 
-/// A (B, nkv, capacity, hs) cache view as [`kernels::Heads`].
-fn cache_heads<'a>(data: &'a [f32], l: &candle_core::Layout) -> kernels::Heads<'a> {
-    kernels::Heads {
+/// A (B, nkv, capacity, hs) host cache view, from its first element on (the strides say where
+/// rows are), as [`kernels::KvHeads`].
+fn cache_heads<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<kernels::KvHeads<'a>> {
+    let from = l.start_offset();
+    let data = match s {
+        _ if l.dims().len() != 4 || l.stride()[3] != 1 => None,
+        Storage::Cpu(CpuStorage::F32(v)) => v.get(from..).map(Elems::F32),
+        Storage::Cpu(CpuStorage::F16(v)) => {
+            v.get(from..).map(|v| Elems::F16(bytemuck::cast_slice(v)))
+        }
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            v.get(from..).map(|v| Elems::Bf16(bytemuck::cast_slice(v)))
+        }
+        _ => None,
+    };
+    let data =
+        data.ok_or_else(|| Error::Input("attention: expected a host KV cache of floats".into()))?;
+    Ok(kernels::Heads {
         data,
         batch: l.stride()[0],
         head_stride: l.stride()[1],
         row: l.stride()[2],
-    }
+    })
 }
 
 /// A contiguous f32 host tensor's elements.
@@ -235,18 +289,6 @@ fn host_slice<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<&'a [f32]> 
         (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
         _ => Err(Error::Input(
             "attention: expected contiguous f32 host data".into(),
-        )),
-    }
-}
-
-/// A strided f32 host view's buffer from its first element on (the strides say where rows are).
-fn strided_slice<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(CpuStorage::F32(v)) if l.dims().len() == 4 && l.stride()[3] == 1 => {
-            Ok(&v[l.start_offset()..])
-        }
-        _ => Err(Error::Input(
-            "attention: expected an f32 host KV cache".into(),
         )),
     }
 }

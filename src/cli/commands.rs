@@ -234,6 +234,9 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         v["dtype"] = format!("{:?}", loaded.model.dtype()).to_lowercase().into();
         v["weights"] = loaded.model.weights_label().into();
         v["weight_bytes"] = loaded.model.weight_bytes().into();
+        v["kv_cache"] = format!("{:?}", loaded.model.kv_dtype())
+            .to_lowercase()
+            .into();
         v["load_ms"] = (loaded.load_time.as_secs_f64() * 1e3).into();
         v["threads"] = candle_core::utils::get_num_threads().into();
         print(format_args!("{v}\n"))?;

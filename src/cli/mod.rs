@@ -214,7 +214,7 @@ impl SourceArgs {
     }
 }
 
-/// The weights' dtype.
+/// The weights' (or the KV cache's) dtype.
 #[derive(Clone, Copy, ValueEnum)]
 enum Precision {
     #[value(alias = "float32")]
@@ -223,6 +223,16 @@ enum Precision {
     F16,
     #[value(alias = "bfloat16")]
     Bf16,
+}
+
+impl Precision {
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
 }
 
 /// Which model, and how it is loaded.
@@ -245,6 +255,11 @@ struct ModelArgs {
     /// change while gpt2 runs).
     #[arg(long)]
     no_mmap: bool,
+    /// What the KV cache holds keys and values as. Default: f16 on CPU when the weights are
+    /// f16, bf16 or quantized (half the bytes each decoded token reads from the cache, as in
+    /// llama.cpp), else f32 (exact).
+    #[arg(long, value_enum)]
+    kv_cache: Option<Precision>,
 }
 
 fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
@@ -253,17 +268,13 @@ fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
 
 impl ModelArgs {
     fn options(&self) -> Result<LoadOptions> {
-        let dtype = match self.dtype {
-            Precision::F32 => DType::F32,
-            Precision::F16 => DType::F16,
-            Precision::Bf16 => DType::BF16,
-        };
         Ok(LoadOptions {
-            dtype,
+            dtype: self.dtype.dtype(),
             device: self.device.open()?,
             layers: None,
             quantize: self.quantize,
             mmap: !self.no_mmap,
+            kv_cache: self.kv_cache.map(Precision::dtype),
         })
     }
 }

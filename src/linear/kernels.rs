@@ -24,11 +24,20 @@ pub(crate) enum Elems<'a> {
     Bf16(&'a [u16]),
 }
 
-impl Elems<'_> {
-    fn len(&self) -> usize {
+impl<'a> Elems<'a> {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Self::F32(w) => w.len(),
             Self::F16(w) | Self::Bf16(w) => w.len(),
+        }
+    }
+
+    /// Elements `r`, in their stored type.
+    pub(crate) fn slice(&self, r: Range<usize>) -> Elems<'a> {
+        match *self {
+            Self::F32(w) => Self::F32(&w[r]),
+            Self::F16(w) => Self::F16(&w[r]),
+            Self::Bf16(w) => Self::Bf16(&w[r]),
         }
     }
 
