@@ -898,7 +898,7 @@ mod tests {
         })
     }
 
-    /// Decode (one row) speed of GPT-2 small's layers from memory, in both f32 layouts:
+    /// Decode (one row) speed of GPT-2 small's layers from memory, in both f32 layouts and quantized:
     /// `cargo test --release --lib decode_speed -- --ignored --nocapture`. Alone, (out, in)
     /// streams ~2x faster (2026-12-04: 40-47 vs 20-29 GB/s); inside the model, with f32
     /// `Conv1D`s transposed at load, decode was no faster (see `checkpoint::Weights::matrix`).
@@ -915,25 +915,28 @@ mod tests {
             let w = rand(&[k, n], 1)?;
             let kn = host(&w)?;
             let nk = host(&w.t()?.contiguous()?)?;
-            let bytes = k * n * 4;
-            let copies = (768 << 20) / bytes + 1;
             let x = rand(&[1, k], 2)?;
-            for layout in ["in-out", "out-in"] {
-                let ls: Vec<Linear> = (0..copies)
-                    .map(|_| {
-                        let e = HostElems::F32(Buf::owned(if layout == "in-out" {
-                            kn.clone()
-                        } else {
-                            nk.clone()
-                        }));
-                        let m = if layout == "in-out" {
-                            Matrix::InOut(e)
-                        } else {
-                            Matrix::OutIn(e)
-                        };
-                        Linear::new(m, None, k, n)
-                    })
-                    .collect::<Result<_>>()?;
+            let quantized = |kind| {
+                QuantMatrix::quantize(kind, n, k, |j, out| out.copy_from_slice(&nk[j * k..][..k]))
+            };
+            let (q8, q4) = (
+                quantized(quant::QuantKind::Q8_0),
+                quantized(quant::QuantKind::Q4_0),
+            );
+            for layout in ["in-out", "out-in", "q8_0", "q4_0"] {
+                let make = || {
+                    let m = match layout {
+                        "in-out" => Matrix::InOut(HostElems::F32(Buf::owned(kn.clone()))),
+                        "out-in" => Matrix::OutIn(HostElems::F32(Buf::owned(nk.clone()))),
+                        "q8_0" => Matrix::Quant(Arc::new(q8.clone())),
+                        _ => Matrix::Quant(Arc::new(q4.clone())),
+                    };
+                    Linear::new(m, None, k, n)
+                };
+                let bytes = make()?.weight_bytes();
+                // Enough copies to be read from memory, taken in turn, as in decode.
+                let copies = (768 << 20) / bytes + 1;
+                let ls: Vec<Linear> = (0..copies).map(|_| make()).collect::<Result<_>>()?;
                 let mut times = Vec::new();
                 for i in 0..4 * copies {
                     let t = std::time::Instant::now();
@@ -943,9 +946,10 @@ mod tests {
                 times.sort_by(f64::total_cmp);
                 let t = times[times.len() / 2];
                 println!(
-                    "{layout} ({k}, {n}): {:.3} ms, {:.1} GB/s",
+                    "{layout} ({k}, {n}): {:.3} ms, {:.1} GB/s, {} threads",
                     t * 1e3,
-                    bytes as f64 / t / 1e9
+                    bytes as f64 / t / 1e9,
+                    pool::threads()
                 );
             }
         }

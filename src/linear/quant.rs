@@ -404,11 +404,21 @@ mod simd {
                     unsafe {
                         let mut b = 0;
                         while b < bpr {
-                            let n = (bpr - b).min(8);
-                            let mut bits = [0u16; 8];
-                            std::ptr::copy_nonoverlapping(ds.add(row0 + b), bits.as_mut_ptr(), n);
-                            let v = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
-                            _mm256_storeu_ps(scales.as_mut_ptr().add(b), v);
+                            // 8 at a time straight from the row (a copy of variable length
+                            // here was a memcpy call per 8 scales), the tail through a buffer.
+                            let v = if b + 8 <= bpr {
+                                _mm_loadu_si128(ds.add(row0 + b).cast())
+                            } else {
+                                let mut bits = [0u16; 8];
+                                let n = bpr - b;
+                                std::ptr::copy_nonoverlapping(
+                                    ds.add(row0 + b),
+                                    bits.as_mut_ptr(),
+                                    n,
+                                );
+                                _mm_loadu_si128(bits.as_ptr().cast())
+                            };
+                            _mm256_storeu_ps(scales.as_mut_ptr().add(b), _mm256_cvtph_ps(v));
                             b += 8;
                         }
                         let mut acc = [[_mm256_setzero_ps(); 2]; M];
