@@ -27,7 +27,8 @@ pub enum Quantization {
     /// 32 weights share an f16 scale; 8 bits each (8.5 bits a weight).
     #[value(name = "q8_0")]
     Q8_0,
-    /// 32 weights share an f16 scale; 4 bits each (4.5 bits a weight).
+    /// 32 weights share an f16 scale; 4 bits each (4.5 bits a weight); the embedding / LM
+    /// head at 6 bits (6.5), as llama.cpp's q4_0 files keep it.
     #[value(name = "q4_0")]
     Q4_0,
 }
@@ -626,6 +627,7 @@ fn check_weight_memory(config: &Config, n_layers: usize, storage: Storage) -> Re
         Storage::Dtype(d) => (d.size_in_bytes() as u128, 1, format!("{d:?}")),
         Storage::Quant(QuantKind::Q8_0) => (34, 32, "q8_0".into()),
         Storage::Quant(QuantKind::Q4_0) => (18, 32, "q4_0".into()),
+        Storage::Quant(QuantKind::Q6) => (26, 32, "q6".into()),
     };
     let needed = elements.saturating_mul(num) / den;
     crate::memory::check(needed, || format!("the weights ({what})"))

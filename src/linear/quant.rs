@@ -5,6 +5,11 @@
 //! - Q4_0: `d = m / -8` where `m` is the weight of largest magnitude (sign kept),
 //!   `q = min(15, trunc(w / d + 8.5))` in 0..=15; `w ≈ (q - 8)·d`. Byte `i` of a block holds
 //!   element `i` in its low nibble and `i + 16` in its high one. 4.5 bits a weight.
+//! - Q6 (ours; for the embedding / LM head under Q4_0, where llama.cpp puts its 6-bit `q6_K`):
+//!   Q4_0's scheme with 64 levels, `d = m / -32`, `q` in 0..=63, `w ≈ (q - 32)·d`. The low
+//!   nibbles as in Q4_0 (16 bytes), then 8 bytes of high bit pairs: byte `j` holds those of
+//!   element `8·l + j` at bits `2l, 2l + 1` (l = 0..4), so one 64-bit shift per quarter of a
+//!   256-bit vector puts them in place. 6.5 bits a weight (`q6_K`: 6.5625).
 //!
 //! Weights are quantized at load from the safetensors' f32/f16/bf16, row by row of the (out, in)
 //! matrix, so each block runs along the dot product. Decode products are llama.cpp's: the
@@ -22,6 +27,7 @@ pub(crate) const BLOCK: usize = 32;
 pub(crate) enum QuantKind {
     Q8_0,
     Q4_0,
+    Q6,
 }
 
 impl QuantKind {
@@ -30,6 +36,7 @@ impl QuantKind {
         match self {
             Self::Q8_0 => BLOCK,
             Self::Q4_0 => BLOCK / 2,
+            Self::Q6 => BLOCK * 3 / 4,
         }
     }
 }
@@ -77,6 +84,7 @@ impl QuantMatrix {
                             let (scale, block) = match kind {
                                 QuantKind::Q8_0 => quantize_q8_0(b),
                                 QuantKind::Q4_0 => quantize_q4_0(b),
+                                QuantKind::Q6 => quantize_q6(b),
                             };
                             *d = half::f16::from_f32(scale).to_bits();
                             q.copy_from_slice(&block[..bb]);
@@ -106,6 +114,11 @@ impl QuantMatrix {
                     for (t, &q) in q.iter().enumerate() {
                         out[t] = (f32::from(q & 0x0F) - 8.0) * d;
                         out[t + 16] = (f32::from(q >> 4) - 8.0) * d;
+                    }
+                }
+                QuantKind::Q6 => {
+                    for (o, w) in out.iter_mut().zip(q6_values(q)) {
+                        *o = f32::from(w) * d;
                     }
                 }
             }
@@ -170,6 +183,7 @@ impl QuantMatrix {
                             w[t + 16] = (q >> 4) as i8 - 8;
                         }
                     }
+                    QuantKind::Q6 => w = q6_values(q),
                 }
                 let dw = half::f16::from_bits(self.d[i]).to_f32();
                 for (row, d) in dots.iter_mut().enumerate().take(x.m) {
@@ -247,6 +261,39 @@ fn quantize_q4_0(w: &[f32]) -> (f32, [u8; BLOCK]) {
     (d, q)
 }
 
+/// `(d, q)` of one Q6 block (its first 24 bytes used).
+fn quantize_q6(w: &[f32]) -> (f32, [u8; BLOCK]) {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in w {
+        if v.abs() > amax {
+            (amax, max) = (v.abs(), v);
+        }
+    }
+    let d = max / -32.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let level = |v: f32| ((v * id + 32.5) as i32).clamp(0, 63) as u8;
+    let mut q = [0u8; BLOCK];
+    for t in 0..BLOCK / 2 {
+        let (lo, hi) = (level(w[t]), level(w[t + 16]));
+        q[t] = (lo & 0x0F) | (hi << 4);
+    }
+    for (e, &v) in w.iter().enumerate() {
+        q[16 + e % 8] |= (level(v) >> 4) << (2 * (e / 8));
+    }
+    (d, q)
+}
+
+/// A Q6 block's 32 weights, `q - 32`, in -32..=31.
+fn q6_values(q: &[u8]) -> [i8; BLOCK] {
+    let mut w = [0i8; BLOCK];
+    for (e, w) in w.iter_mut().enumerate() {
+        let lo = if e < 16 { q[e] & 0x0F } else { q[e - 16] >> 4 };
+        let hi = (q[16 + e % 8] >> (2 * (e / 8))) & 3;
+        *w = (lo | (hi << 4)) as i8 - 32;
+    }
+    w
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
@@ -275,16 +322,21 @@ mod simd {
         macro_rules! pick {
             ($kernel:ident) => {
                 match (q.kind, x.m) {
-                    (QuantKind::Q8_0, 1) => $kernel::<true, 1>(q, x, rows, put),
-                    (QuantKind::Q8_0, 2) => $kernel::<true, 2>(q, x, rows, put),
-                    (QuantKind::Q8_0, 3) => $kernel::<true, 3>(q, x, rows, put),
-                    (QuantKind::Q8_0, 4) => $kernel::<true, 4>(q, x, rows, put),
-                    (QuantKind::Q8_0, _) => $kernel::<true, 8>(q, x, rows, put),
-                    (QuantKind::Q4_0, 1) => $kernel::<false, 1>(q, x, rows, put),
-                    (QuantKind::Q4_0, 2) => $kernel::<false, 2>(q, x, rows, put),
-                    (QuantKind::Q4_0, 3) => $kernel::<false, 3>(q, x, rows, put),
-                    (QuantKind::Q4_0, 4) => $kernel::<false, 4>(q, x, rows, put),
-                    (QuantKind::Q4_0, _) => $kernel::<false, 8>(q, x, rows, put),
+                    (QuantKind::Q8_0, 1) => $kernel::<Q8, 1>(q, x, rows, put),
+                    (QuantKind::Q8_0, 2) => $kernel::<Q8, 2>(q, x, rows, put),
+                    (QuantKind::Q8_0, 3) => $kernel::<Q8, 3>(q, x, rows, put),
+                    (QuantKind::Q8_0, 4) => $kernel::<Q8, 4>(q, x, rows, put),
+                    (QuantKind::Q8_0, _) => $kernel::<Q8, 8>(q, x, rows, put),
+                    (QuantKind::Q4_0, 1) => $kernel::<Q4, 1>(q, x, rows, put),
+                    (QuantKind::Q4_0, 2) => $kernel::<Q4, 2>(q, x, rows, put),
+                    (QuantKind::Q4_0, 3) => $kernel::<Q4, 3>(q, x, rows, put),
+                    (QuantKind::Q4_0, 4) => $kernel::<Q4, 4>(q, x, rows, put),
+                    (QuantKind::Q4_0, _) => $kernel::<Q4, 8>(q, x, rows, put),
+                    (QuantKind::Q6, 1) => $kernel::<Q6, 1>(q, x, rows, put),
+                    (QuantKind::Q6, 2) => $kernel::<Q6, 2>(q, x, rows, put),
+                    (QuantKind::Q6, 3) => $kernel::<Q6, 3>(q, x, rows, put),
+                    (QuantKind::Q6, 4) => $kernel::<Q6, 4>(q, x, rows, put),
+                    (QuantKind::Q6, _) => $kernel::<Q6, 8>(q, x, rows, put),
                 }
             };
         }
@@ -295,6 +347,26 @@ mod simd {
             } else {
                 pick!(kernel_avx2)
             }
+        }
+    }
+
+    /// The kernels' block formats, as const generics.
+    const Q8: u8 = 0;
+    const Q4: u8 = 1;
+    const Q6: u8 = 2;
+
+    /// A Q6 block's 32 levels `q` as bytes 0..=63: Q4_0's nibbles, then each quarter of the
+    /// vector takes its high bit pairs from the same 8 bytes shifted by 0, 2, 4 or 6.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn levels6(p: *const u8) -> __m256i {
+        // SAFETY: a Q6 block has 24 readable bytes at p.
+        unsafe {
+            let high = _mm256_set1_epi64x(p.add(16).cast::<i64>().read_unaligned());
+            let high = _mm256_srlv_epi64(high, _mm256_set_epi64x(6, 4, 2, 0));
+            let high = _mm256_and_si256(high, _mm256_set1_epi8(3));
+            // ≤ 3 << 4: no bit crosses into the next byte of the 16-bit lane.
+            _mm256_or_si256(nibbles(p), _mm256_slli_epi16::<4>(high))
         }
     }
 
@@ -317,25 +389,21 @@ mod simd {
 
     impl Avx2 {
         #[inline(always)]
-        unsafe fn prepare<const Q8: bool>(p: *const u8) -> (__m256i, __m256i) {
+        unsafe fn prepare<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
             // SAFETY: the block's bytes are readable (the caller's promise); AVX2 is enabled in
             // the kernel this is inlined into.
             unsafe {
-                let w = if Q8 {
-                    _mm256_loadu_si256(p.cast())
-                } else {
-                    _mm256_sub_epi8(nibbles(p), _mm256_set1_epi8(8))
+                let w = match F {
+                    Q8 => _mm256_loadu_si256(p.cast()),
+                    Q4 => _mm256_sub_epi8(nibbles(p), _mm256_set1_epi8(8)),
+                    _ => _mm256_sub_epi8(levels6(p), _mm256_set1_epi8(32)),
                 };
                 (_mm256_sign_epi8(w, w), w)
             }
         }
 
         #[inline(always)]
-        unsafe fn dot<const Q8: bool>(
-            (ax, w): (__m256i, __m256i),
-            x: __m256i,
-            _sx: i32,
-        ) -> __m256i {
+        unsafe fn dot<const F: u8>((ax, w): (__m256i, __m256i), x: __m256i, _sx: i32) -> __m256i {
             // SAFETY: AVX2 is enabled in the kernel this is inlined into.
             unsafe {
                 let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(x, w));
@@ -346,32 +414,37 @@ mod simd {
 
     /// AVX-512 VNNI + VL on 256-bit vectors. Q8_0 keeps the sign trick into one `vpdpbusd`;
     /// Q4_0 multiplies the unsigned nibbles by x straight away and takes 8·Σx off the sum
-    /// (Σ (n - 8)·x = Σ n·x - 8·Σx, llama.cpp's way), as Σx spread over the 8 lanes.
+    /// (Σ (n - 8)·x = Σ n·x - 8·Σx, llama.cpp's way), as Σx spread over the 8 lanes; Q6 the
+    /// same with 32·Σx (4·Σx a lane).
     struct Vnni;
 
     impl Vnni {
         #[inline(always)]
-        unsafe fn prepare<const Q8: bool>(p: *const u8) -> (__m256i, __m256i) {
+        unsafe fn prepare<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
             // SAFETY: as for Avx2::prepare.
             unsafe {
-                if Q8 {
-                    let w = _mm256_loadu_si256(p.cast());
-                    (_mm256_sign_epi8(w, w), w)
-                } else {
-                    (nibbles(p), _mm256_setzero_si256())
+                match F {
+                    Q8 => {
+                        let w = _mm256_loadu_si256(p.cast());
+                        (_mm256_sign_epi8(w, w), w)
+                    }
+                    Q4 => (nibbles(p), _mm256_setzero_si256()),
+                    _ => (levels6(p), _mm256_setzero_si256()),
                 }
             }
         }
 
         #[inline(always)]
-        unsafe fn dot<const Q8: bool>((a, w): (__m256i, __m256i), x: __m256i, sx: i32) -> __m256i {
+        unsafe fn dot<const F: u8>((a, w): (__m256i, __m256i), x: __m256i, sx: i32) -> __m256i {
             // SAFETY: AVX-512 VNNI + VL are enabled in the kernel this is inlined into.
             unsafe {
                 let zero = _mm256_setzero_si256();
-                if Q8 {
-                    _mm256_dpbusd_epi32(zero, a, _mm256_sign_epi8(x, w))
-                } else {
-                    _mm256_sub_epi32(_mm256_dpbusd_epi32(zero, a, x), _mm256_set1_epi32(sx))
+                match F {
+                    Q8 => _mm256_dpbusd_epi32(zero, a, _mm256_sign_epi8(x, w)),
+                    Q4 => _mm256_sub_epi32(_mm256_dpbusd_epi32(zero, a, x), _mm256_set1_epi32(sx)),
+                    _ => {
+                        _mm256_sub_epi32(_mm256_dpbusd_epi32(zero, a, x), _mm256_set1_epi32(4 * sx))
+                    }
                 }
             }
         }
@@ -385,7 +458,7 @@ mod simd {
     macro_rules! kernel {
         ($name:ident, $features:literal, $ops:ident) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name<const Q8: bool, const M: usize>(
+            unsafe fn $name<const F: u8, const M: usize>(
                 q: &QuantMatrix,
                 x: &Q8Acts,
                 rows: Range<usize>,
@@ -425,21 +498,21 @@ mod simd {
                         let mut b = 0;
                         while b < bpr {
                             let two = b + 1 < bpr;
-                            let w0 = $ops::prepare::<Q8>(qs.add((row0 + b) * bb));
+                            let w0 = $ops::prepare::<F>(qs.add((row0 + b) * bb));
                             let w1 = if two {
-                                $ops::prepare::<Q8>(qs.add((row0 + b + 1) * bb))
+                                $ops::prepare::<F>(qs.add((row0 + b + 1) * bb))
                             } else {
                                 w0
                             };
                             for (row, acc) in acc.iter_mut().enumerate().take(m) {
                                 let i = row * bpr + b;
                                 let x0 = _mm256_loadu_si256(xq.add(i * BLOCK).cast());
-                                let d0 = _mm256_cvtepi32_ps($ops::dot::<Q8>(w0, x0, *xs.add(i)));
+                                let d0 = _mm256_cvtepi32_ps($ops::dot::<F>(w0, x0, *xs.add(i)));
                                 let s0 = *scales.get_unchecked(b) * *xd.add(i);
                                 acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(s0), d0, acc[0]);
                                 if two {
                                     let x1 = _mm256_loadu_si256(xq.add((i + 1) * BLOCK).cast());
-                                    let d1 = $ops::dot::<Q8>(w1, x1, *xs.add(i + 1));
+                                    let d1 = $ops::dot::<F>(w1, x1, *xs.add(i + 1));
                                     let s1 = *scales.get_unchecked(b + 1) * *xd.add(i + 1);
                                     acc[1] = _mm256_fmadd_ps(
                                         _mm256_set1_ps(s1),
@@ -493,14 +566,39 @@ mod tests {
         // -4/0.5 + 8.5 = 0.5 -> 0 (low nibble); 2/0.5 + 8.5 = 12.5 -> 12 (high nibble).
         assert_eq!(q[0], 12 << 4);
         assert_eq!(q[1], 8 | (8 << 4));
+        // Q6: the signed extreme maps to q = 0 (-32·d), zero to 32; low nibbles as in Q4_0,
+        // element e's high bit pair in byte 16 + e % 8 at bit 2·(e / 8).
+        let mut w = [0f32; BLOCK];
+        w[0] = -4.0;
+        w[17] = 2.0; // 2 / 0.125 + 32.5 = 48.5 -> 48 = 0b11_0000
+        w[26] = -1.0; // -1 / 0.125 + 32.5 = 24.5 -> 24 = 0b01_1000
+        let (d, q) = quantize_q6(&w);
+        assert_eq!(d, 0.125);
+        // Byte t: element t's low nibble, then element t + 16's (0 -> 0, 32 -> 0, 24 -> 8).
+        assert_eq!((q[0], q[1], q[10]), (0, 0, 8 << 4));
+        // High pairs: element 0 -> 0 (byte 16, bits 0-1); 16 -> 2 (byte 16, bits 4-5);
+        // 17 -> 3 (byte 17, bits 4-5); 26 -> 1 (byte 18, bits 6-7); others 32 -> 2.
+        assert_eq!(q[16], 0b10_10_10_00);
+        assert_eq!(q[17], 0b10_11_10_10);
+        assert_eq!(q[18], 0b01_10_10_10);
+        let back = q6_values(&q);
+        assert_eq!(
+            (back[0], back[16], back[17], back[26], back[5]),
+            (-32, 0, 16, -8, 0)
+        );
     }
 
     #[test]
     fn dequantized_rows_are_close_and_dots_equal_them() {
         let (n, k) = (37, 96);
         let w = rand(n * k, 1);
-        // Q8_0: half a step (amax/254). Q4_0: the opposite extreme is clamped at 7 steps of amax/8.
-        for (kind, tol) in [(QuantKind::Q8_0, 0.5 / 127.0), (QuantKind::Q4_0, 1.0 / 8.0)] {
+        // Q8_0: half a step (amax/254). Q4_0 and Q6: the opposite extreme is clamped at 7 steps
+        // of amax/8, or 31 of amax/32.
+        for (kind, tol) in [
+            (QuantKind::Q8_0, 0.5 / 127.0),
+            (QuantKind::Q4_0, 1.0 / 8.0),
+            (QuantKind::Q6, 1.0 / 32.0),
+        ] {
             let q =
                 QuantMatrix::quantize(kind, n, k, |j, out| out.copy_from_slice(&w[j * k..][..k]));
             assert_eq!(q.bytes(), n * k / BLOCK * (2 + kind.block_bytes()));
@@ -588,7 +686,7 @@ mod speed {
         let mut r = SplitMix64::new(1);
         let w: Vec<f32> = (0..n * k).map(|_| r.unit()).collect();
         let x: Vec<f32> = (0..k).map(|_| r.unit()).collect();
-        for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_0, QuantKind::Q6] {
             let q =
                 QuantMatrix::quantize(kind, n, k, |j, out| out.copy_from_slice(&w[j * k..][..k]));
             // Enough copies to be read from memory, taken in turn, as in decode.
