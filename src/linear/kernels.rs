@@ -115,15 +115,16 @@ pub(crate) fn axpy_rows(
     portable::axpy_rows(w, x, m, k, n, ks, y)
 }
 
-/// `out[kk·stride + j0 + r] = a[r·k + kk]`: `a` (R, K) row-major written transposed into
-/// columns `j0..j0 + R` of a row-major matrix of row stride `stride`, in 8×8 blocks so every
-/// read and write stays in cache lines already loaded.
+/// `out[kk·stride + j0 + r] = a[r·k + kk]` as f32: `a` (R, K) row-major, in its stored type,
+/// written transposed (and widened) into columns `j0..j0 + R` of a row-major f32 matrix of row
+/// stride `stride`, in 8×8 blocks so every read and write stays in cache lines already loaded.
+/// Halves are widened in the same registers they are transposed in (one pass over the weights).
 ///
 /// # Safety
 /// `out` must address a live buffer holding `(k - 1)·stride + j0 + R` floats whose columns
 /// `j0..j0 + R` no other thread touches meanwhile.
 pub(crate) unsafe fn transpose_into(
-    a: &[f32],
+    a: Elems<'_>,
     r: usize,
     k: usize,
     out: super::SharedOut,
@@ -134,26 +135,30 @@ pub(crate) unsafe fn transpose_into(
     assert!(a.len() == r * k);
     #[cfg(target_arch = "x86_64")]
     let fast = simd::available();
+    let mut tail = [0f32; B];
     for kk0 in (0..k).step_by(B) {
         for r0 in (0..r).step_by(B) {
             #[cfg(target_arch = "x86_64")]
             if fast && kk0 + B <= k && r0 + B <= r {
-                // SAFETY: the CPU has AVX2; the block's 8 rows of 8 are inside `a`, and its
-                // output rows kk0.. hold columns j0 + r0 .. + 8 (the caller's promise).
+                let o = out.0.wrapping_add(kk0 * stride + j0 + r0);
+                let at = r0 * k + kk0;
+                // SAFETY: the CPU has AVX2 and F16C; the block's 8 rows of 8 are inside `a`,
+                // and its output rows kk0.. hold columns j0 + r0 .. + 8 (the caller's promise).
                 unsafe {
-                    simd::transpose8(
-                        a.as_ptr().add(r0 * k + kk0),
-                        k,
-                        out.0.add(kk0 * stride + j0 + r0),
-                        stride,
-                    )
+                    match a {
+                        Elems::F32(a) => simd::transpose8::<simd::F32>(&a[at..], k, o, stride),
+                        Elems::F16(a) => simd::transpose8::<simd::F16>(&a[at..], k, o, stride),
+                        Elems::Bf16(a) => simd::transpose8::<simd::Bf16>(&a[at..], k, o, stride),
+                    }
                 };
                 continue;
             }
-            for kk in kk0..k.min(kk0 + B) {
-                for i in r0..r.min(r0 + B) {
-                    // SAFETY: the caller's promise; kk < K and j0 + i < j0 + R.
-                    unsafe { out.write(kk * stride + j0 + i, a[i * k + kk]) };
+            let cols = B.min(k - kk0);
+            for i in r0..r.min(r0 + B) {
+                a.widen(i * k + kk0..i * k + kk0 + cols, &mut tail[..cols]);
+                for (c, v) in tail[..cols].iter().enumerate() {
+                    // SAFETY: the caller's promise; kk0 + c < K and j0 + i < j0 + R.
+                    unsafe { out.write((kk0 + c) * stride + j0 + i, *v) };
                 }
             }
         }
@@ -501,15 +506,18 @@ pub(crate) mod simd {
         }
     }
 
-    /// The 8×8 block at `a` (row stride `sa`) written transposed at `o` (row stride `so`).
+    /// The 8×8 block at `a` (row stride `sa`), widened to f32, written transposed at `o` (row
+    /// stride `so`).
     ///
     /// # Safety
-    /// The CPU must have AVX2; 8 rows of 8 floats must be readable at `a` and writable at `o`.
-    #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn transpose8(a: *const f32, sa: usize, o: *mut f32, so: usize) {
+    /// The CPU must have AVX2 and F16C; `a` must hold 7 rows of `sa` and 8 more elements;
+    /// 8 rows of 8 floats must be writable at `o`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(crate) unsafe fn transpose8<L: Load8>(a: &[L::Elem], sa: usize, o: *mut f32, so: usize) {
+        debug_assert!(a.len() >= 7 * sa + 8);
         // SAFETY: the caller's promise.
         unsafe {
-            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(a.add(i * sa)));
+            let r: [__m256; 8] = std::array::from_fn(|i| L::load8(a.as_ptr().add(i * sa)));
             // Pairs of rows interleaved, then quads, then the 128-bit halves swapped.
             let t0 = _mm256_unpacklo_ps(r[0], r[1]);
             let t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -685,30 +693,44 @@ mod tests {
 
     #[test]
     fn transpose_into_writes_every_element_in_its_place() {
-        // Full 8x8 blocks and every tail, into columns offset inside a wider matrix.
+        // Full 8x8 blocks and every tail, into columns offset inside a wider matrix; f32 and
+        // halves (widened on the way).
         for (r, k) in [(8, 8), (16, 24), (3, 5), (13, 21), (16, 3072)] {
             let a = rand(r * k, (r * k) as u64);
-            let (stride, j0) = (r + 11, 7);
-            let mut out = vec![-1f32; k * stride];
-            // SAFETY: out holds k rows of `stride`, columns j0..j0 + r inside them.
-            unsafe {
-                transpose_into(
-                    &a,
-                    r,
-                    k,
-                    super::super::SharedOut(out.as_mut_ptr()),
-                    stride,
-                    j0,
-                )
-            };
-            for kk in 0..k {
-                for j in 0..stride {
-                    let want = if (j0..j0 + r).contains(&j) {
-                        a[(j - j0) * k + kk]
-                    } else {
-                        -1.0
-                    };
-                    assert_eq!(out[kk * stride + j], want, "r={r} k={k} kk={kk} j={j}");
+            let f16: Vec<u16> = a
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_bits())
+                .collect();
+            let bf16: Vec<u16> = a
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            for elems in [Elems::F32(&a), Elems::F16(&f16), Elems::Bf16(&bf16)] {
+                let mut wide = vec![0f32; r * k];
+                elems.widen(0..r * k, &mut wide);
+                let (stride, j0) = (r + 11, 7);
+                let mut out = vec![-1f32; k * stride];
+                // SAFETY: out holds k rows of `stride`, columns j0..j0 + r inside them.
+                unsafe {
+                    transpose_into(
+                        elems,
+                        r,
+                        k,
+                        super::super::SharedOut(out.as_mut_ptr()),
+                        stride,
+                        j0,
+                    )
+                };
+                for kk in 0..k {
+                    for j in 0..stride {
+                        let want = if (j0..j0 + r).contains(&j) {
+                            wide[(j - j0) * k + kk]
+                        } else {
+                            -1.0
+                        };
+                        let got = out[kk * stride + j];
+                        assert_eq!(got, want, "{elems:?} r={r} k={k} kk={kk} j={j}");
+                    }
                 }
             }
         }
