@@ -8,10 +8,12 @@
 //! - Few rows of `x` (decode: one per sample) read every weight once, so bandwidth sets the
 //!   speed: [`kernels`] stream the weights in memory order on a small pool of threads ([`pool`]).
 //! - Many rows (prefill) go to the `gemm` crate (candle's own, with its AVX-512 kernels on) on
-//!   the f32 weights as they lie; halves and blocks are widened a slab at a time first.
+//!   the f32 weights as they lie; halves and blocks go to [`panel`]'s driver, which widens them
+//!   into the panels its microkernel reads (without AVX2: widened for gemm first).
 //! - On a GPU (or with [`Matrix::Tensor`] on the CPU) it is candle's matmul.
 
 pub(crate) mod kernels;
+pub(crate) mod panel;
 pub(crate) mod pool;
 pub(crate) mod quant;
 
@@ -246,7 +248,7 @@ impl Linear {
             if m <= MAX_FAST_ROWS {
                 self.decode(xs, m, act, &mut y)?;
             } else {
-                self.prefill(xs, m, &mut y, MAX_WIDENED)?;
+                self.prefill(xs, m, &mut y, panel::available(), MAX_WIDENED)?;
                 if let Some(a) = act {
                     activate_rows(&mut y, self.n, a)?;
                 }
@@ -355,15 +357,43 @@ impl Linear {
     }
 
     /// Many rows: gemm. The bias is the initial value of `y`.
-    /// Halves and blocks of more than `max_widened` elements are widened a slab at a time.
-    fn prefill(&self, x: &[f32], m: usize, y: &mut [f32], max_widened: usize) -> Result<()> {
+    /// Halves and blocks (N, K) go to [`panel::gemm_nk`] when `panels` (it must be
+    /// [`panel::available`]); else they are widened for gemm, a slab at a time when they have more
+    /// than `max_widened` elements.
+    fn prefill(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        panels: bool,
+        max_widened: usize,
+    ) -> Result<()> {
         let (k, n) = (self.k, self.n);
         if let Some(b) = &self.bias_host {
             y.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b));
         }
         let mut slab = Vec::new();
+        let parallel = m * n * k >= MIN_PARALLEL_WORK;
+        let on_pool = |units: usize, f: &(dyn Fn(usize) + Sync)| run(parallel, units, f);
+        let out = SharedOut(y.as_mut_ptr());
         match &self.w {
+            Matrix::OutIn(e) if panels && !matches!(e, HostElems::F32(_)) => {
+                let w = e.elems();
+                let pack =
+                    |n0: usize, ks: Range<usize>, p: &mut [f32]| panel::pack_elems(w, k, n0, ks, p);
+                // SAFETY: the caller's promise that panels are available; y is (M, N), ours.
+                unsafe { panel::gemm_nk(x, m, k, n, out, &pack, pool::threads(), &on_pool)? };
+            }
+            Matrix::Quant(q) if panels => {
+                let pack = |n0: usize, ks: Range<usize>, p: &mut [f32]| {
+                    panel::pack_rows(n, n0, ks, p, |j, k0, o| q.dequantize_part(j, k0, o))
+                };
+                // SAFETY: as above.
+                unsafe { panel::gemm_nk(x, m, k, n, out, &pack, pool::threads(), &on_pool)? };
+            }
             Matrix::InOut(HostElems::F32(w)) => {
+                // gemm, not the panels: packed from (K, N) into them, f32 prefill was no faster
+                // (perf: the same share in the microkernel and in packing as gemm's).
                 // SAFETY: x (M, K), w (K, N) and y (M, N) are row-major with those lengths.
                 unsafe { gemm_into(y, n, 0, x, k, 0, m, w.as_slice(), 1, n, k, n) };
             }
@@ -757,7 +787,8 @@ mod tests {
     }
 
     /// Prefill of halves and blocks too large to widen whole (the tied LM head of a big
-    /// vocabulary) goes a slab of outputs at a time: forced here on a small matrix.
+    /// vocabulary) goes a slab of outputs at a time without AVX2: forced here on a small matrix,
+    /// and compared with the panel driver where it runs.
     #[test]
     fn prefill_by_slabs_equals_prefill_widened_whole() -> Result<()> {
         let (k, n, m) = (64, 600, 11);
@@ -777,14 +808,22 @@ mod tests {
         ] {
             let layer = Linear::new(w, Some(rand(&[n], 11)?), k, n)?;
             let (mut whole, mut slabs) = (vec![0f32; m * n], vec![0f32; m * n]);
-            layer.prefill(&x, m, &mut whole, MAX_WIDENED)?;
-            layer.prefill(&x, m, &mut slabs, 0)?;
-            let diff = whole
-                .iter()
-                .zip(&slabs)
-                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            layer.prefill(&x, m, &mut whole, false, MAX_WIDENED)?;
+            layer.prefill(&x, m, &mut slabs, false, 0)?;
+            let mut paths = vec![("slabs", slabs)];
+            if panel::available() {
+                let mut panels = vec![0f32; m * n];
+                layer.prefill(&x, m, &mut panels, true, MAX_WIDENED)?;
+                paths.push(("panels", panels));
+            }
             let scale = whole.iter().fold(0f32, |a, v| a.max(v.abs()));
-            assert!(diff <= 1e-5 * scale, "{diff} of {scale}");
+            for (name, y) in paths {
+                let diff = whole
+                    .iter()
+                    .zip(&y)
+                    .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+                assert!(diff <= 1e-5 * scale, "{name}: {diff} of {scale}");
+            }
         }
         Ok(())
     }

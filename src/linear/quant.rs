@@ -98,22 +98,34 @@ impl QuantMatrix {
 
     /// Row `j` as f32 weights (the numbers the products multiply by).
     pub(crate) fn dequantize_row(&self, j: usize, out: &mut [f32]) {
-        assert!(j < self.n && out.len() == self.k);
-        #[cfg(target_arch = "x86_64")]
-        if super::kernels::simd::available() {
-            // SAFETY: AVX2 and F16C are there (just checked); row j exists and `out` holds K.
-            unsafe { simd::dequantize_row(self, j, out) };
-            return;
-        }
-        self.dequantize_row_portable(j, out)
+        assert_eq!(out.len(), self.k);
+        self.dequantize_part(j, 0, out)
     }
 
-    /// [`QuantMatrix::dequantize_row`] in plain Rust.
-    pub(crate) fn dequantize_row_portable(&self, j: usize, out: &mut [f32]) {
+    /// Weights `k0 .. k0 + out.len()` of row `j` as f32: whole blocks (`k0` and the length
+    /// multiples of 32).
+    pub(crate) fn dequantize_part(&self, j: usize, k0: usize, out: &mut [f32]) {
+        assert!(
+            j < self.n
+                && k0.is_multiple_of(BLOCK)
+                && out.len().is_multiple_of(BLOCK)
+                && k0 + out.len() <= self.k
+        );
+        #[cfg(target_arch = "x86_64")]
+        if super::kernels::simd::available() {
+            // SAFETY: AVX2 and F16C are there (just checked); the blocks exist (asserted).
+            unsafe { simd::dequantize_part(self, j, k0 / BLOCK, out) };
+            return;
+        }
+        self.dequantize_part_portable(j, k0, out)
+    }
+
+    /// [`QuantMatrix::dequantize_part`] in plain Rust.
+    pub(crate) fn dequantize_part_portable(&self, j: usize, k0: usize, out: &mut [f32]) {
         let bpr = self.k / BLOCK;
         let bb = self.kind.block_bytes();
         for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let i = j * bpr + b;
+            let i = j * bpr + k0 / BLOCK + b;
             let d = half::f16::from_bits(self.d[i]).to_f32();
             let q = &self.qs[i * bb..(i + 1) * bb];
             match self.kind {
@@ -221,7 +233,8 @@ pub(crate) struct Q8Acts {
     pub(crate) k: usize,
     pub(crate) q: Vec<i8>,
     pub(crate) d: Vec<f32>,
-    /// Σq of each block (for Q4_0's unsigned products).
+    /// Σq of each block (for Q4_0's unsigned products: the AVX2 kernel's).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) s: Vec<i32>,
 }
 
@@ -382,21 +395,22 @@ mod simd {
         }
     }
 
-    /// Row `j` as f32 weights, a block per step: its 32 weights as signed bytes (the kernels'
+    /// Blocks `b0 ..` of row `j` (as many as `out` holds) as f32 weights, a block per step: its 32 weights as signed bytes (the kernels'
     /// `prepare`), widened 8 at a time and scaled (the portable loop was ~40 % of the time
     /// quantized prefill spends widening its matrices for gemm).
     ///
     /// # Safety
-    /// The CPU must have AVX2 and F16C; `j < q.n` and `out.len() == q.k`.
+    /// The CPU must have AVX2 and F16C; `j < q.n`, `out.len()` is a multiple of 32 and
+    /// `b0·32 + out.len() <= q.k`.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn dequantize_row(q: &QuantMatrix, j: usize, out: &mut [f32]) {
+    pub(super) unsafe fn dequantize_part(q: &QuantMatrix, j: usize, b0: usize, out: &mut [f32]) {
         let (bpr, bb) = (q.k / BLOCK, q.kind.block_bytes());
         // SAFETY: row j's bpr blocks and scales exist (the caller's promise), and `out` holds
         // bpr blocks of 32.
         unsafe {
             let (qs, ds, o) = (q.qs.as_ptr(), q.d.as_ptr(), out.as_mut_ptr());
-            for b in 0..bpr {
-                let i = j * bpr + b;
+            for b in 0..out.len() / BLOCK {
+                let i = j * bpr + b0 + b;
                 let p = qs.add(i * bb);
                 let w = match q.kind {
                     QuantKind::Q8_0 => _mm256_loadu_si256(p.cast()),
@@ -652,8 +666,16 @@ mod tests {
             let mut portable = vec![0f32; k];
             for j in 0..n {
                 q.dequantize_row(j, &mut deq[j * k..(j + 1) * k]);
-                q.dequantize_row_portable(j, &mut portable);
+                q.dequantize_part_portable(j, 0, &mut portable);
                 assert_eq!(deq[j * k..(j + 1) * k], portable, "{kind:?} row {j}");
+                // Parts: the blocks they name, at both paths.
+                for (k0, len) in [(32, 32), (64, 32), (0, 64), (32, 64)] {
+                    let mut part = vec![0f32; len];
+                    q.dequantize_part(j, k0, &mut part);
+                    assert_eq!(part, deq[j * k + k0..][..len], "{kind:?} row {j} at {k0}");
+                    q.dequantize_part_portable(j, k0, &mut part);
+                    assert_eq!(part, deq[j * k + k0..][..len], "{kind:?} row {j} at {k0}");
+                }
             }
             // Each weight within its format's error of its block's largest.
             for j in 0..n {
