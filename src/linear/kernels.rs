@@ -41,6 +41,24 @@ impl<'a> Elems<'a> {
         }
     }
 
+    /// The 8 × 8 block at element `at` (row stride `sa`), widened to f32, written transposed at
+    /// `o` (row stride `so`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C ([`simd::available`]); `self` must hold 7 rows of `sa`
+    /// and 8 more elements from `at`; 8 rows of 8 floats must be writable at `o`.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) unsafe fn transpose8(&self, at: usize, sa: usize, o: *mut f32, so: usize) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            match *self {
+                Self::F32(a) => simd::transpose8::<simd::F32>(&a[at..], sa, o, so),
+                Self::F16(a) => simd::transpose8::<simd::F16>(&a[at..], sa, o, so),
+                Self::Bf16(a) => simd::transpose8::<simd::Bf16>(&a[at..], sa, o, so),
+            }
+        }
+    }
+
     /// Elements `r`, as f32, into `out` (`out.len()` of them).
     pub(crate) fn widen(&self, r: Range<usize>, out: &mut [f32]) {
         use half::slice::HalfFloatSliceExt;
@@ -156,13 +174,7 @@ pub(crate) unsafe fn transpose_into(
                         let o = stage[kk0 * S + r0..].as_mut_ptr();
                         // SAFETY: the CPU has AVX2 and F16C; the block's 8 rows of 8 are
                         // inside `a`, and rows kk0.. of the stage hold columns r0 .. r0 + 8.
-                        unsafe {
-                            match a {
-                                Elems::F32(a) => simd::transpose8::<simd::F32>(&a[at..], k, o, S),
-                                Elems::F16(a) => simd::transpose8::<simd::F16>(&a[at..], k, o, S),
-                                Elems::Bf16(a) => simd::transpose8::<simd::Bf16>(&a[at..], k, o, S),
-                            }
-                        };
+                        unsafe { a.transpose8(at, k, o, S) };
                         continue;
                     }
                     let cols = B.min(h - kk0);

@@ -134,23 +134,18 @@ pub(crate) fn pack_elems(
 fn pack_elems_one(a: super::Elems<'_>, k: usize, n0: usize, ks: Range<usize>, panel: &mut [f32]) {
     let (n, kc) = (a.len() / k, ks.len());
     let outputs = MR.min(n - n0);
+    #[cfg(target_arch = "x86_64")]
+    let fast = super::kernels::simd::available();
     let mut tail = [0f32; 8];
     for g in (0..MR).step_by(8) {
         for kk0 in (0..kc).step_by(8) {
             #[cfg(target_arch = "x86_64")]
-            if g + 8 <= outputs && kk0 + 8 <= kc {
+            if fast && g + 8 <= outputs && kk0 + 8 <= kc {
                 let at = (n0 + g) * k + ks.start + kk0;
                 let o = panel[kk0 * MR + g..].as_mut_ptr();
-                use super::kernels::{simd, Elems};
-                // SAFETY: AVX2 + F16C (gemm_nk's caller's promise); rows n0 + g .. + 8 of `a`
-                // hold 8 elements from `at`, and `panel` rows kk0 .. + 8 hold columns g .. + 8.
-                unsafe {
-                    match a {
-                        Elems::F32(a) => simd::transpose8::<simd::F32>(&a[at..], k, o, MR),
-                        Elems::F16(a) => simd::transpose8::<simd::F16>(&a[at..], k, o, MR),
-                        Elems::Bf16(a) => simd::transpose8::<simd::Bf16>(&a[at..], k, o, MR),
-                    }
-                }
+                // SAFETY: AVX2 + F16C (checked); rows n0 + g .. + 8 of `a` hold 8 elements
+                // from `at`, and `panel` rows kk0 .. + 8 hold columns g .. + 8.
+                unsafe { a.transpose8(at, k, o, MR) };
                 continue;
             }
             let cols = 8.min(kc - kk0);
