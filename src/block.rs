@@ -1,15 +1,15 @@
 //! One pre-LN transformer block: `x = x + attn(ln_1(x))`, then `x = x + mlp(ln_2(x))`.
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::attention::Attention;
-use crate::checkpoint::Weights;
 use crate::config::Config;
 use crate::error::Result;
+use crate::hooks::{LayerHook, Point};
 use crate::layer_norm::LayerNorm;
+use crate::linear::storage::Loader;
 use crate::mlp::Mlp;
-use crate::model::{LayerHook, Point};
 
 pub(crate) struct Block {
     ln_1: LayerNorm,
@@ -19,13 +19,14 @@ pub(crate) struct Block {
 }
 
 impl Block {
-    pub(crate) fn load(w: &Weights, layer: usize, cfg: &Config) -> Result<Self> {
+    /// Block `h.{layer}`, its KV cache in `kv_dtype`.
+    pub(crate) fn load(w: &Loader, layer: usize, cfg: &Config, kv_dtype: DType) -> Result<Self> {
         let (c, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
         let name = format!("h.{layer}");
         Ok(Self {
-            ln_1: w.layer_norm(&format!("{name}.ln_1"), c, eps)?,
-            attn: Attention::load(w, &format!("{name}.attn"), layer, cfg)?,
-            ln_2: w.layer_norm(&format!("{name}.ln_2"), c, eps)?,
+            ln_1: LayerNorm::load(w, &format!("{name}.ln_1"), c, eps)?,
+            attn: Attention::load(w, &format!("{name}.attn"), layer, cfg, kv_dtype)?,
+            ln_2: LayerNorm::load(w, &format!("{name}.ln_2"), c, eps)?,
             mlp: Mlp::load(w, &format!("{name}.mlp"), cfg)?,
         })
     }

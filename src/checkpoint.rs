@@ -1,10 +1,11 @@
 //! Reading GPT-2 weights: memory-mapped safetensors (one file or shards), an in-memory map, or
-//! seeded random numbers, into the storage each layer runs from.
+//! seeded random numbers, checked and handed to `linear::storage`, which decides the storage
+//! each layer runs from.
 //!
 //! Every checkpoint quirk is handled here, once:
 //! - names come with or without the `transformer.` prefix (`save_pretrained` writes it, the Hub's
 //!   `openai-community/gpt2` does not);
-//! - HF `Conv1D` weights are stored (in, out), which is how [`Linear`] reads them;
+//! - HF `Conv1D` weights are stored (in, out), as `linear::Linear` reads them;
 //! - `attn.bias` / `attn.masked_bias` are old mask buffers, not parameters: ignored;
 //! - `lm_head.weight` is optional: absent, the head is tied to `wte`;
 //! - a float dtype other than the target is converted (f64 included); an integer or boolean
@@ -28,9 +29,6 @@ use safetensors::tensor::{Dtype as StDtype, TensorInfo};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::layer_norm::LayerNorm;
-use crate::linear::quant::{QuantKind, QuantMatrix};
-use crate::linear::{Buf, HostElems, Linear, Matrix};
 use crate::rng::{hash_name, SplitMix64};
 use crate::tokenizer::TokenizerFiles;
 
@@ -53,28 +51,6 @@ pub enum Checkpoint {
     /// Seeded random weights for the config's layout, made one tensor at a time in the model's
     /// dtype, so a random 7B layout never exists twice in memory (see [`random_checkpoint`]).
     Random { seed: u64 },
-}
-
-/// How the big matrices are stored: a dtype, or 8/4-bit blocks (CPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Storage {
-    Dtype(DType),
-    Quant(QuantKind),
-}
-
-/// Where weights go and in what form.
-#[derive(Debug, Clone)]
-pub(crate) struct Target {
-    pub(crate) storage: Storage,
-    /// The dtype of activations, and so of biases, layer norms and `wpe`.
-    pub(crate) act_dtype: DType,
-    /// The KV cache's.
-    pub(crate) kv_dtype: DType,
-    pub(crate) device: Device,
-    /// Matrices stay on the host for the CPU kernels (else: candle tensors, for GPUs).
-    pub(crate) host: bool,
-    /// f32 weights may be read from the mapped file in place.
-    pub(crate) mmap: bool,
 }
 
 /// One memory-mapped safetensors file and its header.
@@ -158,12 +134,12 @@ enum Source {
     },
 }
 
-/// Named tensors, resolved against the optional `transformer.` prefix, shape-checked, validated
-/// and stored as the [`Target`] says as they are taken.
+/// Named tensors, resolved against the optional `transformer.` prefix, shape-checked and
+/// validated as they are taken. What they become (the storage the layers run from) is
+/// `linear::storage`'s decision.
 pub(crate) struct Weights {
     source: Source,
     prefix: &'static str,
-    target: Target,
 }
 
 /// A tensor's stored dtype, as far as loading cares.
@@ -179,16 +155,13 @@ enum Stored {
 const CHUNK: usize = 1 << 18;
 
 impl Weights {
-    /// Opens `checkpoint` for a model of `config`.
-    pub(crate) fn open(checkpoint: Checkpoint, config: &Config, target: Target) -> Result<Self> {
+    /// Opens `checkpoint` for a model of `config`. `in_place`: the weights will be read where
+    /// they lie in the mapped files (f32 on the host), so every page is mapped up front.
+    pub(crate) fn open(checkpoint: Checkpoint, config: &Config, in_place: bool) -> Result<Self> {
         let source = match checkpoint {
             Checkpoint::Files(paths) => {
                 let mut files = Vec::with_capacity(paths.len());
                 let mut routing = HashMap::new();
-                // f32 on the host from the map: the weights are used where they lie.
-                let in_place = target.host
-                    && target.mmap
-                    && matches!(target.storage, Storage::Dtype(DType::F32));
                 for path in paths {
                     let file = MappedFile::open(&path, in_place)?;
                     for name in file.tensors.keys() {
@@ -204,19 +177,11 @@ impl Weights {
                 layout: checkpoint_layout(config).into_iter().collect(),
             },
         };
-        let mut weights = Self {
-            source,
-            prefix: "",
-            target,
-        };
+        let mut weights = Self { source, prefix: "" };
         if !weights.has("wte.weight") && weights.has("transformer.wte.weight") {
             weights.prefix = "transformer.";
         }
         Ok(weights)
-    }
-
-    pub(crate) fn target(&self) -> &Target {
-        &self.target
     }
 
     fn has(&self, full_name: &str) -> bool {
@@ -322,12 +287,11 @@ impl Weights {
 
     /// The values of `full` as f32, a chunk of at most [`CHUNK`] at a time, each checked to be
     /// finite before `f` sees it (offset in elements, values). A file's pages are given back
-    /// after each chunk unless `keep`.
+    /// after each chunk.
     fn stream(
         &self,
         full: &str,
         stored: Stored,
-        keep: bool,
         mut f: impl FnMut(usize, &[f32]) -> Result<()>,
     ) -> Result<()> {
         let check = |offset: usize, v: &[f32]| -> Result<()> {
@@ -360,10 +324,8 @@ impl Weights {
                     for (c, part) in all.chunks(CHUNK).enumerate() {
                         check(c * CHUNK, part)?;
                         f(c * CHUNK, part)?;
-                        if !keep {
-                            let start = range.start + c * CHUNK * size;
-                            file.release(start..start + part.len() * size);
-                        }
+                        let start = range.start + c * CHUNK * size;
+                        file.release(start..start + part.len() * size);
                     }
                     return Ok(());
                 }
@@ -373,10 +335,8 @@ impl Weights {
                     buf.extend(part.chunks_exact(size).map(|b| decode(b, stored)));
                     check(c * CHUNK, &buf)?;
                     f(c * CHUNK, &buf)?;
-                    if !keep {
-                        let start = range.start + c * CHUNK * size;
-                        file.release(start..start + part.len());
-                    }
+                    let start = range.start + c * CHUNK * size;
+                    file.release(start..start + part.len());
                 }
                 Ok(())
             }
@@ -415,7 +375,7 @@ impl Weights {
             }
         }
         let mut all = Vec::new();
-        self.stream(full, stored, false, |_, v| {
+        self.stream(full, stored, |_, v| {
             all.extend_from_slice(v);
             Ok(())
         })?;
@@ -430,165 +390,20 @@ impl Weights {
         }
     }
 
-    /// Takes tensor `name`, checking it has `shape`, as a tensor of the activations' dtype on the
-    /// target device: biases, layer norms, `wpe`.
-    pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// Tensor `name`, checked to have `shape` and a float dtype, ready to be read.
+    pub(crate) fn entry(&self, name: &str, shape: &[usize]) -> Result<Entry<'_>> {
         let (full, stored) = self.find(name, shape)?;
-        let v = self.values(&full, stored)?.into_owned();
-        let t = Tensor::from_vec(v, shape, &Device::Cpu)?;
-        Ok(t.to_dtype(self.target.act_dtype)?
-            .to_device(&self.target.device)?)
+        Ok(Entry {
+            weights: self,
+            full,
+            stored,
+        })
     }
 
-    /// Matrix `name` of `shape` (rows, cols) as stored, in the target storage. `rows_are_outputs`:
-    /// the stored rows are output units (`wte`: (vocab, C)); else they are inputs (`Conv1D`:
-    /// (in, out)).
-    pub(crate) fn matrix(
-        &self,
-        name: &str,
-        shape: [usize; 2],
-        rows_are_outputs: bool,
-    ) -> Result<Matrix> {
-        let (full, stored) = self.find(name, &shape)?;
-        let [rows, cols] = shape;
-        let (k, n) = if rows_are_outputs {
-            (cols, rows)
-        } else {
-            (rows, cols)
-        };
-        let t = &self.target;
-        if !t.host {
-            let v = self.values(&full, stored)?.into_owned();
-            let w = Tensor::from_vec(v, (rows, cols), &Device::Cpu)?;
-            let dtype = match t.storage {
-                Storage::Dtype(d) => d,
-                Storage::Quant(_) => DType::F32,
-            };
-            let w = w.to_dtype(dtype)?.to_device(&t.device)?;
-            // The tensor path multiplies by (in, out).
-            return Ok(Matrix::Tensor(if rows_are_outputs { w.t()? } else { w }));
-        }
-        let host = |e: HostElems| {
-            if rows_are_outputs {
-                Matrix::OutIn(e)
-            } else {
-                Matrix::InOut(e)
-            }
-        };
-        match t.storage {
-            // f32 is read where it lies in the map: `wte` (vocab, C) as (out, in), a `Conv1D`
-            // as (in, out). Transposing a `Conv1D` at load bought no decode speed at f32 (the
-            // kernels are bandwidth-bound either way: 51.7-54.7 vs 52.6-55.0 tok/s), cost
-            // 0.2 s of start-up and 20 % of prefill (gemm packs (in, out) faster).
-            Storage::Dtype(DType::F32) => {
-                if let (Source::Files { files, routing }, Stored::F32, true) =
-                    (&self.source, stored, t.mmap)
-                {
-                    let file = &files[routing[&full]];
-                    let range = file.range(&file.tensors[&full]);
-                    if let Some(buf) = Buf::<f32>::mapped(&file.map, range) {
-                        if let Some(i) = first_non_finite(buf.as_slice()) {
-                            let v = buf.as_slice()[i];
-                            return Err(self.bad(
-                                &full,
-                                format!(
-                                    "holds {v} at flat index {i}; weights must be finite numbers"
-                                ),
-                            ));
-                        }
-                        return Ok(host(HostElems::F32(buf)));
-                    }
-                }
-                let v = self.values(&full, stored)?.into_owned();
-                self.release(&full);
-                Ok(host(HostElems::F32(Buf::owned(v))))
-            }
-            // Halves are converted anyway, so a `Conv1D` is also transposed, once, to (out, in):
-            // decode then reads each output's weights as one contiguous row, one dot product
-            // each, instead of widening and adding scaled (in, out) rows, which left f16
-            // decode compute-bound (GPT-2 small, 2 threads: 76-78 -> 106-108 tok/s).
-            Storage::Dtype(d @ (DType::F16 | DType::BF16)) => {
-                // half's slice conversion (F16C where the CPU has it): element by element it
-                // was 14 % of an f16 load.
-                let narrow = |v: &[f32], bits: &mut Vec<u16>| {
-                    use half::slice::HalfFloatSliceExt;
-                    let at = bits.len();
-                    bits.resize(at + v.len(), 0);
-                    let out = &mut bits[at..];
-                    if d == DType::F16 {
-                        bytemuck::cast_slice_mut::<u16, half::f16>(out).convert_from_f32_slice(v);
-                    } else {
-                        bytemuck::cast_slice_mut::<u16, half::bf16>(out).convert_from_f32_slice(v);
-                    }
-                };
-                let mut bits: Vec<u16> = Vec::with_capacity(rows * cols);
-                if rows_are_outputs {
-                    self.stream(&full, stored, false, |_, v| {
-                        narrow(v, &mut bits);
-                        Ok(())
-                    })?;
-                } else {
-                    let v = self.values(&full, stored)?;
-                    narrow(&transpose(&v, k, n), &mut bits);
-                    drop(v);
-                    self.release(&full);
-                }
-                let buf = Buf::owned(bits);
-                Ok(Matrix::OutIn(if d == DType::F16 {
-                    HostElems::F16(buf)
-                } else {
-                    HostElems::Bf16(buf)
-                }))
-            }
-            Storage::Dtype(d) => Err(Error::Input(format!("unsupported weight dtype {d:?}"))),
-            Storage::Quant(kind) => {
-                // The embedding / LM head takes 6 bits under 4-bit blocks, as llama.cpp keeps
-                // `token_embd`/`output` in `q6_K` in its Q4_0 files: its error goes straight
-                // into every logit. (At 8 bits it was 41 of q4_0's 89 MB, the most read per
-                // decoded token.)
-                let kind = match kind {
-                    QuantKind::Q4_0 if rows_are_outputs => QuantKind::Q6,
-                    kind => kind,
-                };
-                if !k.is_multiple_of(crate::linear::quant::BLOCK) {
-                    return Err(Error::param(
-                        "quantize",
-                        format!("needs inputs in multiples of 32, but `{full}` has {k}"),
-                    ));
-                }
-                let v = self.values(&full, stored)?;
-                let q = if rows_are_outputs {
-                    QuantMatrix::quantize(kind, n, k, |j, out| {
-                        out.copy_from_slice(&v[j * k..(j + 1) * k])
-                    })
-                } else {
-                    // (in, out) stored: output row j is column j; transposed first, in tiles
-                    // that stay in cache (a column read straight would miss on every element).
-                    let t = transpose(&v, k, n);
-                    QuantMatrix::quantize(kind, n, k, |j, out| {
-                        out.copy_from_slice(&t[j * k..(j + 1) * k])
-                    })
-                };
-                // The blocks are a copy: the pages read go back, or they would stay resident
-                // beside them.
-                drop(v);
-                self.release(&full);
-                Ok(Matrix::Quant(Arc::new(q)))
-            }
-        }
-    }
-
-    /// An HF `Conv1D` (`y = x W + b`, `W` stored (in, out)).
-    pub(crate) fn conv1d(&self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
-        let w = self.matrix(&format!("{name}.weight"), [d_in, d_out], false)?;
-        let b = self.get(&format!("{name}.bias"), &[d_out])?;
-        Ok(Linear::new(w, Some(b), d_in, d_out)?)
-    }
-
-    pub(crate) fn layer_norm(&self, name: &str, size: usize, eps: f64) -> Result<LayerNorm> {
-        let w = self.get(&format!("{name}.weight"), &[size])?;
-        let b = self.get(&format!("{name}.bias"), &[size])?;
-        Ok(LayerNorm::new(w, b, eps)?)
+    /// Tensor `name` of `shape` as f32 on the host: biases, layer norms, `wpe`.
+    pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let v = self.entry(name, shape)?.values()?.into_owned();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
     }
 
     /// Fails if the checkpoint holds layers beyond `n_layer`: a config that contradicts the weights
@@ -613,36 +428,63 @@ impl Weights {
     }
 }
 
-/// `v` (rows, cols) row-major, transposed: (cols, rows), 64 input rows (output columns) per
-/// chunk on the pool, in the staged 64 × 64 blocks of the prefill's widening kernel (a plain
-/// tiled copy on scoped threads was ~20 % of an `--dtype f16` load: GPT-2's strides alias in L1).
-fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    use crate::linear::kernels::{transpose_into, Elems};
-    const TILE: usize = 64;
-    assert_eq!(v.len(), rows * cols);
-    let mut t = vec![0f32; rows * cols];
-    let out = crate::linear::SharedOut(t.as_mut_ptr());
-    let chunk = |c: usize| {
-        let is = c * TILE..rows.min((c + 1) * TILE);
-        // SAFETY: t[j·rows + i] = v[i·cols + j]: input rows `is` are columns `is` of t, this chunk's
-        // alone; t outlives the run.
-        unsafe {
-            transpose_into(
-                Elems::F32(&v[is.start * cols..is.end * cols]),
-                is.len(),
-                cols,
-                out,
-                rows,
-                is.start,
-            )
-        };
-    };
-    let chunks = rows.div_ceil(TILE);
-    // A panic cannot come from this copy; if the pool failed, transpose here.
-    if crate::linear::pool::run(chunks, &chunk).is_err() {
-        (0..chunks).for_each(chunk);
+/// One tensor of a checkpoint, found and checked (name, shape, float dtype), not yet read.
+pub(crate) struct Entry<'a> {
+    weights: &'a Weights,
+    full: String,
+    stored: Stored,
+}
+
+impl<'a> Entry<'a> {
+    /// The name it is stored under.
+    pub(crate) fn name(&self) -> &str {
+        &self.full
     }
-    t
+
+    /// Where its values lie in a mapped file when they can be used there as they are (aligned
+    /// little-endian f32), checked to be finite; `None` when they must be read (converted or
+    /// copied).
+    pub(crate) fn in_place(&self) -> Result<Option<(Arc<memmap2::Mmap>, std::ops::Range<usize>)>> {
+        let Source::Files { files, routing } = &self.weights.source else {
+            return Ok(None);
+        };
+        if self.stored != Stored::F32 {
+            return Ok(None);
+        }
+        let file = &files[routing[&self.full]];
+        let range = file.range(&file.tensors[&self.full]);
+        let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(&file.map[range.clone()]) else {
+            return Ok(None);
+        };
+        if let Some(i) = first_non_finite(v) {
+            return Err(self.error(format!(
+                "holds {} at flat index {i}; weights must be finite numbers",
+                v[i]
+            )));
+        }
+        Ok(Some((file.map.clone(), range)))
+    }
+
+    /// All values as f32 (borrowed from the map when they are f32 there), checked finite.
+    pub(crate) fn values(&self) -> Result<Cow<'a, [f32]>> {
+        self.weights.values(&self.full, self.stored)
+    }
+
+    /// The values as f32, a chunk at a time, each checked finite before `f` sees it (offset in
+    /// elements, values); a file's pages are given back as they are read.
+    pub(crate) fn stream(&self, f: impl FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
+        self.weights.stream(&self.full, self.stored, f)
+    }
+
+    /// Gives the file's pages of this tensor back: it was copied.
+    pub(crate) fn release(&self) {
+        self.weights.release(&self.full)
+    }
+
+    /// An error about this tensor, naming it and its file.
+    pub(crate) fn error(&self, msg: String) -> Error {
+        self.weights.bad(&self.full, msg)
+    }
 }
 
 /// One little-endian element of `stored` as f32.
@@ -672,7 +514,7 @@ fn first_non_finite(v: &[f32]) -> Option<usize> {
     };
     if chunks > 4 {
         // A panic cannot come from a bit test; if the pool failed, scan here.
-        if crate::linear::pool::run(chunks, &scan).is_err() {
+        if crate::pool::run(chunks, &scan).is_err() {
             (0..chunks).for_each(scan);
         }
     } else {
@@ -780,21 +622,4 @@ pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
         )));
     }
     Ok(files)
-}
-
-#[cfg(test)]
-mod transpose_tests {
-    /// Every element lands at its transposed place, across staged-block tails and pool chunks.
-    #[test]
-    fn transpose_moves_every_element() {
-        for (rows, cols) in [(1, 1), (3, 70), (130, 77), (768, 64)] {
-            let v: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let t = super::transpose(&v, rows, cols);
-            for i in 0..rows {
-                for j in 0..cols {
-                    assert_eq!(t[j * rows + i], v[i * cols + j], "rows={rows} cols={cols}");
-                }
-            }
-        }
-    }
 }

@@ -10,8 +10,9 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
 use crate::error::{human_bytes, Error, Result};
+use crate::hooks::Hook;
 use crate::memory::product;
-use crate::model::{Cache, Gpt2, Hook, Output};
+use crate::model::{Cache, Gpt2, Output};
 use crate::prompt::Prompt;
 use crate::tokenizer::{TextStream, Tokenizer};
 
@@ -517,19 +518,25 @@ fn prepare_logits(row: &mut [f32], penalty: f32, recent: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a batch whose KV cache and activations cannot fit, before allocating any of it.
-fn check_memory(model: &Gpt2, samples: usize, prompt: usize) -> Result<()> {
+/// Bytes the KV caches of `samples` sequences take once allocated (every layer's keys and values
+/// for the whole context).
+fn kv_cache_bytes(model: &Gpt2, samples: usize) -> u128 {
     let c = model.config();
-    let bytes = model.dtype().size_in_bytes();
-    let kv = product(&[
+    product(&[
         samples,
         c.n_layer,
         2,
         c.n_positions,
         c.kv_heads(),
         c.head_size(),
-        bytes,
-    ]);
+        model.kv_dtype().size_in_bytes(),
+    ])
+}
+
+/// Refuses a batch whose KV cache and activations cannot fit, before allocating any of it.
+fn check_memory(model: &Gpt2, samples: usize, prompt: usize) -> Result<()> {
+    let c = model.config();
+    let kv = kv_cache_bytes(model, samples);
     // The prefill's widest activations (the MLP's, the QKV projection's, the attention scores)
     // and the logits, twice over for the copies in flight.
     let width = c.inner_size().max(3 * c.n_embd);
@@ -556,9 +563,9 @@ mod tests {
     use super::*;
     use crate::checkpoint::Checkpoint;
     use crate::config::Config;
-    use crate::model::LoadOptions;
+    use crate::options::LoadOptions;
     use crate::prompt::PromptOptions;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// The real tokenizer is not needed: a byte-level BPE with no merges over 61 tokens
     /// would do, but the fixture's tokenizer is at hand and has 512 ids.
@@ -584,6 +591,43 @@ mod tests {
             Checkpoint::Random { seed: 2 },
             &LoadOptions::default(),
         )
+    }
+
+    /// The memory check sizes the KV cache in the cache's dtype, not the weights': quantized
+    /// weights keep an f16 cache, f16 weights may keep an f32 one.
+    #[test]
+    fn the_memory_check_sizes_the_kv_cache_as_allocated() -> Result<()> {
+        use crate::Quantization;
+        for opts in [
+            LoadOptions::default(),
+            LoadOptions::default().with_dtype(DType::F16),
+            LoadOptions::default()
+                .with_dtype(DType::F16)
+                .with_kv_cache(DType::F32),
+            LoadOptions::default().quantized(Quantization::Q8_0),
+            LoadOptions::default().with_kv_cache(DType::BF16),
+        ] {
+            let mut config = model(16)?.config().clone();
+            config.bos_token_id = 0;
+            let m = Gpt2::new(config, Checkpoint::Random { seed: 2 }, &opts)?;
+            let mut cache = m.new_cache();
+            m.forward(
+                &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?,
+                Some(&mut cache),
+            )?;
+            let allocated: usize = cache
+                .layers
+                .iter()
+                .flat_map(|kv| [kv.k_cache().all_data(), kv.v_cache().all_data()])
+                .map(|t| {
+                    t.as_ref()
+                        .map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
+                })
+                .sum();
+            assert_eq!(kv_cache_bytes(&m, 1), allocated as u128, "{opts:?}");
+            assert_eq!(kv_cache_bytes(&m, 3), 3 * allocated as u128, "{opts:?}");
+        }
+        Ok(())
     }
 
     /// A prompt of these ids, unchecked: `generate` checks it against the model.

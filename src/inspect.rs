@@ -264,7 +264,7 @@ fn selected_heads(p: Tensor, selection: &Selection) -> Result<Tensor> {
 }
 
 /// How attention is written out: `--format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// Heatmaps of shade blocks for the terminal, 80 columns wide.
     Text,
@@ -280,36 +280,67 @@ pub enum Format {
     Html,
 }
 
-impl FromStr for Format {
-    type Err = String;
+impl Format {
+    /// Every format, in the order `--help` lists them.
+    pub const ALL: [Self; 6] = [
+        Self::Text,
+        Self::Json,
+        Self::Npy,
+        Self::Safetensors,
+        Self::Png,
+        Self::Html,
+    ];
 
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Ok(match s {
-            "text" => Self::Text,
-            "json" => Self::Json,
-            "npy" => Self::Npy,
-            "safetensors" => Self::Safetensors,
-            "png" => Self::Png,
-            "html" => Self::Html,
-            _ => {
-                return Err(format!(
-                    "unknown format `{s}`: expected text, json, npy, safetensors, png or html"
-                ))
-            }
-        })
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+    /// Its name on the command line: `text`, `json`, ...
+    pub fn name(self) -> &'static str {
+        match self {
             Self::Text => "text",
             Self::Json => "json",
             Self::Npy => "npy",
             Self::Safetensors => "safetensors",
             Self::Png => "png",
             Self::Html => "html",
-        })
+        }
+    }
+
+    /// One line on what it writes.
+    pub fn help(self) -> &'static str {
+        match self {
+            Self::Text => "Heatmaps of shade blocks for the terminal, 80 columns wide",
+            Self::Json => {
+                "{\"model\", \"layer\", \"tokens\", \"token_ids\", \"heads\", \"attention\"}"
+            }
+            Self::Npy => {
+                "A float32 `.npy` array (heads, q, k) or (layers, heads, q, k), tokens in a \
+                 `.json` beside it"
+            }
+            Self::Safetensors => {
+                "One (heads, q, k) tensor `attn.{layer}` per layer, tokens and ids in the metadata"
+            }
+            Self::Png => "A figure: a grid of per-head heatmaps with token labels and a colour bar",
+            Self::Html => {
+                "One self-contained page with a head selector, in the spirit of bertviz's head view"
+            }
+        }
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                format!("unknown format `{s}`: expected text, json, npy, safetensors, png or html")
+            })
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

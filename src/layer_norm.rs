@@ -7,6 +7,8 @@
 
 use candle_core::{CpuStorage, DType, Module, Storage, Tensor, D};
 
+use crate::linear::storage::Loader;
+
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
 #[derive(Debug, Clone)]
 pub(crate) struct LayerNorm {
@@ -30,6 +32,13 @@ impl LayerNorm {
             eps,
             host,
         })
+    }
+
+    /// `{name}.weight` and `{name}.bias` of `size`.
+    pub(crate) fn load(w: &Loader, name: &str, size: usize, eps: f64) -> crate::Result<Self> {
+        let weight = w.vector(&format!("{name}.weight"), &[size])?;
+        let bias = w.vector(&format!("{name}.bias"), &[size])?;
+        Ok(Self::new(weight, bias, eps)?)
     }
 
     /// weight, bias and epsilon.

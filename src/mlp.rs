@@ -2,9 +2,9 @@
 
 use candle_core::Tensor;
 
-use crate::checkpoint::Weights;
 use crate::config::{Activation, Config};
 use crate::error::Result;
+use crate::linear::storage::Loader;
 use crate::linear::Linear;
 
 pub(crate) struct Mlp {
@@ -14,7 +14,7 @@ pub(crate) struct Mlp {
 }
 
 impl Mlp {
-    pub(crate) fn load(w: &Weights, name: &str, cfg: &Config) -> Result<Self> {
+    pub(crate) fn load(w: &Loader, name: &str, cfg: &Config) -> Result<Self> {
         let (c, inner) = (cfg.n_embd, cfg.inner_size());
         Ok(Self {
             c_fc: w.conv1d(&format!("{name}.c_fc"), c, inner)?,

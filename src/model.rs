@@ -12,139 +12,14 @@ use candle_nn::kv_cache::KvCache;
 use candle_transformers::utils::build_additive_causal_mask;
 
 use crate::block::Block;
-use crate::checkpoint::{Checkpoint, Storage, Target, Weights};
+use crate::checkpoint::{Checkpoint, Weights};
 use crate::config::Config;
 use crate::error::{Error, Result};
-pub use crate::hooks::{HeadMask, Hook, HookPair, Point};
-pub(crate) use crate::hooks::{LayerHook, MaskRef, Patterns};
+use crate::hooks::{HeadMask, Hook, HookPair, LayerHook, MaskRef, Patterns, Point};
 use crate::layer_norm::LayerNorm;
-use crate::linear::quant::QuantKind;
-use crate::linear::{Linear, Matrix};
-
-/// 8- or 4-bit weights, in llama.cpp's block formats, quantized at load (CPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Quantization {
-    /// 32 weights share an f16 scale; 8 bits each (8.5 bits a weight).
-    #[value(name = "q8_0")]
-    Q8_0,
-    /// 32 weights share an f16 scale; 4 bits each (4.5 bits a weight); the embedding / LM
-    /// head at 6 bits (6.5), as llama.cpp's q4_0 files keep it.
-    #[value(name = "q4_0")]
-    Q4_0,
-}
-
-impl Quantization {
-    /// `q8_0` or `q4_0`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Q8_0 => "q8_0",
-            Self::Q4_0 => "q4_0",
-        }
-    }
-}
-
-/// How to load a model: [`Gpt2::new`] and [`crate::ModelSource::load`] take these.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// The weights' dtype (f32, f16 or bf16). On the CPU, activations stay f32 whatever it is
-    /// (f16 weights are widened as they are read); on a GPU they take this dtype.
-    pub dtype: DType,
-    pub device: Device,
-    /// Only the embeddings and the first `n` blocks (`None`: all of them). Attention at layer L
-    /// depends on nothing above it, so inspection loads layers `0..=L` only; such a model has no
-    /// logits, and [`Gpt2::for_each_attention`] is what it is for.
-    pub layers: Option<usize>,
-    /// Quantize the matrices (projections, MLP, `wte`/LM head) at load; CPU only.
-    pub quantize: Option<Quantization>,
-    /// Read f32 weights from the memory-mapped file in place (no copy). Off: copied into memory,
-    /// so the file may change while the model runs.
-    pub mmap: bool,
-    /// What the KV cache stores keys and values as (f32, f16 or bf16). `None`: f16 on the CPU
-    /// when the weights are f16, bf16 or quantized (half the bytes each decoded token reads
-    /// from the cache, as llama.cpp does), else the activations' dtype (f32 on the CPU: exact).
-    pub kv_cache: Option<DType>,
-}
-
-impl Default for LoadOptions {
-    /// f32 on the CPU, every layer, memory-mapped.
-    fn default() -> Self {
-        Self {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            layers: None,
-            quantize: None,
-            mmap: true,
-            kv_cache: None,
-        }
-    }
-}
-
-impl LoadOptions {
-    /// These options with weights in `dtype`.
-    pub fn with_dtype(mut self, dtype: DType) -> Self {
-        self.dtype = dtype;
-        self
-    }
-
-    /// These options on `device`.
-    pub fn with_device(mut self, device: Device) -> Self {
-        self.device = device;
-        self
-    }
-
-    /// These options with only the first `n` blocks.
-    pub fn first_layers(mut self, n: usize) -> Self {
-        self.layers = Some(n);
-        self
-    }
-
-    /// These options with quantized matrices.
-    pub fn quantized(mut self, q: Quantization) -> Self {
-        self.quantize = Some(q);
-        self
-    }
-
-    /// These options with a KV cache of `dtype`.
-    pub fn with_kv_cache(mut self, dtype: DType) -> Self {
-        self.kv_cache = Some(dtype);
-        self
-    }
-
-    fn target(&self) -> Result<Target> {
-        let host = self.device.is_cpu();
-        let storage = match self.quantize {
-            None => Storage::Dtype(self.dtype),
-            Some(_) if !host => {
-                return Err(Error::param(
-                    "quantize",
-                    "runs on the CPU only; use --dtype f16 on a GPU",
-                ))
-            }
-            Some(Quantization::Q8_0) => Storage::Quant(QuantKind::Q8_0),
-            Some(Quantization::Q4_0) => Storage::Quant(QuantKind::Q4_0),
-        };
-        let act_dtype = if host { DType::F32 } else { self.dtype };
-        let kv_dtype = match self.kv_cache {
-            Some(d @ (DType::F32 | DType::F16 | DType::BF16)) => d,
-            Some(d) => {
-                return Err(Error::param(
-                    "kv-cache",
-                    format!("{d:?}: the cache holds f32, f16 or bf16"),
-                ))
-            }
-            None if host && storage != Storage::Dtype(DType::F32) => DType::F16,
-            None => act_dtype,
-        };
-        Ok(Target {
-            storage,
-            kv_dtype,
-            act_dtype,
-            device: self.device.clone(),
-            host,
-            mmap: self.mmap,
-        })
-    }
-}
+use crate::linear::storage::{Loader, Matrix, Target};
+use crate::linear::Linear;
+use crate::options::{LoadOptions, Quantization};
 
 /// Token embeddings: rows of `wte` gathered per id.
 enum Embeddings {
@@ -231,7 +106,8 @@ impl Gpt2 {
                 format!("{:?} is not a weight dtype (f32, f16 or bf16)", opts.dtype),
             ));
         }
-        let target = opts.target()?;
+        let target = Target::new(opts)?;
+        let kv_dtype = crate::attention::kv_cache_dtype(opts, &target)?;
         let n_layers = opts.layers.unwrap_or(config.n_layer);
         if n_layers == 0 || n_layers > config.n_layer {
             return Err(Error::Input(format!(
@@ -239,21 +115,28 @@ impl Gpt2 {
                 config.n_layer
             )));
         }
-        check_weight_memory(&config, n_layers, target.storage)?;
-        let w = Weights::open(checkpoint, &config, target)?;
-        w.check_layer_count(&config)?;
+        // Refused before any weight is made: a layout with huge dimensions would abort.
+        let needed = target.storage.bytes(layout_elements(&config, n_layers));
+        crate::memory::check(needed, || {
+            format!("the weights ({})", target.storage.label())
+        })?;
+        let w = Loader {
+            weights: Weights::open(checkpoint, &config, target.in_place())?,
+            target,
+        };
+        w.weights.check_layer_count(&config)?;
         let (v, c) = (config.vocab_size, config.n_embd);
         let wte = w.matrix("wte.weight", [v, c], true)?;
-        let tied = !w.contains("lm_head.weight");
+        let tied = !w.weights.contains("lm_head.weight");
         let wte_bytes = Linear::new(wte.clone(), None, c, v)?.weight_bytes();
-        let wpe = w.get("wpe.weight", &[config.n_positions, c])?;
+        let wpe = w.vector("wpe.weight", &[config.n_positions, c])?;
         let h = (0..n_layers)
-            .map(|i| Block::load(&w, i, &config))
+            .map(|i| Block::load(&w, i, &config, kv_dtype))
             .collect::<Result<Vec<_>>>()?;
         let head = if n_layers < config.n_layer {
             None
         } else {
-            let ln_f = w.layer_norm("ln_f", c, config.layer_norm_epsilon)?;
+            let ln_f = LayerNorm::load(&w, "ln_f", c, config.layer_norm_epsilon)?;
             // A checkpoint's own head wins; otherwise tie it to wte (same storage, no copy).
             let lm_head = if tied {
                 wte.clone()
@@ -267,7 +150,7 @@ impl Gpt2 {
             Matrix::Tensor(t) => Embeddings::Tensor(t.t()?.contiguous()?),
             m => Embeddings::Host(m),
         };
-        let t = w.target();
+        let t = w.target;
         Ok(Self {
             wte,
             wpe,
@@ -275,9 +158,9 @@ impl Gpt2 {
             head,
             dtype: opts.dtype,
             act_dtype: t.act_dtype,
-            kv_dtype: t.kv_dtype,
+            kv_dtype,
             quantize: opts.quantize,
-            device: t.device.clone(),
+            device: t.device,
             tied,
             wte_bytes,
             head_mask: None,
@@ -610,10 +493,9 @@ impl Gpt2 {
     }
 }
 
-/// Refuses a model whose weights (the embeddings and `n_layers` blocks, in `storage`) cannot fit
-/// in memory, before any is made: a layout with huge dimensions would otherwise abort.
-fn check_weight_memory(config: &Config, n_layers: usize, storage: Storage) -> Result<()> {
-    let elements: u128 = crate::checkpoint::checkpoint_layout(config)
+/// Elements of the embeddings and the first `n_layers` blocks of `config`'s checkpoint.
+fn layout_elements(config: &Config, n_layers: usize) -> u128 {
+    crate::checkpoint::checkpoint_layout(config)
         .iter()
         .filter(|(name, _)| {
             let layer = name.strip_prefix("h.").and_then(|r| r.split('.').next());
@@ -622,15 +504,7 @@ fn check_weight_memory(config: &Config, n_layers: usize, storage: Storage) -> Re
                 .is_none_or(|l| l < n_layers)
         })
         .map(|(_, shape)| crate::memory::product(shape))
-        .fold(0, u128::saturating_add);
-    let (num, den, what) = match storage {
-        Storage::Dtype(d) => (d.size_in_bytes() as u128, 1, format!("{d:?}")),
-        Storage::Quant(QuantKind::Q8_0) => (34, 32, "q8_0".into()),
-        Storage::Quant(QuantKind::Q4_0) => (18, 32, "q4_0".into()),
-        Storage::Quant(QuantKind::Q6) => (26, 32, "q6".into()),
-    };
-    let needed = elements.saturating_mul(num) / den;
-    crate::memory::check(needed, || format!("the weights ({what})"))
+        .fold(0, u128::saturating_add)
 }
 
 fn no_logits() -> Error {

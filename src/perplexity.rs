@@ -10,7 +10,8 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{Gpt2, Hook, Output, Point};
+use crate::hooks::{Hook, Point};
+use crate::model::{Gpt2, Output};
 
 /// The result, with what it was measured over.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -126,7 +127,7 @@ fn window_loss(
     match hook {
         // Both hooks see the pass: the caller's first, ours last (it only reads).
         Some(h) => {
-            let mut both = crate::model::HookPair(h, &mut resid);
+            let mut both = crate::hooks::HookPair(h, &mut resid);
             model.run(&ids, None, Some(&mut both), Output::StopAfter(last))?;
         }
         None => {
@@ -173,7 +174,7 @@ mod tests {
     use super::*;
     use crate::checkpoint::Checkpoint;
     use crate::config::Config;
-    use crate::model::LoadOptions;
+    use crate::options::LoadOptions;
 
     fn model() -> Result<Gpt2> {
         let config = Config {

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::{shard_names, Checkpoint, ModelFiles};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::model::{Gpt2, LoadOptions};
+use crate::model::Gpt2;
+use crate::options::LoadOptions;
 use crate::tokenizer::{Tokenizer, TokenizerFiles};
 
 /// Where a model comes from.

@@ -9,7 +9,8 @@ use std::str::FromStr;
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{Gpt2, HeadMask, Hook, Output, Point};
+use crate::hooks::{HeadMask, Hook, Point};
+use crate::model::{Gpt2, Output};
 
 /// A head: layer and head index, 0-based, written `L.H`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -51,7 +52,7 @@ pub fn parse_heads(s: &str) -> Result<Vec<HeadId>> {
 }
 
 /// What an ablated head's output becomes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AblateMode {
     /// Zero: the head contributes nothing (transformers' `head_mask`).
@@ -59,6 +60,47 @@ pub enum AblateMode {
     Zero,
     /// The head's output averaged over the prompt's positions: it stops depending on the token.
     Mean,
+}
+
+impl AblateMode {
+    /// Every mode, in the order `--help` lists them.
+    pub const ALL: [Self; 2] = [Self::Zero, Self::Mean];
+
+    /// `zero` or `mean`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Zero => "zero",
+            Self::Mean => "mean",
+        }
+    }
+
+    /// One line on what an ablated head's output becomes.
+    pub fn help(self) -> &'static str {
+        match self {
+            Self::Zero => "Zero: the head contributes nothing (transformers' `head_mask`)",
+            Self::Mean => {
+                "The head's output averaged over the prompt's positions: it stops depending on \
+                 the token"
+            }
+        }
+    }
+}
+
+impl fmt::Display for AblateMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for AblateMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| Error::param("ablate-mode", format!("`{s}`: expected zero or mean")))
+    }
 }
 
 /// The head mask that ablates `heads` of `model` (set it with [`Gpt2::set_head_mask`]): zero, or

@@ -13,7 +13,8 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{Gpt2, Hook, Output, Point};
+use crate::hooks::{Hook, Point};
+use crate::model::{Gpt2, Output};
 
 /// The target logit, taken apart.
 #[derive(Debug, Clone, Serialize)]

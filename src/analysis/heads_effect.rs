@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use super::ablation::{head_means, AblateMode, PerRow};
 use crate::error::{Error, Result};
-use crate::model::{Gpt2, Hook, Output, Point};
+use crate::hooks::{Hook, Point};
+use crate::model::{Gpt2, Output};
 
 /// What a head's removal is measured on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -109,7 +110,7 @@ pub fn heads_effect(
         let mut last = Streams {
             x: vec![None; n_layer + 1],
         };
-        let mut both = crate::model::HookPair(&mut ablate, &mut last);
+        let mut both = crate::hooks::HookPair(&mut ablate, &mut last);
         model.run_from(
             layer,
             batch,

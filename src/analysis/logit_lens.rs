@@ -12,7 +12,8 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{Gpt2, Hook, Output, Point};
+use crate::hooks::{Hook, Point};
+use crate::model::{Gpt2, Output};
 use crate::tokenizer::Tokenizer;
 
 /// One predicted token.
@@ -64,7 +65,7 @@ pub fn logit_lens(
     let mut res = Residuals(Vec::with_capacity(n + 1));
     match hook {
         Some(h) => {
-            let mut both = crate::model::HookPair(h, &mut res);
+            let mut both = crate::hooks::HookPair(h, &mut res);
             model.run(&x, None, Some(&mut both), Output::StopAfter(n - 1))?;
         }
         None => {

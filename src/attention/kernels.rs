@@ -10,7 +10,7 @@
 //! numbers as the unfused path up to summation order.
 
 use crate::linear::kernels::{self as linear, Elems};
-use crate::linear::pool;
+use crate::pool;
 
 /// Heads of one tensor laid out in memory: element `(b, head, row, d)` is
 /// `data[b·batch + head·head_stride + row·row + d]`, `d` contiguous.
@@ -95,7 +95,7 @@ pub(crate) fn causal_attention(
         };
         return prefill(q, dense.with(&kw[..]), dense.with(&vw[..]), d, scale, y);
     }
-    let out = crate::linear::SharedOut(y.as_mut_ptr());
+    let out = crate::pool::SharedOut(y.as_mut_ptr());
     let group = d.n_head / d.n_kv_head;
     let item = |i: usize| {
         let (b, h) = (i / d.n_head, i % d.n_head);
@@ -121,7 +121,7 @@ fn prefill(
     let (t, hs, c) = (d.t, d.head_size, d.n_head * d.head_size);
     let group = d.n_head / d.n_kv_head;
     let blocks = t.div_ceil(QUERY_BLOCK);
-    let out = crate::linear::SharedOut(y.as_mut_ptr());
+    let out = crate::pool::SharedOut(y.as_mut_ptr());
     let item = |i: usize| {
         let (bh, blk) = (i / blocks, i % blocks);
         let (b, h) = (bh / d.n_head, bh % d.n_head);

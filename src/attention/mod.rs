@@ -15,12 +15,31 @@ pub(crate) mod kernels;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use candle_nn::kv_cache::KvCache;
 
-use crate::checkpoint::Weights;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::hooks::{LayerHook, Point};
 use crate::linear::kernels::Elems;
+use crate::linear::storage::{Loader, Storage as WeightStorage, Target};
 use crate::linear::Linear;
-use crate::model::{LayerHook, Point};
+use crate::options::LoadOptions;
+
+/// What the KV cache holds keys and values as: [`LoadOptions::kv_cache`], or by default f16 on
+/// the host when the weights are reduced (f16, bf16, blocks: half the bytes each decoded token
+/// reads from the cache, as llama.cpp does), else the activations' dtype (f32 on the host:
+/// exact).
+pub(crate) fn kv_cache_dtype(opts: &LoadOptions, target: &Target) -> Result<DType> {
+    Ok(match opts.kv_cache {
+        Some(d @ (DType::F32 | DType::F16 | DType::BF16)) => d,
+        Some(d) => {
+            return Err(Error::param(
+                "kv-cache",
+                format!("{d:?}: the cache holds f32, f16 or bf16"),
+            ))
+        }
+        None if target.host && target.storage != WeightStorage::Dtype(DType::F32) => DType::F16,
+        None => target.act_dtype,
+    })
+}
 
 pub(crate) struct Attention {
     c_attn: Linear,
@@ -37,7 +56,14 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
-    pub(crate) fn load(w: &Weights, name: &str, layer: usize, cfg: &Config) -> Result<Self> {
+    /// Layer `layer`'s attention `name` (`h.{layer}.attn`), its cache in `kv_dtype`.
+    pub(crate) fn load(
+        w: &Loader,
+        name: &str,
+        layer: usize,
+        cfg: &Config,
+        kv_dtype: DType,
+    ) -> Result<Self> {
         let (c, kv) = (cfg.n_embd, cfg.kv_heads() * cfg.head_size());
         let mut scale = 1.0;
         if cfg.scale_attn_weights {
@@ -54,8 +80,8 @@ impl Attention {
             n_kv_head: cfg.kv_heads(),
             head_size: cfg.head_size(),
             scale,
-            fused: w.target().host,
-            kv_dtype: w.target().kv_dtype,
+            fused: w.target.host,
+            kv_dtype,
         })
     }
 

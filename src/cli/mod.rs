@@ -57,7 +57,7 @@ struct AblateArgs {
     #[arg(long, value_name = "L.H,...")]
     ablate: Option<String>,
     /// zero: the head's output is 0 (transformers' head_mask); mean: its mean over the prompt.
-    #[arg(long, value_enum, default_value = "zero")]
+    #[arg(long, default_value = "zero", value_parser = choice::<AblateMode>())]
     ablate_mode: AblateMode,
 }
 
@@ -131,7 +131,7 @@ struct HeadsEffectArgs {
     #[arg(long)]
     bos: bool,
     /// How each head is removed.
-    #[arg(long, value_enum, default_value = "zero")]
+    #[arg(long, default_value = "zero", value_parser = choice::<AblateMode>())]
     ablate_mode: AblateMode,
     #[arg(long, value_enum, default_value = "text")]
     format: AnalysisFormat,
@@ -246,7 +246,7 @@ struct ModelArgs {
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Precision,
     /// Quantize the weight matrices at load to llama.cpp's 8- or 4-bit block format (CPU).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<Quantization>())]
     quantize: Option<Quantization>,
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
@@ -260,6 +260,42 @@ struct ModelArgs {
     /// llama.cpp), else f32 (exact).
     #[arg(long, value_enum)]
     kv_cache: Option<Precision>,
+}
+
+/// A library enum offered as a clap value: the library does not depend on clap, so its names
+/// and help lines become clap's possible values here, parsed back with its `FromStr`.
+trait Choice: std::str::FromStr + Clone + Send + Sync + 'static {
+    /// Each value's name and one-line help, in the order `--help` lists them.
+    fn values() -> Vec<(&'static str, &'static str)>;
+}
+
+impl Choice for Quantization {
+    fn values() -> Vec<(&'static str, &'static str)> {
+        Quantization::ALL.map(|q| (q.name(), q.help())).to_vec()
+    }
+}
+
+impl Choice for AblateMode {
+    fn values() -> Vec<(&'static str, &'static str)> {
+        AblateMode::ALL.map(|m| (m.name(), m.help())).to_vec()
+    }
+}
+
+impl Choice for Format {
+    fn values() -> Vec<(&'static str, &'static str)> {
+        Format::ALL.map(|f| (f.name(), f.help())).to_vec()
+    }
+}
+
+fn choice<T: Choice>() -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T::Err: std::fmt::Display,
+{
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let values = T::values()
+        .into_iter()
+        .map(|(name, help)| PossibleValue::new(name).help(help));
+    PossibleValuesParser::new(values).try_map(|s| s.parse::<T>().map_err(|e| e.to_string()))
 }
 
 fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
@@ -444,7 +480,7 @@ struct InspectHeadsArgs {
     #[arg(long)]
     bos: bool,
     /// How to write the attention.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, default_value = "text", value_parser = choice::<Format>())]
     format: Format,
     /// Write to this file instead of standard output (needed for npy, safetensors and png).
     #[arg(long, value_name = "PATH")]

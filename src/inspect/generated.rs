@@ -12,7 +12,7 @@ use super::export::npy_header;
 use super::html::{escape_html, script_json};
 use super::Format;
 use crate::error::{Error, Result};
-use crate::model::{Hook, Point};
+use crate::hooks::{Hook, Point};
 use crate::output::{Out, PendingFile};
 
 /// Collects the last query row of the chosen layers' attention in every forward pass.

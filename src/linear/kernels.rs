@@ -149,7 +149,7 @@ pub(crate) unsafe fn transpose_into(
     a: Elems<'_>,
     r: usize,
     k: usize,
-    out: super::SharedOut,
+    out: crate::pool::SharedOut,
     stride: usize,
     j0: usize,
 ) {
@@ -762,7 +762,7 @@ mod tests {
                         elems,
                         r,
                         k,
-                        super::super::SharedOut(out.as_mut_ptr()),
+                        crate::pool::SharedOut(out.as_mut_ptr()),
                         stride,
                         j0,
                     )

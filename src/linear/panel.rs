@@ -19,7 +19,8 @@
 
 use std::ops::Range;
 
-use super::SharedOut;
+use super::kernels::Elems;
+use crate::pool::SharedOut;
 
 /// Outputs per panel: two AVX2 registers of f32.
 pub(crate) const MR: usize = 16;
@@ -117,13 +118,7 @@ pub(crate) unsafe fn gemm_nk(
 }
 
 /// [`Pack`] for halves or f32 rows `a` (N, K): widened in the registers they are transposed in.
-pub(crate) fn pack_elems(
-    a: super::Elems<'_>,
-    k: usize,
-    n0: usize,
-    ks: Range<usize>,
-    panels: &mut [f32],
-) {
+pub(crate) fn pack_elems(a: Elems<'_>, k: usize, n0: usize, ks: Range<usize>, panels: &mut [f32]) {
     let kc = ks.len();
     for (p, panel) in panels.chunks_exact_mut(kc * MR).enumerate() {
         pack_elems_one(a, k, n0 + p * MR, ks.clone(), panel);
@@ -131,7 +126,7 @@ pub(crate) fn pack_elems(
 }
 
 /// One panel of [`pack_elems`].
-fn pack_elems_one(a: super::Elems<'_>, k: usize, n0: usize, ks: Range<usize>, panel: &mut [f32]) {
+fn pack_elems_one(a: Elems<'_>, k: usize, n0: usize, ks: Range<usize>, panel: &mut [f32]) {
     let (n, kc) = (a.len() / k, ks.len());
     let outputs = MR.min(n - n0);
     #[cfg(target_arch = "x86_64")]
@@ -187,7 +182,7 @@ pub(crate) fn pack_rows(
                 s.fill(0.0);
             }
         }
-        pack_elems_one(super::Elems::F32(&stage[..MR * kc]), kc, 0, 0..kc, panel);
+        pack_elems_one(Elems::F32(&stage[..MR * kc]), kc, 0, 0..kc, panel);
     }
 }
 

@@ -39,6 +39,15 @@ impl QuantKind {
             Self::Q6 => BLOCK * 3 / 4,
         }
     }
+
+    /// `q8_0`, `q4_0` or `q6`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q6 => "q6",
+        }
+    }
 }
 
 /// A quantized (N, K) matrix: `d[j·K/32 + b]` is the scale of block `b` of row `j`; its quants

@@ -114,6 +114,34 @@ pub(crate) fn threads() -> usize {
 }
 
 /// Workers alive (for tests: a panic must not lose one).
+/// An output buffer written by several threads at disjoint places.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+
+impl SharedOut {
+    /// # Safety
+    /// `i` must be inside the live buffer, and no other thread may access element `i` meanwhile.
+    pub(crate) unsafe fn write(self, i: usize, v: f32) {
+        // SAFETY: the caller's promise.
+        unsafe { *self.0.add(i) = v };
+    }
+
+    /// # Safety
+    /// `start..start + len` must be inside the live buffer and touched by no other thread while
+    /// the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+// SAFETY: the pointer is only used through `write` and `slice`, whose callers keep threads on
+// disjoint elements of a buffer that outlives them.
+unsafe impl Sync for SharedOut {}
+// SAFETY: as for `Sync`.
+unsafe impl Send for SharedOut {}
+
 #[cfg(test)]
 pub(crate) fn workers() -> usize {
     pool().workers
