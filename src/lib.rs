@@ -30,6 +30,8 @@ pub mod interrupt;
 mod layer_norm;
 mod linear;
 pub mod memory;
+#[doc(hidden)]
+pub mod microbench;
 mod mlp;
 mod model;
 mod options;

@@ -112,7 +112,7 @@ impl Linear {
 
     /// An (N, K) matrix widened to f32 as (K, N) row-major, 64 outputs at a time on the pool
     /// (each K-row then takes 256 contiguous bytes per tile: 16 left the writes missing).
-    pub(super) fn widen_kn(&self, w: &mut [f32]) -> Result<()> {
+    pub(crate) fn widen_kn(&self, w: &mut [f32]) -> Result<()> {
         const TILE: usize = 64;
         let (k, n) = (self.k, self.n);
         let out = SharedOut(w.as_mut_ptr());
