@@ -3,20 +3,17 @@
 //! The case counts are fixed (CI runs exactly these); a failure prints its seed and case.
 //! The command line's option parsing is fuzzed in `src/cli/mod.rs`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use gpt2::rng::SplitMix64;
 use gpt2::{Config, LoadOptions, ModelSource, Tokenizer};
 
+mod common;
+use common::fixture;
+
 const CONFIG_CASES: usize = 3000;
 const SAFETENSORS_CASES: usize = 400;
 const TOKENIZER_CASES: usize = 2000;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 /// Runs `case(rng, i)` for `n` cases, naming the one that panicked.
 fn fuzz(name: &str, n: usize, seed: u64, mut case: impl FnMut(&mut SplitMix64, usize)) {
