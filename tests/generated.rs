@@ -155,10 +155,10 @@ fn the_page_steps_through_the_generated_tokens_in_a_browser() -> Result {
     generate(&json, &[])?;
     let rec: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
     let Some(browser) = common::chromium() else {
-        if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-            panic!("CI is set but chromium is missing");
-        }
-        println!("SKIPPED the browser half: no chromium");
+        common::skip(
+            "the_page_steps_through_the_generated_tokens_in_a_browser",
+            "the browser half: no chromium on PATH (Debian: apt-get install chromium)",
+        );
         return Ok(());
     };
     let profile = common::tmp("generated-chromium-profile");

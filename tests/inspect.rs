@@ -241,15 +241,6 @@ fn scores_table_and_json_cover_every_head() -> Result {
     Ok(())
 }
 
-/// A test half that needs a tool this machine lacks: skipped with a note on a developer's
-/// machine, a failure in CI (`CI` set), where `.ci/run` installs every tool.
-fn skip_or_fail(what: &str) {
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("CI is set but cannot run {what}");
-    }
-    println!("SKIPPED {what}");
-}
-
 fn has_python_numpy() -> bool {
     Command::new("python3")
         .args(["-c", "import numpy"])
@@ -305,7 +296,8 @@ fn npy_holds_transformers_numbers_and_numpy_reads_it() -> Result {
     assert_eq!(side["shape"], serde_json::json!([2, 4, t, t]));
 
     if !has_python_numpy() {
-        skip_or_fail(
+        common::skip(
+            "npy_holds_transformers_numbers_and_numpy_reads_it",
             "the numpy half: python3 with numpy is not installed (the array was checked above)",
         );
         return Ok(());
@@ -473,7 +465,10 @@ fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
     );
 
     let Some(browser) = common::chromium() else {
-        skip_or_fail("the browser half: no chromium on PATH (Debian: apt-get install chromium)");
+        common::skip(
+            "html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text",
+            "the browser half: no chromium on PATH (Debian: apt-get install chromium)",
+        );
         return Ok(());
     };
     let profile = common::tmp("inspect-chromium-profile");
@@ -565,7 +560,8 @@ fn html_model_view_labels_every_head_and_opens_the_one_clicked() -> Result {
         ],
     )?;
     let Some(browser) = common::chromium() else {
-        skip_or_fail(
+        common::skip(
+            "html_model_view_labels_every_head_and_opens_the_one_clicked",
             "the model view in a browser: no chromium on PATH (Debian: apt-get install chromium)",
         );
         return Ok(());

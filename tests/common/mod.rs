@@ -192,7 +192,7 @@ pub fn read_npy(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Outside tools
+// Outside tools, and skipping without them
 
 /// `chromium` or `chromium-browser` on PATH, if any.
 pub fn chromium() -> Option<&'static str> {
@@ -202,4 +202,46 @@ pub fn chromium() -> Option<&'static str> {
             .output()
             .is_ok_and(|o| o.status.success())
     })
+}
+
+/// Whether `CI` is set: there `.ci/run` installs every tool, so a missing one is a failure.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// Where [`skip`] counts skips, one line each (`time  file::test  reason`), for a summary.
+pub fn skip_log() -> PathBuf {
+    tmp("skipped-tests.txt")
+}
+
+/// `test` (in the caller's file) cannot run (part of) itself because `reason`: a failure in CI;
+/// elsewhere one line on the real stderr and one in [`skip_log`], and the caller returns.
+///
+/// Written to the stderr handle, not with `eprintln!`: libtest captures the print macros and
+/// shows them only when a test fails, so a skip would pass unseen.
+#[track_caller]
+pub fn skip(test: &str, reason: &str) {
+    let file = std::panic::Location::caller().file();
+    if in_ci() {
+        panic!("CI is set but {file}::{test} cannot run: {reason}");
+    }
+    let line = format!("SKIPPED {file}::{test}: {reason} [set CI=1 to make this a failure]\n");
+    // Best effort: a test that cannot report its skip still skips.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let record = format!("{secs}\t{file}::{test}\t{reason}\n");
+    let logged = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skip_log())
+        .and_then(|mut f| f.write_all(record.as_bytes()));
+    if let Err(e) = logged {
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "(could not count the skip in {}: {e})",
+            skip_log().display()
+        );
+    }
 }
