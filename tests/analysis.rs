@@ -2,42 +2,15 @@
 //! `scripts/make_analysis_goldens.py`) and against their own definitions (attribution parts sum
 //! to the logit; batched head importance equals one ablation at a time), library and binary.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use gpt2::analysis::ablation::{head_mask, parse_heads, AblateMode};
 use gpt2::analysis::attribution::attribute;
 use gpt2::analysis::heads_effect::{heads_effect, Metric};
 use gpt2::analysis::logit_lens::logit_lens;
-use gpt2::{Device, Gpt2, LoadOptions, ModelSource, Tensor};
+use gpt2::{Gpt2, LoadOptions, ModelSource, Tensor};
 use serde_json::Value;
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn goldens(name: &str) -> Result<(HashMap<String, Tensor>, Value)> {
-    let t =
-        candle_core::safetensors::load(fixture(name).join("analysis.safetensors"), &Device::Cpu)?;
-    let v = serde_json::from_str(&std::fs::read_to_string(
-        fixture(name).join("analysis.json"),
-    )?)?;
-    Ok((t, v))
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v["token_ids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_u64().map(|x| x as u32))
-        .collect()
-}
+mod common;
+use common::{fixture, goldens, gpt2, ids, max_abs_diff, tmp, Result};
 
 fn model(name: &str) -> Result<Gpt2> {
     Ok(ModelSource::dir(fixture(name)).load_model(&LoadOptions::default())?)
@@ -48,15 +21,11 @@ fn logits(m: &Gpt2, ids: &[u32]) -> Result<Tensor> {
     Ok(m.forward(&x, None)?.squeeze(0)?)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-}
-
 #[test]
 fn zero_and_mean_ablation_equal_transformers() -> Result {
     for name in ["tiny", "tiny-b"] {
-        let (g, v) = goldens(name)?;
-        let ids = ids_of(&v);
+        let (g, v) = goldens(name, "analysis")?;
+        let ids = ids(&v["token_ids"]);
         let heads: Vec<String> = v["ablate"]
             .as_array()
             .ok_or("ablate")?
@@ -83,8 +52,8 @@ fn zero_and_mean_ablation_equal_transformers() -> Result {
 #[test]
 fn the_logit_lens_equals_transformers_and_ends_at_the_models_logits() -> Result {
     for name in ["tiny", "tiny-b"] {
-        let (g, v) = goldens(name)?;
-        let ids = ids_of(&v);
+        let (g, v) = goldens(name, "analysis")?;
+        let ids = ids(&v["token_ids"]);
         let m = model(name)?;
         let tok = gpt2::Tokenizer::from_dir(fixture(name))?;
         let lens = logit_lens(&m, &tok, &ids, 5, None)?;
@@ -121,8 +90,8 @@ fn the_logit_lens_equals_transformers_and_ends_at_the_models_logits() -> Result 
 #[test]
 fn attributions_sum_to_the_logit() -> Result {
     for name in ["tiny", "tiny-b"] {
-        let (_, v) = goldens(name)?;
-        let ids = ids_of(&v);
+        let (_, v) = goldens(name, "analysis")?;
+        let ids = ids(&v["token_ids"]);
         let m = model(name)?;
         for (pos, target) in [(ids.len() - 1, 97u32), (3, 32), (10, 500)] {
             let a = attribute(&m, &ids, Some(pos), target)?;
@@ -140,8 +109,8 @@ fn attributions_sum_to_the_logit() -> Result {
 
 #[test]
 fn batched_head_importance_equals_one_ablation_at_a_time() -> Result {
-    let (_, v) = goldens("tiny")?;
-    let ids = ids_of(&v);
+    let (_, v) = goldens("tiny", "analysis")?;
+    let ids = ids(&v["token_ids"]);
     let mut m = model("tiny")?;
     for (metric, mode) in [
         (Metric::Loss, AblateMode::Zero),
@@ -187,12 +156,6 @@ fn log_softmax(row: &[f32], i: usize) -> f64 {
     row[i] as f64 - lse
 }
 
-fn gpt2(args: &[&str]) -> Result<std::process::Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_gpt2"))
-        .args(args)
-        .output()?)
-}
-
 #[test]
 fn the_commands_write_tables_json_and_heatmaps() -> Result {
     let dir = fixture("tiny");
@@ -214,7 +177,7 @@ fn the_commands_write_tables_json_and_heatmaps() -> Result {
     );
     let v: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["effect"].as_array().map(Vec::len), Some(2));
-    let png = Path::new(env!("CARGO_TARGET_TMPDIR")).join("heads-effect.png");
+    let png = tmp("heads-effect.png");
     let out = gpt2(&[
         "heads-effect",
         "--model-dir",

@@ -1,79 +1,19 @@
 //! End-to-end tests of `gpt2 generate`: the real binary on the committed fixture checkpoints
 //! (`--model-dir`, no network). The Hub path is covered in tests/hub.rs.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn goldens(name: &str) -> Result<Value> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(
-        fixture(name).join("goldens.json"),
-    )?)?)
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_u64)
-        .collect()
-}
-
-fn gpt2(args: &[&str], stdin: Option<&str>) -> Result<Output> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut pipe = child.stdin.take().ok_or("no stdin")?;
-    pipe.write_all(stdin.unwrap_or("").as_bytes())?;
-    drop(pipe);
-    Ok(child.wait_with_output()?)
-}
-
-/// Runs `generate --json` on a fixture and returns the JSON object of each sample.
-fn generate_json(model: &Path, extra: &[&str]) -> Result<Vec<Value>> {
-    let dir = model.to_str().ok_or("path")?;
-    let mut args = vec!["generate", "--model-dir", dir, "--json"];
-    args.extend_from_slice(extra);
-    let out = gpt2(&args, None)?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{args:?} failed: {stderr}");
-    let stdout = String::from_utf8(out.stdout)?;
-    Ok(stdout
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()?)
-}
-
-fn assert_one_line_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "should fail: {stderr}");
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "not one line: {stderr}"
-    );
-    assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-}
+mod common;
+use common::{
+    assert_one_line_error, fixture, fixture_json, generate_json, gpt2, gpt2_with_stdin, ids, Result,
+};
 
 #[test]
 fn greedy_equals_transformers_generate() -> Result {
     for name in ["tiny", "tiny-b"] {
-        let g = goldens(name)?;
+        let g = fixture_json(name, "goldens.json")?;
         let prompt = g["prompt_text"].as_str().ok_or("prompt_text")?;
         let out = generate_json(
             &fixture(name),
@@ -124,7 +64,7 @@ fn text_output_is_prompt_then_completion_with_stats_on_stderr() -> Result {
         "--seed",
         "5",
     ];
-    let out = gpt2(&args, None)?;
+    let out = gpt2(&args)?;
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout)?;
     let json = generate_json(&dir, &["--prompt", prompt, "-n", "12", "--seed", "5"])?;
@@ -146,7 +86,7 @@ fn text_output_is_prompt_then_completion_with_stats_on_stderr() -> Result {
 #[test]
 fn seeds_top_k_one_and_batches() -> Result {
     let dir = fixture("tiny-b");
-    let run = |extra: &[&str]| -> Result<Vec<u64>> {
+    let run = |extra: &[&str]| -> Result<Vec<u32>> {
         let mut args = vec!["--prompt", "Once upon a time", "-n", "16"];
         args.extend_from_slice(extra);
         Ok(ids(&generate_json(&dir, &args)?[0]["completion_token_ids"]))
@@ -189,7 +129,7 @@ fn seeds_top_k_one_and_batches() -> Result {
 #[test]
 fn stop_strings_end_generation_and_are_not_printed() -> Result {
     let dir = fixture("tiny");
-    let g = goldens("tiny")?;
+    let g = fixture_json("tiny", "goldens.json")?;
     let prompt = g["prompt_text"].as_str().ok_or("prompt_text")?;
     let greedy = generate_json(
         &dir,
@@ -222,22 +162,19 @@ fn stop_strings_end_generation_and_are_not_printed() -> Result {
     assert_eq!(out[0]["finish_reason"], "stop");
     assert_eq!(out[0]["completion"], before.as_str());
     assert!(ids(&out[0]["completion_token_ids"]).len() < 20);
-    let text = gpt2(
-        &[
-            "generate",
-            "--model-dir",
-            dir.to_str().ok_or("p")?,
-            "--prompt",
-            prompt,
-            "-n",
-            "20",
-            "--temperature",
-            "0",
-            "--stop",
-            &stop,
-        ],
-        None,
-    )?;
+    let text = gpt2(&[
+        "generate",
+        "--model-dir",
+        dir.to_str().ok_or("p")?,
+        "--prompt",
+        prompt,
+        "-n",
+        "20",
+        "--temperature",
+        "0",
+        "--stop",
+        &stop,
+    ])?;
     assert_eq!(
         String::from_utf8(text.stdout)?,
         format!("{prompt}{before}\n")
@@ -246,10 +183,8 @@ fn stop_strings_end_generation_and_are_not_printed() -> Result {
 }
 
 /// A copy of a fixture whose config names `eos` as the end-of-text id.
-fn with_eos(name: &str, eos: u64) -> Result<PathBuf> {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-eos-{eos}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+fn with_eos(name: &str, eos: u32) -> Result<PathBuf> {
+    let dir = common::scratch("cli", &format!("{name}-eos-{eos}"));
     for entry in std::fs::read_dir(fixture(name))? {
         let entry = entry?;
         std::fs::copy(entry.path(), dir.join(entry.file_name()))?;
@@ -263,7 +198,7 @@ fn with_eos(name: &str, eos: u64) -> Result<PathBuf> {
 
 #[test]
 fn eos_ends_generation_unless_ignored() -> Result {
-    let g = goldens("tiny")?;
+    let g = fixture_json("tiny", "goldens.json")?;
     let greedy = ids(&g["greedy_ids"]);
     let prompt = g["prompt_text"].as_str().ok_or("prompt_text")?;
     // Make the 4th greedy token the EOS token.
@@ -316,7 +251,7 @@ fn runs_far_past_the_context_window_with_flat_memory() -> Result {
             "9",
             "--json",
         ];
-        let out = gpt2(&args, None)?;
+        let out = gpt2(&args)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stderr}");
         let o: Value = serde_json::from_slice(&out.stdout)?;
@@ -336,7 +271,7 @@ fn runs_far_past_the_context_window_with_flat_memory() -> Result {
 fn prompt_sources_and_length_limits() -> Result {
     let dir = fixture("tiny");
     let d = dir.to_str().ok_or("p")?;
-    let from_stdin = gpt2(
+    let from_stdin = gpt2_with_stdin(
         &[
             "generate",
             "--model-dir",
@@ -348,30 +283,24 @@ fn prompt_sources_and_length_limits() -> Result {
             "--seed",
             "1",
         ],
-        Some("piped prompt"),
+        "piped prompt",
     )?;
     assert!(String::from_utf8(from_stdin.stdout)?.starts_with("piped prompt"));
-    let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join("prompt.txt");
+    let file = common::tmp("prompt.txt");
     std::fs::write(&file, "file prompt")?;
-    let from_file = gpt2(
-        &[
-            "generate",
-            "--model-dir",
-            d,
-            "--prompt-file",
-            file.to_str().ok_or("p")?,
-            "-n",
-            "3",
-        ],
-        None,
-    )?;
+    let from_file = gpt2(&[
+        "generate",
+        "--model-dir",
+        d,
+        "--prompt-file",
+        file.to_str().ok_or("p")?,
+        "-n",
+        "3",
+    ])?;
     assert!(String::from_utf8(from_file.stdout)?.starts_with("file prompt"));
     // The tiny tokenizer has few merges: 200 letters are 200 tokens, past the 128 positions.
     let long = "a".repeat(200);
-    let out = gpt2(
-        &["generate", "--model-dir", d, "--prompt", &long, "-n", "3"],
-        None,
-    )?;
+    let out = gpt2(&["generate", "--model-dir", d, "--prompt", &long, "-n", "3"])?;
     assert_one_line_error(&out, "--truncate-prompt");
     let out = generate_json(&dir, &["--prompt", &long, "-n", "3", "--truncate-prompt"])?;
     assert_eq!(ids(&out[0]["prompt_token_ids"]).len(), 128);
@@ -383,7 +312,7 @@ fn prompt_sources_and_length_limits() -> Result {
 fn bad_options_give_one_clear_line() -> Result {
     let dir = fixture("tiny");
     let d = dir.to_str().ok_or("p")?;
-    let no_config = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no-config");
+    let no_config = common::tmp("no-config");
     std::fs::create_dir_all(&no_config)?;
     let nc = no_config.to_str().ok_or("p")?;
     let cases: &[(&[&str], &str)] = &[
@@ -401,24 +330,21 @@ fn bad_options_give_one_clear_line() -> Result {
     for (extra, needle) in cases {
         let mut args = vec!["generate", "--model-dir", d, "--prompt", "x"];
         args.extend_from_slice(extra);
-        assert_one_line_error(&gpt2(&args, None)?, needle);
+        assert_one_line_error(&gpt2(&args)?, needle);
     }
-    let missing = gpt2(
-        &[
-            "generate",
-            "--model-dir",
-            "/no/such/folder",
-            "--prompt",
-            "x",
-        ],
-        None,
-    )?;
+    let missing = gpt2(&[
+        "generate",
+        "--model-dir",
+        "/no/such/folder",
+        "--prompt",
+        "x",
+    ])?;
     assert_one_line_error(&missing, "/no/such/folder");
     assert_one_line_error(
-        &gpt2(&["generate", "--model-dir", nc, "--prompt", "x"], None)?,
+        &gpt2(&["generate", "--model-dir", nc, "--prompt", "x"])?,
         "config.json",
     );
-    assert_one_line_error(&gpt2(&["generate", "--model-dir", d], None)?, "no prompt");
+    assert_one_line_error(&gpt2(&["generate", "--model-dir", d])?, "no prompt");
     Ok(())
 }
 
@@ -439,7 +365,7 @@ fn bench_runs_and_reports_both_phases() -> Result {
         "1",
         "--json",
     ];
-    let out = gpt2(&args, None)?;
+    let out = gpt2(&args)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let v: Value = serde_json::from_str(String::from_utf8(out.stdout)?.trim())?;
@@ -455,7 +381,7 @@ fn bench_runs_and_reports_both_phases() -> Result {
         (&["--quantize", "q8_0", "--kv-cache", "f32"], "f32"),
         (&["--kv-cache", "bf16"], "bf16"),
     ] {
-        let out = gpt2(&[&args[..], extra].concat(), None)?;
+        let out = gpt2(&[&args[..], extra].concat())?;
         assert!(
             out.status.success(),
             "{}",
@@ -464,7 +390,7 @@ fn bench_runs_and_reports_both_phases() -> Result {
         let v: Value = serde_json::from_str(String::from_utf8(out.stdout)?.trim())?;
         assert_eq!(v["kv_cache"], want, "{extra:?}");
     }
-    let bad = gpt2(&[&args[..], &["--kv-cache", "q8_0"]].concat(), None)?;
+    let bad = gpt2(&[&args[..], &["--kv-cache", "q8_0"]].concat())?;
     assert!(!bad.status.success());
     Ok(())
 }
@@ -485,9 +411,7 @@ fn converted_and_copied_weights_do_not_keep_the_file_resident() -> Result {
         eos_token_id: 511,
         ..gpt2::Config::default()
     };
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-peak-memory");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let dir = common::scratch("cli", "peak-memory");
     std::fs::write(dir.join("config.json"), serde_json::to_string(&config)?)?;
     std::fs::copy(
         fixture("tiny").join("tokenizer.json"),
@@ -500,7 +424,7 @@ fn converted_and_copied_weights_do_not_keep_the_file_resident() -> Result {
         let mut args = vec!["generate", "--model-dir", dir.to_str().ok_or("path")?];
         args.extend_from_slice(&["--prompt", "Hello", "-n", "2", "--json"]);
         args.extend_from_slice(extra);
-        let out = gpt2(&args, None)?;
+        let out = gpt2(&args)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{extra:?}: {stderr}");
         Ok(peak_rss_kib(&stderr).ok_or("no peak memory in stats")? as f64 / 1024.0)

@@ -2,23 +2,14 @@
 //! KV-cached decode, equals recomputing it without a cache; every format holds the same rows; the
 //! HTML page steps through them in a real browser.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use gpt2::{LoadOptions, ModelSource, Tensor};
 use serde_json::Value;
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("generated-{name}"))
-}
+mod common;
+use common::{fixture, gpt2_command, ids, Result};
 
 const PROMPT: &str = "The cat sat on";
 const N: usize = 9;
@@ -41,24 +32,14 @@ fn generate(out: &Path, extra: &[&str]) -> Result<Value> {
     ]);
     args.push(out.to_str().ok_or("p")?);
     args.extend_from_slice(extra);
-    let o = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-        .args(&args)
-        .output()?;
+    let o = gpt2_command(&args).output()?;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     Ok(serde_json::from_slice(&o.stdout)?)
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_u64().map(|x| x as u32))
-        .collect()
-}
-
 #[test]
 fn every_generated_tokens_attention_equals_recomputing_it() -> Result {
-    let path = tmp("attn.json");
+    let path = common::tmp("generated-attn.json");
     let line = generate(&path, &[])?;
     let prompt = ids(&line["prompt_token_ids"]);
     let generated = ids(&line["completion_token_ids"]);
@@ -101,24 +82,15 @@ fn every_generated_tokens_attention_equals_recomputing_it() -> Result {
 
 #[test]
 fn npy_and_safetensors_hold_the_same_rows() -> Result {
-    let json = tmp("same.json");
+    let json = common::tmp("generated-same.json");
     generate(&json, &["--layer", "1"])?;
     let rec: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
-    let npy = tmp("same.npy");
+    let npy = common::tmp("generated-same.npy");
     let line = generate(&npy, &["--layer", "1"])?;
     let p = ids(&line["prompt_token_ids"]).len();
-    let bytes = std::fs::read(&npy)?;
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = String::from_utf8_lossy(&bytes[10..10 + header_len]);
     let keys = p + N - 1;
-    assert!(
-        header.contains(&format!("'shape': ({N}, 1, 4, {keys})")),
-        "{header}"
-    );
-    let data: Vec<f32> = bytes[10 + header_len..]
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let (shape, data) = common::read_npy(&npy)?;
+    assert_eq!(shape, [N, 1, 4, keys]);
     for i in 0..N {
         for h in 0..4 {
             let row = &data[((i * 4) + h) * keys..][..keys];
@@ -133,7 +105,7 @@ fn npy_and_safetensors_hold_the_same_rows() -> Result {
     }
     let side: Value = serde_json::from_str(&std::fs::read_to_string(npy.with_extension("json"))?)?;
     assert_eq!(side["meta"]["tokens"].as_array().map(Vec::len), Some(p + N));
-    let st = tmp("same.safetensors");
+    let st = common::tmp("generated-same.safetensors");
     generate(&st, &["--layer", "1"])?;
     let t = candle_core::safetensors::load(&st, &candle_core::Device::Cpu)?;
     assert_eq!(t["attn.1"].dims(), &[N, 4, keys]);
@@ -146,7 +118,7 @@ fn npy_and_safetensors_hold_the_same_rows() -> Result {
 fn the_run_must_fit_one_sample_in_the_context() -> Result {
     let dir = fixture("tiny");
     let d = dir.to_str().ok_or("p")?;
-    let o = tmp("bad.npy");
+    let o = common::tmp("generated-bad.npy");
     let o = o.to_str().ok_or("p")?;
     for (extra, needle) in [
         (
@@ -168,39 +140,28 @@ fn the_run_must_fit_one_sample_in_the_context() -> Result {
             o,
         ];
         args.extend_from_slice(extra);
-        let out = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-            .args(&args)
-            .output()?;
+        let out = gpt2_command(&args).output()?;
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains(needle));
     }
     Ok(())
 }
 
-fn chromium() -> Option<&'static str> {
-    ["chromium", "chromium-browser"].into_iter().find(|c| {
-        Command::new(c)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
 #[test]
 fn the_page_steps_through_the_generated_tokens_in_a_browser() -> Result {
-    let path = tmp("page.html");
+    let path = common::tmp("generated-page.html");
     generate(&path, &[])?;
-    let json = tmp("page.json");
+    let json = common::tmp("generated-page.json");
     generate(&json, &[])?;
     let rec: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
-    let Some(browser) = chromium() else {
-        if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-            panic!("CI is set but chromium is missing");
-        }
-        println!("SKIPPED the browser half: no chromium");
+    let Some(browser) = common::chromium() else {
+        common::skip(
+            "the_page_steps_through_the_generated_tokens_in_a_browser",
+            "the browser half: no chromium on PATH (Debian: apt-get install chromium)",
+        );
         return Ok(());
     };
-    let profile = tmp("chromium-profile");
+    let profile = common::tmp("generated-chromium-profile");
     let out = Command::new(browser)
         .args([
             "--headless",

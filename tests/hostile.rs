@@ -11,48 +11,11 @@ use std::time::{Duration, Instant};
 use gpt2::{random_checkpoint, Config, DType, Tensor};
 use serde_json::Value;
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-const BIN: &str = env!("CARGO_BIN_EXE_gpt2");
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::{entries, fixture, generate_json, gpt2, stderr, Result, BIN};
 
 fn layout(name: &str) -> String {
     format!("{}/configs/{name}.json", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A fresh, empty scratch folder.
-fn scratch(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("hostile")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    let _ = std::fs::create_dir_all(&d);
-    d
-}
-
-fn entries(d: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(d)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-fn gpt2(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(BIN)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("RUST_BACKTRACE", "1")
-        .stdin(Stdio::null())
-        .output()?)
 }
 
 /// Runs `gpt2 args` under bash with a file-size limit of `blocks` 512-byte blocks, as a full disk
@@ -70,10 +33,6 @@ fn gpt2_with_disk_limit(blocks: usize, args: &[&str]) -> Result<Output> {
         .args(["-c", &script])
         .env("HF_HUB_OFFLINE", "1")
         .output()?)
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Exit code `code`, and stderr one `error:` line containing `needle`, no panic, no backtrace.
@@ -121,7 +80,7 @@ fn png_on_a_full_disk_is_an_error_and_leaves_nothing() -> Result {
     ])?;
     assert_error(&out, 1, "/dev/full");
     // A regular file on a disk that fills up: no PNG (not even a truncated one), no temporary.
-    let dir = scratch("png-full");
+    let dir = common::scratch("hostile", "png-full");
     let path = dir.join("heads.png");
     let out = gpt2_with_disk_limit(
         8,
@@ -145,7 +104,7 @@ fn png_on_a_full_disk_is_an_error_and_leaves_nothing() -> Result {
 #[test]
 fn every_format_on_a_full_disk_leaves_no_file() -> Result {
     for format in ["json", "html", "npy", "safetensors"] {
-        let dir = scratch(&format!("full-{format}"));
+        let dir = common::scratch("hostile", &format!("full-{format}"));
         let path = dir.join(format!("attn.{format}"));
         let out = gpt2_with_disk_limit(
             2,
@@ -169,7 +128,7 @@ fn every_format_on_a_full_disk_leaves_no_file() -> Result {
 
 #[test]
 fn npy_into_a_folder_is_refused_and_leaves_no_sidecar() -> Result {
-    let dir = scratch("npy-folder");
+    let dir = common::scratch("hostile", "npy-folder");
     let target = dir.join("out");
     std::fs::create_dir_all(&target)?;
     let out = gpt2(&[
@@ -190,7 +149,7 @@ fn npy_into_a_folder_is_refused_and_leaves_no_sidecar() -> Result {
 
 #[test]
 fn out_cannot_be_the_models_own_file() -> Result {
-    let dir = scratch("own-file");
+    let dir = common::scratch("hostile", "own-file");
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(fixture("tiny").join(f), dir.join(f))?;
     }
@@ -355,7 +314,7 @@ fn too_many_samples_are_refused_with_the_bytes_they_need() -> Result {
 
 #[test]
 fn a_layout_too_big_for_memory_is_refused_before_allocating() -> Result {
-    let dir = scratch("huge-layout");
+    let dir = common::scratch("hostile", "huge-layout");
     let path = dir.join("huge.json");
     std::fs::write(
         &path,
@@ -379,36 +338,29 @@ fn a_layout_too_big_for_memory_is_refused_before_allocating() -> Result {
     Ok(())
 }
 
-fn generate_json(extra: &[&str]) -> Result<Vec<Value>> {
-    let dir = tiny();
-    let mut args = vec!["generate", "--model-dir", &dir, "--json"];
-    args.extend_from_slice(extra);
-    let out = gpt2(&args)?;
-    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
-    Ok(String::from_utf8(out.stdout)?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()?)
-}
-
 #[test]
 fn tiny_temperatures_are_greedy_and_tiny_penalties_are_not_an_error() -> Result {
     let prompt = ["--prompt", "The cat sat on the", "-n", "12", "--ignore-eos"];
-    let greedy = generate_json(&[&prompt[..], &["--temperature", "0"]].concat())?;
+    let greedy = generate_json(
+        &fixture("tiny"),
+        &[&prompt[..], &["--temperature", "0"]].concat(),
+    )?;
     for extra in [
         &["--temperature", "1e-40"][..],
         &["--temperature", "1e-40", "--top-k", "1"],
         &["--temperature", "1e-30", "--top-p", "0.5"],
     ] {
-        let got = generate_json(&[&prompt[..], extra].concat())?;
+        let got = generate_json(&fixture("tiny"), &[&prompt[..], extra].concat())?;
         assert_eq!(
             got[0]["completion_token_ids"], greedy[0]["completion_token_ids"],
             "{extra:?}"
         );
     }
     for penalty in ["1e-45", "1e30"] {
-        let got =
-            generate_json(&[&prompt[..], &["--repeat-penalty", penalty, "--seed", "1"]].concat())?;
+        let got = generate_json(
+            &fixture("tiny"),
+            &[&prompt[..], &["--repeat-penalty", penalty, "--seed", "1"]].concat(),
+        )?;
         assert_eq!(
             got[0]["completion_token_ids"].as_array().map(Vec::len),
             Some(12)
@@ -420,22 +372,25 @@ fn tiny_temperatures_are_greedy_and_tiny_penalties_are_not_an_error() -> Result 
 #[test]
 fn stats_count_what_was_generated() -> Result {
     // -n 1: the only token comes from the prefill; there is no decode rate to report.
-    let one = generate_json(&["--prompt", "Hello", "-n", "1"])?;
+    let one = generate_json(&fixture("tiny"), &["--prompt", "Hello", "-n", "1"])?;
     assert!(
         one[0]["timings"]["decode_tokens_per_s"].is_null(),
         "{}",
         one[0]
     );
     // Past the 128 positions the window slides: re-run tokens are not "decoded" tokens.
-    let long = generate_json(&[
-        "--prompt",
-        "Hello",
-        "-n",
-        "200",
-        "--ignore-eos",
-        "--temperature",
-        "0",
-    ])?;
+    let long = generate_json(
+        &fixture("tiny"),
+        &[
+            "--prompt",
+            "Hello",
+            "-n",
+            "200",
+            "--ignore-eos",
+            "--temperature",
+            "0",
+        ],
+    )?;
     let t = &long[0]["timings"];
     assert_eq!(t["generated_tokens"], 200, "{t}");
     assert_eq!(t["decode_tokens"], 199, "{t}");
@@ -460,17 +415,20 @@ fn stop_strings_understand_escapes() -> Result {
         "0",
         "--ignore-eos",
     ];
-    let full = generate_json(&base)?;
+    let full = generate_json(&fixture("tiny"), &base)?;
     let text = full[0]["completion"].as_str().ok_or("completion")?;
     // A character from the middle of the text, spelled as an escape.
     let c = text.chars().nth(6).ok_or("short")?;
     let stop = format!("\\u{{{:x}}}", c as u32);
-    let got = generate_json(&[&base[..], &["--stop", &stop]].concat())?;
+    let got = generate_json(&fixture("tiny"), &[&base[..], &["--stop", &stop]].concat())?;
     assert_eq!(got[0]["finish_reason"], "stop", "{stop}: {}", got[0]);
     let cut: String = text.chars().take_while(|&x| x != c).collect();
     assert_eq!(got[0]["completion"], cut);
     // --no-escape takes it literally: that text never comes.
-    let got = generate_json(&[&base[..], &["--stop", &stop, "--no-escape"]].concat())?;
+    let got = generate_json(
+        &fixture("tiny"),
+        &[&base[..], &["--stop", &stop, "--no-escape"]].concat(),
+    )?;
     assert_eq!(got[0]["finish_reason"], "length");
     Ok(())
 }
@@ -479,7 +437,7 @@ fn stop_strings_understand_escapes() -> Result {
 // Checkpoints that are not weights
 
 fn folder_with(name: &str, config: &Config, tensors: &HashMap<String, Tensor>) -> Result<PathBuf> {
-    let dir = scratch(name);
+    let dir = common::scratch("hostile", name);
     std::fs::write(dir.join("config.json"), serde_json::to_string(config)?)?;
     std::fs::copy(
         fixture("tiny").join("tokenizer.json"),
@@ -563,7 +521,7 @@ fn nan_weights_and_integer_tensors_are_refused_at_load() -> Result {
 
 #[test]
 fn misleading_messages_say_what_is_wrong() -> Result {
-    let dir = scratch("messages");
+    let dir = common::scratch("hostile", "messages");
     // A model "folder" that is a file.
     let file = dir.join("a-file");
     std::fs::write(&file, "x")?;
@@ -636,7 +594,7 @@ fn a_token_never_appears_in_any_output() -> Result {
             .args(["generate", "--model", "org/private", "--prompt", "x"])
             .env_remove("HF_HUB_OFFLINE")
             .env("HF_ENDPOINT", "http://127.0.0.1:9")
-            .env("HF_HOME", scratch("token"))
+            .env("HF_HOME", common::scratch("hostile", "token"))
             .env("HF_TOKEN", &token)
             .output()?;
         let all = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
@@ -773,7 +731,7 @@ fn ctrl_c_keeps_the_text_and_the_stats() -> Result {
 
 #[test]
 fn ctrl_c_during_an_export_leaves_no_file() -> Result {
-    let dir = scratch("interrupted-npy");
+    let dir = common::scratch("hostile", "interrupted-npy");
     let path = dir.join("attn.npy");
     // A long run: 16 layers of 8 heads over 400 tokens, written block by block.
     let layout_path = dir.join("deep.json");

@@ -26,15 +26,22 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+mod common;
+use common::{entries, fixture, stderr};
+
 /// The commit every served repo is at.
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 /// The repo served from `tests/fixtures/tiny`.
 const TINY: &str = "test-org/tiny-gpt2";
 /// The repo served from `tests/fixtures/tiny-b`, which has no `tokenizer.json`.
 const TINY_B: &str = "test-org/tiny-b";
-/// How long a stalled or silent connection stays silent: far longer than the 1 s timeouts the
-/// tests set, and short enough that a client without timeouts fails the test in bounded time.
-const STALL: Duration = Duration::from_secs(20);
+/// How long a stalled or silent connection stays silent (or until the server is dropped):
+/// longer than any run may take ([`HANG`]), so only a client's own timeout ends such a run, and
+/// a client without one fails the test at that deadline instead of getting an answer late.
+const STALL: Duration = Duration::from_secs(600);
+/// How long a `gpt2` run may take before the test calls it hung: generous, so that it only
+/// catches hangs, never a slow machine.
+const HANG: Duration = Duration::from_secs(180);
 
 // ---------------------------------------------------------------------------------------------
 // A small Hub.
@@ -554,12 +561,6 @@ fn blob_name(file: &str, data: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------------
 // Fixtures, runs and checks.
 
-fn fixture(dir: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(dir)
-}
-
 /// `names` read from the fixture folder `dir`.
 fn files(dir: &str, names: &[&str]) -> Files {
     names
@@ -597,8 +598,7 @@ struct Golden {
 }
 
 fn golden(dir: &str) -> Golden {
-    let text = std::fs::read_to_string(fixture(dir).join("goldens.json")).unwrap();
-    let json: Value = serde_json::from_str(&text).unwrap();
+    let json = common::fixture_json(dir, "goldens.json").unwrap();
     Golden {
         prompt: json["prompt_text"].as_str().unwrap().to_string(),
         ids: json["greedy_ids"]
@@ -608,16 +608,6 @@ fn golden(dir: &str) -> Golden {
             .map(|v| v.as_u64().unwrap())
             .collect(),
     }
-}
-
-/// A fresh, empty scratch folder for the test `name`.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("hub")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// An endpoint nobody listens on.
@@ -645,9 +635,9 @@ struct Running {
 }
 
 impl Running {
-    /// Its exit status and output, once it ends (a panic if that takes over 180 s).
+    /// Its exit status and output, once it ends (a panic if that takes over [`HANG`]).
     fn wait(mut self) -> Output {
-        let deadline = Instant::now() + Duration::from_secs(180);
+        let deadline = Instant::now() + HANG;
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 break status;
@@ -655,7 +645,7 @@ impl Running {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!("gpt2 {:?} did not finish in 180 s", self.args);
+                panic!("gpt2 {:?} did not finish in {HANG:?}", self.args);
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -673,7 +663,7 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> Running {
         env.iter().any(|(k, _)| *k == "HF_HOME"),
         "every run needs its own HF_HOME"
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpt2"));
+    let mut cmd = Command::new(common::BIN);
     cmd.args(args);
     for var in [
         "HF_HOME",
@@ -743,10 +733,6 @@ fn generate(repo: &str, prompt: &str, extra: &[&str], env: &[(&str, &str)]) -> O
     run(&generate_args(repo, prompt, extra), env)
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// The JSON line of a successful run.
 fn json(out: &Output) -> Value {
     assert!(
@@ -795,7 +781,7 @@ fn repo_folder(repo: &str) -> String {
 
 #[test]
 fn first_run_downloads_into_the_python_cache_layout_then_runs_without_the_server() {
-    let dir = scratch("first_run");
+    let dir = common::scratch("hub", "first_run");
     let home = dir.join("hf-home");
     let home_s = home.to_str().unwrap();
     let golden = golden("tiny");
@@ -870,7 +856,7 @@ fn first_run_downloads_into_the_python_cache_layout_then_runs_without_the_server
 
 #[test]
 fn offline_with_a_cache_makes_no_request() {
-    let dir = scratch("offline_cached");
+    let dir = common::scratch("hub", "offline_cached");
     let home = dir.join("hf-home");
     let home_s = home.to_str().unwrap();
     let golden = golden("tiny");
@@ -898,7 +884,7 @@ fn offline_with_a_cache_makes_no_request() {
 
 #[test]
 fn offline_without_a_cache_fails_in_one_line_and_makes_no_request() {
-    let dir = scratch("offline_empty");
+    let dir = common::scratch("hub", "offline_empty");
     let home = dir.join("hf-home");
     let server = Server::start(vec![(TINY, tiny_files())]);
     let url = server.url();
@@ -934,7 +920,7 @@ fn offline_without_a_cache_fails_in_one_line_and_makes_no_request() {
 
 #[test]
 fn no_network_and_no_cache_fails_in_one_line() {
-    let dir = scratch("no_network");
+    let dir = common::scratch("hub", "no_network");
     let home = dir.join("hf-home");
     let endpoint = closed_endpoint();
     let env = [
@@ -952,7 +938,7 @@ fn no_network_and_no_cache_fails_in_one_line() {
 
 #[test]
 fn hf_hub_cache_is_where_files_land() {
-    let dir = scratch("hub_cache");
+    let dir = common::scratch("hub", "hub_cache");
     let home = dir.join("hf-home");
     let cache = dir.join("elsewhere");
     let golden = golden("tiny");
@@ -996,7 +982,7 @@ fn hf_hub_cache_is_where_files_land() {
 
 #[test]
 fn without_tokenizer_json_the_tokenizer_is_vocab_and_merges() {
-    let dir = scratch("tiny_b");
+    let dir = common::scratch("hub", "tiny_b");
     let home = dir.join("hf-home");
     let home_s = home.to_str().unwrap();
     let golden = golden("tiny-b");
@@ -1039,7 +1025,7 @@ fn without_tokenizer_json_the_tokenizer_is_vocab_and_merges() {
 
 #[test]
 fn a_repo_without_safetensors_fails_in_one_line() {
-    let dir = scratch("pickle_only");
+    let dir = common::scratch("hub", "pickle_only");
     let home = dir.join("hf-home");
     let repo = "test-org/pickle-only";
     let mut repo_files = files("tiny", &["config.json", "tokenizer.json"]);
@@ -1066,7 +1052,7 @@ fn a_repo_without_safetensors_fails_in_one_line() {
 
 #[test]
 fn an_unknown_repo_fails_in_one_line() {
-    let dir = scratch("unknown_repo");
+    let dir = common::scratch("hub", "unknown_repo");
     let home = dir.join("hf-home");
     let server = Server::start(vec![(TINY, tiny_files())]);
     let url = server.url();
@@ -1109,7 +1095,7 @@ fn python_snapshot(hub: &Path, repo: &str, commit: &str, files: &Files, copy: bo
 
 #[test]
 fn a_cache_written_by_python_is_used_offline() {
-    let dir = scratch("python_cache");
+    let dir = common::scratch("hub", "python_cache");
     let home = dir.join("hf-home");
     let home_s = home.to_str().unwrap();
     let hub = home.join("hub");
@@ -1155,7 +1141,7 @@ fn a_cache_written_by_python_is_used_offline() {
 
 #[test]
 fn hf_token_is_sent_as_a_bearer_token() {
-    let dir = scratch("token");
+    let dir = common::scratch("hub", "token");
     let home = dir.join("hf-home");
     let golden = golden("tiny");
     let server = Server::start(vec![(TINY, tiny_files())]);
@@ -1178,7 +1164,7 @@ fn hf_token_is_sent_as_a_bearer_token() {
 
 #[test]
 fn the_token_file_in_hf_home_is_used_without_hf_token() {
-    let dir = scratch("token_file");
+    let dir = common::scratch("hub", "token_file");
     let home = dir.join("hf-home");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join("token"), "from-file\n").unwrap();
@@ -1200,7 +1186,7 @@ fn the_token_file_in_hf_home_is_used_without_hf_token() {
 
 #[test]
 fn the_token_is_not_sent_to_a_cdn_on_another_host() {
-    let dir = scratch("token_cdn");
+    let dir = common::scratch("hub", "token_cdn");
     let home = dir.join("hf-home");
     let golden = golden("tiny");
     let server = Server::start_gated_with_cdn_elsewhere(vec![(TINY, tiny_files())], "secret");
@@ -1232,7 +1218,7 @@ fn the_token_is_not_sent_to_a_cdn_on_another_host() {
 
 #[test]
 fn a_gated_repo_needs_hf_token() {
-    let dir = scratch("gated");
+    let dir = common::scratch("hub", "gated");
     let home = dir.join("hf-home");
     let golden = golden("tiny");
     let server = Server::start_gated(vec![(TINY, tiny_files())], "secret");
@@ -1255,7 +1241,7 @@ fn a_gated_repo_needs_hf_token() {
 
 #[test]
 fn an_alias_names_its_hub_repo() {
-    let dir = scratch("alias");
+    let dir = common::scratch("hub", "alias");
     let home = dir.join("hf-home");
     let repo = "openai-community/gpt2";
     let golden = golden("tiny");
@@ -1278,7 +1264,7 @@ fn an_alias_names_its_hub_repo() {
 
 #[test]
 fn an_interrupted_download_is_resumed() {
-    let dir = scratch("resume");
+    let dir = common::scratch("hub", "resume");
     let home = dir.join("hf-home");
     let golden = golden("tiny");
     let weights = tiny_files()["model.safetensors"].clone();
@@ -1315,7 +1301,7 @@ fn an_interrupted_download_is_resumed() {
 #[test]
 
 fn an_empty_hf_token_is_no_token() {
-    let dir = scratch("empty_token");
+    let dir = common::scratch("hub", "empty_token");
     let home = dir.join("hf-home");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join("token"), "from-file\n").unwrap();
@@ -1339,7 +1325,7 @@ fn an_empty_hf_token_is_no_token() {
 #[test]
 
 fn the_token_file_in_hf_home_is_used_with_hf_hub_cache() {
-    let dir = scratch("token_file_hub_cache");
+    let dir = common::scratch("hub", "token_file_hub_cache");
     let home = dir.join("hf-home");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join("token"), "from-file\n").unwrap();
@@ -1385,19 +1371,6 @@ fn present(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok()
 }
 
-/// The names in `dir`, sorted; none if it does not exist.
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 /// Neither a blob nor a snapshot entry of `file` (with `data` its true bytes) is in the cache.
 fn assert_not_cached(home: &Path, repo: &str, file: &str, data: &[u8]) {
     let blob = blobs(home, repo).join(blob_name(file, data));
@@ -1423,7 +1396,7 @@ fn assert_healthy_run_fixes(home: &Path, url: &str, file: &str) {
     if is_lfs(file) {
         assert_eq!(lfs_etag(&std::fs::read(&entry).unwrap()), lfs_etag(data));
     }
-    for name in names(&blobs(home, TINY)) {
+    for name in entries(&blobs(home, TINY)) {
         assert!(
             !name.ends_with(".incomplete") && !name.ends_with(".part"),
             "{name} left in blobs/"
@@ -1433,7 +1406,7 @@ fn assert_healthy_run_fixes(home: &Path, url: &str, file: &str) {
 
 #[test]
 fn a_connection_dropped_mid_file_is_an_error_and_the_next_run_resumes_it() {
-    let dir = scratch("dropped");
+    let dir = common::scratch("hub", "dropped");
     let home = dir.join("hf-home");
     let weights = tiny_files()["model.safetensors"].clone();
     let (half, len) = (weights.len() / 2, weights.len());
@@ -1474,7 +1447,7 @@ fn a_connection_dropped_mid_file_is_an_error_and_the_next_run_resumes_it() {
 
 #[test]
 fn a_body_longer_or_shorter_than_announced_is_never_cached() {
-    let dir = scratch("wrong_length");
+    let dir = common::scratch("hub", "wrong_length");
     let home = dir.join("hf-home");
     let config = tiny_files()["config.json"].clone();
     let mut longer = config.clone();
@@ -1518,7 +1491,7 @@ fn a_body_longer_or_shorter_than_announced_is_never_cached() {
 
 #[test]
 fn a_download_whose_sha256_is_not_its_etag_is_deleted_and_never_used() {
-    let dir = scratch("corrupted");
+    let dir = common::scratch("hub", "corrupted");
     let home = dir.join("hf-home");
     let weights = tiny_files()["model.safetensors"].clone();
     let mut corrupted = weights.clone();
@@ -1545,9 +1518,11 @@ fn a_download_whose_sha256_is_not_its_etag_is_deleted_and_never_used() {
     assert_not_cached(&home, TINY, "model.safetensors", &weights);
     let blob_dir = blobs(&home, TINY);
     assert!(
-        names(&blob_dir).iter().all(|n| !n.ends_with(".incomplete")),
+        entries(&blob_dir)
+            .iter()
+            .all(|n| !n.ends_with(".incomplete")),
         "a corrupted download is not kept to be resumed: {:?}",
-        names(&blob_dir)
+        entries(&blob_dir)
     );
 
     server.heal();
@@ -1556,7 +1531,7 @@ fn a_download_whose_sha256_is_not_its_etag_is_deleted_and_never_used() {
 
 #[test]
 fn a_429_is_retried_after_its_retry_after() {
-    let dir = scratch("retry_429");
+    let dir = common::scratch("hub", "retry_429");
     let home = dir.join("hf-home");
     let golden = golden("tiny");
     let server = Server::start_faulty(
@@ -1586,7 +1561,7 @@ fn a_429_is_retried_after_its_retry_after() {
 
 #[test]
 fn a_503_forever_is_retried_a_bounded_number_of_times_then_one_error() {
-    let dir = scratch("retry_503");
+    let dir = common::scratch("hub", "retry_503");
     let home = dir.join("hf-home");
     let server = Server::start_faulty(
         vec![(TINY, tiny_files())],
@@ -1601,16 +1576,16 @@ fn a_503_forever_is_retried_a_bounded_number_of_times_then_one_error() {
         ("HF_HOME", home.to_str().unwrap()),
         ("HF_ENDPOINT", url.as_str()),
     ];
-    let start = Instant::now();
     let out = generate(TINY, "Hello", &[], &env);
-    let took = start.elapsed();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let line = error_line(&out);
     assert!(
         line.contains("503") && line.contains("config.json"),
         "{line}"
     );
-    assert!(took < Duration::from_secs(40), "took {took:?}");
+    // The backoff is bounded: 1, 2 and 4 s, as the client counts its waits (not wall time,
+    // which a loaded machine stretches).
+    assert!(line.contains(" 4 times in 7 s"), "{line}");
     // One try and three retries, then nothing more.
     assert_eq!(server.total(), 4, "{:?}", server.log());
     assert_eq!(server.file_requests(TINY, "config.json"), 4);
@@ -1618,7 +1593,7 @@ fn a_503_forever_is_retried_a_bounded_number_of_times_then_one_error() {
 
 #[test]
 fn a_stalled_download_times_out_with_hf_hub_download_timeout() {
-    let dir = scratch("stalled");
+    let dir = common::scratch("hub", "stalled");
     let home = dir.join("hf-home");
     let weights = tiny_files()["model.safetensors"].clone();
     let server = Server::start_faulty(
@@ -1634,17 +1609,13 @@ fn a_stalled_download_times_out_with_hf_hub_download_timeout() {
         ("HF_ENDPOINT", url.as_str()),
         ("HF_HUB_DOWNLOAD_TIMEOUT", "1"),
     ];
-    let start = Instant::now();
+    // The server never sends the rest, so the run ends (before `HANG`) only by a timeout: the
+    // one set here, 1 s, not the 10 s default.
     let out = generate(TINY, "Hello", &[], &env);
-    let took = start.elapsed();
     let line = error_line(&out);
-    assert!(
-        took < Duration::from_secs(STALL.as_secs() / 2),
-        "took {took:?}: {line}"
-    );
     assert!(line.contains("timed out"), "{line}");
     assert!(line.contains("model.safetensors"), "{line}");
-    assert!(line.contains("HF_HUB_DOWNLOAD_TIMEOUT"), "{line}");
+    assert!(line.contains(" 1 s (HF_HUB_DOWNLOAD_TIMEOUT)"), "{line}");
     assert_not_cached(&home, TINY, "model.safetensors", &weights);
 
     server.heal();
@@ -1653,7 +1624,7 @@ fn a_stalled_download_times_out_with_hf_hub_download_timeout() {
 
 #[test]
 fn a_silent_hub_times_out_with_hf_hub_etag_timeout() {
-    let dir = scratch("silent");
+    let dir = common::scratch("hub", "silent");
     let home = dir.join("hf-home");
     let server = Server::start_faulty(vec![(TINY, tiny_files())], vec![Fault::Silent]);
     let url = server.url();
@@ -1662,22 +1633,18 @@ fn a_silent_hub_times_out_with_hf_hub_etag_timeout() {
         ("HF_ENDPOINT", url.as_str()),
         ("HF_HUB_ETAG_TIMEOUT", "1"),
     ];
-    let start = Instant::now();
+    // The server never answers, so the run ends (before `HANG`) only by a timeout: the one set
+    // here, 1 s, not the 10 s default.
     let out = generate(TINY, "Hello", &[], &env);
-    let took = start.elapsed();
     let line = error_line(&out);
-    assert!(
-        took < Duration::from_secs(STALL.as_secs() / 2),
-        "took {took:?}: {line}"
-    );
     assert!(line.contains("timed out"), "{line}");
     assert!(line.contains("config.json"), "{line}");
-    assert!(line.contains("HF_HUB_ETAG_TIMEOUT"), "{line}");
+    assert!(line.contains(" 1 s (HF_HUB_ETAG_TIMEOUT)"), "{line}");
 }
 
 #[test]
 fn two_processes_downloading_the_same_model_at_once_both_succeed_with_one_copy() {
-    let dir = scratch("two_at_once");
+    let dir = common::scratch("hub", "two_at_once");
     let home = dir.join("hf-home");
     let golden = golden("tiny");
     let weights = tiny_files()["model.safetensors"].clone();
@@ -1707,7 +1674,7 @@ fn two_processes_downloading_the_same_model_at_once_both_succeed_with_one_copy()
 
     // One copy, downloaded once; nothing half-done left beside it.
     let sha = lfs_etag(&weights);
-    let blob_names = names(&blobs(&home, TINY));
+    let blob_names = entries(&blobs(&home, TINY));
     // Beside the blob, at most the lock file the hf-hub crate's convention leaves (harmless).
     let of_weights: Vec<&String> = blob_names
         .iter()
@@ -1735,7 +1702,7 @@ fn two_processes_downloading_the_same_model_at_once_both_succeed_with_one_copy()
 #[cfg(unix)]
 #[test]
 fn ctrl_c_mid_download_leaves_only_a_resumable_incomplete() {
-    let dir = scratch("ctrl_c");
+    let dir = common::scratch("hub", "ctrl_c");
     let home = dir.join("hf-home");
     let weights = tiny_files()["model.safetensors"].clone();
     let sha = lfs_etag(&weights);
@@ -1754,12 +1721,18 @@ fn ctrl_c_mid_download_leaves_only_a_resumable_incomplete() {
     ];
     let running = spawn(&generate_args(TINY, "Hello", &[]), &env);
     let cdn = format!("/cdn/{sha}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while server.requests(&cdn) == 0 {
-        assert!(Instant::now() < deadline, "the download never started");
+    let incomplete = blobs(&home, TINY).join(format!("{sha}.incomplete"));
+    // Interrupted once some bytes are on disk (the whole file takes ~9 s to trickle in).
+    let deadline = Instant::now() + HANG;
+    while std::fs::metadata(&incomplete).map_or(0, |m| m.len()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no bytes in {} after {HANG:?}; requests: {:?}",
+            incomplete.display(),
+            server.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_secs(1));
     let pid = running.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-INT", &pid])
@@ -1769,7 +1742,6 @@ fn ctrl_c_mid_download_leaves_only_a_resumable_incomplete() {
     let out = running.wait();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert_not_cached(&home, TINY, "model.safetensors", &weights);
-    let incomplete = blobs(&home, TINY).join(format!("{sha}.incomplete"));
     let kept = std::fs::metadata(&incomplete)
         .map(|m| m.len())
         .unwrap_or_else(|e| panic!("{}: {e}", incomplete.display()));

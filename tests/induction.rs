@@ -5,8 +5,7 @@
 //! binary, and switching the induction head off must cost far more on repeated text than
 //! switching off the other head of its layer.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use gpt2::analysis::ablation::{head_mask, parse_heads, AblateMode};
 use gpt2::inspect::scores::{head_scores, HeadScores, HeadType};
@@ -15,17 +14,11 @@ use gpt2::rng::SplitMix64;
 use gpt2::{Gpt2, LoadOptions, ModelSource, Tensor};
 use serde_json::Value;
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+mod common;
+use common::{gpt2_command, Result};
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/induction")
-}
-
-fn heads_json() -> Result<Value> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(
-        fixture().join("heads.json"),
-    )?)?)
-}
+/// The trained fixture.
+const MODEL: &str = "induction";
 
 /// `n` distinct ids below 511 (511 is `<|endoftext|>`).
 fn distinct_ids(rng: &mut SplitMix64, n: usize) -> Vec<u32> {
@@ -84,8 +77,8 @@ fn repeated_loss(m: &Gpt2, seqs: usize, len: usize) -> Result<f64> {
 
 #[test]
 fn scores_find_the_trained_heads() -> Result {
-    let golden = heads_json()?;
-    let m = ModelSource::dir(fixture()).load_model(&LoadOptions::default())?;
+    let golden = common::fixture_json(MODEL, "heads.json")?;
+    let m = ModelSource::dir(common::fixture(MODEL)).load_model(&LoadOptions::default())?;
     let selection = Selection::new(m.config(), LayerChoice::All, None)?;
     let table = head_scores(&m, &random_tokens(3, 60), &selection)?;
     for h in &table.heads {
@@ -131,9 +124,8 @@ fn the_binary_labels_the_trained_heads() -> Result {
     // which is all a previous-token head needs.
     let prompt = "Attention heads are small programs: one looks back a token, \
                   another finds where the current token came before and copies what followed.";
-    let out = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-        .args(["inspect-heads", "--model-dir"])
-        .arg(fixture())
+    let out = gpt2_command(&["inspect-heads", "--model-dir"])
+        .arg(common::fixture(MODEL))
         .args([
             "--layer", "all", "--scores", "--format", "json", "--prompt", prompt,
         ])
@@ -158,8 +150,8 @@ fn the_binary_labels_the_trained_heads() -> Result {
 
 #[test]
 fn ablating_the_induction_head_costs_most_on_repeated_text() -> Result {
-    let golden = heads_json()?;
-    let mut m = ModelSource::dir(fixture()).load_model(&LoadOptions::default())?;
+    let golden = common::fixture_json(MODEL, "heads.json")?;
+    let mut m = ModelSource::dir(common::fixture(MODEL)).load_model(&LoadOptions::default())?;
     let (seqs, len) = (20, 50);
     let clean = repeated_loss(&m, seqs, len)?;
     let mut loss = |head: &str| -> Result<f64> {
@@ -193,18 +185,16 @@ fn perplexity_ablate_sees_the_induction_head() -> Result {
     // only by copying. Perplexity is causal, so the repeated text's total loss minus the single
     // segment's is the loss of the second copy alone.
     let segment = " qzv kwpx jurt mbe fogl snyd hacw tiex rumb vol";
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let (once, twice) = (
-        dir.join("induction-once.txt"),
-        dir.join("induction-twice.txt"),
+        common::tmp("induction-once.txt"),
+        common::tmp("induction-twice.txt"),
     );
     std::fs::write(&once, segment)?;
     std::fs::write(&twice, format!("{segment}{segment}"))?;
     // (total negative log-likelihood, tokens predicted)
     let nll = |file: &Path, ablate: Option<&str>| -> Result<(f64, f64)> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpt2"));
-        cmd.args(["perplexity", "--model-dir"])
-            .arg(fixture())
+        let mut cmd = gpt2_command(&["perplexity", "--model-dir"]);
+        cmd.arg(common::fixture(MODEL))
             .arg("--file")
             .arg(file)
             .arg("--json");

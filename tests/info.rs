@@ -1,16 +1,14 @@
 //! `gpt2 info`: sizes and costs of a layout, and the head layouts in configs/.
 
-use std::process::Command;
-
 use serde_json::Value;
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+mod common;
+use common::Result;
 
+/// `gpt2 info args`, from the crate's folder (the layouts are given as `configs/...`).
 fn info(args: &[&str]) -> Result<std::process::Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_gpt2"))
-        .arg("info")
+    Ok(common::gpt2_command(&["info"])
         .args(args)
-        .env("HF_HUB_OFFLINE", "1")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()?)
 }
@@ -91,8 +89,7 @@ fn every_layout_in_configs_reads_and_says_what_it_is() -> Result {
 fn a_model_folder_works_too_and_bad_layouts_are_one_line() -> Result {
     let v = info_json(&["--model-dir", "tests/fixtures/tiny-b"])?;
     assert_eq!(v["n_layer"].as_u64(), Some(3));
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("info-layouts");
-    std::fs::create_dir_all(&dir)?;
+    let dir = common::scratch("info", "layouts");
     for (name, text, needle) in [
         (
             "typo.json",

@@ -2,9 +2,8 @@
 //! transformers' goldens, every output format read back by an independent reader), and head scores
 //! on a model built to have a previous-token head.
 
-use std::collections::HashMap;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use gpt2::inspect::image::{colormap, Layout, LABEL_CHARS};
@@ -17,24 +16,8 @@ use gpt2::{
 };
 use serde_json::Value;
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("inspect-{name}"))
-}
-
-fn gpt2(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_gpt2"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()?)
-}
+mod common;
+use common::{assert_one_line_error, fixture, gpt2, max_abs_diff, read_npy, Result};
 
 /// Runs `inspect-heads --model-dir <fixture>` with `args`, expecting success.
 fn inspect(model: &str, args: &[&str]) -> Result<Output> {
@@ -51,18 +34,6 @@ fn inspect_json(model: &str, args: &[&str]) -> Result<Value> {
     let mut all = vec!["--format", "json"];
     all.extend_from_slice(args);
     Ok(serde_json::from_slice(&inspect(model, &all)?.stdout)?)
-}
-
-fn assert_one_line_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "should fail: {stderr}");
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "not one line: {stderr}"
-    );
-    assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// `attention[head][query][key]` as (heads, T, T) f32.
@@ -82,24 +53,10 @@ fn matrix(v: &Value) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (heads.len(), t, t), &Device::Cpu)?)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    assert_eq!(a.dims(), b.dims());
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-}
-
-fn goldens(name: &str) -> Result<(HashMap<String, Tensor>, Value)> {
-    let tensors =
-        candle_core::safetensors::load(fixture(name).join("goldens.safetensors"), &Device::Cpu)?;
-    let json = serde_json::from_str(&std::fs::read_to_string(
-        fixture(name).join("goldens.json"),
-    )?)?;
-    Ok((tensors, json))
-}
-
 #[test]
 fn json_attention_of_every_layer_equals_transformers() -> Result {
     for name in ["tiny", "tiny-b"] {
-        let (g, text) = goldens(name)?;
+        let (g, text) = common::goldens(name, "goldens")?;
         let prompt = text["input_texts"][0].as_str().ok_or("input_texts")?;
         let v = inspect_json(name, &["--layer", "all", "--prompt", prompt])?;
         let ids: Vec<u32> = g["input_ids"].get(0)?.to_dtype(DType::U32)?.to_vec1()?;
@@ -284,39 +241,6 @@ fn scores_table_and_json_cover_every_head() -> Result {
     Ok(())
 }
 
-/// Reads a `.npy` written by `inspect-heads`: its shape and f32 data.
-fn read_npy(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path)?;
-    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
-    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = std::str::from_utf8(&bytes[10..10 + len])?;
-    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"));
-    let shape = header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .ok_or("shape")?
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse())
-        .collect::<std::result::Result<Vec<usize>, _>>()?;
-    let data: Vec<f32> = bytes[10 + len..]
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    assert_eq!(data.len(), shape.iter().product::<usize>());
-    Ok((shape, data))
-}
-
-/// A test half that needs a tool this machine lacks: skipped with a note on a developer's
-/// machine, a failure in CI (`CI` set), where `.ci/run` installs every tool.
-fn skip_or_fail(what: &str) {
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("CI is set but cannot run {what}");
-    }
-    println!("SKIPPED {what}");
-}
-
 fn has_python_numpy() -> bool {
     Command::new("python3")
         .args(["-c", "import numpy"])
@@ -328,12 +252,12 @@ fn has_python_numpy() -> bool {
 fn npy_holds_transformers_numbers_and_numpy_reads_it() -> Result {
     // npy is computed a block of query rows at a time (see `for_each_row_block`): the same
     // numbers as transformers to 1e-5, and as the one-pass JSON to float rounding.
-    let (g, text) = goldens("tiny")?;
+    let (g, text) = common::goldens("tiny", "goldens")?;
     let prompt = text["input_texts"][0].as_str().ok_or("input_texts")?;
     let v = inspect_json("tiny", &["--layer", "all", "--prompt", prompt])?;
     let t = v["token_ids"].as_array().map_or(0, Vec::len);
-    let all = tmp("all.npy");
-    let one = tmp("one.npy");
+    let all = common::tmp("inspect-all.npy");
+    let one = common::tmp("inspect-one.npy");
     for (args, path) in [
         (&["--layer", "all"][..], &all),
         (&["--layer", "1", "--head", "3"][..], &one),
@@ -365,13 +289,15 @@ fn npy_holds_transformers_numbers_and_numpy_reads_it() -> Result {
     let want = g["attn.1"].get(0)?.narrow(0, 3, 1)?;
     assert!(max_abs_diff(&data, &want)? <= 1e-5);
     // The tokens beside the array.
-    let side: Value = serde_json::from_str(&std::fs::read_to_string(tmp("all.json"))?)?;
+    let side: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::tmp("inspect-all.json"))?)?;
     assert_eq!(side["tokens"], v["tokens"]);
     assert_eq!(side["token_ids"], v["token_ids"]);
     assert_eq!(side["shape"], serde_json::json!([2, 4, t, t]));
 
     if !has_python_numpy() {
-        skip_or_fail(
+        common::skip(
+            "npy_holds_transformers_numbers_and_numpy_reads_it",
             "the numpy half: python3 with numpy is not installed (the array was checked above)",
         );
         return Ok(());
@@ -402,10 +328,10 @@ fn npy_holds_transformers_numbers_and_numpy_reads_it() -> Result {
 
 #[test]
 fn safetensors_has_one_tensor_per_layer_and_the_tokens() -> Result {
-    let (g, text) = goldens("tiny-b")?;
+    let (g, text) = common::goldens("tiny-b", "goldens")?;
     let prompt = text["input_texts"][0].as_str().ok_or("input_texts")?;
     let v = inspect_json("tiny-b", &["--layer", "all", "--prompt", prompt])?;
-    let path = tmp("attn.safetensors");
+    let path = common::tmp("inspect-attn.safetensors");
     inspect(
         "tiny-b",
         &[
@@ -440,7 +366,7 @@ fn png_has_one_labelled_panel_per_head() -> Result {
     let prompt = "The cat sat on the mat";
     let v = inspect_json("tiny", &["--layer", "all", "--prompt", prompt])?;
     let tokens: Vec<String> = serde_json::from_value(v["tokens"].clone())?;
-    let path = tmp("heads.png");
+    let path = common::tmp("inspect-heads.png");
     inspect(
         "tiny",
         &[
@@ -513,20 +439,10 @@ fn png_has_one_labelled_panel_per_head() -> Result {
     Ok(())
 }
 
-/// `chromium` or `chromium-browser` on PATH, if any.
-fn chromium() -> Option<&'static str> {
-    ["chromium", "chromium-browser"].into_iter().find(|c| {
-        Command::new(c)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
 #[test]
 fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
     let prompt = "Hi <script>alert(1)</script><img src=x onerror=\"document.title='pwned'\">";
-    let path = tmp("heads.html");
+    let path = common::tmp("inspect-heads.html");
     inspect(
         "tiny",
         &[
@@ -548,11 +464,14 @@ fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
         "the page must not load anything"
     );
 
-    let Some(browser) = chromium() else {
-        skip_or_fail("the browser half: no chromium on PATH (Debian: apt-get install chromium)");
+    let Some(browser) = common::chromium() else {
+        common::skip(
+            "html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text",
+            "the browser half: no chromium on PATH (Debian: apt-get install chromium)",
+        );
         return Ok(());
     };
-    let profile = tmp("chromium-profile");
+    let profile = common::tmp("inspect-chromium-profile");
     let url = format!("file://{}#layer=1&head=2", path.display());
     let dom = clean_dom(browser, &profile, &url)?;
     // The head asked for in the URL is the one shown.
@@ -627,7 +546,7 @@ fn clean_dom(browser: &str, profile: &Path, url: &str) -> Result<String> {
 #[test]
 fn html_model_view_labels_every_head_and_opens_the_one_clicked() -> Result {
     // The trained fixture: heads whose types are known (tests/induction.rs).
-    let path = tmp("model-view.html");
+    let path = common::tmp("inspect-model-view.html");
     let prompt = "one looks back a token, another finds where this token came before";
     inspect(
         "induction",
@@ -640,11 +559,14 @@ fn html_model_view_labels_every_head_and_opens_the_one_clicked() -> Result {
             prompt,
         ],
     )?;
-    let Some(browser) = chromium() else {
-        skip_or_fail("the model view in a browser: no chromium on PATH");
+    let Some(browser) = common::chromium() else {
+        common::skip(
+            "html_model_view_labels_every_head_and_opens_the_one_clicked",
+            "the model view in a browser: no chromium on PATH (Debian: apt-get install chromium)",
+        );
         return Ok(());
     };
-    let profile = tmp("chromium-model-view");
+    let profile = common::tmp("inspect-chromium-model-view");
     let url = format!("file://{}#layer=1&head=1", path.display());
     let dom = clean_dom(browser, &profile, &url)?;
     // Every head drawn, each labelled with its type as --scores gives it.
@@ -673,7 +595,7 @@ fn html_model_view_labels_every_head_and_opens_the_one_clicked() -> Result {
 
     // The screenshot shows the thumbnails: viridis pixels in the model view's rows, and the red
     // frame of the open head.
-    let shot = tmp("model-view.png");
+    let shot = common::tmp("inspect-model-view.png");
     let _ = std::fs::remove_file(&shot);
     chromium_run(
         browser,
@@ -833,7 +755,7 @@ fn peak_mib(stderr: &str) -> Option<f64> {
 fn npy_of_every_layer_holds_one_layer_at_a_time() -> Result {
     // 16 layers of 8 heads over 512 tokens: 8 MiB of attention per layer, 128 MiB for all,
     // next to a model of ~1 MiB; peak memory tells whether all layers were held at once.
-    let config = tmp("16-layers.json");
+    let config = common::tmp("inspect-16-layers.json");
     std::fs::write(
         &config,
         r#"{"vocab_size": 300, "n_positions": 512, "n_embd": 64, "n_layer": 16, "n_head": 8,
@@ -841,7 +763,7 @@ fn npy_of_every_layer_holds_one_layer_at_a_time() -> Result {
     )?;
     let prompt = "abcdefgh".repeat(64);
     let run = |layer: &str| -> Result<f64> {
-        let out = tmp(&format!("16-layers-{layer}.npy"));
+        let out = common::tmp(&format!("inspect-16-layers-{layer}.npy"));
         let args = [
             "inspect-heads",
             "--config",
@@ -866,7 +788,7 @@ fn npy_of_every_layer_holds_one_layer_at_a_time() -> Result {
         all < one + 3.0 * 8.0,
         "{one} MiB for one layer, {all} MiB for 16"
     );
-    let (shape, _) = read_npy(&tmp("16-layers-all.npy"))?;
+    let (shape, _) = read_npy(&common::tmp("inspect-16-layers-all.npy"))?;
     assert_eq!(shape, [16, 8, 512, 512]);
     Ok(())
 }
@@ -925,12 +847,12 @@ fn scores_streamed_by_row_blocks_equal_scores_of_whole_patterns() -> Result {
 
 #[test]
 fn scores_over_several_prompts_report_mean_and_spread() -> Result {
-    let lines = tmp("prompts.txt");
+    let lines = common::tmp("inspect-prompts.txt");
     std::fs::write(
         &lines,
         "The cat sat on the mat.\n\nOne fish, two fish, red fish.\nA B C A B C A B C\n",
     )?;
-    let jsonl = tmp("prompts.jsonl");
+    let jsonl = common::tmp("inspect-prompts.jsonl");
     std::fs::write(&jsonl, "\"The cat sat on the mat.\"\n{\"prompt\": \"One fish, two fish, red fish.\"}\n{\"prompt\": \"A B C A B C A B C\"}\n")?;
     let mut got = Vec::new();
     for f in [&lines, &jsonl] {

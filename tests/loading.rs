@@ -8,7 +8,8 @@ use gpt2::{
     random_checkpoint, Checkpoint, Config, DType, Device, Gpt2, LoadOptions, ModelSource, Tensor,
 };
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+mod common;
+use common::Result;
 
 fn config() -> Config {
     Config {
@@ -25,11 +26,7 @@ fn config() -> Config {
 
 /// A fresh model folder under cargo's per-test scratch directory.
 fn model_dir(name: &str, config: &Config, tensors: &HashMap<String, Tensor>) -> Result<PathBuf> {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("loading")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let dir = common::scratch("loading", name);
     std::fs::write(dir.join("config.json"), serde_json::to_string(config)?)?;
     candle_core::safetensors::save(tensors, dir.join("model.safetensors"))?;
     Ok(dir)

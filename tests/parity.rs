@@ -2,35 +2,18 @@
 //! `scripts/make_fixtures.py`): logits, attention probabilities and greedy decoding, as llm.c's
 //! `test_gpt2.c` does, by max-abs-diff.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
 
-use gpt2::{DType, Device, Gpt2, LoadOptions, ModelSource, Tensor};
+use gpt2::{DType, Gpt2, LoadOptions, ModelSource, Tensor};
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+mod common;
+use common::{fixture, fixture_tensors, max_abs_diff, Result};
 
 const FIXTURES: [&str; 2] = ["tiny", "tiny-b"];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn load(name: &str, dtype: DType) -> Result<Gpt2> {
     let opts = LoadOptions::default().with_dtype(dtype);
     Ok(ModelSource::dir(fixture(name)).load_model(&opts)?)
-}
-
-fn goldens(name: &str) -> Result<std::collections::HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(
-        fixture(name).join("goldens.safetensors"),
-        &Device::Cpu,
-    )?)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    assert_eq!(a.dims(), b.dims());
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 /// Greedy decoding with the KV cache: prefill the prompt once, then one token per step.
@@ -47,7 +30,7 @@ fn greedy(model: &Gpt2, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
     Ok(out)
 }
 
-fn golden_ids(g: &std::collections::HashMap<String, Tensor>, key: &str) -> Result<Vec<u32>> {
+fn golden_ids(g: &HashMap<String, Tensor>, key: &str) -> Result<Vec<u32>> {
     Ok(g[key]
         .flatten_all()?
         .to_dtype(DType::U32)?
@@ -58,7 +41,7 @@ fn golden_ids(g: &std::collections::HashMap<String, Tensor>, key: &str) -> Resul
 fn logits_and_attention_match_transformers_f32() -> Result {
     for name in FIXTURES {
         let model = load(name, DType::F32)?;
-        let g = goldens(name)?;
+        let g = fixture_tensors(name, "goldens.safetensors")?;
         let ids = g["input_ids"].to_dtype(DType::U32)?;
         let layers: Vec<usize> = (0..model.config().n_layer).collect();
         let (logits, attn) = model.forward_with_attention(&ids, None, &layers)?;
@@ -78,7 +61,7 @@ fn logits_and_attention_match_transformers_f32() -> Result {
 fn greedy_ids_match_transformers_generate_f32() -> Result {
     for name in FIXTURES {
         let model = load(name, DType::F32)?;
-        let g = goldens(name)?;
+        let g = fixture_tensors(name, "goldens.safetensors")?;
         let expected = golden_ids(&g, "greedy_ids")?;
         let got = greedy(
             &model,
@@ -100,7 +83,7 @@ fn half_precision_stays_close() -> Result {
     {
         for name in FIXTURES {
             let model = load(name, dtype)?;
-            let g = goldens(name)?;
+            let g = fixture_tensors(name, "goldens.safetensors")?;
             let ids = g["input_ids"].to_dtype(DType::U32)?;
             let (logits, attn) = model.forward_with_attention(&ids, None, &[0])?;
             let d = max_abs_diff(&logits, &g["logits"])?;
@@ -134,7 +117,7 @@ fn quantized_weights_stay_close() -> Result {
         for name in FIXTURES {
             let opts = LoadOptions::default().quantized(q);
             let model = ModelSource::dir(fixture(name)).load_model(&opts)?;
-            let g = goldens(name)?;
+            let g = fixture_tensors(name, "goldens.safetensors")?;
             let ids = g["input_ids"].to_dtype(DType::U32)?;
             let logits = model.forward(&ids, None)?;
             let d = max_abs_diff(&logits, &g["logits"])?;
@@ -152,7 +135,8 @@ fn quantized_weights_stay_close() -> Result {
 fn kv_cache_decoding_equals_full_forward() -> Result {
     for name in FIXTURES {
         let model = load(name, DType::F32)?;
-        let ids = goldens(name)?["input_ids"].to_dtype(DType::U32)?;
+        let ids =
+            fixture_tensors(name, "goldens.safetensors")?["input_ids"].to_dtype(DType::U32)?;
         let full = model.forward(&ids, None)?;
         // Prefill 5, then a chunk of 4, then one token at a time: every path through the cache.
         let mut cache = model.new_cache();
@@ -198,7 +182,7 @@ fn decode_in_parts(model: &Gpt2, ids: &Tensor, capture: bool) -> Result<Tensor> 
 fn a_half_kv_cache_stays_close_to_an_f32_one() -> Result {
     for name in FIXTURES {
         assert_eq!(load(name, DType::F32)?.kv_dtype(), DType::F32);
-        let g = goldens(name)?;
+        let g = fixture_tensors(name, "goldens.safetensors")?;
         let ids = g["input_ids"].to_dtype(DType::U32)?;
         let prompt = golden_ids(&g, "greedy_prompt_ids")?;
         let source = ModelSource::dir(fixture(name));

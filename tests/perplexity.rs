@@ -2,32 +2,21 @@
 //! `scripts/make_perplexity_goldens.py` on the fixtures (`perplexity.json`): the same tokens, and
 //! the same perplexity to 1e-4 relative, at every stride, through the real binary.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use serde_json::Value;
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::{fixture, fixture_json, gpt2_command, gpt2_with_stdin, Result};
 
 #[test]
 fn perplexity_equals_transformers_at_every_stride() -> Result {
     for name in ["tiny", "tiny-b"] {
-        let golden: Value = serde_json::from_str(&std::fs::read_to_string(
-            fixture(name).join("perplexity.json"),
-        )?)?;
+        let golden = fixture_json(name, "perplexity.json")?;
         let text = golden["text"].as_str().ok_or("text")?;
-        let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("ppl-{name}.txt"));
+        let file = common::tmp(&format!("ppl-{name}.txt"));
         std::fs::write(&file, text)?;
         for r in golden["results"].as_array().ok_or("results")? {
             let stride = r["stride"].to_string();
-            let out = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-                .args(["perplexity", "--model-dir"])
+            let out = gpt2_command(&["perplexity", "--model-dir"])
                 .arg(fixture(name))
                 .arg("--file")
                 .arg(&file)
@@ -55,15 +44,18 @@ fn perplexity_equals_transformers_at_every_stride() -> Result {
             );
         }
         // Standard input, the default stride.
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
-            .args(["perplexity", "--model-dir"])
-            .arg(fixture(name))
-            .args(["--file", "-", "--json"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        std::io::Write::write_all(&mut child.stdin.take().ok_or("stdin")?, text.as_bytes())?;
-        let out = child.wait_with_output()?;
+        let dir = fixture(name);
+        let out = gpt2_with_stdin(
+            &[
+                "perplexity",
+                "--model-dir",
+                dir.to_str().ok_or("path")?,
+                "--file",
+                "-",
+                "--json",
+            ],
+            text,
+        )?;
         let got: Value = serde_json::from_slice(&out.stdout)?;
         let default = &golden["results"][0];
         let (a, b) = (

@@ -9,11 +9,10 @@
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use gpt2::Tokenizer;
 
-type TestResult = Result<(), Box<dyn Error>>;
+mod common;
 
 const EOT: &str = "<|endoftext|>";
 const EOT_ID: u32 = 50256;
@@ -111,42 +110,6 @@ fn gpt2_assets() -> Result<(PathBuf, PathBuf), Box<dyn Error>> {
 fn gpt2_tokenizer() -> Result<Tokenizer, Box<dyn Error>> {
     let (vocab, merges) = gpt2_assets()?;
     Ok(Tokenizer::from_vocab_merges(vocab, merges)?)
-}
-
-/// A fresh directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Result<Self, Box<dyn Error>> {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "gpt2-tokenizer-test-{name}-{}-{nanos}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("creating temp dir {}: {e}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,7 +310,7 @@ fn check_all(
     what: &str,
     strings: &[String],
     mut check: impl FnMut(&str) -> Result<Option<String>, Box<dyn Error>>,
-) -> TestResult {
+) -> common::Result {
     let mut failures = Vec::new();
     for s in strings {
         if let Some(why) = check(s)? {
@@ -373,7 +336,7 @@ fn check_all(
 // 1. Known ids
 
 #[test]
-fn hello_world_ids() -> TestResult {
+fn hello_world_ids() -> common::Result {
     let tok = gpt2_tokenizer()?;
     assert_eq!(tok.encode("Hello, world!")?, [15496, 11, 995, 0]);
     assert_eq!(tok.decode(&[15496, 11, 995, 0])?, "Hello, world!");
@@ -393,7 +356,7 @@ fn corpus_has_expected_size() {
 }
 
 #[test]
-fn agrees_with_tiktoken_r50k_base() -> TestResult {
+fn agrees_with_tiktoken_r50k_base() -> common::Result {
     let tok = gpt2_tokenizer()?;
     let reference = tiktoken_rs::r50k_base()?;
     check_all("tiktoken r50k_base", &corpus(), |s| {
@@ -404,7 +367,7 @@ fn agrees_with_tiktoken_r50k_base() -> TestResult {
 }
 
 #[test]
-fn decode_inverts_encode() -> TestResult {
+fn decode_inverts_encode() -> common::Result {
     let tok = gpt2_tokenizer()?;
     check_all("round trip", &corpus(), |s| {
         let ids = tok.encode(s)?;
@@ -417,15 +380,15 @@ fn decode_inverts_encode() -> TestResult {
 // 3. tokenizer.json and from_dir give the same tokenizer
 
 #[test]
-fn saved_tokenizer_json_encodes_the_same() -> TestResult {
+fn saved_tokenizer_json_encodes_the_same() -> common::Result {
     let tok = gpt2_tokenizer()?;
-    let dir = TempDir::new("saved")?;
-    let json = dir.path().join("tokenizer.json");
+    let dir = common::scratch("tokenizer", "saved");
+    let json = dir.join("tokenizer.json");
     tok.save(&json)?;
     assert!(json.is_file(), "save() wrote no {}", json.display());
 
     let from_file = Tokenizer::from_file(&json)?;
-    let from_dir = Tokenizer::from_dir(dir.path())?;
+    let from_dir = Tokenizer::from_dir(&dir)?;
     for (name, other) in [("from_file", &from_file), ("from_dir", &from_dir)] {
         assert_eq!(other.vocab_size(), tok.vocab_size(), "{name}: vocab size");
         assert_eq!(other.token_to_id(EOT), Some(EOT_ID), "{name}: {EOT}");
@@ -444,14 +407,14 @@ fn saved_tokenizer_json_encodes_the_same() -> TestResult {
 }
 
 #[test]
-fn from_dir_with_vocab_and_merges() -> TestResult {
+fn from_dir_with_vocab_and_merges() -> common::Result {
     let (vocab, merges) = gpt2_assets()?;
-    let dir = TempDir::new("vocab-merges")?;
-    std::fs::copy(&vocab, dir.path().join("vocab.json"))?;
-    std::fs::copy(&merges, dir.path().join("merges.txt"))?;
+    let dir = common::scratch("tokenizer", "vocab-merges");
+    std::fs::copy(&vocab, dir.join("vocab.json"))?;
+    std::fs::copy(&merges, dir.join("merges.txt"))?;
 
     let tok = gpt2_tokenizer()?;
-    let from_dir = Tokenizer::from_dir(dir.path())?;
+    let from_dir = Tokenizer::from_dir(&dir)?;
     assert_eq!(from_dir.encode("Hello, world!")?, [15496, 11, 995, 0]);
     assert_eq!(from_dir.vocab_size(), 50257);
     check_all("from_dir(vocab.json + merges.txt)", &corpus(), |s| {
@@ -461,14 +424,10 @@ fn from_dir_with_vocab_and_merges() -> TestResult {
 }
 
 #[test]
-fn from_dir_on_empty_dir_is_an_error() -> TestResult {
-    let dir = TempDir::new("empty")?;
-    match Tokenizer::from_dir(dir.path()) {
-        Ok(_) => Err(format!(
-            "from_dir({}) succeeded on an empty dir",
-            dir.path().display()
-        )
-        .into()),
+fn from_dir_on_empty_dir_is_an_error() -> common::Result {
+    let dir = common::scratch("tokenizer", "empty");
+    match Tokenizer::from_dir(&dir) {
+        Ok(_) => Err(format!("from_dir({}) succeeded on an empty dir", dir.display()).into()),
         Err(e) => {
             let msg = e.to_string();
             assert!(
@@ -481,11 +440,11 @@ fn from_dir_on_empty_dir_is_an_error() -> TestResult {
 }
 
 #[test]
-fn from_dir_with_only_vocab_is_an_error() -> TestResult {
+fn from_dir_with_only_vocab_is_an_error() -> common::Result {
     let (vocab, _) = gpt2_assets()?;
-    let dir = TempDir::new("vocab-only")?;
-    std::fs::copy(&vocab, dir.path().join("vocab.json"))?;
-    let err = match Tokenizer::from_dir(dir.path()) {
+    let dir = common::scratch("tokenizer", "vocab-only");
+    std::fs::copy(&vocab, dir.join("vocab.json"))?;
+    let err = match Tokenizer::from_dir(&dir) {
         Ok(_) => return Err("from_dir succeeded with vocab.json but no merges.txt".into()),
         Err(e) => e.to_string(),
     };
@@ -500,7 +459,7 @@ fn from_dir_with_only_vocab_is_an_error() -> TestResult {
 // 4. <|endoftext|>
 
 #[test]
-fn end_of_text_is_special() -> TestResult {
+fn end_of_text_is_special() -> common::Result {
     let tok = gpt2_tokenizer()?;
     assert_eq!(tok.token_to_id(EOT), Some(EOT_ID));
     assert_eq!(gpt2::tokenizer::END_OF_TEXT, EOT);
@@ -552,7 +511,7 @@ const MULTI_TOKEN_CHARS: &[&str] = &[
 ];
 
 #[test]
-fn stream_holds_back_partial_characters() -> TestResult {
+fn stream_holds_back_partial_characters() -> common::Result {
     let tok = gpt2_tokenizer()?;
     let mut tokens_alone_broken = 0;
     for &s in MULTI_TOKEN_CHARS {
@@ -585,7 +544,7 @@ fn stream_holds_back_partial_characters() -> TestResult {
 }
 
 #[test]
-fn stream_reassembles_the_whole_corpus() -> TestResult {
+fn stream_reassembles_the_whole_corpus() -> common::Result {
     let tok = gpt2_tokenizer()?;
     check_all("stream", &corpus(), |s| {
         let ids = tok.encode(s)?;
@@ -602,7 +561,7 @@ fn stream_reassembles_the_whole_corpus() -> TestResult {
 }
 
 #[test]
-fn stream_returns_a_broken_tail_only_from_finish() -> TestResult {
+fn stream_returns_a_broken_tail_only_from_finish() -> common::Result {
     let tok = gpt2_tokenizer()?;
 
     // Only the first token of an emoji: nothing complete to print until finish().
@@ -700,8 +659,8 @@ fn golden_input_ids(dir: &Path) -> Result<TextsAndIds, Box<dyn Error>> {
 }
 
 #[test]
-fn tiny_fixtures_match_goldens_and_each_other() -> TestResult {
-    let (dir_a, dir_b) = (fixture_dir("tiny"), fixture_dir("tiny-b"));
+fn tiny_fixtures_match_goldens_and_each_other() -> common::Result {
+    let (dir_a, dir_b) = (common::fixture("tiny"), common::fixture("tiny-b"));
     assert!(dir_a.join("tokenizer.json").is_file());
     assert!(
         !dir_b.join("tokenizer.json").exists(),

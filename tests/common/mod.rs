@@ -1,0 +1,247 @@
+//! Helpers shared by the integration tests (`mod common;` in each): fixtures and goldens, the
+//! binary, scratch paths, comparisons, and skips that are seen and counted.
+
+// Each test binary compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use gpt2::{Device, Tensor};
+use serde_json::Value;
+
+pub type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// The `gpt2` binary cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_gpt2");
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures and goldens
+
+/// The committed fixture folder `tests/fixtures/{name}`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The JSON file `file` of the fixture `name`.
+pub fn fixture_json(name: &str, file: &str) -> Result<Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        fixture(name).join(file),
+    )?)?)
+}
+
+/// The tensors in the safetensors file `file` of the fixture `name`.
+pub fn fixture_tensors(name: &str, file: &str) -> Result<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(
+        fixture(name).join(file),
+        &Device::Cpu,
+    )?)
+}
+
+/// The goldens `{stem}.safetensors` and `{stem}.json` of the fixture `name` (`goldens` from
+/// `scripts/make_fixtures.py`, `analysis` from `scripts/make_analysis_goldens.py`).
+pub fn goldens(name: &str, stem: &str) -> Result<(HashMap<String, Tensor>, Value)> {
+    Ok((
+        fixture_tensors(name, &format!("{stem}.safetensors"))?,
+        fixture_json(name, &format!("{stem}.json"))?,
+    ))
+}
+
+/// The token ids in the JSON array `v`.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scratch paths
+
+/// `name` under cargo's scratch directory for these tests (nothing is created).
+pub fn tmp(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
+/// A fresh, empty folder `{group}/{name}` under cargo's scratch directory.
+pub fn scratch(group: &str, name: &str) -> PathBuf {
+    let dir = tmp(group).join(name);
+    // Not there yet is fine; any other failure to clear or make it is a broken setup.
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::NotFound,
+            "{}: {e}",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+/// The names in the folder `dir`, sorted (none if it cannot be read).
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binary
+
+/// `gpt2 args`, offline (no test reaches the real Hub), with backtraces on, so a panic shows
+/// where and an error is checked to stay one line even so.
+pub fn gpt2_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_BACKTRACE", "1");
+    cmd
+}
+
+/// Runs [`gpt2_command`] with nothing on stdin.
+pub fn gpt2(args: &[&str]) -> Result<Output> {
+    Ok(gpt2_command(args).stdin(Stdio::null()).output()?)
+}
+
+/// Runs [`gpt2_command`] with `input` on stdin.
+pub fn gpt2_with_stdin(args: &[&str], input: &str) -> Result<Output> {
+    let mut child = gpt2_command(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut pipe = child.stdin.take().ok_or("no stdin")?;
+    pipe.write_all(input.as_bytes())?;
+    drop(pipe);
+    Ok(child.wait_with_output()?)
+}
+
+/// Runs `generate --json` on the model folder `model` (expecting success); the JSON object of
+/// each sample.
+pub fn generate_json(model: &Path, extra: &[&str]) -> Result<Vec<Value>> {
+    let dir = model.to_str().ok_or("path")?;
+    let mut args = vec!["generate", "--model-dir", dir, "--json"];
+    args.extend_from_slice(extra);
+    let out = gpt2(&args)?;
+    assert!(out.status.success(), "{args:?} failed: {}", stderr(&out));
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?)
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A failed run whose stderr is one line containing `needle`, without a panic.
+pub fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = stderr(out);
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numbers
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    assert_eq!(a.dims(), b.dims());
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Reads a little-endian f32 `.npy` (as `inspect-heads` and `--attention-out` write it): its
+/// shape and data.
+pub fn read_npy(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path)?;
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + len])?;
+    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"));
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or("shape")?
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse())
+        .collect::<std::result::Result<Vec<usize>, _>>()?;
+    let data: Vec<f32> = bytes[10 + len..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(data.len(), shape.iter().product::<usize>());
+    Ok((shape, data))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outside tools, and skipping without them
+
+/// `chromium` or `chromium-browser` on PATH, if any.
+pub fn chromium() -> Option<&'static str> {
+    ["chromium", "chromium-browser"].into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Whether `CI` is set: there `.ci/run` installs every tool, so a missing one is a failure.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// Where [`skip`] counts skips, one line each (`time  file::test  reason`), for a summary.
+pub fn skip_log() -> PathBuf {
+    tmp("skipped-tests.txt")
+}
+
+/// `test` (in the caller's file) cannot run (part of) itself because `reason`: a failure in CI;
+/// elsewhere one line on the real stderr and one in [`skip_log`], and the caller returns.
+///
+/// Written to the stderr handle, not with `eprintln!`: libtest captures the print macros and
+/// shows them only when a test fails, so a skip would pass unseen.
+#[track_caller]
+pub fn skip(test: &str, reason: &str) {
+    let file = std::panic::Location::caller().file();
+    if in_ci() {
+        panic!("CI is set but {file}::{test} cannot run: {reason}");
+    }
+    let line = format!("SKIPPED {file}::{test}: {reason} [set CI=1 to make this a failure]\n");
+    // Best effort: a test that cannot report its skip still skips.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let record = format!("{secs}\t{file}::{test}\t{reason}\n");
+    let logged = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skip_log())
+        .and_then(|mut f| f.write_all(record.as_bytes()));
+    if let Err(e) = logged {
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "(could not count the skip in {}: {e})",
+            skip_log().display()
+        );
+    }
+}
