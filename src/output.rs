@@ -124,7 +124,7 @@ pub fn reserve(param: &'static str, dest: &Path) -> Result<()> {
         // A file created and deleted: the folder's permissions and the name's length are the
         // file system's to judge.
         let dir = folder_of(&path);
-        temp_in(dir, &path).map_err(|e| {
+        let probe = temp_in(dir, &path).map_err(|e| {
             Error::param(
                 param,
                 format!(
@@ -134,6 +134,9 @@ pub fn reserve(param: &'static str, dest: &Path) -> Result<()> {
                 ),
             )
         })?;
+        // Deleted on drop; meanwhile a second Ctrl-C deletes it too.
+        lock(&TEMPORARIES).push(probe.path().to_path_buf());
+        forget_temporary(probe.path());
     }
     lock(&RESERVED).push((param, dest.to_path_buf()));
     Ok(())
@@ -187,6 +190,13 @@ fn resolve(dest: &Path) -> std::result::Result<Kind, String> {
             if let Some(kind) = proc_fd(&path) {
                 return Ok(kind);
             }
+            if !may_follow(&path, &meta) {
+                return Err(format!(
+                    "{}: {} is another user's symlink in a shared folder (sticky, writable by all); not followed",
+                    dest.display(),
+                    path.display()
+                ));
+            }
             let to = std::fs::read_link(&path).map_err(|e| format!("{}: {e}", dest.display()))?;
             path = folder_of(&path).join(to);
         } else if meta.is_dir() {
@@ -224,6 +234,26 @@ fn proc_fd(link: &Path) -> Option<Kind> {
 #[cfg(not(unix))]
 fn proc_fd(_link: &Path) -> Option<Kind> {
     None
+}
+
+/// Whether to follow the symlink `link`: as Linux's `fs.protected_symlinks` decides for an open,
+/// which reading the link ourselves would bypass. In a sticky folder writable by all (`/tmp`),
+/// only a link of ours or of the folder's owner is followed: another user's link there could
+/// point our output at any file we may replace.
+#[cfg(unix)]
+fn may_follow(link: &Path, meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::metadata(folder_of(link)) else {
+        return true;
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    dir.mode() & 0o1002 != 0o1002 || meta.uid() == me || meta.uid() == dir.uid()
+}
+
+#[cfg(not(unix))]
+fn may_follow(_link: &Path, _meta: &std::fs::Metadata) -> bool {
+    true
 }
 
 /// The folder holding `path` (`.` for a bare name).
@@ -707,6 +737,37 @@ mod tests {
             std::fs::read(&later).map_err(|e| Error::io(&later, e))?,
             b"{}"
         );
+        let _ = std::fs::remove_dir_all(&d);
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn another_users_link_in_a_shared_folder_is_not_followed() -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("sticky");
+        let io = |e| Error::io(&d, e);
+        let target = d.join("precious");
+        std::fs::write(&target, b"keep").map_err(io)?;
+        let shared = d.join("shared");
+        std::fs::create_dir(&shared).map_err(io)?;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).map_err(io)?;
+        let link = shared.join("out.json");
+        std::os::unix::fs::symlink(&target, &link).map_err(io)?;
+        // Our own link there is followed.
+        assert!(!is_stream(&link) && PendingFile::create(&link).is_ok());
+        // Another user's needs root to make.
+        if std::os::unix::fs::lchown(&link, Some(65534), None).is_err() {
+            println!("SKIPPED: changing a link's owner needs root");
+            let _ = std::fs::remove_dir_all(&d);
+            return Ok(());
+        }
+        let e = PendingFile::create(&link).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("not followed")),
+            "{e:?}"
+        );
+        assert_eq!(std::fs::read(&target).map_err(io)?, b"keep");
         let _ = std::fs::remove_dir_all(&d);
         Ok(())
     }
