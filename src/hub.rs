@@ -204,7 +204,7 @@ impl Hub {
     }
 
     /// The cached copy of `file`, without any network.
-    fn cached(&self, file: &str) -> Option<PathBuf> {
+    pub(crate) fn cached(&self, file: &str) -> Option<PathBuf> {
         if let Some(path) = self.cache.repo(self.repo()).get(file) {
             return Some(path);
         }

@@ -366,7 +366,7 @@ impl Output {
                 return Err(Error::param(
                     "out",
                     format!(
-                        "{}: the npy array cannot end in .json, the name of its tokens file",
+                        "{}: an npy array named .json would be read as JSON; name it .npy",
                         p.display()
                     ),
                 ));
@@ -375,10 +375,34 @@ impl Output {
         Ok(Self { format, path })
     }
 
-    /// Where the tokens of an npy array go: the array's path with a `.json` extension.
-    pub fn npy_tokens_path(path: &Path) -> PathBuf {
-        path.with_extension("json")
+    /// Every file written: the path, and an npy array's tokens file.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.path
+            .iter()
+            .flat_map(|p| files_written(self.format, p))
+            .collect()
     }
+
+    /// Where the tokens of an npy array go: `PATH.json` (`attn.npy.json`), a name no other file
+    /// of the user's is likely to have; `None` for an array written to a stream (`/dev/stdout`),
+    /// beside which there is no place.
+    pub fn npy_tokens_path(path: &Path) -> Option<PathBuf> {
+        if crate::output::is_stream(path) {
+            return None;
+        }
+        let mut name = path.as_os_str().to_owned();
+        name.push(".json");
+        Some(PathBuf::from(name))
+    }
+}
+
+/// The files written for `format` at `path`: `path`, and for npy its tokens file.
+pub fn files_written(format: Format, path: &Path) -> Vec<PathBuf> {
+    let mut files = vec![path.to_path_buf()];
+    if format == Format::Npy {
+        files.extend(Output::npy_tokens_path(path));
+    }
+    files
 }
 
 /// Captures the selected attention of `tokens` and writes it as `output` says, one layer at a time.

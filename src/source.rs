@@ -105,10 +105,46 @@ impl ModelSource {
         }
     }
 
-    /// Finds the files, then loads the model as `opts` says, and its tokenizer.
+    /// The files a load reads that are on disk now (nothing is downloaded): the layout file, or
+    /// the config, weights (shards and their index) and tokenizer files of a folder or of the
+    /// Hub cache. What no output may replace ([`crate::output::protect`]).
+    pub fn local_files(&self) -> Vec<PathBuf> {
+        let hub = match self {
+            Self::Layout { path, .. } => return vec![path.clone()],
+            Self::Dir(_) => None,
+            Self::Hub { repo, revision } => match crate::hub::Hub::new(repo, revision) {
+                Ok(hub) => Some(hub),
+                Err(_) => return Vec::new(),
+            },
+        };
+        let present = |name: &str| match (self, &hub) {
+            (Self::Dir(dir), _) => Some(dir.join(name)).filter(|p| p.is_file()),
+            (_, Some(hub)) => hub.cached(name),
+            _ => None,
+        };
+        let mut files: Vec<PathBuf> = MODEL_FILES.iter().filter_map(|f| present(f)).collect();
+        if let Some(index) = present("model.safetensors.index.json") {
+            let shards = shard_names(&index).unwrap_or_default();
+            files.extend(shards.iter().filter_map(|s| present(s)));
+        }
+        files
+    }
+
+    /// Every file of [`ModelSource::local_files`] is an input of this run: no output may replace
+    /// it.
+    pub fn protect_files(&self) -> Result<()> {
+        self.local_files()
+            .iter()
+            .try_for_each(|f| crate::output::protect(f, "one of the model's own files"))
+    }
+
+    /// Finds the files, then loads the model as `opts` says, and its tokenizer. Its files are
+    /// [`crate::output::protect`]ed: no output of the run replaces them.
     pub fn load(&self, opts: &LoadOptions) -> Result<Loaded> {
         let start = Instant::now();
         let files = self.files()?;
+        // After the download: the Hub cache has them now.
+        self.protect_files()?;
         let (model, tokenizer) = match (&files, self) {
             (Some(f), _) => {
                 let config = Config::from_file(&f.config)?;
@@ -160,6 +196,17 @@ impl ModelSource {
         Gpt2::new(config, checkpoint, opts)
     }
 }
+
+/// The files of a model folder (or snapshot) that a load may read, besides the shards an index
+/// names.
+const MODEL_FILES: [&str; 6] = [
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+];
 
 /// `dir/name`, checking the folder first so that the error says what is wrong with it.
 fn dir_file(dir: &Path, name: &str) -> Result<PathBuf> {

@@ -103,7 +103,10 @@ fn npy_and_safetensors_hold_the_same_rows() -> Result {
             assert!((sum - 1.0).abs() < 1e-5);
         }
     }
-    let side: Value = serde_json::from_str(&std::fs::read_to_string(npy.with_extension("json"))?)?;
+    // The tokens in `PATH.json`: beside same.json, not in place of it.
+    let side: Value = serde_json::from_str(&std::fs::read_to_string(common::tmp(
+        "generated-same.npy.json",
+    ))?)?;
     assert_eq!(side["meta"]["tokens"].as_array().map(Vec::len), Some(p + N));
     let st = common::tmp("generated-same.safetensors");
     generate(&st, &["--layer", "1"])?;

@@ -288,9 +288,10 @@ fn npy_holds_transformers_numbers_and_numpy_reads_it() -> Result {
     let data = Tensor::from_vec(data, (1, t, t), &Device::Cpu)?;
     let want = g["attn.1"].get(0)?.narrow(0, 3, 1)?;
     assert!(max_abs_diff(&data, &want)? <= 1e-5);
-    // The tokens beside the array.
-    let side: Value =
-        serde_json::from_str(&std::fs::read_to_string(common::tmp("inspect-all.json"))?)?;
+    // The tokens beside the array, in `PATH.json`.
+    let side: Value = serde_json::from_str(&std::fs::read_to_string(common::tmp(
+        "inspect-all.npy.json",
+    ))?)?;
     assert_eq!(side["tokens"], v["tokens"]);
     assert_eq!(side["token_ids"], v["token_ids"]);
     assert_eq!(side["shape"], serde_json::json!([2, 4, t, t]));

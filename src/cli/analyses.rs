@@ -8,7 +8,7 @@ use gpt2::analysis::logit_lens::logit_lens;
 use gpt2::output::{print, Out};
 use gpt2::{Loaded, Prompt};
 
-use super::commands::{load, note_done};
+use super::commands::{guard, load, note_done};
 use super::{AnalysisFormat, AttributeArgs, HeadsEffectArgs, LogitLensArgs, PromptArgs};
 
 /// The prompt of an analysis: tokenised for `loaded`'s model, `<|endoftext|>` first with `bos`.
@@ -30,6 +30,11 @@ fn check_format(format: AnalysisFormat, out: &Option<std::path::PathBuf>) -> Res
     Ok(())
 }
 
+/// `--out`, as [`guard`] takes it.
+fn outputs(out: &Option<std::path::PathBuf>) -> Vec<(&'static str, std::path::PathBuf)> {
+    out.iter().map(|p| ("out", p.clone())).collect()
+}
+
 /// `text` to `--out` (atomically) or standard output.
 fn write(out: &Option<std::path::PathBuf>, text: &str) -> Result<()> {
     match out {
@@ -45,6 +50,7 @@ fn write(out: &Option<std::path::PathBuf>, text: &str) -> Result<()> {
 
 pub(crate) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
     check_format(args.format, &args.out)?;
+    guard(&args.model.source, &args.prompt, None, &outputs(&args.out))?;
     let loaded = load(&args.model, None)?;
     let p = prompt(&loaded, &args.prompt, args.bos)?;
     let target = args.target.id(&loaded.tokenizer)?;
@@ -105,6 +111,7 @@ pub(crate) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
 
 pub(crate) fn cmd_attribute(args: AttributeArgs) -> Result<()> {
     check_format(args.format, &args.out)?;
+    guard(&args.model.source, &args.prompt, None, &outputs(&args.out))?;
     let loaded = load(&args.model, None)?;
     let p = prompt(&loaded, &args.prompt, args.bos)?;
     let Some(target) = args.target.id(&loaded.tokenizer)? else {

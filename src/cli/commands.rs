@@ -15,6 +15,7 @@ use gpt2::{Error, Loaded, ModelSource, Prompt};
 use super::escape::unescape;
 use super::{
     BenchArgs, Cli, Command, GenerateArgs, InfoArgs, InspectHeadsArgs, ModelArgs, PerplexityArgs,
+    PromptArgs, SourceArgs,
 };
 
 /// Runs the command `cli` names.
@@ -48,6 +49,28 @@ pub(crate) fn load(args: &ModelArgs, layers: Option<usize>) -> Result<Loaded> {
         ModelSource::Hub { repo, .. } => format!("cannot load {repo}"),
     };
     source.load(&opts).context(what)
+}
+
+/// Before any work (and any download): the files the run reads are protected, and every file it
+/// writes (`outputs`: the flag that names it, and the path) is checked, so that a bad
+/// destination fails now, naming its flag, and no output replaces an input (see `gpt2::output`).
+pub(crate) fn guard(
+    source: &SourceArgs,
+    prompt: &PromptArgs,
+    prompts: Option<&std::path::Path>,
+    outputs: &[(&'static str, std::path::PathBuf)],
+) -> Result<()> {
+    source.source().protect_files()?;
+    if let Some(path) = &prompt.prompt_file {
+        gpt2::output::protect(path, "the prompt file")?;
+    }
+    if let Some(path) = prompts {
+        gpt2::output::protect(path, "the prompts file")?;
+    }
+    for (param, path) in outputs {
+        gpt2::output::reserve(param, path)?;
+    }
+    Ok(())
 }
 
 fn cmd_generate(args: GenerateArgs) -> Result<()> {
@@ -84,6 +107,12 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
     };
     // Check options before the (possibly long) download.
     params.validate()?;
+    let mut outputs = Vec::new();
+    if let Some(path) = &args.attention_out {
+        let files = inspect::files_written(attention_format(path)?, path);
+        outputs.extend(files.into_iter().map(|f| ("attention_out", f)));
+    }
+    guard(&args.model.source, &args.prompt, None, &outputs)?;
     let text = args.prompt.text()?;
     let mut loaded = load(&args.model, None)?;
     let prompt = Prompt::new(
@@ -172,19 +201,7 @@ fn attention_recorder(
     params: &GenerateParams,
     path: &std::path::Path,
 ) -> Result<(AttentionRecorder, std::path::PathBuf, Format)> {
-    let format = match path.extension().and_then(|e| e.to_str()) {
-        Some("npy") => Format::Npy,
-        Some("safetensors") => Format::Safetensors,
-        Some("json") => Format::Json,
-        Some("html") => Format::Html,
-        _ => Err(Error::param(
-            "attention_out",
-            format!(
-                "{}: name it .npy, .safetensors, .json or .html",
-                path.display()
-            ),
-        ))?,
-    };
+    let format = attention_format(path)?;
     let c = loaded.model.config();
     if params.num_samples != 1 {
         Err(Error::param(
@@ -203,11 +220,25 @@ fn attention_recorder(
             ),
         ))?;
     }
-    if let Some(files) = &loaded.files {
-        gpt2::output::refuse_inputs(path, &files.weights)?;
-    }
     let layers = Selection::new(c, args.layer, None)?.layers;
     Ok((AttentionRecorder::new(layers), path.to_path_buf(), format))
+}
+
+/// The format --attention-out's extension names.
+fn attention_format(path: &std::path::Path) -> Result<Format> {
+    Ok(match path.extension().and_then(|e| e.to_str()) {
+        Some("npy") => Format::Npy,
+        Some("safetensors") => Format::Safetensors,
+        Some("json") => Format::Json,
+        Some("html") => Format::Html,
+        _ => Err(Error::param(
+            "attention_out",
+            format!(
+                "{}: name it .npy, .safetensors, .json or .html",
+                path.display()
+            ),
+        ))?,
+    })
 }
 
 /// Adds the option that fixes a too-long prompt.
@@ -252,6 +283,13 @@ fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
     if args.scores {
         inspect::scores::check_output(&output)?;
     }
+    let outputs: Vec<_> = output.files().into_iter().map(|f| ("out", f)).collect();
+    guard(
+        &args.model.source,
+        &args.prompt,
+        args.prompts.as_deref(),
+        &outputs,
+    )?;
     // Several prompts (--prompts) for the scores, else the one prompt.
     let texts = match &args.prompts {
         Some(path) => read_prompts(path)?,
@@ -270,11 +308,6 @@ fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
         .max()
         .map_or(config.n_layer, |l| l + 1);
     let mut loaded = load(&args.model, Some(last))?;
-    if let (Some(out), Some(files)) = (&args.out, &loaded.files) {
-        let mut inputs = files.weights.clone();
-        inputs.push(files.config.clone());
-        gpt2::output::refuse_inputs(out, &inputs)?;
-    }
     let prompt = Prompt::new(
         &loaded.tokenizer,
         &text,

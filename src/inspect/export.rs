@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::{Header, LayerAttention, Output, RowBlock, Sink};
 use crate::error::{Error, Result};
-use crate::output::{Out, PendingFile};
+use crate::output::{commit_together, Out, PendingFile};
 
 /// `{"model", "tokens", "token_ids", "heads", "layer", "attention"}` with `attention[head][query][key]`;
 /// with `--layer all`, `"layers": [{"layer", "attention"}, ...]` instead of the last two. Values are
@@ -83,8 +83,8 @@ impl Sink for JsonSink {
 /// (layer, head) are contiguous, so each block is one seek and one write per (layer, head).
 pub(crate) struct DenseFile {
     file: PendingFile,
-    /// npy's tokens file: committed after the array, so neither appears without the other.
-    sidecar: Option<Out>,
+    /// npy's tokens file: committed with the array ([`commit_together`]).
+    sidecar: Option<Sidecar>,
     data_start: u64,
     heads: usize,
     t: usize,
@@ -99,9 +99,11 @@ impl DenseFile {
         if h.selection.all_layers {
             shape.insert(0, h.selection.layers.len());
         }
-        let side = Output::npy_tokens_path(path);
-        let mut tokens = Out::open(Some(&side))?;
-        tokens.json(&serde_json::json!({
+        // Opened before the array: both destinations are checked before any work.
+        let side = Output::npy_tokens_path(path)
+            .map(|p| PendingFile::create(&p))
+            .transpose()?;
+        let meta = serde_json::json!({
             "model": h.model,
             "array": path.file_name().map(|f| f.to_string_lossy()),
             "shape": shape,
@@ -114,10 +116,22 @@ impl DenseFile {
             "heads": h.selection.heads,
             "tokens": h.tokens.text,
             "token_ids": h.tokens.ids,
-        }))?;
-        tokens.bytes(b"\n")?;
-        let mut file = Self::create(path, &npy_header(&shape), h)?;
-        file.sidecar = Some(tokens);
+        });
+        let header = npy_header(&shape);
+        let mut file = Self::create(path, &header, h)?;
+        let Some(side) = side else {
+            return Ok(file);
+        };
+        let mut head = crc32fast::Hasher::new();
+        head.update(&header);
+        let segments = h.selection.layers.len() * h.selection.heads.len();
+        file.sidecar = Some(Sidecar {
+            file: side,
+            meta,
+            head,
+            segments: vec![crc32fast::Hasher::new(); segments],
+            bytes: header.len() as u64 + 4 * (segments * t * t) as u64,
+        });
         Ok(file)
     }
 
@@ -160,6 +174,15 @@ impl DenseFile {
 
     fn create(path: &Path, header: &[u8], h: &Header<'_>) -> Result<Self> {
         let mut file = PendingFile::create(path)?;
+        if file.file().stream_position().is_err() {
+            return Err(Error::param(
+                "out",
+                format!(
+                    "{}: npy and safetensors are filled in place, out of order: they need a file, not a pipe",
+                    path.display()
+                ),
+            ));
+        }
         file.file()
             .write_all(header)
             .map_err(|e| Error::io(path, e))?;
@@ -183,6 +206,10 @@ impl DenseFile {
                 bytes.clear();
                 part.iter()
                     .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+                if let Some(side) = &mut self.sidecar {
+                    // Blocks come in row order: each (layer, head) is hashed front to back.
+                    side.segments[l * self.heads + i].update(&bytes);
+                }
                 let start = self.data_start + 4 * at as u64;
                 let file = self.file.file();
                 file.seek(SeekFrom::Start(start))
@@ -193,11 +220,45 @@ impl DenseFile {
         Ok(())
     }
 
-    /// Moves the array, then its tokens file, into place.
+    /// Moves the array and its tokens file into place together.
     pub(crate) fn finish(self) -> Result<()> {
-        self.file.commit()?;
-        self.sidecar.map_or(Ok(()), Out::finish)
+        match self.sidecar {
+            None => self.file.commit(),
+            Some(side) => {
+                let mut crc = side.head;
+                side.segments.iter().for_each(|s| crc.combine(s));
+                let tokens = tokens_file(side.file, side.meta, side.bytes, crc.finalize())?;
+                commit_together(vec![self.file, tokens])
+            }
+        }
     }
+}
+
+/// An npy array's tokens file, written when the array is complete, and the array's CRC-32 so far.
+struct Sidecar {
+    file: PendingFile,
+    meta: serde_json::Value,
+    /// The header's CRC, then each (layer, head)'s rows' (the file's order).
+    head: crc32fast::Hasher,
+    segments: Vec<crc32fast::Hasher>,
+    bytes: u64,
+}
+
+/// Writes an npy array's tokens file: `meta` with the array's size and CRC-32 (`zlib.crc32` of
+/// the whole `.npy`), by which a reader can tell that the two files belong together.
+pub(crate) fn tokens_file(
+    mut file: PendingFile,
+    mut meta: serde_json::Value,
+    array_bytes: u64,
+    array_crc32: u32,
+) -> Result<PendingFile> {
+    meta["array_bytes"] = array_bytes.into();
+    meta["array_crc32"] = array_crc32.into();
+    let mut text = meta.to_string();
+    text.push('\n');
+    let written = file.file().write_all(text.as_bytes());
+    written.map_err(|e| file.write_error(e))?;
+    Ok(file)
 }
 
 /// The header of a C-order `<f4` array of `shape`: magic, version 1.0, then a Python dict literal

@@ -8,12 +8,12 @@
 
 use serde::Serialize;
 
-use super::export::npy_header;
+use super::export::{npy_header, tokens_file};
 use super::html::{escape_html, script_json};
 use super::Format;
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, Point};
-use crate::output::{Out, PendingFile};
+use crate::output::{commit_together, Out, PendingFile};
 
 /// Collects the last query row of the chosen layers' attention in every forward pass.
 #[derive(Debug, Clone)]
@@ -86,7 +86,7 @@ pub struct GeneratedTokens {
 }
 
 /// Writes the recorded attention as `format` says: npy (steps, layers, heads, keys) padded with
-/// zeros past each row's context, with a `.json` beside it; safetensors `attn.{layer}` (steps,
+/// zeros past each row's context, with its tokens in `PATH.json` beside it; safetensors `attn.{layer}` (steps,
 /// heads, keys); json (ragged rows); html (a page stepping through the generated tokens).
 pub fn write(
     rec: &AttentionRecorder,
@@ -109,6 +109,9 @@ pub fn write(
         Format::Npy => {
             let shape = [steps, nl, nh, keys];
             let mut file = PendingFile::create(path)?;
+            let side = super::Output::npy_tokens_path(path)
+                .map(|p| PendingFile::create(&p))
+                .transpose()?;
             let mut bytes = npy_header(&shape);
             for i in 0..steps {
                 for j in 0..nl {
@@ -119,18 +122,23 @@ pub fn write(
                     }
                 }
             }
-            std::io::Write::write_all(file.file(), &bytes).map_err(|e| Error::io(path, e))?;
-            let mut side = Out::open(Some(&super::Output::npy_tokens_path(path)))?;
-            side.json(&serde_json::json!({
+            let written = std::io::Write::write_all(file.file(), &bytes);
+            written.map_err(|e| file.write_error(e))?;
+            let meta = serde_json::json!({
                 "array": path.file_name().map(|f| f.to_string_lossy()),
                 "shape": shape,
                 "axes": ["step", "layer", "head", "key"],
                 "row": "step i: the query that produced generated token i, over keys 0..prompt_tokens+i (zeros after)",
                 "meta": meta,
-            }))?;
-            side.bytes(b"\n")?;
-            file.commit()?;
-            side.finish()
+            });
+            match side {
+                Some(side) => {
+                    let side =
+                        tokens_file(side, meta, bytes.len() as u64, crc32fast::hash(&bytes))?;
+                    commit_together(vec![file, side])
+                }
+                None => file.commit(),
+            }
         }
         Format::Safetensors => {
             let per = steps * nh * keys * 4;
