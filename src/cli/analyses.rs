@@ -8,7 +8,7 @@ use gpt2::analysis::logit_lens::logit_lens;
 use gpt2::output::{print, Out};
 use gpt2::{Loaded, Prompt};
 
-use super::commands::{guard, load, note_done};
+use super::shared::{guard, load, note_done};
 use super::{AnalysisFormat, AttributeArgs, HeadsEffectArgs, LogitLensArgs, PromptArgs};
 
 /// The prompt of an analysis: tokenised for `loaded`'s model, `<|endoftext|>` first with `bos`.
@@ -48,7 +48,7 @@ fn write(out: &Option<std::path::PathBuf>, text: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
+pub(super) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
     check_format(args.format, &args.out)?;
     guard(&args.model.source, &args.prompt, None, &outputs(&args.out))?;
     let loaded = load(&args.model, None)?;
@@ -87,7 +87,7 @@ pub(crate) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
+pub(super) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
     let mut loaded = load(&args.model, None)?;
     let p = prompt(&loaded, &args.prompt, args.bos)?;
     args.ablate.apply(&mut loaded.model, &p.ids)?;
@@ -109,7 +109,7 @@ pub(crate) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn cmd_attribute(args: AttributeArgs) -> Result<()> {
+pub(super) fn cmd_attribute(args: AttributeArgs) -> Result<()> {
     check_format(args.format, &args.out)?;
     guard(&args.model.source, &args.prompt, None, &outputs(&args.out))?;
     let loaded = load(&args.model, None)?;

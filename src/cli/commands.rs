@@ -1,6 +1,5 @@
 //! One function per command: check the options, make one library call, print the result.
 
-use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -10,70 +9,13 @@ use gpt2::inspect::generated::{AttentionRecorder, GeneratedTokens};
 use gpt2::inspect::Format;
 use gpt2::inspect::{self, Output, Selection, Tokens};
 use gpt2::output::print;
-use gpt2::{Error, Loaded, ModelSource, Prompt};
+use gpt2::{Error, Loaded, Prompt};
 
 use super::escape::unescape;
-use super::{
-    BenchArgs, Cli, Command, GenerateArgs, InfoArgs, InspectHeadsArgs, ModelArgs, PerplexityArgs,
-    PromptArgs, SourceArgs,
-};
+use super::shared::{guard, load, note, print_peak_memory};
+use super::{BenchArgs, GenerateArgs, InfoArgs, InspectHeadsArgs, PerplexityArgs};
 
-/// Runs the command `cli` names.
-pub(crate) fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Generate(args) => cmd_generate(args),
-        Command::Bench(args) => cmd_bench(args),
-        Command::InspectHeads(args) => cmd_inspect_heads(args),
-        Command::Info(args) => cmd_info(args),
-        Command::Perplexity(args) => cmd_perplexity(args),
-        Command::HeadsEffect(args) => super::analyses::cmd_heads_effect(args),
-        Command::LogitLens(args) => super::analyses::cmd_logit_lens(args),
-        Command::Attribute(args) => super::analyses::cmd_attribute(args),
-    }
-}
-
-/// Loads the model `args` names (only its first `layers` blocks, if given).
-pub(crate) fn load(args: &ModelArgs, layers: Option<usize>) -> Result<Loaded> {
-    let source = args.source.source();
-    let mut opts = args.options()?;
-    opts.layers = layers;
-    if source.is_random() {
-        note(format_args!(
-            "warning: {} has random weights (seeded): its text is noise; use it for shapes, memory and speed\n",
-            source.name()
-        ));
-    }
-    let what = match &source {
-        ModelSource::Layout { path, .. } => format!("--config {}", path.display()),
-        ModelSource::Dir(dir) => format!("--model-dir {}", dir.display()),
-        ModelSource::Hub { repo, .. } => format!("cannot load {repo}"),
-    };
-    source.load(&opts).context(what)
-}
-
-/// Before any work (and any download): the files the run reads are protected, and every file it
-/// writes (`outputs`: the flag that names it, and the path) is checked, so that a bad
-/// destination fails now, naming its flag, and no output replaces an input (see `gpt2::output`).
-pub(crate) fn guard(
-    source: &SourceArgs,
-    prompt: &PromptArgs,
-    prompts: Option<&std::path::Path>,
-    outputs: &[(&'static str, std::path::PathBuf)],
-) -> Result<()> {
-    source.source().protect_files()?;
-    if let Some(path) = &prompt.prompt_file {
-        gpt2::output::protect(path, "the prompt file")?;
-    }
-    if let Some(path) = prompts {
-        gpt2::output::protect(path, "the prompts file")?;
-    }
-    for (param, path) in outputs {
-        gpt2::output::reserve(param, path)?;
-    }
-    Ok(())
-}
-
-fn cmd_generate(args: GenerateArgs) -> Result<()> {
+pub(super) fn cmd_generate(args: GenerateArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -251,7 +193,7 @@ fn truncate_hint(e: Error) -> anyhow::Error {
     }
 }
 
-fn cmd_bench(args: BenchArgs) -> Result<()> {
+pub(super) fn cmd_bench(args: BenchArgs) -> Result<()> {
     let loaded = load(&args.model, None)?;
     let r = gpt2::bench::bench(
         &loaded.model,
@@ -277,7 +219,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
+pub(super) fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
     // Check options before the (possibly long) download.
     let output = Output::new(args.format, args.out.clone())?;
     if args.scores {
@@ -382,7 +324,7 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-fn cmd_info(args: InfoArgs) -> Result<()> {
+pub(super) fn cmd_info(args: InfoArgs) -> Result<()> {
     let source = args.source.source();
     let config = source.config()?;
     let info = ModelInfo::new(&config, args.context.unwrap_or(config.n_positions))?;
@@ -396,7 +338,7 @@ fn cmd_info(args: InfoArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
+pub(super) fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
     let text = if args.file.as_os_str() == "-" {
         let mut t = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
@@ -450,24 +392,6 @@ fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
-/// The closing stats line of an analysis.
-pub(crate) fn note_done(
-    loaded: &Loaded,
-    tokens: usize,
-    start: Instant,
-    out: Option<&std::path::Path>,
-) {
-    note(format_args!(
-        "{}: {tokens} tokens; loaded in {:.0} ms, ran in {:.0} ms{}\n",
-        loaded.name,
-        loaded.load_time.as_secs_f64() * 1e3,
-        start.elapsed().as_secs_f64() * 1e3,
-        out.map(|p| format!(", written to {}", p.display()))
-            .unwrap_or_default()
-    ));
-    print_peak_memory();
-}
-
 /// A progress bar on stderr when it is a terminal.
 fn progress_bar(what: &'static str) -> Option<indicatif::ProgressBar> {
     use std::io::IsTerminal;
@@ -509,22 +433,4 @@ fn json_line(
             "decode_tokens_per_s": t.decode_tokens_per_s(),
         }
     })
-}
-
-/// The process's peak resident memory (Linux `VmHWM`), so long runs can show it stays flat.
-fn print_peak_memory() {
-    let peak = || -> Option<f64> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib / 1024.0)
-    };
-    if let Some(mib) = peak() {
-        note(format_args!("peak memory: {mib:.1} MiB\n"));
-    }
-}
-
-/// Writes to stderr; a closed or full stderr is not worth failing a finished run for.
-fn note(text: std::fmt::Arguments<'_>) {
-    let _ = std::io::stderr().write_fmt(text);
 }

@@ -1,9 +1,12 @@
-//! The command line: clap types, and how each maps onto the library's types. [`commands`] runs
-//! each command with one library call and prints the result.
+//! The command line: clap types, how each maps onto the library's types, and [`run`], which
+//! dispatches each command to [`commands`] or [`analyses`] (one library call each, its result
+//! printed). Both use [`shared`] (loading, the output guard, the closing notes) and nothing of
+//! each other.
 
 mod analyses;
 mod commands;
 mod escape;
+mod shared;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -16,8 +19,6 @@ use gpt2::inspect::{Format, LayerChoice};
 use gpt2::prompt::PromptOptions;
 use gpt2::{DType, LoadOptions, ModelSource, Quantization};
 
-pub(crate) use commands::run;
-
 #[derive(Parser)]
 #[command(
     name = "gpt2",
@@ -27,6 +28,20 @@ pub(crate) use commands::run;
 pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Runs the command `cli` names.
+pub(crate) fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => commands::cmd_generate(args),
+        Command::Bench(args) => commands::cmd_bench(args),
+        Command::InspectHeads(args) => commands::cmd_inspect_heads(args),
+        Command::Info(args) => commands::cmd_info(args),
+        Command::Perplexity(args) => commands::cmd_perplexity(args),
+        Command::HeadsEffect(args) => analyses::cmd_heads_effect(args),
+        Command::LogitLens(args) => analyses::cmd_logit_lens(args),
+        Command::Attribute(args) => analyses::cmd_attribute(args),
+    }
 }
 
 #[derive(Subcommand)]
