@@ -563,6 +563,7 @@ mod tests {
     use super::*;
     use crate::checkpoint::Checkpoint;
     use crate::config::Config;
+    use crate::model::{tiny_config, tiny_model};
     use crate::options::LoadOptions;
     use crate::prompt::PromptOptions;
     use candle_core::{DType, Device};
@@ -575,22 +576,13 @@ mod tests {
 
     fn model(n_positions: usize) -> Result<Gpt2> {
         let config = Config {
-            vocab_size: 512,
-            n_positions,
-            n_embd: 32,
-            n_layer: 2,
-            n_head: 4,
             bos_token_id: 511,
             eos_token_id: 511,
-            ..Config::default()
+            ..tiny_config(512, n_positions, 2)
         };
         // Seed 2 gives a model whose next token depends on more than the last few tokens, so the
         // sliding-window test can tell windows apart (most random models mostly copy-forward).
-        Gpt2::new(
-            config,
-            Checkpoint::Random { seed: 2 },
-            &LoadOptions::default(),
-        )
+        tiny_model(config, 2)
     }
 
     /// The memory check sizes the KV cache in the cache's dtype, not the weights': quantized

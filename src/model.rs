@@ -511,26 +511,34 @@ fn no_logits() -> Error {
     Error::Input("this model was loaded with only its first layers (for attention inspection) and has no logits".into())
 }
 
+/// The tiny random models unit tests run on: `n_layer` blocks of 4 heads over 32 dims, a
+/// vocabulary of `vocab`, `n_positions` positions, `<|endoftext|>` = 0.
+#[cfg(test)]
+pub(crate) fn tiny_config(vocab: usize, n_positions: usize, n_layer: usize) -> Config {
+    Config {
+        vocab_size: vocab,
+        n_positions,
+        n_embd: 32,
+        n_layer,
+        n_head: 4,
+        bos_token_id: 0,
+        eos_token_id: 0,
+        ..Config::default()
+    }
+}
+
+/// `config` with seeded random weights, loaded with the default options (f32, CPU).
+#[cfg(test)]
+pub(crate) fn tiny_model(config: Config, seed: u64) -> Result<Gpt2> {
+    Gpt2::new(config, Checkpoint::Random { seed }, &LoadOptions::default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn tiny() -> Result<Gpt2> {
-        let config = Config {
-            vocab_size: 61,
-            n_positions: 24,
-            n_embd: 32,
-            n_layer: 3,
-            n_head: 4,
-            bos_token_id: 0,
-            eos_token_id: 0,
-            ..Config::default()
-        };
-        Gpt2::new(
-            config,
-            Checkpoint::Random { seed: 7 },
-            &LoadOptions::default(),
-        )
+        tiny_model(tiny_config(61, 24, 3), 7)
     }
 
     fn ids(v: &[u32]) -> Result<Tensor> {
@@ -666,15 +674,8 @@ mod tests {
 
     fn gqa_config(n_kv_head: Option<usize>) -> Config {
         Config {
-            vocab_size: 61,
-            n_positions: 24,
-            n_embd: 32,
-            n_layer: 2,
-            n_head: 4,
             n_kv_head,
-            bos_token_id: 0,
-            eos_token_id: 0,
-            ..Config::default()
+            ..tiny_config(61, 24, 2)
         }
     }
 

@@ -158,7 +158,7 @@ fn window_loss(
 }
 
 /// `log softmax(row)[i]`, in f64.
-fn log_softmax_at(row: &[f32], i: usize) -> f64 {
+pub fn log_softmax_at(row: &[f32], i: usize) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
     let lse = row
         .iter()
@@ -172,26 +172,10 @@ fn log_softmax_at(row: &[f32], i: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::Checkpoint;
-    use crate::config::Config;
-    use crate::options::LoadOptions;
+    use crate::model::{tiny_config, tiny_model};
 
     fn model() -> Result<Gpt2> {
-        let config = Config {
-            vocab_size: 64,
-            n_positions: 16,
-            n_embd: 32,
-            n_layer: 2,
-            n_head: 4,
-            bos_token_id: 0,
-            eos_token_id: 0,
-            ..Config::default()
-        };
-        Gpt2::new(
-            config,
-            Checkpoint::Random { seed: 3 },
-            &LoadOptions::default(),
-        )
+        tiny_model(tiny_config(64, 16, 2), 3)
     }
 
     /// The recipe written out naively: full logits of each window, no chunking.

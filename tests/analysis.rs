@@ -6,6 +6,7 @@ use gpt2::analysis::ablation::{head_mask, parse_heads, AblateMode};
 use gpt2::analysis::attribution::attribute;
 use gpt2::analysis::heads_effect::{heads_effect, Metric};
 use gpt2::analysis::logit_lens::logit_lens;
+use gpt2::perplexity::log_softmax_at;
 use gpt2::{Gpt2, LoadOptions, ModelSource, Tensor};
 use serde_json::Value;
 
@@ -128,7 +129,7 @@ fn batched_head_importance_equals_one_ablation_at_a_time() -> Result {
                     Metric::TargetLogit(t) => x[ids.len() - 1][t as usize] as f64,
                     Metric::Loss => {
                         (0..ids.len() - 1)
-                            .map(|p| -log_softmax(&x[p], ids[p + 1] as usize))
+                            .map(|p| -log_softmax_at(&x[p], ids[p + 1] as usize))
                             .sum::<f64>()
                             / (ids.len() - 1) as f64
                     }
@@ -143,17 +144,6 @@ fn batched_head_importance_equals_one_ablation_at_a_time() -> Result {
         }
     }
     Ok(())
-}
-
-fn log_softmax(row: &[f32], i: usize) -> f64 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = row
-        .iter()
-        .map(|&v| (v as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
-    row[i] as f64 - lse
 }
 
 #[test]

@@ -16,6 +16,7 @@ use super::ablation::{head_means, AblateMode, PerRow};
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, Point};
 use crate::model::{Gpt2, Output};
+use crate::perplexity::log_softmax_at;
 
 /// What a head's removal is measured on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -158,17 +159,6 @@ fn measure(model: &Gpt2, x: &Tensor, ids: &[u32], metric: Metric) -> Result<Vec<
             Ok(out)
         }
     }
-}
-
-pub(crate) fn log_softmax_at(row: &[f32], i: usize) -> f64 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = row
-        .iter()
-        .map(|&v| (v as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
-    row[i] as f64 - lse
 }
 
 impl HeadEffects {
