@@ -11,7 +11,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     // candle counts CPU threads by reading /proc/cpuinfo on every matmul unless RAYON_NUM_THREADS
-    // is set: ~1 ms per generated token. Count once, before any thread starts.
+    // is set, a cost on every generated token. Count once, before any thread starts.
     // candle's count is the physical cores, which ignores cgroup quotas and `taskset`.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -1,9 +1,9 @@
 //! A small thread pool for the decode kernels: the caller works too, chunks are claimed one at a
 //! time, and the caller waits only for chunks already claimed, never for a worker to wake.
 //!
-//! Why not rayon or candle's `barrier_pool`: a decode step makes ~50 of these calls, 0.05-1 ms
-//! each. Waking sleeping threads on every call (a futex, an IPI in a VM) cost ~25% of decode with
-//! rayon, so workers spin briefly ([`SPIN`]) after a job before they sleep. A barrier that waits
+//! Why not rayon or candle's `barrier_pool`: a decode step makes ~50 of these short calls, and
+//! waking sleeping threads on every call (a futex, an IPI in a VM) cost a quarter of decode with
+//! rayon (docs/PERF.md), so workers spin briefly ([`SPIN`]) after a job before they sleep. A barrier that waits
 //! for *every* worker (candle's) collapses on a busy machine: a descheduled worker stalls each
 //! call for a time slice. Here the caller just takes the chunks a late worker did not.
 //!
@@ -23,7 +23,7 @@ pub(crate) const SPIN: Duration = Duration::from_micros(80);
 
 /// At most this many threads share a job, the caller included. Decode is bound by memory
 /// bandwidth: past the cores it takes to saturate it, more threads only add contention on the
-/// job's counters. (Measured on 2 cores only: both help, 1.7x over one.)
+/// job's counters (docs/PERF.md: measured on 2 cores only).
 pub(crate) const MAX_THREADS: usize = 8;
 
 /// A chunk panicked (on the caller or on a worker); the output is incomplete.

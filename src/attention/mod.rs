@@ -146,8 +146,7 @@ impl Attention {
     }
 
     /// Keys or values (B, nkv, T, hs) as the cache stores them. f32 to halves on the host goes
-    /// through `half`'s vectorised slice conversion (candle's is element by element: ~2 % of
-    /// a prefill).
+    /// through `half`'s vectorised slice conversion (candle's is element by element).
     fn to_cache(&self, x: Tensor) -> Result<Tensor> {
         use half::slice::HalfFloatSliceExt;
         let to = self.kv_dtype;

@@ -32,7 +32,7 @@ impl Linear {
         let (k, n) = (self.k, self.n);
         let bias = self.bias_host.as_deref();
         // Bias and activation over a run of outputs j0.., after their dots: in a loop the
-        // compiler vectorises (one call per output from inside the kernels cost ~8 % of decode).
+        // compiler vectorises, not one call per output from inside the kernels.
         let finish = |y: &mut [f32], j0: usize| {
             if let Some(b) = bias {
                 y.iter_mut().zip(&b[j0..]).for_each(|(v, b)| *v += b);
@@ -49,7 +49,7 @@ impl Linear {
                 let blocks = k.div_ceil(K_BLOCK);
                 // Partial sums of each block of weight rows, then added in block order. The
                 // buffer is this thread's, reused, and each block zeroes its own part on the
-                // pool (a fresh zeroed buffer was a serial memset, 4 % of decode).
+                // pool (a fresh zeroed buffer would be a serial memset per call).
                 PARTIAL.with_borrow_mut(|partial| -> Result<()> {
                     partial.resize(partial.len().max(blocks * m * n), 0.0);
                     let part = SharedOut(partial.as_mut_ptr());

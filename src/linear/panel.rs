@@ -4,7 +4,7 @@
 //!
 //! Why our own driver: `gemm` takes f32 operands only, so these weights had to be widened whole
 //! to (K, N) first (a pass writing 4 bytes per weight far out of cache) and then packed again by
-//! gemm: ~50 ms of a 512-token GPT-2-small prefill, f16 prefill 0.89-0.92× f32. Here each weight
+//! gemm, a pass that kept f16 prefill below f32's (docs/PERF.md). Here each weight
 //! is widened once, into a panel that stays in L2 while every token goes past it.
 //!
 //! The loops are BLIS's (<https://github.com/flame/blis/blob/master/docs/KernelsHowTo.md>):

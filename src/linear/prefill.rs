@@ -73,9 +73,8 @@ impl Linear {
             }
             Matrix::OutIn(_) | Matrix::Quant(_) if k * n <= max_widened => {
                 // Widened whole, once per call, into the (K, N) layout gemm packs fastest: one
-                // gemm over all of K, as for f32. Measured (f16, GPT-2 small, 512 tokens):
-                // reading (N, K) transposed instead was ~15 % slower, and L2-sized bands of
-                // outputs, each widened then multiplied, 4 % slower (gemm on narrow bands).
+                // gemm over all of K, as for f32. Reading (N, K) transposed, or widening bands
+                // of outputs, was slower (docs/PERF.md).
                 WIDENED.with_borrow_mut(|w| -> Result<()> {
                     w.resize(k * n, 0.0);
                     self.widen_kn(w)?;
@@ -119,9 +118,8 @@ impl Linear {
         run(k * n >= MIN_PARALLEL_WORK, n.div_ceil(TILE), &|t| {
             let js = t * TILE..n.min((t + 1) * TILE);
             if let Matrix::OutIn(e) = &self.w {
-                // Halves widened in the registers they are transposed in: one pass (widening
-                // the tile's rows first, then transposing them, took 1.2-1.9x as long in
-                // `widen_speed`).
+                // Halves widened in the registers they are transposed in: one pass, not a
+                // widening pass then a transposing one.
                 let rows = e.elems().slice(js.start * k..js.end * k);
                 // SAFETY: columns js of w (K, N) belong to tile t alone; w outlives the run.
                 unsafe { kernels::transpose_into(rows, js.len(), k, out, n, js.start) };

@@ -405,8 +405,8 @@ mod simd {
     }
 
     /// Blocks `b0 ..` of row `j` (as many as `out` holds) as f32 weights, a block per step: its 32 weights as signed bytes (the kernels'
-    /// `prepare`), widened 8 at a time and scaled (the portable loop was ~40 % of the time
-    /// quantized prefill spends widening its matrices for gemm).
+    /// `prepare`), widened 8 at a time and scaled: the portable loop dominated quantized
+    /// prefill's widening.
     ///
     /// # Safety
     /// The CPU must have AVX2 and F16C; `j < q.n`, `out.len()` is a multiple of 32 and
