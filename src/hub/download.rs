@@ -557,28 +557,22 @@ impl Lock {
     }
 }
 
-/// `flock(LOCK_EX | LOCK_NB)`: whether it got the lock; polled rather than blocking, so that
-/// Ctrl-C is noticed while waiting. Python's `filelock` locks the same way, so the two exclude
-/// each other.
-#[cfg(unix)]
+/// Whether it got the lock, without waiting: polled rather than blocking ([`File::lock`]), so
+/// that Ctrl-C is noticed while waiting. std's lock is `flock(LOCK_EX | LOCK_NB)` on Unix, the
+/// lock Python's `filelock` takes on the same `.lock` file, so the two exclude each other (on
+/// Windows it is `LockFileEx`). Where there is none (`Unsupported`), no lock: two downloads of
+/// one blob then both run, each renaming a whole, checked file into place, so the cache stays
+/// right; only the bandwidth is spent twice.
 fn try_lock(file: &File) -> std::io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock only acts on the descriptor, which `file` keeps open for the call.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => match e.kind() {
+            std::io::ErrorKind::Interrupted => Ok(false),
+            std::io::ErrorKind::Unsupported => Ok(true),
+            _ => Err(e),
+        },
     }
-    let e = std::io::Error::last_os_error();
-    match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
-        _ => Err(e),
-    }
-}
-
-/// Without flock, no lock: two downloads of one blob then both run, each renaming a whole,
-/// checked file into place, so the cache stays right; only the bandwidth is spent twice.
-#[cfg(not(unix))]
-fn try_lock(_file: &File) -> std::io::Result<bool> {
-    Ok(true)
 }
 
 /// A progress bar on stderr, or nothing; cleared if dropped before [`Bar::done`], so that an
@@ -870,6 +864,26 @@ mod tests {
             ("https://127.0.0.1:1000/x".into(), false)
         );
         assert!(redirect(&endpoint, &here, "http://[::1").is_err());
+    }
+
+    #[test]
+    fn a_held_lock_excludes_another_handle_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let open = || {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
+        // Two opens of one file are two locks, as two processes' are.
+        let (a, b) = (open(), open());
+        assert!(try_lock(&a).unwrap());
+        assert!(!try_lock(&b).unwrap());
+        drop(a);
+        assert!(try_lock(&b).unwrap());
     }
 
     #[test]
