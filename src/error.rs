@@ -114,21 +114,27 @@ impl Error {
     }
 }
 
-/// `n` bytes in the largest binary unit that keeps it at least 1: `1.5 GiB`.
+/// `n` bytes in the largest binary unit that keeps it at least 1, as indicatif writes them
+/// (`1.50 GiB`). Our sizes are u128 (a product that cannot overflow); indicatif's are u64.
 pub(crate) fn human_bytes(n: u128) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[u])
+    match u64::try_from(n) {
+        Ok(n) => indicatif::HumanBytes(n).to_string(),
+        Err(_) => "more than 16 EiB".to_string(),
     }
 }
 
 /// The library's result type.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_read_in_binary_units() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.50 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.00 GiB");
+        assert_eq!(human_bytes(u128::MAX), "more than 16 EiB");
+    }
+}

@@ -145,13 +145,64 @@ fn token() -> Result<Option<String>> {
     Ok(Some(token))
 }
 
-/// `msg` with every occurrence of the token replaced, for messages built from a server's or a
-/// client library's words.
+/// `msg` with every occurrence of the token replaced, and any URL's user and password removed,
+/// for messages built from a server's or a client library's words (ureq's errors quote the URL).
 fn redact(msg: String, token: Option<&str>) -> String {
+    let msg = without_userinfo(&msg);
     match token {
         Some(t) if t.len() >= 4 => msg.replace(t, "<HF_TOKEN>"),
         _ => msg,
     }
+}
+
+/// `url` as every message shows it: without the `user:password@` that `HF_ENDPOINT` may hold, and
+/// without the query, where a CDN URL carries its signature.
+pub(crate) fn shown(url: &url::Url) -> String {
+    let mut url = url.clone();
+    // Both fail only for URLs that cannot have credentials (`data:`, say).
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    let query = url.query().is_some();
+    url.set_query(None);
+    url.set_fragment(None);
+    let mut text = url.to_string();
+    if query {
+        text.push_str("?<query>");
+    }
+    text
+}
+
+/// `text`, a URL that did not parse, shown without anything between its `://` and its last `@`:
+/// what is a password there cannot be told (a `/` in it, say).
+pub(crate) fn shown_unparsed(text: &str) -> String {
+    match (text.find("://"), text.rfind('@')) {
+        (Some(i), Some(at)) if at > i => format!("{}{}", &text[..i + 3], &text[at + 1..]),
+        _ => without_userinfo(text),
+    }
+}
+
+/// `text` with the user information (`user:password@`) of every `scheme://` URL in it removed:
+/// for text that quotes a URL we did not format ([`shown`]), or one that is not a valid URL.
+pub(crate) fn without_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends where the path, query or fragment starts (or the text moves on).
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '\\' | '?' | '#' | '"' | '\'') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        out.push_str(
+            authority
+                .rfind('@')
+                .map_or(authority, |at| &authority[at + 1..]),
+        );
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// One repo at one revision: its files from the cache, or downloaded into it.
@@ -519,6 +570,40 @@ mod tests {
         )));
         assert!(!is_missing_file(&status(404, None, false)));
         assert!(!is_missing_file(&status(403, None, true)));
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials_or_query() {
+        let url = |s: &str| url::Url::parse(s).unwrap();
+        assert_eq!(
+            shown(&url(
+                "https://alice:pw@hub.example:8443/a/b?X-Amz-Signature=s#f"
+            )),
+            "https://hub.example:8443/a/b?<query>"
+        );
+        assert_eq!(
+            shown(&url("https://alice@hub.example/a")),
+            "https://hub.example/a"
+        );
+        assert_eq!(shown(&url("http://127.0.0.1:1/x")), "http://127.0.0.1:1/x");
+        for (text, want) in [
+            ("http://alice:pw@h:1/x: refused", "http://h:1/x: refused"),
+            (
+                "see https://a:b@c@d/e and http://f/g@h",
+                "see https://d/e and http://f/g@h",
+            ),
+            ("\"https://u:p@h\" is not", "\"https://h\" is not"),
+            ("https://u:p@h", "https://h"),
+            ("no url: a@b", "no url: a@b"),
+        ] {
+            assert_eq!(without_userinfo(text), want);
+        }
+        assert_eq!(shown_unparsed("https://u:p/w@h/x"), "https://h/x");
+        assert_eq!(shown_unparsed("ht tp://h/x"), "ht tp://h/x");
+        assert_eq!(
+            redact("https://u:pw@h/secret-token".into(), Some("secret-token")),
+            "https://h/<HF_TOKEN>"
+        );
     }
 
     #[cfg(unix)]

@@ -106,9 +106,12 @@ struct Hub {
     repos: HashMap<String, Files>,
     /// When set, every repo is gated: `resolve` needs `Authorization: Bearer <token>`.
     token: Option<String>,
-    /// The "CDN" LFS files redirect to: the server's own URL, or the same server under another
-    /// host name.
+    /// The "CDN" LFS files redirect to: the server's own URL, the same server under another
+    /// host name, or a `Location` prefix as given (see [`Cdn`]).
     cdn: String,
+    /// Renamed repos: old id -> where its files are now, a `Location` prefix
+    /// (`/{org}/{name}` or `//{host}:{port}/{org}/{name}`) that `/resolve/{revision}/{file}` ends.
+    renames: Mutex<HashMap<String, String>>,
     /// How it misbehaves, until [`Server::heal`].
     faults: Mutex<Vec<Fault>>,
     /// Set when the server is dropped: stalled connections end.
@@ -170,6 +173,16 @@ impl Hub {
     }
 }
 
+/// Where a [`Server`]'s LFS files redirect to.
+enum Cdn<'a> {
+    /// The server itself: `http://127.0.0.1:<port>`.
+    Here,
+    /// The server itself under another host name: `http://<host>:<port>`.
+    Host(&'a str),
+    /// This `Location` prefix, as it is (`//127.0.0.1:<port>`, a scheme-relative URL, say).
+    At(String),
+}
+
 /// A Hub on 127.0.0.1 serving `repos` at [`COMMIT`]. Dropping it closes its port.
 struct Server {
     addr: SocketAddr,
@@ -200,25 +213,26 @@ impl Server {
             repos,
             Some(token.to_string()),
             Vec::new(),
-            Some("localhost"),
+            Cdn::Host("localhost"),
         )
     }
 
     fn start_with(repos: Vec<(&str, Files)>, token: Option<String>, faults: Vec<Fault>) -> Server {
-        Self::start_on(repos, token, faults, None)
+        Self::start_on(repos, token, faults, Cdn::Here)
     }
 
     fn start_on(
         repos: Vec<(&str, Files)>,
         token: Option<String>,
         faults: Vec<Fault>,
-        cdn_host: Option<&str>,
+        cdn: Cdn,
     ) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
-        let cdn = match cdn_host {
-            Some(host) => format!("http://{host}:{}", addr.port()),
-            None => format!("http://{addr}"),
+        let cdn = match cdn {
+            Cdn::Here => format!("http://{addr}"),
+            Cdn::Host(host) => format!("http://{host}:{}", addr.port()),
+            Cdn::At(prefix) => prefix,
         };
         let hub = Arc::new(Hub {
             repos: repos
@@ -227,6 +241,7 @@ impl Server {
                 .collect(),
             token,
             cdn,
+            renames: Mutex::new(HashMap::new()),
             faults: Mutex::new(faults),
             stop: AtomicBool::new(false),
         });
@@ -258,6 +273,12 @@ impl Server {
     /// The endpoint, for `HF_ENDPOINT`.
     fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// From now on, answers for the repo `old` with a redirect to `to` (a `Location` prefix, see
+    /// [`Hub::renames`]), as the Hub does for a renamed repo.
+    fn rename(&self, old: &str, to: String) {
+        self.hub.renames.lock().unwrap().insert(old.to_string(), to);
     }
 
     /// From now on, misbehaves with `faults` (only).
@@ -451,6 +472,14 @@ fn respond(request: &Request, hub: &Hub) -> Response {
     let [org, name, "resolve", revision, file] = parts[..] else {
         return error("404 Not Found", "RepoNotFound");
     };
+    if let Some(to) = hub.renames.lock().unwrap().get(&format!("{org}/{name}")) {
+        let location = format!("{to}/resolve/{revision}/{file}");
+        return (
+            "307 Temporary Redirect",
+            vec![("Location".to_string(), location)],
+            Vec::new(),
+        );
+    }
     let Some(files) = hub.repos.get(&format!("{org}/{name}")) else {
         return error("404 Not Found", "RepoNotFound");
     };
@@ -1214,6 +1243,131 @@ fn the_token_is_not_sent_to_a_cdn_on_another_host() {
     for r in hub {
         assert_eq!(r.header("authorization"), Some("Bearer secret"), "{r:?}");
     }
+}
+
+/// Issue 28: `//host:port/...` (a URL without a scheme) names another host, not a path on this
+/// one. An LFS redirect written so must not take the token to that host.
+#[test]
+fn the_token_is_not_sent_to_a_cdn_named_without_a_scheme() {
+    let dir = common::scratch("hub", "token_cdn_no_scheme");
+    let home = dir.join("hf-home");
+    let golden = golden("tiny");
+    // The "CDN": another server, on another port, with the same blobs.
+    let cdn = Server::start(vec![(TINY, tiny_files())]);
+    let hub = Server::start_on(
+        vec![(TINY, tiny_files())],
+        Some("secret".to_string()),
+        Vec::new(),
+        Cdn::At(format!("//{}", cdn.addr)),
+    );
+    let url = hub.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+        ("HF_TOKEN", "secret"),
+    ];
+    let out = generate(TINY, &golden.prompt, &[], &env);
+    for r in &cdn.log() {
+        assert_eq!(
+            r.header("authorization"),
+            None,
+            "the CDN got the token: {r:?}"
+        );
+    }
+    assert_eq!(completion_ids(&out), golden.ids);
+    assert!(cdn.log().iter().any(|r| r.path.starts_with("/cdn/")));
+    for r in &hub.log() {
+        assert_eq!(r.header("authorization"), Some("Bearer secret"), "{r:?}");
+    }
+}
+
+/// A renamed repo answers with a redirect on the Hub itself: followed, with the token, whether
+/// the `Location` is a path or names the same origin without a scheme.
+#[test]
+fn a_renamed_repo_is_followed_on_the_hub_with_the_token() {
+    let dir = common::scratch("hub", "renamed");
+    let home = dir.join("hf-home");
+    let golden = golden("tiny");
+    let server = Server::start_gated(vec![(TINY, tiny_files())], "secret");
+    server.rename("test-org/moved", format!("/{TINY}"));
+    server.rename("test-org/moved-too", format!("//{}/{TINY}", server.addr));
+    let url = server.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+        ("HF_TOKEN", "secret"),
+    ];
+    for repo in ["test-org/moved", "test-org/moved-too"] {
+        assert_eq!(
+            completion_ids(&generate(repo, &golden.prompt, &[], &env)),
+            golden.ids,
+            "{repo}"
+        );
+        assert!(server.file_requests(repo, "config.json") > 0);
+    }
+    for r in &server.log() {
+        assert_eq!(r.header("authorization"), Some("Bearer secret"), "{r:?}");
+    }
+}
+
+/// Issue 28: a Hub redirect to `//127.0.0.1:<another port>/...` is another origin: the token
+/// never goes there (and such a redirect is not taken for the Hub's own, as `huggingface_hub`
+/// takes none but relative ones).
+#[test]
+fn a_hub_redirect_to_another_port_named_without_a_scheme_gets_no_token() {
+    let dir = common::scratch("hub", "renamed_elsewhere");
+    let home = dir.join("hf-home");
+    let golden = golden("tiny");
+    let other = Server::start(vec![(TINY, tiny_files())]);
+    let hub = Server::start_gated(vec![(TINY, tiny_files())], "secret");
+    hub.rename("test-org/moved", format!("//{}/{TINY}", other.addr));
+    let url = hub.url();
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_ENDPOINT", url.as_str()),
+        ("HF_TOKEN", "secret"),
+    ];
+    let out = generate("test-org/moved", &golden.prompt, &[], &env);
+    for r in &other.log() {
+        assert_eq!(
+            r.header("authorization"),
+            None,
+            "the other port got the token: {r:?}"
+        );
+    }
+    let line = error_line(&out);
+    assert!(line.contains("test-org/moved"), "{line}");
+    assert!(hub.total() > 0);
+}
+
+/// Issue 28: `HF_ENDPOINT=https://user:password@host` may carry credentials; no message shows
+/// them, whether the endpoint cannot be reached or answers something unusable.
+#[test]
+fn credentials_in_hf_endpoint_are_never_shown() {
+    let dir = common::scratch("hub", "endpoint_credentials");
+    let home = dir.join("hf-home");
+    let home_s = home.to_str().unwrap();
+    let with_credentials =
+        |endpoint: &str| endpoint.replacen("http://", "http://alice:hunter2-pass@", 1);
+    // Answers 200 to everything, without the Hub's headers.
+    let server = Server::start_faulty(
+        vec![(TINY, tiny_files())],
+        vec![Fault::Status {
+            status: "200 OK",
+            retry_after: None,
+            times: usize::MAX,
+        }],
+    );
+    for endpoint in [closed_endpoint(), server.url()] {
+        let endpoint = with_credentials(&endpoint);
+        let env = [("HF_HOME", home_s), ("HF_ENDPOINT", endpoint.as_str())];
+        let out = generate(TINY, "Hello", &[], &env);
+        let line = error_line(&out);
+        assert!(!stderr(&out).contains("hunter2"), "{line}");
+        assert!(!stderr(&out).contains("alice"), "{line}");
+        assert!(line.contains(TINY), "{line}");
+    }
+    assert!(server.total() > 0);
 }
 
 #[test]

@@ -6,8 +6,10 @@
 //!
 //! The requests are the ones the Hub expects and hf-hub and `huggingface_hub` make: a
 //! `Range: bytes=0-0` GET on `/{repo}/resolve/{revision}/{file}` for the metadata (`x-repo-commit`,
-//! `x-linked-etag` or `etag`, the size), relative redirects followed on the Hub, an absolute one
-//! taken as the CDN holding an LFS file's bytes, and the token sent only to the Hub's own host.
+//! `x-linked-etag` or `etag`, the size), relative redirects followed on the Hub, any other taken
+//! as the CDN holding an LFS file's bytes, and the token sent only to the endpoint's own origin
+//! (scheme, host and port), as `huggingface_hub` and browsers send credentials. No URL is shown
+//! with the user, password or query it may carry ([`super::shown`]).
 //! The cache is `huggingface_hub`'s: the bytes arrive in `blobs/<etag>.incomplete` (kept, and
 //! resumed with a `Range` request, when a transfer is cut short), under the lock
 //! `huggingface_hub` takes (`.locks/<repo folder>/<etag>.lock`), and are renamed to
@@ -28,6 +30,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use url::Url;
 
+use super::{shown, shown_unparsed};
 use crate::error::Error;
 
 /// How many times a 429 or 5xx answer is asked again before it is an error.
@@ -88,8 +91,9 @@ pub(super) struct Metadata {
     pub(super) size: u64,
     /// Where its bytes are: the resolve URL (after relative redirects) or the CDN's.
     location: String,
-    /// Whether the token goes along to `location`: only on the Hub's own host, as
-    /// `huggingface_hub` does (a CDN URL is signed; the token is not the CDN's business).
+    /// Whether the token goes along to `location`: only on the endpoint's own origin (a CDN URL
+    /// is signed; the token is not the CDN's business). Nothing after `location` can add it back:
+    /// no redirect from there is followed.
     auth: bool,
 }
 
@@ -185,34 +189,46 @@ impl Client {
     /// The metadata of the file at `url` (a resolve URL).
     pub(super) fn metadata(&self, url: &str) -> Result<Metadata, Failure> {
         let timeout = (self.etag_timeout, "HF_HUB_ETAG_TIMEOUT");
-        let origin = Url::parse(url)
-            .map_err(|e| transfer(format!("{url} is not a URL ({e}); check HF_ENDPOINT")))?;
-        let mut here = origin.clone();
+        let endpoint = Url::parse(url).map_err(|e| {
+            transfer(format!(
+                "{} is not a URL ({e}); check HF_ENDPOINT",
+                shown_unparsed(url)
+            ))
+        })?;
+        let mut here = endpoint.clone();
         let mut redirects = 0;
         let response = loop {
             let response = self.send(
                 || {
-                    self.get(&self.meta, here.as_str(), true)
+                    self.get(&self.meta, here.as_str(), same_origin(&endpoint, &here))
                         .set("Range", "bytes=0-0")
                 },
                 timeout,
                 true,
             )?;
-            if (300..400).contains(&response.status()) && redirects < MAX_REDIRECTS {
-                if let Some(location) = response.header("Location") {
-                    // Relative: still the Hub (a renamed repo). Absolute: the CDN, not followed.
-                    if let Err(url::ParseError::RelativeUrlWithoutBase) = Url::parse(location) {
-                        here = here.join(location).map_err(|e| {
-                            transfer(format!(
-                                "the Hub redirected to {location:?}, not a URL ({e})"
-                            ))
-                        })?;
-                        redirects += 1;
-                        continue;
-                    }
-                }
+            if !(300..400).contains(&response.status()) {
+                break response;
             }
-            break response;
+            let Some(location) = response.header("Location") else {
+                break response;
+            };
+            let (next, on_hub) = redirect(&endpoint, &here, location).map_err(|e| {
+                transfer(format!(
+                    "{} redirected to {location:?}, not a URL ({e})",
+                    shown(&here)
+                ))
+            })?;
+            if !on_hub {
+                break response; // the CDN: taken below, with this answer's x-linked-* headers
+            }
+            if redirects == MAX_REDIRECTS {
+                return Err(transfer(format!(
+                    "{} redirected more than {MAX_REDIRECTS} times",
+                    shown(&endpoint)
+                )));
+            }
+            here = next;
+            redirects += 1;
         };
         let status = response.status();
         // 416: a zero-length file has no byte 0; its Content-Range still gives its size.
@@ -225,8 +241,9 @@ impl Client {
             .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric()))
             .ok_or_else(|| {
                 transfer(format!(
-                    "{here} answered without a usable x-repo-commit header: is HF_ENDPOINT a \
-                     Hugging Face Hub?"
+                    "{} answered without a usable x-repo-commit header: is HF_ENDPOINT a \
+                     Hugging Face Hub?",
+                    shown(&here)
                 ))
             })?
             .to_string();
@@ -237,7 +254,8 @@ impl Client {
             .filter(|e| is_file_name(e))
             .ok_or_else(|| {
                 transfer(format!(
-                    "{here} answered without a usable etag (the file's id in the cache)"
+                    "{} answered without a usable etag (the file's id in the cache)",
+                    shown(&here)
                 ))
             })?;
         let linked_size = response
@@ -246,22 +264,30 @@ impl Client {
         if !(300..400).contains(&status) {
             let size = match linked_size {
                 Some(size) => size,
-                None => total_size(&response)
-                    .ok_or_else(|| transfer(format!("{here} did not say how long the file is")))?,
+                None => total_size(&response).ok_or_else(|| {
+                    transfer(format!("{} did not say how long the file is", shown(&here)))
+                })?,
             };
             return Ok(Metadata {
                 commit,
                 etag,
                 size,
                 location: here.to_string(),
-                auth: true,
+                auth: same_origin(&endpoint, &here),
             });
         }
         let location = response
             .header("Location")
-            .and_then(|l| Url::parse(l).ok())
-            .ok_or_else(|| transfer(format!("{here} redirected without a usable Location")))?;
-        let auth = same_host(&origin, &location);
+            .and_then(|l| redirect(&endpoint, &here, l).ok())
+            .map(|(location, _)| location)
+            .ok_or_else(|| {
+                transfer(format!(
+                    "{} redirected without a usable Location",
+                    shown(&here)
+                ))
+            })?;
+        // Not to a CDN, nor from https to http on the same host.
+        let auth = same_origin(&endpoint, &location);
         let size = match linked_size {
             Some(size) => size,
             // No x-linked-size (a mirror, say): ask the CDN, as hf-hub does.
@@ -278,7 +304,10 @@ impl Client {
                     return Err(status_failure(&response, 1, Duration::ZERO, false));
                 }
                 total_size(&response).ok_or_else(|| {
-                    transfer(format!("{location} did not say how long the file is"))
+                    transfer(format!(
+                        "{} did not say how long the file is",
+                        shown(&location)
+                    ))
                 })?
             }
         };
@@ -528,28 +557,22 @@ impl Lock {
     }
 }
 
-/// `flock(LOCK_EX | LOCK_NB)`: whether it got the lock; polled rather than blocking, so that
-/// Ctrl-C is noticed while waiting. Python's `filelock` locks the same way, so the two exclude
-/// each other.
-#[cfg(unix)]
+/// Whether it got the lock, without waiting: polled rather than blocking ([`File::lock`]), so
+/// that Ctrl-C is noticed while waiting. std's lock is `flock(LOCK_EX | LOCK_NB)` on Unix, the
+/// lock Python's `filelock` takes on the same `.lock` file, so the two exclude each other (on
+/// Windows it is `LockFileEx`). Where there is none (`Unsupported`), no lock: two downloads of
+/// one blob then both run, each renaming a whole, checked file into place, so the cache stays
+/// right; only the bandwidth is spent twice.
 fn try_lock(file: &File) -> std::io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock only acts on the descriptor, which `file` keeps open for the call.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => match e.kind() {
+            std::io::ErrorKind::Interrupted => Ok(false),
+            std::io::ErrorKind::Unsupported => Ok(true),
+            _ => Err(e),
+        },
     }
-    let e = std::io::Error::last_os_error();
-    match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
-        _ => Err(e),
-    }
-}
-
-/// Without flock, no lock: two downloads of one blob then both run, each renaming a whole,
-/// checked file into place, so the cache stays right; only the bandwidth is spent twice.
-#[cfg(not(unix))]
-fn try_lock(_file: &File) -> std::io::Result<bool> {
-    Ok(true)
 }
 
 /// A progress bar on stderr, or nothing; cleared if dropped before [`Bar::done`], so that an
@@ -628,7 +651,12 @@ fn transport_failure(e: &ureq::Transport, (timeout, var): (Duration, &'static st
     let msg = if is_timeout(e) {
         format!("timed out: no answer within {} ({var})", seconds(timeout))
     } else {
-        e.to_string()
+        // ureq's words start with the URL, as it is.
+        let msg = e.to_string();
+        match e.url() {
+            Some(url) => msg.replacen(url.as_str(), &shown(url), 1),
+            None => msg,
+        }
     };
     Failure::Transfer { msg, network: true }
 }
@@ -721,9 +749,24 @@ fn is_sha256(etag: &str) -> bool {
     etag.len() == 64 && etag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Whether `a` and `b` are on one host and port, as the token's destination is judged.
-fn same_host(a: &Url, b: &Url) -> bool {
-    a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
+/// Whether `a` and `b` have one origin (scheme, host and port), as browsers and
+/// `huggingface_hub` judge where credentials may go.
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.origin() == b.origin()
+}
+
+/// Where an answer to `here` with `Location: location` leads, resolved as a browser resolves it
+/// (`//host:port/x` names another host, not a path), and whether that is still the Hub: a
+/// relative `Location` on the endpoint's own origin (a renamed repo). Any other is where the
+/// bytes are (the CDN).
+fn redirect(endpoint: &Url, here: &Url, location: &str) -> Result<(Url, bool), url::ParseError> {
+    let to = here.join(location)?;
+    let relative = matches!(
+        Url::parse(location),
+        Err(url::ParseError::RelativeUrlWithoutBase)
+    );
+    let on_hub = relative && same_origin(endpoint, &to);
+    Ok((to, on_hub))
 }
 
 /// `path` with `suffix` added to its name (`<etag>.incomplete`, whatever dots the etag has).
@@ -763,16 +806,84 @@ mod tests {
     }
 
     #[test]
-    fn the_token_stays_on_its_host() {
+    fn the_token_stays_on_its_origin() {
         let hub = Url::parse("https://huggingface.co/org/name/resolve/main/x").unwrap();
         let same = Url::parse("https://huggingface.co:443/other").unwrap();
         let cdn = Url::parse("https://cdn-lfs.hf.co/repos/x").unwrap();
         let port = Url::parse("https://huggingface.co:8443/x").unwrap();
         let tricky = Url::parse("https://huggingface.co@evil.example/x").unwrap();
-        assert!(same_host(&hub, &same));
-        assert!(!same_host(&hub, &cdn));
-        assert!(!same_host(&hub, &port));
-        assert!(!same_host(&hub, &tricky));
+        let plain = Url::parse("http://huggingface.co/x").unwrap();
+        assert!(same_origin(&hub, &same));
+        assert!(!same_origin(&hub, &cdn));
+        assert!(!same_origin(&hub, &port));
+        assert!(!same_origin(&hub, &tricky));
+        // https to http on the same host (and the same explicit port) is another origin.
+        assert!(!same_origin(&hub, &plain));
+        let a = Url::parse("https://mirror.example:8080/x").unwrap();
+        let b = Url::parse("http://mirror.example:8080/x").unwrap();
+        assert!(!same_origin(&a, &b));
+    }
+
+    #[test]
+    fn redirects_are_resolved_as_browsers_do_and_followed_only_on_the_hub() {
+        let endpoint = Url::parse("http://127.0.0.1:1000/o/n/resolve/main/x").unwrap();
+        let here = endpoint.clone();
+        let go = |location: &str| {
+            let (to, on_hub) = redirect(&endpoint, &here, location).unwrap();
+            (to.to_string(), on_hub)
+        };
+        assert_eq!(
+            go("/o/m/resolve/main/x"),
+            ("http://127.0.0.1:1000/o/m/resolve/main/x".into(), true)
+        );
+        assert_eq!(
+            go("../../m/x"),
+            ("http://127.0.0.1:1000/o/n/m/x".into(), true)
+        );
+        // Without a scheme, but the same origin: still the Hub.
+        assert_eq!(
+            go("//127.0.0.1:1000/o/m/x"),
+            ("http://127.0.0.1:1000/o/m/x".into(), true)
+        );
+        // Without a scheme, another port or host: not a path on this one.
+        assert_eq!(
+            go("//127.0.0.1:2000/cdn/x"),
+            ("http://127.0.0.1:2000/cdn/x".into(), false)
+        );
+        assert_eq!(
+            go("\\\\evil.example/x"),
+            ("http://evil.example/x".into(), false)
+        );
+        // Absolute: the CDN, even on the same origin (a mirror serving its own LFS files).
+        assert_eq!(
+            go("http://127.0.0.1:1000/lfs/x"),
+            ("http://127.0.0.1:1000/lfs/x".into(), false)
+        );
+        assert_eq!(
+            go("https://127.0.0.1:1000/x"),
+            ("https://127.0.0.1:1000/x".into(), false)
+        );
+        assert!(redirect(&endpoint, &here, "http://[::1").is_err());
+    }
+
+    #[test]
+    fn a_held_lock_excludes_another_handle_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let open = || {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
+        // Two opens of one file are two locks, as two processes' are.
+        let (a, b) = (open(), open());
+        assert!(try_lock(&a).unwrap());
+        assert!(!try_lock(&b).unwrap());
+        drop(a);
+        assert!(try_lock(&b).unwrap());
     }
 
     #[test]

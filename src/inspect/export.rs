@@ -141,35 +141,24 @@ impl DenseFile {
     pub(crate) fn safetensors(path: &Path, h: &Header<'_>) -> Result<Self> {
         let t = h.tokens.len();
         let heads = h.selection.heads.len();
-        let bytes = heads * t * t * 4;
-        let mut header = serde_json::Map::new();
-        header.insert(
-            "__metadata__".into(),
-            serde_json::json!({
-                "model": h.model,
-                "tokens": json(&h.tokens.text),
-                "token_ids": json(&h.tokens.ids),
-                "heads": json(&h.selection.heads),
-                "layers": json(&h.selection.layers),
-                "layout": "attn.{layer}: (head, query, key) post-softmax attention, rows sum to 1",
-            }),
-        );
-        for (i, l) in h.selection.layers.iter().enumerate() {
-            header.insert(
-                format!("attn.{l}"),
-                serde_json::json!({
-                    "dtype": "F32",
-                    "shape": [heads, t, t],
-                    "data_offsets": [i * bytes, (i + 1) * bytes],
-                }),
-            );
-        }
-        let mut text = serde_json::Value::Object(header).to_string();
-        // The data must start 8-byte aligned; the format pads the header with spaces.
-        text.push_str(&" ".repeat((8 - text.len() % 8) % 8));
-        let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(text.as_bytes());
-        Self::create(path, &bytes, h)
+        let metadata = [
+            ("model", h.model.to_string()),
+            ("tokens", json(&h.tokens.text)),
+            ("token_ids", json(&h.tokens.ids)),
+            ("heads", json(&h.selection.heads)),
+            ("layers", json(&h.selection.layers)),
+            (
+                "layout",
+                "attn.{layer}: (head, query, key) post-softmax attention, rows sum to 1".into(),
+            ),
+        ];
+        let tensors = h
+            .selection
+            .layers
+            .iter()
+            .map(|l| (format!("attn.{l}"), vec![heads, t, t]));
+        let header = safetensors_header(&metadata, tensors)?;
+        Self::create(path, &header, h)
     }
 
     fn create(path: &Path, header: &[u8], h: &Header<'_>) -> Result<Self> {
@@ -279,6 +268,55 @@ pub(crate) fn npy_header(shape: &[usize]) -> Vec<u8> {
     header
 }
 
+/// The header of a safetensors file whose data is the F32 `tensors` (name, shape), one after the
+/// other in the order given, with `metadata`: its length (8 bytes, little-endian), then the JSON,
+/// padded with spaces so that the data starts 8-byte aligned, as `safetensors::serialize` writes
+/// it. The one writer of our safetensors headers: the attention is written after it a block of
+/// rows at a time ([`DenseFile`]), or whole (`generated.rs`).
+pub(crate) fn safetensors_header(
+    metadata: &[(&str, String)],
+    tensors: impl IntoIterator<Item = (String, Vec<usize>)>,
+) -> Result<Vec<u8>> {
+    use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+    let too_large = |e: &dyn std::fmt::Display| {
+        Error::Input(format!(
+            "the attention is too large for a safetensors file ({e})"
+        ))
+    };
+    let mut start = 0usize;
+    let mut infos = Vec::new();
+    for (name, shape) in tensors {
+        let end = shape
+            .iter()
+            .try_fold(Dtype::F32.bitsize() / 8, |n, &d| n.checked_mul(d))
+            .and_then(|len| start.checked_add(len))
+            .ok_or_else(|| too_large(&"its size overflows"))?;
+        let info = TensorInfo {
+            dtype: Dtype::F32,
+            shape,
+            data_offsets: (start, end),
+        };
+        infos.push((name, info));
+        start = end;
+    }
+    let metadata = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    // safetensors' own header type, which checks that the offsets follow the shapes.
+    let header = Metadata::new(Some(metadata), infos).map_err(|e| too_large(&e))?;
+    // Through a serde_json::Value, whose keys are sorted: the header is the same bytes in every
+    // run, where serializing the Metadata itself would follow its HashMap's order of the day.
+    let mut text = serde_json::to_value(&header)
+        .map_err(|e| too_large(&e))?
+        .to_string();
+    let len = text.len().next_multiple_of(8);
+    text.push_str(&" ".repeat(len - text.len()));
+    let mut bytes = (len as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(text.as_bytes());
+    Ok(bytes)
+}
+
 /// A list as JSON text. Lists of strings and numbers always serialize.
 fn json<T: serde::Serialize>(value: &[T]) -> String {
     serde_json::to_string(value).unwrap_or_default()
@@ -303,5 +341,36 @@ mod tests {
         assert!(String::from_utf8_lossy(&h).contains("'shape': (3,)"));
         let h = npy_header(&[2, 4, 5, 5]);
         assert!(String::from_utf8_lossy(&h).contains("'shape': (2, 4, 5, 5)"));
+    }
+
+    #[test]
+    fn safetensors_header_is_aligned_sorted_and_read_back() {
+        let metadata = [("model", "m".to_string()), ("layout", "x".to_string())];
+        let tensors = [("attn.2", vec![1, 2, 2]), ("attn.10", vec![1, 2, 3])]
+            .map(|(n, s)| (n.to_string(), s));
+        let h = safetensors_header(&metadata, tensors).unwrap();
+        let n = u64::from_le_bytes(h[..8].try_into().unwrap()) as usize;
+        assert_eq!((n % 8, h.len()), (0, 8 + n));
+        // Keys sorted (every run the same bytes); offsets in the order given.
+        assert_eq!(
+            String::from_utf8_lossy(&h[8..]).trim_end(),
+            "{\"__metadata__\":{\"layout\":\"x\",\"model\":\"m\"},\
+             \"attn.10\":{\"data_offsets\":[16,40],\"dtype\":\"F32\",\"shape\":[1,2,3]},\
+             \"attn.2\":{\"data_offsets\":[0,16],\"dtype\":\"F32\",\"shape\":[1,2,2]}}"
+        );
+        let mut file = h.clone();
+        file.extend((0..10u32).flat_map(|i| (i as f32).to_le_bytes()));
+        let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+        let a10 = st.tensor("attn.10").unwrap();
+        assert_eq!(
+            (a10.shape(), &a10.data()[..4]),
+            (&[1, 2, 3][..], &4f32.to_le_bytes()[..])
+        );
+        assert_eq!(
+            safetensors_header(&metadata, [("x".to_string(), vec![usize::MAX, 2])])
+                .unwrap_err()
+                .to_string(),
+            "the attention is too large for a safetensors file (its size overflows)"
+        );
     }
 }

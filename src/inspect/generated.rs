@@ -8,7 +8,7 @@
 
 use serde::Serialize;
 
-use super::export::{npy_header, tokens_file};
+use super::export::{npy_header, safetensors_header, tokens_file};
 use super::html::{escape_html, script_json};
 use super::Format;
 use crate::error::{Error, Result};
@@ -141,28 +141,32 @@ pub fn write(
             }
         }
         Format::Safetensors => {
-            let per = steps * nh * keys * 4;
-            let mut header = serde_json::Map::new();
-            header.insert(
-                "__metadata__".into(),
-                serde_json::json!({
-                    "model": meta.model,
-                    "tokens": serde_json::to_string(&meta.tokens).unwrap_or_default(),
-                    "token_ids": serde_json::to_string(&meta.token_ids).unwrap_or_default(),
-                    "prompt_tokens": meta.prompt_tokens.to_string(),
-                    "layout": "attn.{layer}: (step, head, key); step i = the query that produced generated token i, zeros past its context",
-                }),
-            );
-            for (j, l) in meta.layers.iter().enumerate() {
-                header.insert(
-                    format!("attn.{l}"),
-                    serde_json::json!({"dtype": "F32", "shape": [steps, nh, keys], "data_offsets": [j * per, (j + 1) * per]}),
-                );
-            }
-            let mut text = serde_json::Value::Object(header).to_string();
-            text.push_str(&" ".repeat((8 - text.len() % 8) % 8));
-            let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
-            bytes.extend_from_slice(text.as_bytes());
+            let metadata = [
+                ("model", meta.model.clone()),
+                (
+                    "tokens",
+                    serde_json::to_string(&meta.tokens).unwrap_or_default(),
+                ),
+                (
+                    "token_ids",
+                    serde_json::to_string(&meta.token_ids).unwrap_or_default(),
+                ),
+                ("prompt_tokens", meta.prompt_tokens.to_string()),
+                (
+                    "layout",
+                    concat!(
+                        "attn.{layer}: (step, head, key); step i = the query that produced ",
+                        "generated token i, zeros past its context"
+                    )
+                    .into(),
+                ),
+            ];
+            let tensors = meta
+                .layers
+                .iter()
+                .map(|l| (format!("attn.{l}"), vec![steps, nh, keys]));
+            // Not safetensors::serialize, whose metadata order is a HashMap's: other every run.
+            let mut bytes = safetensors_header(&metadata, tensors)?;
             for j in 0..nl {
                 for i in 0..steps {
                     for h in 0..nh {

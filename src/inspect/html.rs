@@ -10,6 +10,9 @@
 //! escaped as `\u003c`..., so no token can close it, and the page puts token text in the document
 //! only through `textContent`: a prompt full of markup stays text.
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
 use super::scores::ScoreTable;
 use super::{Header, LayerAttention, Out, Sink};
 use crate::error::Result;
@@ -70,7 +73,8 @@ impl Sink for HtmlSink {
             "<script type=\"text/plain\" class=\"layer-bytes\" data-layer=\"{}\">",
             a.layer
         ));
-        base64(&bytes, &mut s);
+        // Standard base64 (RFC 4648, with padding): what the page's `atob` reads.
+        STANDARD.encode_string(&bytes, &mut s);
         s.push_str("</script>\n");
         self.out.bytes(s.as_bytes())
     }
@@ -87,24 +91,6 @@ fn byte(w: f32) -> u8 {
         (w.clamp(0.0, 1.0) * 255.0).round() as u8
     } else {
         0
-    }
-}
-
-/// Standard base64 (RFC 4648, with padding), what the page's `atob` reads.
-fn base64(bytes: &[u8], out: &mut String) {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    for chunk in bytes.chunks(3) {
-        let n = chunk.len();
-        let v = (chunk[0] as u32) << 16
-            | (chunk.get(1).copied().unwrap_or(0) as u32) << 8
-            | chunk.get(2).copied().unwrap_or(0) as u32;
-        for i in 0..4 {
-            out.push(if i <= n {
-                ABC[(v >> (18 - 6 * i) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
     }
 }
 
@@ -167,13 +153,9 @@ mod tests {
             ("fooba", "Zm9vYmE="),
             ("foobar", "Zm9vYmFy"),
         ] {
-            let mut s = String::new();
-            base64(raw.as_bytes(), &mut s);
-            assert_eq!(s, enc, "{raw}");
+            assert_eq!(STANDARD.encode(raw), enc, "{raw}");
         }
-        let mut s = String::new();
-        base64(&[0xff, 0xfe, 0x00], &mut s);
-        assert_eq!(s, "//4A");
+        assert_eq!(STANDARD.encode([0xff, 0xfe, 0x00]), "//4A");
         assert!(
             TEMPLATE.contains(DATA) && TEMPLATE.contains(LAYERS) && TEMPLATE.contains("{{TITLE}}")
         );
