@@ -91,6 +91,11 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
 
+    /// A fault inside gpt2, not the caller's doing (a kernel panicked, a pass skipped a point
+    /// it was asked for): a bug to report.
+    #[error("internal error (a bug in gpt2, please report it): {0}")]
+    Internal(String),
+
     /// An error inside candle (a shape bug, an allocation failure, a backend failure).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -207,7 +207,7 @@ pub fn decode_attention(half: bool) -> Result<Case> {
                 row: hs,
             };
             causal_attention(q, kv(k), kv(v), d, 0.125, &mut y)
-                .map_err(|p| crate::Error::Input(format!("attention kernel: {}", p.0)))
+                .map_err(|p| crate::Error::Internal(format!("attention kernel: {}", p.0)))
         }),
     })
 }

@@ -279,7 +279,7 @@ impl Gpt2 {
                 by_layer
                     .get(l)
                     .cloned()
-                    .ok_or_else(|| Error::Input(format!("layer {l} not captured")))
+                    .ok_or_else(|| Error::Internal(format!("layer {l} not captured")))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((logits, attentions))

@@ -814,7 +814,7 @@ mod tests {
             .collect();
         for t in threads {
             t.join()
-                .map_err(|_| Error::Input("a writer panicked".into()))??;
+                .map_err(|_| Error::Internal("a writer panicked".into()))??;
         }
         let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, e));
         assert_eq!(read(&a)?, read(&b)?);

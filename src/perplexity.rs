@@ -136,7 +136,7 @@ fn window_loss(
     }
     let x = resid
         .x
-        .ok_or_else(|| Error::Input("the pass gave no residual stream".into()))?;
+        .ok_or_else(|| Error::Internal("the pass gave no residual stream".into()))?;
     // Position i predicts token i + 1: positions first-1 .. len-1.
     let (mut sum, mut count) = (0f64, 0usize);
     let mut pos = first - 1;

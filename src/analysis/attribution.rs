@@ -107,7 +107,7 @@ pub fn attribute(
         .get(target as usize)?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
-    let missing = || Error::Input("a part of the residual stream was not seen".into());
+    let missing = || Error::Internal("a part of the residual stream was not seen".into());
 
     // ln_f frozen at the final residual: x ↦ (x - mean x) · g / σ, then · W_U[:, t].
     let last = parts.last.ok_or_else(missing)?.to_vec1::<f32>()?;

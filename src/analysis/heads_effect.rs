@@ -94,7 +94,7 @@ pub fn heads_effect(
     let x: Vec<Tensor> = streams
         .x
         .into_iter()
-        .map(|t| t.ok_or_else(|| Error::Input("a residual stream was not seen".into())))
+        .map(|t| t.ok_or_else(|| Error::Internal("a residual stream was not seen".into())))
         .collect::<Result<_>>()?;
     let clean = measure(model, &x[n_layer], ids, metric)?[0];
     let means = match mode {
@@ -121,7 +121,7 @@ pub fn heads_effect(
         )?;
         let end = last.x[n_layer]
             .take()
-            .ok_or_else(|| Error::Input("the last residual stream was not seen".into()))?;
+            .ok_or_else(|| Error::Internal("the last residual stream was not seen".into()))?;
         let got = measure(model, &end, ids, metric)?;
         effect.push(got.iter().map(|m| m - clean).collect());
     }

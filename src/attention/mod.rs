@@ -225,7 +225,7 @@ impl Attention {
                 kernels::causal_attention(q, k, v, d, self.scale as f32, &mut y)
             }
         };
-        result.map_err(|p| Error::Input(format!("attention kernel: {}", p.0)))?;
+        result.map_err(|p| Error::Internal(format!("attention kernel: {}", p.0)))?;
         Ok(Tensor::from_vec(y, (b, t, c), qkv.device())?)
     }
 
@@ -299,7 +299,7 @@ fn cache_heads<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<kernels::K
         _ => None,
     };
     let data =
-        data.ok_or_else(|| Error::Input("attention: expected a host KV cache of floats".into()))?;
+        data.ok_or_else(|| Error::Internal("attention: expected a host KV cache of floats".into()))?;
     Ok(kernels::Heads {
         data,
         batch: l.stride()[0],
@@ -312,7 +312,7 @@ fn cache_heads<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<kernels::K
 fn host_slice<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
-        _ => Err(Error::Input(
+        _ => Err(Error::Internal(
             "attention: expected contiguous f32 host data".into(),
         )),
     }
