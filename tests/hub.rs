@@ -1450,10 +1450,9 @@ fn an_interrupted_download_is_resumed() {
     assert!(!blobs.join(format!("{blob}.part")).exists());
 }
 
-// Known bugs in src/hub.rs: these pass once fixed (then drop the `ignore`).
+// Bugs found in the Hub lookup, fixed: each test failed before its fix.
 
 #[test]
-
 fn an_empty_hf_token_is_no_token() {
     let dir = common::scratch("hub", "empty_token");
     let home = dir.join("hf-home");

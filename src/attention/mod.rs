@@ -298,8 +298,8 @@ fn cache_heads<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<kernels::K
         }
         _ => None,
     };
-    let data =
-        data.ok_or_else(|| Error::Internal("attention: expected a host KV cache of floats".into()))?;
+    let data = data
+        .ok_or_else(|| Error::Internal("attention: expected a host KV cache of floats".into()))?;
     Ok(kernels::Heads {
         data,
         batch: l.stride()[0],
