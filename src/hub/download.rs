@@ -30,6 +30,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use url::Url;
 
+use super::answer::{
+    content_range, is_file_name, is_sha256, is_timeout, normalize_etag, redirect, retry_after,
+    same_origin, seconds, status_failure, total_size, transfer, transport_failure, Failure,
+};
+use super::lock::Lock;
 use super::{shown, shown_unparsed};
 use crate::error::Error;
 
@@ -41,44 +46,6 @@ const MAX_WAIT: Duration = Duration::from_secs(20);
 const MAX_REDIRECTS: usize = 5;
 /// Bytes read (and checked for Ctrl-C) at a time.
 const CHUNK: usize = 256 * 1024;
-
-/// Why a file could not be had. [`super::Hub`] words it, with the file, repo and revision.
-#[derive(Debug)]
-pub(super) enum Failure {
-    /// An HTTP error status, after the retries it deserved.
-    Status {
-        code: u16,
-        text: String,
-        /// The Hub's `x-error-code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`, ...).
-        error_code: Option<String>,
-        /// How many times it was asked, and how long it waited between.
-        attempts: u32,
-        waited: Duration,
-        /// Whether the Hub itself answered (rather than the CDN holding an LFS file's bytes).
-        hub: bool,
-    },
-    /// The transfer failed; `msg` says how, and what the user can do.
-    Transfer {
-        msg: String,
-        /// Whether it may be the network (then the cache or a local folder are the way out).
-        network: bool,
-    },
-    /// A local failure (a file of the cache) or an interrupt, passed on as it is.
-    Local(Error),
-}
-
-impl From<Error> for Failure {
-    fn from(e: Error) -> Self {
-        Self::Local(e)
-    }
-}
-
-fn transfer(msg: String) -> Failure {
-    Failure::Transfer {
-        msg,
-        network: false,
-    }
-}
 
 /// What the Hub says of a file before its bytes are asked for.
 #[derive(Debug)]
@@ -524,57 +491,6 @@ fn hash_prefix(file: &mut File, len: u64, hasher: &mut Sha256) -> std::io::Resul
     }
 }
 
-/// An exclusive lock on a file, held until dropped (the OS releases it when the file closes,
-/// also when the process dies, so a crash never leaves a stale lock).
-pub(super) struct Lock {
-    _file: File,
-}
-
-impl Lock {
-    /// Waits (without a limit, but Ctrl-C ends the wait) until no other process holds `path`.
-    fn acquire(path: &Path, name: &str, tell: bool) -> Result<Self, Failure> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        let mut told = false;
-        loop {
-            if try_lock(&file).map_err(|e| Error::io(path, e))? {
-                return Ok(Self { _file: file });
-            }
-            if tell && !told {
-                eprintln!("waiting for another download of {name} to finish...");
-                told = true;
-            }
-            crate::interrupt::check()?;
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// Whether it got the lock, without waiting: polled rather than blocking ([`File::lock`]), so
-/// that Ctrl-C is noticed while waiting. std's lock is `flock(LOCK_EX | LOCK_NB)` on Unix, the
-/// lock Python's `filelock` takes on the same `.lock` file, so the two exclude each other (on
-/// Windows it is `LockFileEx`). Where there is none (`Unsupported`), no lock: two downloads of
-/// one blob then both run, each renaming a whole, checked file into place, so the cache stays
-/// right; only the bandwidth is spent twice.
-fn try_lock(file: &File) -> std::io::Result<bool> {
-    match file.try_lock() {
-        Ok(()) => Ok(true),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
-        Err(std::fs::TryLockError::Error(e)) => match e.kind() {
-            std::io::ErrorKind::Interrupted => Ok(false),
-            std::io::ErrorKind::Unsupported => Ok(true),
-            _ => Err(e),
-        },
-    }
-}
-
 /// A progress bar on stderr, or nothing; cleared if dropped before [`Bar::done`], so that an
 /// error line stands alone.
 struct Bar(Option<ProgressBar>);
@@ -631,144 +547,6 @@ fn sleep(d: Duration) -> Result<(), Failure> {
     }
 }
 
-fn status_failure(
-    response: &ureq::Response,
-    attempts: u32,
-    waited: Duration,
-    hub: bool,
-) -> Failure {
-    Failure::Status {
-        code: response.status(),
-        text: response.status_text().to_string(),
-        error_code: response.header("x-error-code").map(String::from),
-        attempts,
-        waited,
-        hub,
-    }
-}
-
-fn transport_failure(e: &ureq::Transport, (timeout, var): (Duration, &'static str)) -> Failure {
-    let msg = if is_timeout(e) {
-        format!("timed out: no answer within {} ({var})", seconds(timeout))
-    } else {
-        // ureq's words start with the URL, as it is.
-        let msg = e.to_string();
-        match e.url() {
-            Some(url) => msg.replacen(url.as_str(), &shown(url), 1),
-            None => msg,
-        }
-    };
-    Failure::Transfer { msg, network: true }
-}
-
-/// Whether `e`, or an error under it, is a socket timeout (which a read timeout shows as
-/// `WouldBlock` on unix).
-fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    if let Some(io) = e.downcast_ref::<std::io::Error>() {
-        if matches!(
-            io.kind(),
-            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-        ) {
-            return true;
-        }
-        // An io::Error's `source` skips the error it wraps.
-        if let Some(inner) = io.get_ref() {
-            if is_timeout(inner) {
-                return true;
-            }
-        }
-    }
-    e.source().is_some_and(is_timeout)
-}
-
-/// `1 s`, `2.5 s`.
-fn seconds(d: Duration) -> String {
-    format!("{} s", d.as_secs_f64())
-}
-
-/// The wait a 429 or 503 asks for, when it gives one in seconds (the HTTP-date form is rare
-/// enough to get the backoff instead).
-fn retry_after(response: &ureq::Response) -> Option<Duration> {
-    let secs: u64 = response.header("Retry-After")?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs))
-}
-
-/// The size of the whole file from an answer to a range request: `Content-Range: bytes a-b/N`
-/// (or `bytes */N`), else the `Content-Length` of a 200 (a server that ignored the range).
-fn total_size(response: &ureq::Response) -> Option<u64> {
-    if let Some(range) = response.header("Content-Range") {
-        return range.rsplit('/').next()?.trim().parse().ok();
-    }
-    if response.status() == 200 {
-        return response.header("Content-Length")?.trim().parse().ok();
-    }
-    None
-}
-
-/// `(a, Some(N))` of `Content-Range: bytes a-b/N` (`None` for a total of `*`).
-fn content_range(response: &ureq::Response) -> Option<(u64, Option<u64>)> {
-    parse_content_range(response.header("Content-Range")?)
-}
-
-fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
-    let (range, total) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
-    let (start, end) = range.split_once('-')?;
-    let (start, end): (u64, u64) = (start.trim().parse().ok()?, end.trim().parse().ok()?);
-    if end < start {
-        return None;
-    }
-    let total = match total.trim() {
-        "*" => None,
-        t => Some(t.parse().ok()?),
-    };
-    Some((start, total))
-}
-
-/// An ETag as a blob name: without `W/` and quotes, as `huggingface_hub` does.
-fn normalize_etag(raw: &str) -> String {
-    let raw = raw.trim();
-    raw.strip_prefix("W/")
-        .unwrap_or(raw)
-        .trim_matches('"')
-        .to_string()
-}
-
-/// Whether a server-given name can be a file in `blobs/`: no path, no hidden or odd name.
-fn is_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-}
-
-/// Whether an etag is a sha256 (an LFS file's), as `huggingface_hub` tells them apart from git's
-/// sha1s.
-fn is_sha256(etag: &str) -> bool {
-    etag.len() == 64 && etag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// Whether `a` and `b` have one origin (scheme, host and port), as browsers and
-/// `huggingface_hub` judge where credentials may go.
-fn same_origin(a: &Url, b: &Url) -> bool {
-    a.origin() == b.origin()
-}
-
-/// Where an answer to `here` with `Location: location` leads, resolved as a browser resolves it
-/// (`//host:port/x` names another host, not a path), and whether that is still the Hub: a
-/// relative `Location` on the endpoint's own origin (a renamed repo). Any other is where the
-/// bytes are (the CDN).
-fn redirect(endpoint: &Url, here: &Url, location: &str) -> Result<(Url, bool), url::ParseError> {
-    let to = here.join(location)?;
-    let relative = matches!(
-        Url::parse(location),
-        Err(url::ParseError::RelativeUrlWithoutBase)
-    );
-    let on_hub = relative && same_origin(endpoint, &to);
-    Ok((to, on_hub))
-}
-
 /// `path` with `suffix` added to its name (`<etag>.incomplete`, whatever dots the etag has).
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -779,112 +557,6 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn content_ranges() {
-        assert_eq!(parse_content_range("bytes 0-0/42"), Some((0, Some(42))));
-        assert_eq!(parse_content_range("bytes 10-41/42"), Some((10, Some(42))));
-        assert_eq!(parse_content_range("bytes 10-41/*"), Some((10, None)));
-        assert_eq!(parse_content_range("bytes */42"), None);
-        assert_eq!(parse_content_range("bytes 5-4/42"), None);
-        assert_eq!(parse_content_range("items 0-1/2"), None);
-    }
-
-    #[test]
-    fn etags() {
-        assert_eq!(normalize_etag("\"abc\""), "abc");
-        assert_eq!(normalize_etag("W/\"abc\""), "abc");
-        assert!(is_file_name("0123abcd"));
-        assert!(is_file_name("abc-3.x_y"));
-        for bad in ["", "..", ".hidden", "../x", "a/b", "a\\b", "a b", "a\0b"] {
-            assert!(!is_file_name(bad), "{bad:?}");
-        }
-        let sha = "a".repeat(64);
-        assert!(is_sha256(&sha));
-        assert!(!is_sha256(&"A".repeat(64)));
-        assert!(!is_sha256(&"a".repeat(40)));
-    }
-
-    #[test]
-    fn the_token_stays_on_its_origin() {
-        let hub = Url::parse("https://huggingface.co/org/name/resolve/main/x").unwrap();
-        let same = Url::parse("https://huggingface.co:443/other").unwrap();
-        let cdn = Url::parse("https://cdn-lfs.hf.co/repos/x").unwrap();
-        let port = Url::parse("https://huggingface.co:8443/x").unwrap();
-        let tricky = Url::parse("https://huggingface.co@evil.example/x").unwrap();
-        let plain = Url::parse("http://huggingface.co/x").unwrap();
-        assert!(same_origin(&hub, &same));
-        assert!(!same_origin(&hub, &cdn));
-        assert!(!same_origin(&hub, &port));
-        assert!(!same_origin(&hub, &tricky));
-        // https to http on the same host (and the same explicit port) is another origin.
-        assert!(!same_origin(&hub, &plain));
-        let a = Url::parse("https://mirror.example:8080/x").unwrap();
-        let b = Url::parse("http://mirror.example:8080/x").unwrap();
-        assert!(!same_origin(&a, &b));
-    }
-
-    #[test]
-    fn redirects_are_resolved_as_browsers_do_and_followed_only_on_the_hub() {
-        let endpoint = Url::parse("http://127.0.0.1:1000/o/n/resolve/main/x").unwrap();
-        let here = endpoint.clone();
-        let go = |location: &str| {
-            let (to, on_hub) = redirect(&endpoint, &here, location).unwrap();
-            (to.to_string(), on_hub)
-        };
-        assert_eq!(
-            go("/o/m/resolve/main/x"),
-            ("http://127.0.0.1:1000/o/m/resolve/main/x".into(), true)
-        );
-        assert_eq!(
-            go("../../m/x"),
-            ("http://127.0.0.1:1000/o/n/m/x".into(), true)
-        );
-        // Without a scheme, but the same origin: still the Hub.
-        assert_eq!(
-            go("//127.0.0.1:1000/o/m/x"),
-            ("http://127.0.0.1:1000/o/m/x".into(), true)
-        );
-        // Without a scheme, another port or host: not a path on this one.
-        assert_eq!(
-            go("//127.0.0.1:2000/cdn/x"),
-            ("http://127.0.0.1:2000/cdn/x".into(), false)
-        );
-        assert_eq!(
-            go("\\\\evil.example/x"),
-            ("http://evil.example/x".into(), false)
-        );
-        // Absolute: the CDN, even on the same origin (a mirror serving its own LFS files).
-        assert_eq!(
-            go("http://127.0.0.1:1000/lfs/x"),
-            ("http://127.0.0.1:1000/lfs/x".into(), false)
-        );
-        assert_eq!(
-            go("https://127.0.0.1:1000/x"),
-            ("https://127.0.0.1:1000/x".into(), false)
-        );
-        assert!(redirect(&endpoint, &here, "http://[::1").is_err());
-    }
-
-    #[test]
-    fn a_held_lock_excludes_another_handle_until_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.lock");
-        let open = || {
-            OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .unwrap()
-        };
-        // Two opens of one file are two locks, as two processes' are.
-        let (a, b) = (open(), open());
-        assert!(try_lock(&a).unwrap());
-        assert!(!try_lock(&b).unwrap());
-        drop(a);
-        assert!(try_lock(&b).unwrap());
-    }
 
     #[test]
     fn suffixes_keep_the_whole_name() {

@@ -8,7 +8,9 @@
 //! default). The hf-hub crate gives the cache lookup; the download itself, checked, resumable,
 //! bounded in time and shared safely between processes, is `hub/download.rs`'s.
 
+mod answer;
 mod download;
+mod lock;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,8 @@ use hf_hub::{Cache, Repo, RepoType};
 use crate::checkpoint::ModelFiles;
 use crate::error::{Error, Result};
 use crate::tokenizer::TokenizerFiles;
-use download::{Client, Failure};
+use answer::Failure;
+use download::Client;
 
 /// Short names for the GPT-2 family, as transformers accepts them.
 pub const ALIASES: [(&str, &str); 5] = [
