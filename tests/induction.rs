@@ -149,6 +149,45 @@ fn the_binary_labels_the_trained_heads() -> Result {
 }
 
 #[test]
+fn a_resting_head_keeps_its_label_on_short_prompts() -> Result {
+    // Head 1.0 rests on the first token of short prompts (on long ones it spreads: broad). On
+    // T tokens, row k reads position 0 from k back (row 1 from one back), which once made it a
+    // previous-token or a positional-offset head (@T-1) on some of them.
+    let label = |prompt: &str| -> Result<(usize, String)> {
+        let out = gpt2_command(&["inspect-heads", "--model-dir"])
+            .arg(common::fixture(MODEL))
+            .args([
+                "--layer", "1", "--head", "0", "--scores", "--format", "json",
+            ])
+            .args(["--prompt", prompt])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let tokens = v["tokens"].as_array().map_or(0, Vec::len);
+        let head = &v["heads"][0];
+        Ok((tokens, format!("{} {head}", head["label"])))
+    };
+    for (prompt, tokens) in [
+        ("Hi", 2),
+        ("The cat", 3),
+        ("Hi there you", 5),
+        ("The cat sat on the", 7),
+        ("The cat sat on the m", 8),
+        ("The cat sat on the mat.", 10),
+        ("Attention heads are small programs", 17),
+    ] {
+        let (n, got) = label(prompt)?;
+        assert_eq!(n, tokens, "{prompt:?}");
+        assert!(got.starts_with("\"first-token\""), "{prompt:?}: {got}");
+    }
+    Ok(())
+}
+
+#[test]
 fn ablating_the_induction_head_costs_most_on_repeated_text() -> Result {
     let golden = common::fixture_json(MODEL, "heads.json")?;
     let mut m = ModelSource::dir(common::fixture(MODEL)).load_model(&LoadOptions::default())?;

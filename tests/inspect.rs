@@ -194,6 +194,11 @@ fn scores_table_and_json_cover_every_head() -> Result {
         ),
         "{text}"
     );
+    // The legend under the table ends in a whole sentence.
+    assert!(
+        text.trim_end().ends_with("when above first-token."),
+        "{text}"
+    );
     // 2 layers x 4 heads.
     let rows = text
         .lines()

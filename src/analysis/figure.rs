@@ -5,11 +5,12 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::inspect::image::{text_len, Canvas};
+use crate::inspect::image::{text_len, Canvas, Title, TITLE_ROOM};
 use crate::output::Out;
 
 const MARGIN: usize = 16;
-const TITLE: usize = 30;
+/// Below the title, above the cells.
+const TITLE_GAP: usize = 16;
 const AXIS: usize = 34;
 const BAR: usize = 14;
 const INK: [u8; 3] = [40, 40, 40];
@@ -25,15 +26,25 @@ pub struct HeatmapLayout {
 }
 
 impl HeatmapLayout {
-    /// The layout for `layers` × `heads` cells.
+    /// The layout for `layers` × `heads` cells, under a title of at most two lines.
     pub fn new(layers: usize, heads: usize) -> Self {
+        Self::titled(layers, heads, "")
+    }
+
+    /// The layout for `layers` × `heads` cells under `title`: taller when the title needs more
+    /// than two lines.
+    pub fn titled(layers: usize, heads: usize, title: &str) -> Self {
         let cell = (480 / heads.max(layers).max(1)).clamp(6, 32);
-        let (left, top) = (MARGIN + AXIS, MARGIN + TITLE);
+        let width = (MARGIN + AXIS + heads * cell + 24 + BAR + 60 + MARGIN).max(2 * MARGIN + 480);
+        let title = Title::fit(title, width - 2 * MARGIN)
+            .height()
+            .max(TITLE_ROOM);
+        let (left, top) = (MARGIN + AXIS, MARGIN + title + TITLE_GAP);
         Self {
             cell,
             left,
             top,
-            width: (left + heads * cell + 24 + BAR + 60 + MARGIN).max(2 * MARGIN + 40 * 12),
+            width,
             height: top + layers * cell + AXIS + MARGIN,
         }
     }
@@ -66,15 +77,14 @@ pub fn diverging(v: f32) -> [u8; 3] {
 pub fn write_heatmap(path: &Path, title: &str, values: &[Vec<f64>]) -> Result<()> {
     let layers = values.len();
     let heads = values.iter().map(Vec::len).max().unwrap_or(0);
-    let l = HeatmapLayout::new(layers, heads);
+    let l = HeatmapLayout::titled(layers, heads, title);
     let scale = values
         .iter()
         .flatten()
         .fold(0f64, |a, v| if v.is_finite() { a.max(v.abs()) } else { a })
         .max(f64::MIN_POSITIVE);
     let mut c = Canvas::new(l.width, l.height);
-    let title: String = title.chars().take((l.width - 2 * MARGIN) / 12).collect();
-    c.text(MARGIN, MARGIN, &title, 2);
+    Title::fit(title, l.width - 2 * MARGIN).draw(&mut c, MARGIN, MARGIN);
     for (layer, row) in values.iter().enumerate() {
         for (head, v) in row.iter().enumerate() {
             let colour = diverging((v / scale) as f32);
@@ -143,4 +153,74 @@ pub fn write_heatmap(path: &Path, title: &str, values: &[Vec<f64>]) -> Result<()
     let mut out = Out::open(Some(path))?;
     out.bytes(&png)?;
     out.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pixels of `rgb` (`width` wide) in rows `rows` that are ink.
+    fn ink(rgb: &[u8], width: usize, rows: std::ops::Range<usize>) -> usize {
+        rgb[rows.start * width * 3..rows.end * width * 3]
+            .chunks(3)
+            .filter(|p| *p == INK)
+            .count()
+    }
+
+    /// The ink of `title` drawn alone, on a canvas wide enough, at `scale`.
+    fn ink_alone(title: &str, scale: usize) -> usize {
+        let (w, h) = (text_len(title, scale) + 1, 7 * scale);
+        let mut c = Canvas::new(w, h);
+        c.text(0, 0, title, scale);
+        ink(&c.rgb, w, 0..h)
+    }
+
+    #[test]
+    fn titles_fit_the_smallest_figures_whole() -> std::result::Result<(), Box<dyn std::error::Error>>
+    {
+        // The titles heads-effect and attribute draw, one with a long token, and one that only
+        // fits on more lines than the figure keeps for a title.
+        let huge = format!(
+            "direct logit attribution to {:?}, per head",
+            "ab ".repeat(100)
+        );
+        let titles = [
+            "ablated - clean: the logit of token 64 \"a\" at the last position",
+            "ablated - clean: the prompt's mean next-token loss (nats)",
+            "direct logit attribution to \" Paris\", per head",
+            "direct logit attribution to \"-Supercalifragilisticexpialidocious-sequences\", per head",
+            &huge,
+        ];
+        let path = std::env::temp_dir().join(format!("gpt2-figure-{}.png", std::process::id()));
+        // One head of one layer; the tiny fixture's 2 layers × 4 heads.
+        for (layers, heads) in [(1, 1), (2, 4)] {
+            for title in titles {
+                write_heatmap(&path, title, &vec![vec![0.5; heads]; layers])?;
+                let decoder =
+                    png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path)?));
+                let mut reader = decoder.read_info()?;
+                let mut rgb = vec![0; reader.output_buffer_size().unwrap_or(0)];
+                let info = reader.next_frame(&mut rgb)?;
+                let l = HeatmapLayout::titled(layers, heads, title);
+                if title != huge {
+                    assert_eq!(l.top, HeatmapLayout::new(layers, heads).top);
+                }
+                assert_eq!(
+                    (info.width as usize, info.height as usize),
+                    (l.width, l.height)
+                );
+                // Above the grid, its colour bar's label and the axis name: the title alone,
+                // every pixel of it, in large type or small.
+                let drawn = ink(&rgb, l.width, 0..l.top - 4);
+                assert!(
+                    [ink_alone(title, 2), ink_alone(title, 1)].contains(&drawn),
+                    "{layers} × {heads}, {title:?}: {drawn} pixels of ink, not {} or {}",
+                    ink_alone(title, 2),
+                    ink_alone(title, 1)
+                );
+            }
+        }
+        std::fs::remove_file(&path)?;
+        Ok(())
+    }
 }

@@ -30,11 +30,11 @@ const GAP_Y: usize = 16;
 const BAND_HEAD: usize = 26;
 const PANEL_TITLE: usize = 22;
 /// The figure title's strip.
-const TITLE: usize = MARGIN + 14 + 10;
+const TITLE: usize = MARGIN + TITLE_ROOM + 10;
 const BAR_WIDTH: usize = 14;
 /// Right of the grid: gap, colour bar, tick labels, margin.
 const BAR_AREA: usize = 16 + BAR_WIDTH + 4 + 24 + MARGIN;
-/// Room for a title of about 30 characters.
+/// Room for about 30 characters of title a line.
 const MIN_WIDTH: usize = 2 * MARGIN + 30 * 12;
 const INK: [u8; 3] = [40, 40, 40];
 const FRAME: [u8; 3] = [160, 160, 160];
@@ -115,6 +115,16 @@ impl Layout {
             MARGIN + (head % self.cols) * self.panel_w + self.label_px,
             BAND_HEAD + (head / self.cols) * self.panel_h + PANEL_TITLE,
         )
+    }
+
+    /// Scale of a heatmap's title: small where a small heatmap leaves no room for large type
+    /// before the next panel's title.
+    fn head_title_scale(&self, title: &str) -> usize {
+        if text_len(title, 2) + 4 <= self.panel_w {
+            2
+        } else {
+            1
+        }
     }
 
     /// The tokens heatmap pixel `p` (along either axis) covers: `start..end`.
@@ -223,6 +233,90 @@ pub(crate) fn text_len(text: &str, scale: usize) -> usize {
     (text.chars().count() * (font::WIDTH + 1) * scale).saturating_sub(scale)
 }
 
+/// Height of two lines of large type: the room a figure keeps for its title.
+pub(crate) const TITLE_ROOM: usize = (2 * font::HEIGHT + LINE_GAP) * 2;
+/// Pixels between lines of a title, at scale 1.
+const LINE_GAP: usize = 2;
+
+/// A title set in a given width: large type on at most two lines, else small type on as many as
+/// it takes. Narrow figures (few heads) would otherwise cut it.
+pub(crate) struct Title {
+    scale: usize,
+    lines: Vec<String>,
+}
+
+impl Title {
+    pub(crate) fn fit(text: &str, width: usize) -> Self {
+        let large = wrap(text, chars_in(width, 2));
+        if large.len() <= 2 {
+            return Self {
+                scale: 2,
+                lines: large,
+            };
+        }
+        Self {
+            scale: 1,
+            lines: wrap(text, chars_in(width, 1)),
+        }
+    }
+
+    pub(crate) fn height(&self) -> usize {
+        (self.lines.len() * (font::HEIGHT + LINE_GAP) - LINE_GAP) * self.scale
+    }
+
+    /// Draws the lines from the top-left corner (`x`, `y`).
+    pub(crate) fn draw(&self, c: &mut Canvas, x: usize, y: usize) {
+        for (i, line) in self.lines.iter().enumerate() {
+            let top = y + i * (font::HEIGHT + LINE_GAP) * self.scale;
+            c.text(x, top, line, self.scale);
+        }
+    }
+}
+
+/// Characters of type at `scale` that fit in `width` pixels; at least one.
+fn chars_in(width: usize, scale: usize) -> usize {
+    ((width + scale) / ((font::WIDTH + 1) * scale)).max(1)
+}
+
+/// `text` in lines of at most `n` characters, broken after spaces or `/` (model paths); a word
+/// longer than a line is broken where the line ends. Only spaces are left out.
+fn wrap(text: &str, n: usize) -> Vec<String> {
+    let n = n.max(1);
+    let mut lines = Vec::new();
+    let mut line: Vec<char> = Vec::new();
+    let end = |line: &mut Vec<char>| -> String {
+        let s: String = line.drain(..).collect();
+        s.trim_end_matches(' ').to_string()
+    };
+    for piece in text.split_inclusive([' ', '/']) {
+        let mut piece: Vec<char> = piece.chars().collect();
+        loop {
+            if line.is_empty() && !lines.is_empty() {
+                // A continuation line does not start with the spaces it broke at.
+                let spaces = piece.iter().take_while(|&&c| c == ' ').count();
+                piece.drain(..spaces);
+            }
+            // A space that ends the line is not drawn.
+            let need = piece.len() - usize::from(piece.last() == Some(&' '));
+            if line.len() + need <= n {
+                line.append(&mut piece);
+                break;
+            }
+            if line.is_empty() {
+                let rest = piece.split_off(n);
+                lines.push(piece.into_iter().collect());
+                piece = rest;
+            } else {
+                lines.push(end(&mut line));
+            }
+        }
+    }
+    if !line.is_empty() || lines.is_empty() {
+        lines.push(end(&mut line));
+    }
+    lines
+}
+
 pub(crate) struct PngSink {
     layout: Layout,
     labels: Vec<String>,
@@ -280,14 +374,8 @@ impl PngSink {
         encoder.set_depth(png::BitDepth::Eight);
         let writer = encoder.write_header().map_err(png_err)?;
         let mut stream = writer.into_stream_writer().map_err(png_err)?;
-        let mut title = Canvas::new(layout.width, TITLE);
-        let suffix = format!(": {} tokens", h.tokens.len());
-        let room =
-            ((layout.width - 2 * MARGIN) / ((font::WIDTH + 1) * 2)).saturating_sub(suffix.len());
-        let model = tail(&visible(h.model, true), room);
-        title.text(MARGIN, MARGIN, &format!("{model}{suffix}"), 2);
         stream
-            .write_all(&title.rgb)
+            .write_all(&title_strip(&layout, h.model, h.tokens.len()).rgb)
             .map_err(|e| Error::io(&path, e))?;
         Ok(Self {
             layout,
@@ -307,8 +395,9 @@ impl PngSink {
         for (i, &head) in a.heads.iter().enumerate() {
             let (x, y) = l.origin_in_band(i);
             let title = format!("Head {head}");
-            let tx = x + (l.side / 2).saturating_sub(text_len(&title, 2) / 2);
-            c.text(tx, y - PANEL_TITLE + 2, &title, 2);
+            let ts = l.head_title_scale(&title);
+            let tx = x + (l.side / 2).saturating_sub(text_len(&title, ts) / 2);
+            c.text(tx, y - PANEL_TITLE + 2, &title, ts);
             for py in 0..l.side {
                 let qs = l.tokens_at(py);
                 for px in 0..l.side {
@@ -360,6 +449,23 @@ impl PngSink {
     }
 }
 
+/// The strip above the bands: the model and the prompt's length.
+fn title_strip(layout: &Layout, model: &str, tokens: usize) -> Canvas {
+    let mut c = Canvas::new(layout.width, TITLE);
+    let suffix = format!(": {tokens} tokens");
+    let room = layout.width - 2 * MARGIN;
+    let model = visible(model, true);
+    // The whole model path where it fits, else its end: it says more than the start.
+    let most = model.chars().count().min(3 * room / (font::WIDTH + 1));
+    (0..=most)
+        .rev()
+        .map(|keep| Title::fit(&format!("{}{suffix}", tail(&model, keep)), room))
+        .find(|t| t.height() <= TITLE_ROOM)
+        .unwrap_or_else(|| Title::fit(&suffix, room))
+        .draw(&mut c, MARGIN, MARGIN);
+    c
+}
+
 impl Sink for PngSink {
     fn layer(&mut self, a: &LayerAttention) -> Result<()> {
         let band = self.draw_band(a);
@@ -406,6 +512,94 @@ mod tests {
         assert_eq!(colormap(0.5), VIRIDIS[5]);
         assert_eq!(colormap(-3.0), VIRIDIS[0]);
         assert_eq!(colormap(f32::NAN), VIRIDIS[0]);
+    }
+
+    #[test]
+    fn titles_wrap_at_spaces_and_slashes_and_keep_every_character() {
+        assert_eq!(
+            wrap("ablated - clean: the logit", 12),
+            ["ablated -", "clean: the", "logit"]
+        );
+        assert_eq!(
+            wrap("/models/gpt2-medium: 5 tokens", 12),
+            ["/models/", "gpt2-medium:", "5 tokens"]
+        );
+        // A word longer than a line breaks where the line ends.
+        assert_eq!(
+            wrap("a Supercalifragilistic  b", 8),
+            ["a", "Supercal", "ifragili", "stic  b"]
+        );
+        assert_eq!(wrap("", 8), [""]);
+        let text = "direct logit attribution to \"  Paris\", per head of /a/long/path/to/a/model";
+        for n in 1..40 {
+            let lines = wrap(text, n);
+            assert!(
+                lines.iter().all(|l| l.chars().count() <= n),
+                "{n}: {lines:?}"
+            );
+            let ink = |s: &str| s.chars().filter(|&c| c != ' ').collect::<String>();
+            assert_eq!(ink(&lines.concat()), ink(text), "{n}");
+        }
+        // Large type on two lines at most, else small type.
+        let large = Title::fit("two lines", 8 * 12);
+        assert_eq!((large.scale, large.lines.len()), (2, 2));
+        assert_eq!(large.height(), TITLE_ROOM);
+        let small = Title::fit("four lines of large type", 8 * 12);
+        assert_eq!((small.scale, small.lines.len()), (1, 2));
+        assert_eq!(small.height(), 2 * font::HEIGHT + LINE_GAP);
+        assert_eq!(Title::fit("a", 100).height(), 2 * font::HEIGHT);
+    }
+
+    /// Ink pixels in `c`.
+    fn ink(c: &Canvas) -> usize {
+        c.rgb.chunks(3).filter(|p| *p == INK).count()
+    }
+
+    /// The ink of `text` drawn alone at `scale`.
+    fn ink_alone(text: &str, scale: usize) -> usize {
+        let mut c = Canvas::new(text_len(text, scale) + 1, font::HEIGHT * scale);
+        c.text(0, 0, text, scale);
+        ink(&c)
+    }
+
+    #[test]
+    fn the_title_shows_the_whole_model_path_in_the_smallest_figures() {
+        let paths = [
+            "tests/fixtures/tiny",
+            "/home/someone/src/gpt2/tests/fixtures/induction",
+            "/home/someone/models/a-long-folder-name/checkpoints/step-12000/exported/gpt2-small-finetuned",
+        ];
+        // One head of one token; the tiny fixture's 2 layers × 4 heads on 5 tokens.
+        for layout in [Layout::new(1, 1, 1, 1), Layout::new(5, 4, 2, 4)] {
+            for model in paths {
+                let text = format!("{model}: 5 tokens");
+                let drawn = ink(&title_strip(&layout, model, 5));
+                assert!(
+                    [ink_alone(&text, 2), ink_alone(&text, 1)].contains(&drawn),
+                    "{} px wide, {model}: {drawn} pixels of ink",
+                    layout.width
+                );
+            }
+        }
+        // A path too long for three lines of small type keeps its end, after "...".
+        let long = format!("/{}/gpt2-small", "folder/".repeat(40));
+        let layout = Layout::new(1, 1, 1, 1);
+        let drawn = ink(&title_strip(&layout, &long, 5));
+        assert!(drawn > ink_alone("...gpt2-small: 5 tokens", 1), "{drawn}");
+        assert!(drawn < ink_alone(&long, 1), "{drawn}");
+    }
+
+    #[test]
+    fn heatmap_titles_clear_the_next_panel() {
+        // One token, twelve heads: "Head 10" in large type is wider than a panel.
+        for layout in [Layout::new(1, 12, 1, 1), Layout::new(5, 4, 2, 4)] {
+            for head in 0..layout.heads {
+                let title = format!("Head {head}");
+                let scale = layout.head_title_scale(&title);
+                assert!(text_len(&title, scale) + 4 <= layout.panel_w, "{title}");
+            }
+        }
+        assert_eq!(Layout::new(5, 4, 2, 4).head_title_scale("Head 3"), 2);
     }
 
     #[test]

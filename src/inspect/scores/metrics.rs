@@ -37,6 +37,10 @@ pub const REPEAT_SEED: u64 = 0x5EED_1D0C;
 pub const LOCAL_WINDOW: usize = 3;
 /// Positional-offset heads are looked for at offsets `2..=MAX_OFFSET` (1 is previous-token).
 pub const MAX_OFFSET: usize = 8;
+/// An offset is scored only on prompts with at least this many rows whose key that far back is
+/// not position 0: a head fixed on one position matches any offset on one row, so it scores at
+/// most a third, below the threshold.
+pub const MIN_OFFSET_ROWS: usize = 3;
 /// Seed of the control sequence: as many distinct random tokens as the repeated one, no repeat.
 pub const CONTROL_SEED: u64 = 0xC047_201D;
 /// An induction or duplicate-token score counts only when the control (the same key positions
@@ -92,9 +96,11 @@ impl Pattern {
         })
     }
 
-    /// Row `q` → key `q - k` for `q ≥ k`: a head that reads a fixed distance back.
+    /// Row `q` → key `q - k` for `q > k`: a head that reads a fixed distance back. Never key 0,
+    /// where resting heads look from every row: on T tokens, a head on position 0 would read
+    /// T - 1 back.
     pub fn offset(t: usize, k: usize) -> Self {
-        Self::from_fn(t, |q| if q >= k { vec![q - k] } else { vec![] })
+        Self::from_fn(t, |q| if q > k { vec![q - k] } else { vec![] })
     }
 
     /// Row `q` → keys `q - window ..= q`, for rows where that window is at most half of the keys
@@ -279,7 +285,8 @@ pub struct HeadScores {
     /// On the prompt: attention to position 0, over rows `q ≥ 1` (the sink, or resting, mass).
     pub first_token: Option<f32>,
     /// On the prompt: attention to the token `offset_k` back, the best offset in
-    /// `2..=MAX_OFFSET`.
+    /// `2..=MAX_OFFSET`, over rows where that token is not position 0 (at least
+    /// [`MIN_OFFSET_ROWS`] of them).
     pub positional_offset: Option<f32>,
     pub offset_k: Option<usize>,
     /// On the repeated random tokens: attention to the same token one copy back.
@@ -310,7 +317,11 @@ impl HeadScores {
         };
         match kind {
             HeadType::Induction => content(self.induction, self.induction_control),
-            HeadType::PreviousToken => self.previous_token,
+            // Row 1's previous token is position 0: on a short prompt a resting head scores as
+            // much there as on the first token, and is no previous-token head.
+            HeadType::PreviousToken => self
+                .previous_token
+                .filter(|&p| self.first_token.is_none_or(|f| p > f)),
             HeadType::PositionalOffset => self.positional_offset,
             HeadType::DuplicateToken => content(self.duplicate_token, self.duplicate_control),
             HeadType::FirstToken => self.first_token,
@@ -322,8 +333,8 @@ impl HeadScores {
 }
 
 /// The first type in [`THRESHOLDS`] whose score reaches its threshold (induction and
-/// duplicate-token only when their control is at most [`CONTROL_RATIO`] of them), else
-/// [`HeadType::Mixed`].
+/// duplicate-token only when their control is at most [`CONTROL_RATIO`] of them, previous-token
+/// only when above first-token), else [`HeadType::Mixed`].
 pub fn classify(s: &HeadScores) -> HeadType {
     THRESHOLDS
         .iter()
@@ -395,11 +406,12 @@ impl Detectors {
         repeated: &[f32],
         control: Option<&[f32]>,
     ) -> HeadScores {
-        // The best offset; the smaller k on ties.
+        // The best offset with enough rows; the smaller k on ties.
         let best = rows
             .offsets
             .iter()
             .enumerate()
+            .filter(|(_, m)| m.n >= MIN_OFFSET_ROWS)
             .filter_map(|(i, m)| m.get().map(|v| (i + 2, v)))
             .fold(None, |b: Option<(usize, f32)>, (k, v)| match b {
                 Some((_, bv)) if bv >= v => b,
@@ -664,6 +676,25 @@ mod tests {
         assert_eq!(a[..40].iter().collect::<HashSet<_>>().len(), 40);
         assert!(repeated_random_tokens(10, &[0], 10, 1).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn resting_heads_are_not_offset_heads_on_any_prompt_length() {
+        let rest = attn(2 * L, |_| vec![0]);
+        // Row k reads position 0 from k back (row 1 from one back): that is resting, not a
+        // previous-token or positional-offset head, however long the prompt.
+        for t in 2..=T {
+            let d = Detectors::new(t, &repeated());
+            let s = d.scores(1, 0, &attn(t, |_| vec![0]), &rest);
+            assert_eq!(s.label, HeadType::FirstToken, "{t} tokens: {s:?}");
+            assert!(s.positional_offset.is_none_or(|v| v == 0.0), "{s:?}");
+        }
+        // A head fixed on position 1 matches each offset on one row only.
+        let d = Detectors::new(8, &repeated());
+        let second = attn(8, |q| vec![q.min(1)]);
+        let s = d.scores(1, 0, &second, &rest);
+        assert_ne!(s.label, HeadType::PositionalOffset, "{s:?}");
+        assert!(s.positional_offset.is_some_and(|v| v < 0.5), "{s:?}");
     }
 
     #[test]

@@ -309,11 +309,13 @@ impl fmt::Display for ScoreReport<'_> {
         write!(
             f,
             "\nscores: the mean fraction of each row's attention on the pattern's keys, over rows that have\n\
-             one (TransformerLens head_detector, \"mul\"); entropy in nats. offset: the best k = 2..=8 back (@k).\n\
-             (ctl): the same measure on a sequence that does not repeat. sink: attention to position 0 on the\n\
-             repeated tokens. type: the first of induction >= 0.4, previous-token >= 0.5, positional-offset\n\
-             >= 0.5, duplicate-token >= 0.4, first-token >= 0.5, local >= 0.6, broad (normalized entropy\n\
-             >= 0.7), else mixed; induction and duplicate-token only when their control is at most a third\n"
+             one (TransformerLens head_detector, \"mul\"); entropy in nats. offset: the best k = 2..={MAX_OFFSET}\n\
+             back (@k), over the rows where k back is not position 0 (at least {MIN_OFFSET_ROWS}). (ctl): the same\n\
+             measure on a sequence that does not repeat. sink: attention to position 0 on the repeated\n\
+             tokens. type: the first of induction >= 0.4, previous-token >= 0.5, positional-offset >= 0.5,\n\
+             duplicate-token >= 0.4, first-token >= 0.5, local >= 0.6, broad (normalized entropy >= 0.7),\n\
+             else mixed; induction and duplicate-token only when their control is at most a third of\n\
+             their score, previous-token only when above first-token.\n"
         )
     }
 }
