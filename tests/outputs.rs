@@ -10,7 +10,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{entries, fixture, gpt2_command, stderr, Result};
+use common::{assert_error, entries, fixture, gpt2_command, stderr, Result};
 
 /// A fresh, empty scratch folder.
 fn scratch(name: &str) -> PathBuf {
@@ -57,23 +57,6 @@ fn gpt2_umask(umask: &str, args: &[&str]) -> Result<Output> {
         .output()?)
 }
 
-/// Exit code `code`, and stderr one `error:` line (after the random-weights warning, if any)
-/// containing every needle.
-fn assert_error(out: &Output, code: i32, needles: &[&str]) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(code), "exit code: {err}");
-    let lines: Vec<&str> = err
-        .trim_end()
-        .lines()
-        .filter(|l| !(l.starts_with("warning: ") && l.contains("random weights")))
-        .collect();
-    assert_eq!(lines.len(), 1, "not one line: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for needle in needles {
-        assert!(err.contains(needle), "`{needle}` not in: {err}");
-    }
-}
-
 fn assert_ok(out: &Output) {
     assert!(out.status.success(), "{}", stderr(out));
 }
@@ -94,21 +77,6 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
-/// The shape in an npy file's header.
-fn npy_shape(bytes: &[u8]) -> Result<Vec<u64>> {
-    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = std::str::from_utf8(&bytes[10..10 + len])?;
-    Ok(header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .ok_or("shape")?
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse())
-        .collect::<std::result::Result<_, _>>()?)
-}
-
 /// The tokens file of `npy` matches it: the array's name, shape, size and CRC-32.
 fn assert_pair(npy: &Path) -> Result<Value> {
     let bytes = std::fs::read(npy)?;
@@ -116,13 +84,13 @@ fn assert_pair(npy: &Path) -> Result<Value> {
     let side: Value = serde_json::from_str(&std::fs::read_to_string(&side_path)?)?;
     let name = npy.file_name().and_then(|n| n.to_str()).ok_or("name")?;
     assert_eq!(side["array"], name);
-    let shape: Vec<u64> = side["shape"]
+    let shape: Vec<usize> = side["shape"]
         .as_array()
         .ok_or("shape")?
         .iter()
-        .filter_map(Value::as_u64)
+        .filter_map(|v| v.as_u64().map(|n| n as usize))
         .collect();
-    assert_eq!(shape, npy_shape(&bytes)?);
+    assert_eq!(shape, common::npy_shape(&bytes)?);
     assert_eq!(side["array_bytes"], bytes.len());
     assert_eq!(side["array_crc32"], crc32(&bytes));
     Ok(side)

@@ -145,6 +145,27 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Exit code `code`, and stderr one `error:` line (after the random-weights warning a layout
+/// file gives, the only other line allowed) containing every needle; no panic, no backtrace.
+pub fn assert_error(out: &Output, code: i32, needles: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "exit code: {err}");
+    let lines: Vec<&str> = err
+        .trim_end()
+        .lines()
+        .filter(|l| !(l.starts_with("warning: ") && l.contains("random weights")))
+        .collect();
+    assert_eq!(lines.len(), 1, "not one line: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
 /// A failed run whose stderr is one line containing `needle`, without a panic.
 pub fn assert_one_line_error(out: &Output, needle: &str) {
     let stderr = stderr(out);
@@ -170,11 +191,24 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 /// shape and data.
 pub fn read_npy(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path)?;
-    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let shape = npy_shape(&bytes)?;
     let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     let header = std::str::from_utf8(&bytes[10..10 + len])?;
     assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"));
-    let shape = header
+    let data: Vec<f32> = bytes[10 + len..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(data.len(), shape.iter().product::<usize>());
+    Ok((shape, data))
+}
+
+/// The shape in an npy file's (version 1) header.
+pub fn npy_shape(bytes: &[u8]) -> Result<Vec<usize>> {
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + len])?;
+    Ok(header
         .split("'shape': (")
         .nth(1)
         .and_then(|s| s.split(')').next())
@@ -182,13 +216,7 @@ pub fn read_npy(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
         .split(',')
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.trim().parse())
-        .collect::<std::result::Result<Vec<usize>, _>>()?;
-    let data: Vec<f32> = bytes[10 + len..]
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    assert_eq!(data.len(), shape.iter().product::<usize>());
-    Ok((shape, data))
+        .collect::<std::result::Result<_, _>>()?)
 }
 
 // ---------------------------------------------------------------------------------------------
