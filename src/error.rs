@@ -71,12 +71,14 @@ pub enum Error {
     #[error("the prompt is {tokens} tokens but the model sees at most {context}")]
     PromptTooLong { tokens: usize, context: usize },
 
-    /// A run would need more memory than the machine has.
-    #[error("{what} needs {needed} bytes ({}), more than the {} of memory available", human_bytes(*.needed), human_bytes(*.available))]
+    /// A run would need more memory than the machine has; `hint` (empty, or what to do
+    /// instead) ends the message after a colon.
+    #[error("{what} needs {needed} bytes ({}), more than the {} of memory available{}", human_bytes(*.needed), human_bytes(*.available), if .hint.is_empty() { String::new() } else { format!(": {}", .hint) })]
     OutOfMemory {
         what: String,
         needed: u128,
         available: u128,
+        hint: String,
     },
 
     /// Standard output's reader went away (`gpt2 ... | head`): nothing more can be shown.

@@ -433,6 +433,41 @@ fn stop_strings_understand_escapes() -> Result {
     Ok(())
 }
 
+#[test]
+fn a_prompt_too_big_to_tokenise_is_refused_with_its_size() -> Result {
+    // Tokenising takes ~200 bytes of memory per byte of text: 4 MiB of prompt under a 600 MB
+    // address space aborted with "memory allocation of ... failed".
+    let dir = common::scratch("hostile", "huge-prompt");
+    let prompt = dir.join("prompt.txt");
+    std::fs::write(&prompt, "ab ".repeat((4 << 20) / 3))?;
+    let p = prompt.to_str().ok_or("p")?;
+    let out = common::gpt2_with_memory_limit(
+        600_000,
+        &[
+            "generate",
+            "--model-dir",
+            &tiny(),
+            "--prompt-file",
+            p,
+            "--truncate-prompt",
+            "-n",
+            "1",
+        ],
+    )?;
+    assert_error(&out, 1, "tokenizer: a text of ");
+    assert!(
+        stderr(&out).contains("to tokenise, more than the "),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(": split it into pieces under "),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
+
 // -------------------------------------------------------------------------------------------
 // Checkpoints that are not weights
 
