@@ -1,8 +1,10 @@
 //! A bounded, seeded fuzz run over the inputs a user controls: config files, safetensors files,
-//! tokenizer input. Every case must end in `Ok` or a clean `Err`, never a panic or an abort.
+//! tokenizer input, sizes. Every case must end in `Ok` or a clean `Err`, never a panic or an abort.
 //! The case counts are fixed (CI runs exactly these); a failure prints its seed and case.
 //! The command line's option parsing is fuzzed in `src/cli/mod.rs`.
 
+use gpt2::inspect::generated::AttentionRecorder;
+use gpt2::inspect::Format;
 use gpt2::rng::SplitMix64;
 use gpt2::{Config, LoadOptions, ModelSource, Tokenizer};
 
@@ -12,6 +14,7 @@ use common::{fixture, Result};
 const CONFIG_CASES: usize = 3000;
 const SAFETENSORS_CASES: usize = 400;
 const TOKENIZER_CASES: usize = 2000;
+const SIZE_CASES: usize = 2000;
 /// How many cases must get through, so that the fuzz reaches the code behind the parser and
 /// does not test only rejection: about half of what these seeds gave when this was written
 /// (193 configs parsed, 96 safetensors files loaded); every tokenizer input encodes.
@@ -250,5 +253,38 @@ fn tokenizer_input_never_panics_and_round_trips() -> Result {
     });
     // Byte-level BPE encodes any text.
     assert_eq!(accepted, TOKENIZER_CASES);
+    Ok(())
+}
+
+#[test]
+fn sizes_never_wrap() -> Result {
+    // Lengths at the edges of the context and of usize: every sum and product is checked, so a
+    // huge one is refused (overflow checks would panic on a wrap in this build).
+    let model = ModelSource::dir(fixture("tiny")).load_model(&LoadOptions::default())?;
+    let ctx = model.config().n_positions;
+    let edges = [
+        0,
+        1,
+        2,
+        ctx - 1,
+        ctx,
+        ctx + 1,
+        usize::MAX / 2,
+        usize::MAX - 1,
+        usize::MAX,
+    ];
+    let formats = [Format::Npy, Format::Safetensors, Format::Json, Format::Html];
+    let accepted = fuzz("sizes", SIZE_CASES, 4, |rng, _| {
+        let (prompt, new) = (*pick(rng, &edges), *pick(rng, &edges));
+        let layers: Vec<usize> = (0..model.config().n_layer)
+            .filter(|_| rng.below(2) == 1)
+            .collect();
+        let format = *pick(rng, &formats);
+        let rec = AttentionRecorder::for_run(&model, layers, prompt, new, format);
+        let fits = prompt.checked_add(new).is_some_and(|n| n <= ctx);
+        assert_eq!(rec.is_ok(), fits, "{prompt} + {new}");
+        fits
+    });
+    assert!(accepted > 0);
     Ok(())
 }

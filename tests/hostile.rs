@@ -433,6 +433,103 @@ fn stop_strings_understand_escapes() -> Result {
     Ok(())
 }
 
+/// A layout (random weights, GPT-2's byte tokens) of 64 one-dimensional heads over `positions`
+/// positions: tiny weights, but attention arrays of 64 × positions² floats.
+fn wide_layout(dir: &Path, positions: usize) -> Result<String> {
+    let path = dir.join("wide.json");
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{"_comment": "wide", "n_positions": {positions}, "n_embd": 64, "n_head": 64,
+                "n_layer": 1, "vocab_size": 512, "bos_token_id": 511, "eos_token_id": 511}}"#
+        ),
+    )?;
+    Ok(path.to_str().ok_or("p")?.to_string())
+}
+
+#[test]
+fn lengths_never_wrap_past_the_context_check() -> Result {
+    // prompt + -n wrapped to a small number and passed: the recording grew without limit.
+    let dir = common::scratch("hostile", "wrap");
+    let rec = dir.join("rec.npy");
+    let out = gpt2(&[
+        "generate",
+        "--model-dir",
+        &tiny(),
+        "--prompt",
+        "x",
+        "-n",
+        "18446744073709551615",
+        "--ignore-eos",
+        "--attention-out",
+        rec.to_str().ok_or("p")?,
+    ])?;
+    assert_error(
+        &out,
+        2,
+        "--attention-out needs the whole run inside the context",
+    );
+    assert!(
+        stderr(&out).contains("1 prompt tokens + 18446744073709551615 new tokens > 128 positions"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(entries(&dir), Vec::<String>::new());
+    Ok(())
+}
+
+#[test]
+fn attention_too_big_for_memory_is_refused_before_allocating() -> Result {
+    let dir = common::scratch("hostile", "wide-attention");
+    // 500 000 tokens: 64 heads × 500 000² floats is 64 TB; the causal mask alone is 1 TB.
+    let layout = wide_layout(&dir, 500_000)?;
+    let prompt = dir.join("prompt.txt");
+    std::fs::write(&prompt, "a".repeat(500_000))?;
+    let p = prompt.to_str().ok_or("p")?;
+    let out = gpt2(&[
+        "inspect-heads",
+        "--config",
+        &layout,
+        "--prompt-file",
+        p,
+        "--layer",
+        "0",
+        "--head",
+        "3",
+    ])?;
+    assert_error(
+        &out,
+        1,
+        "the attention of 64 heads over 500000 × 500000 positions needs ",
+    );
+    assert!(
+        stderr(&out).contains("use a shorter prompt"),
+        "{}",
+        stderr(&out)
+    );
+    // Recording generate's attention: 64 heads × the ~500 000² / 2 keys of its rows.
+    let rec = dir.join("rec.npy");
+    let out = gpt2(&[
+        "generate",
+        "--config",
+        &layout,
+        "--prompt",
+        "a",
+        "-n",
+        "499999",
+        "--attention-out",
+        rec.to_str().ok_or("p")?,
+    ])?;
+    assert_error(
+        &out,
+        2,
+        "--attention-out recording 1 layer of 64 heads over ",
+    );
+    assert!(stderr(&out).contains(" bytes ("), "{}", stderr(&out));
+    assert_eq!(entries(&dir), ["prompt.txt", "wide.json"]);
+    Ok(())
+}
+
 #[test]
 fn a_prompt_too_big_to_tokenise_is_refused_with_its_size() -> Result {
     // Tokenising takes ~200 bytes of memory per byte of text: 4 MiB of prompt under a 600 MB
