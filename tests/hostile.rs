@@ -652,6 +652,67 @@ fn nan_weights_and_integer_tensors_are_refused_at_load() -> Result {
 }
 
 #[test]
+fn weights_finite_in_f32_but_not_in_their_dtype_are_refused_at_load() -> Result {
+    // 1e30 is a finite f32, inf in f16, and under q8_0 its block's f16 scale (1e30 / 127) is inf:
+    // `--dtype f16` / `--quantize q8_0` printed `perplexity NaN` (JSON null).
+    let config = Config {
+        n_embd: 32,
+        ..small_config()
+    };
+    let mut big = random_checkpoint(&config, 1)?;
+    let w = &big["h.0.mlp.c_fc.weight"];
+    let mut v = w.flatten_all()?.to_vec1::<f32>()?;
+    v[5] = 1e30;
+    big.insert(
+        "h.0.mlp.c_fc.weight".into(),
+        Tensor::from_vec(v, w.dims(), w.device())?,
+    );
+    let dir = folder_with("finite-in-f32", &config, &big)?;
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "The cat sat on the mat.")?;
+    let (d, t) = (dir.to_str().ok_or("p")?, text.to_str().ok_or("p")?);
+    let out = gpt2(&["perplexity", "--model-dir", d, "--file", t, "--json"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (flag, value, want) in [
+        (
+            "--dtype",
+            "f16",
+            "holds 1e30 at flat index 5, which is inf in F16",
+        ),
+        ("--dtype", "bf16", ""),
+        (
+            "--quantize",
+            "q8_0",
+            "holds 1e30 at flat index 5, which quantized to q8_0 gives NaN",
+        ),
+        ("--quantize", "q4_0", "which quantized to q4_0 gives NaN"),
+    ] {
+        let out = gpt2(&[
+            "perplexity",
+            "--model-dir",
+            d,
+            "--file",
+            t,
+            "--json",
+            flag,
+            value,
+        ])?;
+        if want.is_empty() {
+            // bf16 has f32's range: 1e30 stays finite.
+            assert!(out.status.success(), "{}", stderr(&out));
+            continue;
+        }
+        assert_error(&out, 1, want);
+        assert!(
+            stderr(&out).contains("h.0.mlp.c_fc.weight"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn misleading_messages_say_what_is_wrong() -> Result {
     let dir = common::scratch("hostile", "messages");
     // A model "folder" that is a file.
