@@ -566,6 +566,106 @@ fn a_prompt_too_big_to_tokenise_is_refused_with_its_size() -> Result {
 }
 
 // -------------------------------------------------------------------------------------------
+// Tokenizers that cannot tokenise
+
+/// The tiny fixture with its `tokenizer.json` changed by `edit`.
+fn with_tokenizer(name: &str, edit: impl FnOnce(&mut Value)) -> Result<PathBuf> {
+    let dir = common::scratch("hostile", name);
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny").join(f), dir.join(f))?;
+    }
+    let mut t = common::fixture_json("tiny", "tokenizer.json")?;
+    edit(&mut t);
+    std::fs::write(dir.join("tokenizer.json"), t.to_string())?;
+    Ok(dir)
+}
+
+#[test]
+fn a_hostile_tokenizer_is_a_clear_error() -> Result {
+    let generate = |dir: &Path, prompt: &str| {
+        gpt2(&[
+            "generate",
+            "--model-dir",
+            dir.to_str().unwrap_or(""),
+            "--prompt",
+            prompt,
+            "-n",
+            "2",
+            "--truncate-prompt",
+        ])
+    };
+    // Every prompt became id 0 and the completion nothing.
+    let dir = with_tokenizer("tok-empty", |t| {
+        t["model"]["vocab"] = serde_json::json!({});
+        t["model"]["merges"] = serde_json::json!([]);
+        t["added_tokens"] = serde_json::json!([]);
+    })?;
+    assert_error(
+        &generate(&dir, "hello")?,
+        1,
+        "tokenizer.json: the vocabulary is empty",
+    );
+    // Only <|endoftext|>: text encodes to nothing.
+    let dir = with_tokenizer("tok-nothing", |t| {
+        t["model"]["vocab"] = serde_json::json!({"<|endoftext|>": 0});
+        t["model"]["merges"] = serde_json::json!([]);
+        t["added_tokens"][0]["id"] = 0.into();
+    })?;
+    assert_error(
+        &generate(&dir, "hello")?,
+        1,
+        "tokenizer.json: encodes text to no tokens",
+    );
+    // An id past the embedding's 512 rows.
+    let dir = with_tokenizer("tok-big-id", |t| {
+        let mut big = t["added_tokens"][0].clone();
+        big["id"] = 100_000.into();
+        big["content"] = "<|big|>".into();
+        if let Some(added) = t["added_tokens"].as_array_mut() {
+            added.push(big);
+        }
+    })?;
+    let out = generate(&dir, "hello")?;
+    // (The crate numbers a new added token after the vocabulary, whatever its id.)
+    assert_error(
+        &out,
+        1,
+        "tokenizer.json: token `<|big|>` has id 512, outside",
+    );
+    assert!(stderr(&out).contains("vocab_size 512"), "{}", stderr(&out));
+    // A Replace normalizer with an empty pattern: the tokenizers crate indexed past the text
+    // (past "a", not past " a"): refused at load, whatever the prompt.
+    let dir = with_tokenizer("tok-replace", |t| {
+        t["normalizer"] =
+            serde_json::json!({"type": "Replace", "pattern": {"String": ""}, "content": "x"});
+    })?;
+    let out = generate(&dir, " hello")?;
+    assert_error(&out, 1, "tokenizer.json: cannot encode text: ");
+    assert!(stderr(&out).contains("--model-dir"), "{}", stderr(&out));
+    // A Split regex that backtracks exponentially on runs of `a`: Oniguruma gives up a match
+    // (the crate panicked), or, at every position just under that limit, the search.
+    let dir = with_tokenizer("tok-regex", |t| {
+        let byte_level = t["pre_tokenizer"].clone();
+        t["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": false},
+            byte_level,
+        ]});
+    })?;
+    // Short runs encode.
+    let out = generate(&dir, "a cat and a bat")?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let long_run = format!("{}!", "a".repeat(100));
+    let out = generate(&dir, &long_run)?;
+    assert_error(&out, 1, "tokenizer.json: cannot encode text: ");
+    assert!(stderr(&out).contains("backtrack"), "{}", stderr(&out));
+    let many_runs = format!("{}!", "a".repeat(30)).repeat(100);
+    let out = generate(&dir, &many_runs)?;
+    assert_error(&out, 1, "tokenizer.json: cannot encode text: ");
+    assert!(stderr(&out).contains("backtrack"), "{}", stderr(&out));
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------
 // Checkpoints that are not weights
 
 fn folder_with(name: &str, config: &Config, tensors: &HashMap<String, Tensor>) -> Result<PathBuf> {
