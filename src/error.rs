@@ -71,12 +71,14 @@ pub enum Error {
     #[error("the prompt is {tokens} tokens but the model sees at most {context}")]
     PromptTooLong { tokens: usize, context: usize },
 
-    /// A run would need more memory than the machine has.
-    #[error("{what} needs {needed} bytes ({}), more than the {} of memory available", human_bytes(*.needed), human_bytes(*.available))]
+    /// A run would need more memory than the machine has; `hint` (empty, or what to do
+    /// instead) ends the message after a colon.
+    #[error("{what} needs {needed} bytes ({}), more than the {} of memory available{}", human_bytes(*.needed), human_bytes(*.available), if .hint.is_empty() { String::new() } else { format!(": {}", .hint) })]
     OutOfMemory {
         what: String,
         needed: u128,
         available: u128,
+        hint: String,
     },
 
     /// Standard output's reader went away (`gpt2 ... | head`): nothing more can be shown.
@@ -117,6 +119,33 @@ impl Error {
             msg: msg.into(),
         }
     }
+}
+
+thread_local! {
+    /// How many [`catch_panic`] calls this thread is inside.
+    static CATCHING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether a panic on this thread now will be caught by the library and returned as an
+/// [`Error`]: one inside a dependency on hostile input (a `tokenizer.json` the `tokenizers` crate
+/// panics on). A panic hook should not report it as a bug.
+pub fn panic_is_caught() -> bool {
+    CATCHING.with(|c| c.get() > 0)
+}
+
+/// Runs `f`, turning a panic inside it into its message (the first line).
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    CATCHING.with(|c| c.set(c.get() + 1));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(c.get().saturating_sub(1)));
+    result.map_err(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| e.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        msg.lines().next().unwrap_or("").to_string()
+    })
 }
 
 /// `n` bytes in the largest binary unit that keeps it at least 1, as indicatif writes them

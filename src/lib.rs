@@ -46,7 +46,7 @@ pub mod tokenizer;
 pub use candle_core::{DType, Device, Tensor};
 pub use checkpoint::{random_checkpoint, Checkpoint, ModelFiles};
 pub use config::Config;
-pub use error::{Error, Result};
+pub use error::{panic_is_caught, Error, Result};
 pub use hooks::{HeadMask, Hook, HookPair, Point};
 pub use model::{Cache, Gpt2, Output};
 pub use options::{LoadOptions, Quantization};

@@ -5,7 +5,8 @@
 use crate::error::{Error, Result};
 
 /// Bytes this process may still allocate: Linux's `MemAvailable`, lowered to the cgroup's limit
-/// (containers) when there is one; `None` where neither can be read (the check is then skipped).
+/// (containers) and to what the address-space limit (`ulimit -v`) leaves, when there are ones;
+/// `None` where none can be read (the check is then skipped).
 pub fn available() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib = |key: &str| -> Option<u64> {
@@ -23,17 +24,46 @@ pub fn available() -> Option<u64> {
             bytes = bytes.min(max.saturating_sub(current));
         }
     }
+    if let Some(left) = address_space_left() {
+        bytes = bytes.min(left);
+    }
     Some(bytes)
+}
+
+/// What `RLIMIT_AS` (`ulimit -v`) leaves of the address space: past it every allocation fails,
+/// and a failed allocation aborts. `None` without a limit.
+fn address_space_left() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    // VmSize: the address space mapped now (kB).
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
+    let kib = line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    Some(lim.rlim_cur.saturating_sub(kib.saturating_mul(1024)))
 }
 
 /// `Ok` when `needed` bytes fit in what is [`available`], else [`Error::OutOfMemory`] about
 /// `what` (computed only then).
 pub fn check(needed: u128, what: impl FnOnce() -> String) -> Result<()> {
+    check_or(needed, what, "")
+}
+
+/// [`check`], whose error ends with `hint`: what to do instead (`"use a shorter prompt"`).
+pub fn check_or(needed: u128, what: impl FnOnce() -> String, hint: &str) -> Result<()> {
     match available() {
         Some(free) if needed > u128::from(free) => Err(Error::OutOfMemory {
             what: what(),
             needed,
             available: free.into(),
+            hint: hint.to_string(),
         }),
         _ => Ok(()),
     }
@@ -59,6 +89,10 @@ mod tests {
         let err = check(u128::MAX / 2, || "a test".into()).err();
         let msg = err.map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.starts_with("a test needs "), "{msg}");
+        assert!(msg.ends_with(" of memory available"), "{msg}");
+        let err = check_or(u128::MAX / 2, || "a test".into(), "try less").err();
+        let msg = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.ends_with(" of memory available: try less"), "{msg}");
         assert!(check(1024, || unreachable!()).is_ok());
         assert_eq!(product(&[1 << 40, 1 << 40, 1 << 40, 1 << 40]), u128::MAX);
         assert_eq!(product(&[3, 4]), 12);

@@ -19,6 +19,7 @@ use crate::hooks::{HeadMask, Hook, HookPair, LayerHook, MaskRef, Patterns, Point
 use crate::layer_norm::LayerNorm;
 use crate::linear::storage::{Loader, Matrix, Target};
 use crate::linear::Linear;
+use crate::memory::product;
 use crate::options::{LoadOptions, Quantization};
 
 /// Token embeddings: rows of `wte` gathered per id.
@@ -388,7 +389,7 @@ impl Gpt2 {
         hook: Option<&mut (dyn Hook + '_)>,
         output: Output,
     ) -> Result<Option<Tensor>> {
-        let (_, t, _) = x.dims3()?;
+        let (b, t, _) = x.dims3()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         self.check_positions(past, t)?;
         let (last, head) = match (output, &self.head) {
@@ -397,6 +398,17 @@ impl Gpt2 {
             (_, None) => return Err(no_logits()),
         };
         self.check_layers(&[last])?;
+        let patterns = hook
+            .as_deref()
+            .is_some_and(|h| (layer..=last).any(|l| h.wants(Point::Pattern(l))));
+        let fresh_cache = cache.as_ref().is_some_and(|c| c.seq_len() == 0);
+        self.check_pass_memory(
+            [b, t, past],
+            (last + 1).saturating_sub(layer),
+            patterns,
+            fresh_cache,
+            output,
+        )?;
         // The unfused path needs one (1, 1, T, past + T) additive mask, built once for all
         // layers; a single new token sees every cached key and needs none.
         let mask = if t > 1 {
@@ -483,13 +495,85 @@ impl Gpt2 {
         if t == 0 {
             return Err(Error::Input("no tokens to run".into()));
         }
-        if past + t > n_ctx {
+        if past.saturating_add(t) > n_ctx {
             return Err(Error::Input(format!(
-                "{} tokens exceed the model's context of {n_ctx} positions",
-                past + t
+                "{past} + {t} tokens exceed the model's context of {n_ctx} positions"
             )));
         }
         Ok(())
+    }
+
+    /// Refuses a pass of `[B, T, past]` through `layers` blocks whose buffers cannot fit in the
+    /// host's memory, before any is allocated: (B, nh, T, past + T) attention probabilities and
+    /// their steps (scores, scaled, masked, softmax) and a hook's copy, for the layers that build
+    /// them (asked for by `patterns`, or every layer off the fused host kernel), the additive mask,
+    /// the widest activations twice over, the logits, and a fresh KV cache's buffers (allocated
+    /// for the whole context at the first call). On a GPU only what comes back to the host counts:
+    /// candle reports a full GPU as an error, where a failed host allocation aborts.
+    pub(crate) fn check_pass_memory(
+        &self,
+        [b, t, past]: [usize; 3],
+        layers: usize,
+        patterns: bool,
+        fresh_cache: bool,
+        output: Output,
+    ) -> Result<()> {
+        let c = &self.config;
+        let keys = past.saturating_add(t);
+        let attention = product(&[b, c.n_head, t, keys, 4]);
+        let host = self.device.is_cpu();
+        let needed = if host {
+            let steps = if patterns || self.act_dtype != DType::F32 {
+                attention.saturating_mul(5)
+            } else {
+                0
+            };
+            let mask = if t > 1 { product(&[t, keys, 4]) } else { 0 };
+            let width = c.inner_size().max(3 * c.n_embd);
+            let acts = product(&[b, t, width, 4, 2]);
+            let logit_rows = match output {
+                Output::All => t,
+                Output::Last => 1,
+                Output::StopAfter(_) => 0,
+            };
+            let logits = product(&[b, logit_rows, c.vocab_size, 4, 2]);
+            let cache = if fresh_cache {
+                let kv = [c.n_positions, c.kv_heads(), c.head_size()];
+                product(&[
+                    layers,
+                    2,
+                    b,
+                    kv[0],
+                    kv[1],
+                    kv[2],
+                    self.kv_dtype.size_in_bytes(),
+                ])
+            } else {
+                0
+            };
+            [steps, mask, acts, logits, cache]
+                .into_iter()
+                .fold(0u128, u128::saturating_add)
+        } else if patterns {
+            attention
+        } else {
+            0
+        };
+        // Small passes (every decode step) skip reading /proc.
+        if needed < 1 << 26 {
+            return Ok(());
+        }
+        let what = || {
+            if patterns || !host {
+                format!(
+                    "the attention of {} heads over {t} × {keys} positions",
+                    c.n_head
+                )
+            } else {
+                format!("a forward pass over {t} tokens")
+            }
+        };
+        crate::memory::check_or(needed, what, "use a shorter prompt")
     }
 }
 

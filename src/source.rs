@@ -150,7 +150,12 @@ impl ModelSource {
                 let config = Config::from_file(&f.config)?;
                 // The tokenizer (parsing ~1 MB of JSON) loads on its own thread meanwhile.
                 std::thread::scope(|s| {
-                    let tokenizer = s.spawn(|| Tokenizer::from_files(&f.tokenizer));
+                    let vocab_size = config.vocab_size;
+                    let tokenizer = s.spawn(move || {
+                        let t = Tokenizer::from_files(&f.tokenizer)?;
+                        t.check_vocab_size(vocab_size)?;
+                        Ok::<_, Error>(t)
+                    });
                     let model = Gpt2::new(config, Checkpoint::Files(f.weights.clone()), opts)?;
                     let tokenizer = tokenizer
                         .join()

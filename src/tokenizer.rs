@@ -8,10 +8,16 @@ use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::models::bpe::BPE;
 use tokenizers::{AddedToken, DecodeStream};
 
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, human_bytes, Error, Result};
 
 /// GPT-2's end-of-text token, which also starts documents.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
+
+/// Memory `tokenizers` takes per byte of text while encoding it, at most: the text's copies and
+/// byte-to-byte alignments (normalised and pre-tokenised), BPE's symbols, and the encoding's
+/// per-token ids, offsets and strings. Measured 190 to 280 on text of one token per byte
+/// (growth of its vectors included); a little more, to be sure of the refusal.
+const ENCODE_BYTES_PER_BYTE: usize = 320;
 
 /// Where a model's tokenizer lives: `tokenizer.json` when it has one (preferred, as transformers
 /// does), else the `vocab.json` + `merges.txt` pair.
@@ -40,8 +46,56 @@ impl TokenizerFiles {
 }
 
 /// A GPT-2 tokenizer.
+///
+/// A tokenizer file is checked when it loads: a vocabulary, and text (every byte UTF-8 can
+/// hold) encoded to at least one token; [`Tokenizer::check_vocab_size`] checks its ids against
+/// a model's embedding. Encoding and decoding never panic: a panic inside the `tokenizers` crate
+/// (it indexes past the text on an empty `Replace` pattern, Oniguruma gives up a regex that
+/// backtracks too much) is an error naming the file. Not checked: a tokenizer that drops part
+/// of a text without an error.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Where it comes from, for messages: the `tokenizer.json`, `vocab.json + merges.txt`, or
+    /// GPT-2's byte tokens.
+    origin: String,
+}
+
+/// Oniguruma's limit on the backtracking steps of one regex search, every start position
+/// together: about a second. Its default is none, and a regex that backtracks heavily at every
+/// position of a long text (but under the 10^7 steps a match at one position may take) ran for
+/// minutes; past the limit the search fails (a panic in the `onig` crate, caught). Ordinary
+/// pre-tokenizer regexes take a few steps per character.
+///
+/// Not bounded: a regex that matches often, each search just under the limit, still takes time
+/// in proportion to the text (a second per match found); the second Ctrl-C stops it.
+const REGEX_SEARCH_STEPS: std::os::raw::c_ulong = 100_000_000;
+
+/// Sets [`REGEX_SEARCH_STEPS`] once, before any tokenizer of ours searches (each is built
+/// through [`Tokenizer::checked`]).
+fn limit_regex_search() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: writes one of Oniguruma's globals, read when a search starts; the `Once` orders it
+    // before every search of ours.
+    ONCE.call_once(|| unsafe {
+        onig_sys::onig_set_retry_limit_in_search(REGEX_SEARCH_STEPS);
+    });
+}
+
+/// Text with every byte UTF-8 can hold (all but 0xC0, 0xC1 and 0xF5..=0xFF): U+0000..U+00FF
+/// (bytes 0x00..0x7F, and 0xC2, 0xC3 before each of 0x80..0xBF), one character for each other
+/// lead byte, and ordinary words.
+fn probe() -> String {
+    let two = (0xC4u32..=0xDF).map(|lead| (lead - 0xC0) << 6);
+    let three = std::iter::once(0x800).chain((1u32..16).map(|i| i << 12));
+    let four = [0x10000, 0x40000, 0x80000, 0xC0000, 0x100000];
+    let mut text: String = (0u32..0x100)
+        .chain(two)
+        .chain(three)
+        .chain(four)
+        .filter_map(char::from_u32)
+        .collect();
+    text.push_str(" Hello, world! It's 42.\n\t  The end.");
+    text
 }
 
 impl Tokenizer {
@@ -63,7 +117,61 @@ impl Tokenizer {
         let path = path.as_ref();
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Self { inner })
+        Self::checked(inner, path.display().to_string())
+    }
+
+    /// `inner`, checked to tokenise: a vocabulary, short texts encoded (no error, no panic), and
+    /// the [`probe`] text to at least one token.
+    fn checked(inner: tokenizers::Tokenizer, origin: String) -> Result<Self> {
+        limit_regex_search();
+        let t = Self { inner, origin };
+        if t.inner.get_vocab_size(true) == 0 {
+            return Err(t.error("the vocabulary is empty"));
+        }
+        // Short texts too: the crate's faults depend on the text (an empty `Replace` pattern
+        // indexes past "a" but not past " a").
+        for text in ["a", "Hello, world!", "\n", "日本🦀"] {
+            t.encode(text)?;
+        }
+        if t.encode(&probe())?.is_empty() {
+            return Err(t.error(
+                "encodes text to no tokens: its vocabulary has neither byte tokens nor an unknown \
+                 token",
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Checks every id the tokenizer can give (its vocabulary and added tokens) against a
+    /// model's embedding of `vocab_size` rows: an id past it would fail every run it appears in.
+    pub fn check_vocab_size(&self, vocab_size: usize) -> Result<()> {
+        let vocab = self.inner.get_vocab(true);
+        match vocab.iter().max_by_key(|(_, &id)| id) {
+            Some((token, &id)) if id as usize >= vocab_size => Err(self.error(format!(
+                "token `{token}` has id {id}, outside the model's embedding of {vocab_size} \
+                 tokens (config.json's vocab_size {vocab_size})"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// An error about this tokenizer, naming its file.
+    fn error(&self, msg: impl std::fmt::Display) -> Error {
+        Error::Tokenizer(format!("{}: {msg}", self.origin))
+    }
+
+    /// The error for a panic inside the `tokenizers` crate while it encoded or decoded.
+    fn panicked(&self, what: &str, msg: &str) -> Error {
+        if msg.contains("retry-limit") {
+            self.error(format!(
+                "cannot {what}: a regex of its normalizer or pre-tokenizer backtracks too much \
+                 ({msg})"
+            ))
+        } else {
+            self.error(format!(
+                "cannot {what}: the tokenizers crate failed ({msg})"
+            ))
+        }
     }
 
     /// Builds GPT-2's byte-level BPE from `vocab.json` and `merges.txt`.
@@ -74,16 +182,15 @@ impl Tokenizer {
                 .map(String::from)
                 .ok_or_else(|| Error::Tokenizer(format!("{}: path is not UTF-8", p.display())))
         };
+        let origin = format!("{} + {}", vocab.display(), merges.display());
         let bpe = BPE::from_file(&path_str(vocab)?, &path_str(merges)?)
             .build()
-            .map_err(|e| {
-                Error::Tokenizer(format!("{} + {}: {e}", vocab.display(), merges.display()))
-            })?;
-        Ok(Self::byte_level(bpe))
+            .map_err(|e| Error::Tokenizer(format!("{origin}: {e}")))?;
+        Self::byte_level(bpe, origin)
     }
 
     /// The pipeline transformers' `GPT2TokenizerFast` builds around a byte-level BPE model.
-    fn byte_level(bpe: BPE) -> Self {
+    fn byte_level(bpe: BPE, origin: String) -> Result<Self> {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         // GPT-2: split with its regex, no prefix space; decode bytes back; keep offsets as they are.
         inner
@@ -91,7 +198,7 @@ impl Tokenizer {
             .with_decoder(Some(ByteLevel::default()))
             .with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
         inner.add_special_tokens(&[AddedToken::from(END_OF_TEXT, true)]);
-        Self { inner }
+        Self::checked(inner, origin)
     }
 
     /// GPT-2's 256 byte tokens and no merges: every byte of the text is one token, with the ids
@@ -113,23 +220,40 @@ impl Tokenizer {
             .vocab_and_merges(vocab, Vec::new())
             .build()
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Self::byte_level(bpe))
+        Self::byte_level(bpe, "GPT-2's byte tokens".into())
     }
 
-    /// Token ids of `text`, with nothing added around it (GPT-2 adds no BOS).
+    /// Token ids of `text`, with nothing added around it (GPT-2 adds no BOS). A text too long to
+    /// tokenise in the memory available is refused first, with what it would need.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let needed = crate::memory::product(&[text.len(), ENCODE_BYTES_PER_BYTE]);
+        // Short texts (every prompt but a file's) skip reading /proc.
+        if needed > 1 << 26 {
+            if let Err(Error::OutOfMemory { available, .. }) =
+                crate::memory::check(needed, String::new)
+            {
+                return Err(Error::Tokenizer(format!(
+                    "a text of {} bytes ({}) needs about {needed} bytes ({}) to tokenise, more than \
+                     the {} of memory available: split it into pieces under {}",
+                    text.len(),
+                    human_bytes(text.len() as u128),
+                    human_bytes(needed),
+                    human_bytes(available),
+                    human_bytes(available / ENCODE_BYTES_PER_BYTE as u128),
+                )));
+            }
+        }
+        let encoding = catch_panic(|| self.inner.encode(text, false))
+            .map_err(|msg| self.panicked("encode text", &msg))?
+            .map_err(|e| self.error(format!("cannot encode text: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// The text of `ids`; bytes that do not form UTF-8 become U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        catch_panic(|| self.inner.decode(ids, false))
+            .map_err(|msg| self.panicked("decode tokens", &msg))?
+            .map_err(|e| self.error(format!("cannot decode tokens: {e}")))
     }
 
     /// The id of a token string such as `<|endoftext|>`.
@@ -202,10 +326,10 @@ impl TextStream<'_> {
     /// Adds one id; returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.pending.push(id);
-        let text = self
-            .inner
-            .step(id)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let (tokenizer, inner) = (self.tokenizer, &mut self.inner);
+        let text = catch_panic(|| inner.step(id))
+            .map_err(|msg| tokenizer.panicked("decode tokens", &msg))?
+            .map_err(|e| tokenizer.error(format!("cannot decode tokens: {e}")))?;
         if text.is_some() {
             self.pending.clear();
         }
@@ -227,6 +351,26 @@ impl TextStream<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_holds_every_byte_utf8_can() {
+        let bytes: std::collections::BTreeSet<u8> = probe().bytes().collect();
+        let all = (0..=255u8).filter(|b| !matches!(b, 0xC0 | 0xC1 | 0xF5..=0xFF));
+        assert_eq!(bytes, all.collect());
+    }
+
+    #[test]
+    fn ids_past_the_embedding_are_refused() -> Result<()> {
+        let tok = Tokenizer::bytes_only(50256)?;
+        tok.check_vocab_size(50257)?;
+        let err = tok.check_vocab_size(50256).err().map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(
+            err.contains("GPT-2's byte tokens: token `<|endoftext|>` has id 50256, outside"),
+            "{err}"
+        );
+        Ok(())
+    }
 
     #[test]
     fn bytes_only_uses_gpt2_byte_ids() -> Result<()> {

@@ -1,8 +1,10 @@
 //! A bounded, seeded fuzz run over the inputs a user controls: config files, safetensors files,
-//! tokenizer input. Every case must end in `Ok` or a clean `Err`, never a panic or an abort.
+//! tokenizer files and input, sizes. Every case must end in `Ok` or a clean `Err`, never a panic or an abort.
 //! The case counts are fixed (CI runs exactly these); a failure prints its seed and case.
 //! The command line's option parsing is fuzzed in `src/cli/mod.rs`.
 
+use gpt2::inspect::generated::AttentionRecorder;
+use gpt2::inspect::Format;
 use gpt2::rng::SplitMix64;
 use gpt2::{Config, LoadOptions, ModelSource, Tokenizer};
 
@@ -12,6 +14,8 @@ use common::{fixture, Result};
 const CONFIG_CASES: usize = 3000;
 const SAFETENSORS_CASES: usize = 400;
 const TOKENIZER_CASES: usize = 2000;
+const SIZE_CASES: usize = 2000;
+const TOKENIZER_FILE_CASES: usize = 300;
 /// How many cases must get through, so that the fuzz reaches the code behind the parser and
 /// does not test only rejection: about half of what these seeds gave when this was written
 /// (193 configs parsed, 96 safetensors files loaded); every tokenizer input encodes.
@@ -250,5 +254,105 @@ fn tokenizer_input_never_panics_and_round_trips() -> Result {
     });
     // Byte-level BPE encodes any text.
     assert_eq!(accepted, TOKENIZER_CASES);
+    Ok(())
+}
+
+#[test]
+fn sizes_never_wrap() -> Result {
+    // Lengths at the edges of the context and of usize: every sum and product is checked, so a
+    // huge one is refused (overflow checks would panic on a wrap in this build).
+    let model = ModelSource::dir(fixture("tiny")).load_model(&LoadOptions::default())?;
+    let ctx = model.config().n_positions;
+    let edges = [
+        0,
+        1,
+        2,
+        ctx - 1,
+        ctx,
+        ctx + 1,
+        usize::MAX / 2,
+        usize::MAX - 1,
+        usize::MAX,
+    ];
+    let formats = [Format::Npy, Format::Safetensors, Format::Json, Format::Html];
+    let accepted = fuzz("sizes", SIZE_CASES, 4, |rng, _| {
+        let (prompt, new) = (*pick(rng, &edges), *pick(rng, &edges));
+        let layers: Vec<usize> = (0..model.config().n_layer)
+            .filter(|_| rng.below(2) == 1)
+            .collect();
+        let format = *pick(rng, &formats);
+        let rec = AttentionRecorder::for_run(&model, layers, prompt, new, format);
+        let fits = prompt.checked_add(new).is_some_and(|n| n <= ctx);
+        assert_eq!(rec.is_ok(), fits, "{prompt} + {new}");
+        fits
+    });
+    assert!(accepted > 0);
+    Ok(())
+}
+
+/// Regexes a `tokenizer.json` may split or replace with: empty, ordinary, and catastrophic ones
+/// (exponential backtracking on runs of `a`).
+const PATTERNS: [&str; 10] = [
+    "", "a", " ", "\\s+", ".*", "x?", "(a|aa)+$", "(a*)*b", "(?=a)", "\\p{L}+",
+];
+
+#[test]
+fn tokenizer_files_never_panic() -> Result {
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        fixture("tiny").join("tokenizer.json"),
+    )?)?;
+    let dir = common::scratch("fuzz", "tokenizer-files");
+    let path = dir.join("tokenizer.json");
+    let texts = [
+        "a",
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa!",
+        " x y ",
+        "日本🦀",
+        "\n\n",
+        "",
+    ];
+    let accepted = fuzz("tokenizer.json", TOKENIZER_FILE_CASES, 5, |rng, _| {
+        let mut t = base.clone();
+        let pattern = |rng: &mut SplitMix64| {
+            let p = *pick(rng, &PATTERNS);
+            if rng.below(2) == 0 {
+                serde_json::json!({ "String": p })
+            } else {
+                serde_json::json!({ "Regex": p })
+            }
+        };
+        if rng.below(2) == 0 {
+            t["normalizer"] = serde_json::json!({
+                "type": "Replace", "pattern": pattern(rng), "content": *pick(rng, &["", "x", "  "]),
+            });
+        }
+        if rng.below(2) == 0 {
+            let split = serde_json::json!({
+                "type": "Split", "pattern": pattern(rng),
+                "behavior": *pick(rng, &["Removed", "Isolated", "MergedWithPrevious", "Contiguous"]),
+                "invert": rng.below(2) == 0,
+            });
+            let byte_level = t["pre_tokenizer"].clone();
+            t["pre_tokenizer"] =
+                serde_json::json!({"type": "Sequence", "pretokenizers": [split, byte_level]});
+        }
+        match rng.below(4) {
+            0 => t["model"]["vocab"] = serde_json::json!({}),
+            1 => t["added_tokens"] = serde_json::json!([]),
+            _ => {}
+        }
+        std::fs::write(&path, t.to_string()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let Ok(tok) = Tokenizer::from_file(&path) else {
+            return false;
+        };
+        // What loads encodes every text, or says why naming the file.
+        for text in texts {
+            if let Err(e) = tok.encode(text) {
+                assert!(e.to_string().contains("tokenizer.json: "), "{e}");
+            }
+        }
+        tok.check_vocab_size(512).is_ok()
+    });
+    assert!(accepted > 0);
     Ok(())
 }

@@ -414,6 +414,238 @@ fn stop_strings_understand_escapes() -> Result {
     Ok(())
 }
 
+/// A layout (random weights, GPT-2's byte tokens) of 64 one-dimensional heads over `positions`
+/// positions: tiny weights, but attention arrays of 64 × positions² floats.
+fn wide_layout(dir: &Path, positions: usize) -> Result<String> {
+    let path = dir.join("wide.json");
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{"_comment": "wide", "n_positions": {positions}, "n_embd": 64, "n_head": 64,
+                "n_layer": 1, "vocab_size": 512, "bos_token_id": 511, "eos_token_id": 511}}"#
+        ),
+    )?;
+    Ok(path.to_str().ok_or("p")?.to_string())
+}
+
+#[test]
+fn lengths_never_wrap_past_the_context_check() -> Result {
+    // prompt + -n wrapped to a small number and passed: the recording grew without limit.
+    let dir = common::scratch("hostile", "wrap");
+    let rec = dir.join("rec.npy");
+    let out = gpt2(&[
+        "generate",
+        "--model-dir",
+        &tiny(),
+        "--prompt",
+        "x",
+        "-n",
+        "18446744073709551615",
+        "--ignore-eos",
+        "--attention-out",
+        rec.to_str().ok_or("p")?,
+    ])?;
+    assert_error(
+        &out,
+        2,
+        "--attention-out needs the whole run inside the context",
+    );
+    assert!(
+        stderr(&out).contains("1 prompt tokens + 18446744073709551615 new tokens > 128 positions"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(entries(&dir), Vec::<String>::new());
+    Ok(())
+}
+
+#[test]
+fn attention_too_big_for_memory_is_refused_before_allocating() -> Result {
+    let dir = common::scratch("hostile", "wide-attention");
+    // 500 000 tokens: 64 heads × 500 000² floats is 64 TB; the causal mask alone is 1 TB.
+    let layout = wide_layout(&dir, 500_000)?;
+    let prompt = dir.join("prompt.txt");
+    std::fs::write(&prompt, "a".repeat(500_000))?;
+    let p = prompt.to_str().ok_or("p")?;
+    let out = gpt2(&[
+        "inspect-heads",
+        "--config",
+        &layout,
+        "--prompt-file",
+        p,
+        "--layer",
+        "0",
+        "--head",
+        "3",
+    ])?;
+    assert_error(
+        &out,
+        1,
+        "the attention of 64 heads over 500000 × 500000 positions needs ",
+    );
+    assert!(
+        stderr(&out).contains("use a shorter prompt"),
+        "{}",
+        stderr(&out)
+    );
+    // Recording generate's attention: 64 heads × the ~500 000² / 2 keys of its rows.
+    let rec = dir.join("rec.npy");
+    let out = gpt2(&[
+        "generate",
+        "--config",
+        &layout,
+        "--prompt",
+        "a",
+        "-n",
+        "499999",
+        "--attention-out",
+        rec.to_str().ok_or("p")?,
+    ])?;
+    assert_error(
+        &out,
+        2,
+        "--attention-out recording 1 layer of 64 heads over ",
+    );
+    assert!(stderr(&out).contains(" bytes ("), "{}", stderr(&out));
+    assert_eq!(entries(&dir), ["prompt.txt", "wide.json"]);
+    Ok(())
+}
+
+#[test]
+fn a_prompt_too_big_to_tokenise_is_refused_with_its_size() -> Result {
+    // Tokenising takes ~200 bytes of memory per byte of text: 4 MiB of prompt under a 600 MB
+    // address space aborted with "memory allocation of ... failed".
+    let dir = common::scratch("hostile", "huge-prompt");
+    let prompt = dir.join("prompt.txt");
+    std::fs::write(&prompt, "ab ".repeat((4 << 20) / 3))?;
+    let p = prompt.to_str().ok_or("p")?;
+    let out = common::gpt2_with_memory_limit(
+        600_000,
+        &[
+            "generate",
+            "--model-dir",
+            &tiny(),
+            "--prompt-file",
+            p,
+            "--truncate-prompt",
+            "-n",
+            "1",
+        ],
+    )?;
+    assert_error(&out, 1, "tokenizer: a text of ");
+    assert!(
+        stderr(&out).contains("to tokenise, more than the "),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(": split it into pieces under "),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------
+// Tokenizers that cannot tokenise
+
+/// The tiny fixture with its `tokenizer.json` changed by `edit`.
+fn with_tokenizer(name: &str, edit: impl FnOnce(&mut Value)) -> Result<PathBuf> {
+    let dir = common::scratch("hostile", name);
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny").join(f), dir.join(f))?;
+    }
+    let mut t = common::fixture_json("tiny", "tokenizer.json")?;
+    edit(&mut t);
+    std::fs::write(dir.join("tokenizer.json"), t.to_string())?;
+    Ok(dir)
+}
+
+#[test]
+fn a_hostile_tokenizer_is_a_clear_error() -> Result {
+    let generate = |dir: &Path, prompt: &str| {
+        gpt2(&[
+            "generate",
+            "--model-dir",
+            dir.to_str().unwrap_or(""),
+            "--prompt",
+            prompt,
+            "-n",
+            "2",
+            "--truncate-prompt",
+        ])
+    };
+    // Every prompt became id 0 and the completion nothing.
+    let dir = with_tokenizer("tok-empty", |t| {
+        t["model"]["vocab"] = serde_json::json!({});
+        t["model"]["merges"] = serde_json::json!([]);
+        t["added_tokens"] = serde_json::json!([]);
+    })?;
+    assert_error(
+        &generate(&dir, "hello")?,
+        1,
+        "tokenizer.json: the vocabulary is empty",
+    );
+    // Only <|endoftext|>: text encodes to nothing.
+    let dir = with_tokenizer("tok-nothing", |t| {
+        t["model"]["vocab"] = serde_json::json!({"<|endoftext|>": 0});
+        t["model"]["merges"] = serde_json::json!([]);
+        t["added_tokens"][0]["id"] = 0.into();
+    })?;
+    assert_error(
+        &generate(&dir, "hello")?,
+        1,
+        "tokenizer.json: encodes text to no tokens",
+    );
+    // An id past the embedding's 512 rows.
+    let dir = with_tokenizer("tok-big-id", |t| {
+        let mut big = t["added_tokens"][0].clone();
+        big["id"] = 100_000.into();
+        big["content"] = "<|big|>".into();
+        if let Some(added) = t["added_tokens"].as_array_mut() {
+            added.push(big);
+        }
+    })?;
+    let out = generate(&dir, "hello")?;
+    // (The crate numbers a new added token after the vocabulary, whatever its id.)
+    assert_error(
+        &out,
+        1,
+        "tokenizer.json: token `<|big|>` has id 512, outside",
+    );
+    assert!(stderr(&out).contains("vocab_size 512"), "{}", stderr(&out));
+    // A Replace normalizer with an empty pattern: the tokenizers crate indexed past the text
+    // (past "a", not past " a"): refused at load, whatever the prompt.
+    let dir = with_tokenizer("tok-replace", |t| {
+        t["normalizer"] =
+            serde_json::json!({"type": "Replace", "pattern": {"String": ""}, "content": "x"});
+    })?;
+    let out = generate(&dir, " hello")?;
+    assert_error(&out, 1, "tokenizer.json: cannot encode text: ");
+    assert!(stderr(&out).contains("--model-dir"), "{}", stderr(&out));
+    // A Split regex that backtracks exponentially on runs of `a`: Oniguruma gives up a match
+    // (the crate panicked), or, at every position just under that limit, the search.
+    let dir = with_tokenizer("tok-regex", |t| {
+        let byte_level = t["pre_tokenizer"].clone();
+        t["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": false},
+            byte_level,
+        ]});
+    })?;
+    // Short runs encode.
+    let out = generate(&dir, "a cat and a bat")?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let long_run = format!("{}!", "a".repeat(100));
+    let out = generate(&dir, &long_run)?;
+    assert_error(&out, 1, "tokenizer.json: cannot encode text: ");
+    assert!(stderr(&out).contains("backtrack"), "{}", stderr(&out));
+    let many_runs = format!("{}!", "a".repeat(30)).repeat(100);
+    let out = generate(&dir, &many_runs)?;
+    assert_error(&out, 1, "tokenizer.json: cannot encode text: ");
+    assert!(stderr(&out).contains("backtrack"), "{}", stderr(&out));
+    Ok(())
+}
+
 // -------------------------------------------------------------------------------------------
 // Checkpoints that are not weights
 
@@ -501,6 +733,67 @@ fn nan_weights_and_integer_tensors_are_refused_at_load() -> Result {
     let want = run(&folder_with("f32", &config, &good)?)?;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, want.stdout);
+    Ok(())
+}
+
+#[test]
+fn weights_finite_in_f32_but_not_in_their_dtype_are_refused_at_load() -> Result {
+    // 1e30 is a finite f32, inf in f16, and under q8_0 its block's f16 scale (1e30 / 127) is inf:
+    // `--dtype f16` / `--quantize q8_0` printed `perplexity NaN` (JSON null).
+    let config = Config {
+        n_embd: 32,
+        ..small_config()
+    };
+    let mut big = random_checkpoint(&config, 1)?;
+    let w = &big["h.0.mlp.c_fc.weight"];
+    let mut v = w.flatten_all()?.to_vec1::<f32>()?;
+    v[5] = 1e30;
+    big.insert(
+        "h.0.mlp.c_fc.weight".into(),
+        Tensor::from_vec(v, w.dims(), w.device())?,
+    );
+    let dir = folder_with("finite-in-f32", &config, &big)?;
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "The cat sat on the mat.")?;
+    let (d, t) = (dir.to_str().ok_or("p")?, text.to_str().ok_or("p")?);
+    let out = gpt2(&["perplexity", "--model-dir", d, "--file", t, "--json"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (flag, value, want) in [
+        (
+            "--dtype",
+            "f16",
+            "holds 1e30 at flat index 5, which is inf in F16",
+        ),
+        ("--dtype", "bf16", ""),
+        (
+            "--quantize",
+            "q8_0",
+            "holds 1e30 at flat index 5, which quantized to q8_0 gives NaN",
+        ),
+        ("--quantize", "q4_0", "which quantized to q4_0 gives NaN"),
+    ] {
+        let out = gpt2(&[
+            "perplexity",
+            "--model-dir",
+            d,
+            "--file",
+            t,
+            "--json",
+            flag,
+            value,
+        ])?;
+        if want.is_empty() {
+            // bf16 has f32's range: 1e30 stays finite.
+            assert!(out.status.success(), "{}", stderr(&out));
+            continue;
+        }
+        assert_error(&out, 1, want);
+        assert!(
+            stderr(&out).contains("h.0.mlp.c_fc.weight"),
+            "{}",
+            stderr(&out)
+        );
+    }
     Ok(())
 }
 

@@ -151,19 +151,15 @@ fn attention_recorder(
             "records one sample: drop --num-samples",
         ))?;
     }
-    if prompt.len() + params.max_new_tokens > c.n_positions {
-        Err(Error::param(
-            "attention_out",
-            format!(
-                "needs the whole run inside the context: {} prompt tokens + -n {} > {} positions",
-                prompt.len(),
-                params.max_new_tokens,
-                c.n_positions
-            ),
-        ))?;
-    }
     let layers = Selection::new(c, args.layer, None)?.layers;
-    Ok((AttentionRecorder::new(layers), path.to_path_buf(), format))
+    let recorder = AttentionRecorder::for_run(
+        &loaded.model,
+        layers,
+        prompt.len(),
+        params.max_new_tokens,
+        format,
+    )?;
+    Ok((recorder, path.to_path_buf(), format))
 }
 
 /// The format --attention-out's extension names.

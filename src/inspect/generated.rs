@@ -11,8 +11,9 @@ use serde::Serialize;
 use super::export::{npy_header, safetensors_header, tokens_file};
 use super::html::{escape_html, script_json};
 use super::Format;
-use crate::error::{Error, Result};
+use crate::error::{human_bytes, Error, Result};
 use crate::hooks::{Hook, Point};
+use crate::model::Gpt2;
 use crate::output::{commit_together, Out, PendingFile};
 
 /// Collects the last query row of the chosen layers' attention in every forward pass.
@@ -29,6 +30,52 @@ impl AttentionRecorder {
         Self {
             layers,
             steps: Vec::new(),
+        }
+    }
+
+    /// Records `layers` of `model` for a run of `prompt` tokens and up to `new_tokens` more,
+    /// written as `format`, after checking the run can give it: the whole run inside the context
+    /// (rows are never slid), and its rows, and the file made of them, inside the memory
+    /// available. Errors name the parameter `attention_out`.
+    pub fn for_run(
+        model: &Gpt2,
+        layers: Vec<usize>,
+        prompt: usize,
+        new_tokens: usize,
+        format: Format,
+    ) -> Result<Self> {
+        let c = model.config();
+        if prompt.saturating_add(new_tokens) > c.n_positions {
+            return Err(Error::param(
+                "attention_out",
+                format!(
+                    "needs the whole run inside the context: {prompt} prompt tokens + {new_tokens} \
+                     new tokens > {} positions",
+                    c.n_positions
+                ),
+            ));
+        }
+        // Row i holds n_head × (P + i) floats per layer: n·P + n(n-1)/2 keys over n rows (below
+        // 2^64 · 2^64: no overflow in u128).
+        let (p, n) = (prompt as u128, new_tokens as u128);
+        let keys = n * p + n * n.saturating_sub(1) / 2;
+        let floats = crate::memory::product(&[layers.len(), c.n_head]).saturating_mul(keys);
+        let needed = floats.saturating_mul(bytes_per_float(format));
+        let layer_s = if layers.len() == 1 { "" } else { "s" };
+        match crate::memory::check(needed, String::new) {
+            Err(Error::OutOfMemory { available, .. }) => Err(Error::param(
+                "attention_out",
+                format!(
+                    "recording {} layer{layer_s} of {} heads over {new_tokens} new tokens as {format} \
+                     needs {needed} bytes ({}), more than the {} of memory available: record fewer \
+                     layers or fewer tokens",
+                    layers.len(),
+                    c.n_head,
+                    human_bytes(needed),
+                    human_bytes(available)
+                ),
+            )),
+            other => other.map(|()| Self::new(layers)),
         }
     }
 
@@ -83,6 +130,16 @@ pub struct GeneratedTokens {
     pub prompt_tokens: usize,
     pub layers: Vec<usize>,
     pub n_head: usize,
+}
+
+/// Bytes held per recorded weight up to the end of [`write`]: the f32 itself, and npy's and
+/// safetensors' padded copy (rows padded to the longest: at most twice the weights), or JSON's
+/// value tree (~32 bytes a number) and its text (~16), twice over in the HTML page.
+fn bytes_per_float(format: Format) -> u128 {
+    match format {
+        Format::Npy | Format::Safetensors => 4 + 2 * 4,
+        _ => 4 + 4 + 32 + 16 + 16,
+    }
 }
 
 /// Writes the recorded attention as `format` says: npy (steps, layers, heads, keys) padded with

@@ -418,6 +418,16 @@ pub fn write_attention(
         tokens,
         selection,
     };
+    // The passes' attention before any output begins: no header over an error on stdout.
+    let t = tokens.len();
+    let last = selection.layers.iter().max().map_or(0, |l| l + 1);
+    model.check_pass_memory(
+        [1, t, 0],
+        last,
+        true,
+        false,
+        crate::model::Output::StopAfter(0),
+    )?;
     if let (Format::Npy | Format::Safetensors, Some(path)) = (output.format, &output.path) {
         let mut file = match output.format {
             Format::Npy => export::DenseFile::npy(path, &header)?,

@@ -7,6 +7,10 @@
 //!   decode then reads each output's weights as one contiguous row.
 //! - 8/4-bit blocks (`quant`): rows of (out, in); the embedding / LM head at 6 bits under 4-bit.
 //! - Off the host: a candle tensor (in, out) for candle's matmul.
+//!
+//! The checkpoint checks every value finite as f32; here each is checked again in the form it
+//! is used, as it is made: a finite 1e30 is inf in f16, and a block whose f16 scale overflows
+//! dequantizes to NaN.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -177,13 +181,12 @@ pub(crate) struct Loader {
 
 impl Loader {
     /// A vector of `shape` (biases, layer norms, `wpe`) in the activations' dtype on the device.
+    /// Checked finite in that dtype (f16 on a GPU turns a bias of 1e5 into inf).
     pub(crate) fn vector(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = &self.target;
-        Ok(self
-            .weights
-            .get(name, shape)?
-            .to_dtype(t.act_dtype)?
-            .to_device(&t.device)?)
+        let v = self.weights.get(name, shape)?.to_dtype(t.act_dtype)?;
+        check_cast(&v, || self.weights.entry(name, shape))?;
+        Ok(v.to_device(&t.device)?)
     }
 
     /// An HF `Conv1D` (`y = x W + b`, `W` stored (in, out)).
@@ -216,7 +219,9 @@ impl Loader {
                 Storage::Dtype(d) => d,
                 Storage::Quant(_) => DType::F32,
             };
-            let w = w.to_dtype(dtype)?.to_device(&t.device)?;
+            let w = w.to_dtype(dtype)?;
+            check_cast(&w, || Ok(e))?;
+            let w = w.to_device(&t.device)?;
             // The tensor path multiplies by (in, out).
             return Ok(Matrix::Tensor(if rows_are_outputs { w.t()? } else { w }));
         }
@@ -281,6 +286,25 @@ impl Loader {
                 let q = QuantMatrix::quantize(kind, n, k, |j, out| {
                     out.copy_from_slice(&rows[j * k..(j + 1) * k])
                 });
+                // A block whose absmax overflows its f16 scale dequantizes to NaN (inf · 0).
+                if let Some(b) = first_non_finite_half(&q.d, DType::F16) {
+                    let block = &rows[b * BLOCK..(b + 1) * BLOCK];
+                    let i = (0..BLOCK)
+                        .max_by(|&x, &y| block[x].abs().total_cmp(&block[y].abs()))
+                        .unwrap_or(0);
+                    let at = b * BLOCK + i;
+                    let stored = if rows_are_outputs {
+                        at
+                    } else {
+                        transposed_index(at, k, n)
+                    };
+                    return Err(e.error(format!(
+                        "holds {:e} at flat index {stored}, which quantized to {} gives NaN: its \
+                         block's scale is inf in F16",
+                        rows[at],
+                        kind.name()
+                    )));
+                }
                 // The blocks are a copy: the pages read go back, or they would stay resident
                 // beside them.
                 drop(rows);
@@ -294,8 +318,11 @@ impl Loader {
 /// The (out, in) = (N, K) halves of `e`, narrowed with half's slice conversion (F16C where the
 /// CPU has it). Stored (out, in) it is streamed a chunk at a time; stored (in, out) it is read
 /// whole and transposed.
+/// Each converted chunk is checked finite: an f32 past f16's 65504 (or rounding past bf16's
+/// largest) becomes inf.
 fn halves(e: &Entry<'_>, d: DType, rows_are_outputs: bool, k: usize, n: usize) -> Result<Vec<u16>> {
-    let narrow = |v: &[f32], bits: &mut Vec<u16>| {
+    // `v` narrowed onto the end of `bits`; `stored(i)` is the flat index v[i] is stored at.
+    let narrow = |v: &[f32], bits: &mut Vec<u16>, stored: &dyn Fn(usize) -> usize| {
         use half::slice::HalfFloatSliceExt;
         let at = bits.len();
         bits.resize(at + v.len(), 0);
@@ -305,20 +332,74 @@ fn halves(e: &Entry<'_>, d: DType, rows_are_outputs: bool, k: usize, n: usize) -
         } else {
             bytemuck::cast_slice_mut::<u16, half::bf16>(out).convert_from_f32_slice(v);
         }
+        match first_non_finite_half(out, d) {
+            Some(i) => Err(overflow(e, v[i], stored(i), d)),
+            None => Ok(()),
+        }
     };
     let mut bits: Vec<u16> = Vec::with_capacity(k * n);
     if rows_are_outputs {
-        e.stream(|_, v| {
-            narrow(v, &mut bits);
-            Ok(())
-        })?;
+        e.stream(|offset, v| narrow(v, &mut bits, &|i| offset + i))?;
     } else {
         let v = e.values()?;
-        narrow(&transpose(&v, k, n), &mut bits);
+        narrow(&transpose(&v, k, n), &mut bits, &|i| {
+            transposed_index(i, k, n)
+        })?;
         drop(v);
         e.release();
     }
     Ok(bits)
+}
+
+/// Where element `i` of the (N, K) transpose of an (in, out) = (K, N) matrix is stored.
+fn transposed_index(i: usize, k: usize, n: usize) -> usize {
+    (i % k) * n + i / k
+}
+
+/// The first element of `bits` (f16 or bf16, as `d` says) that is inf or NaN: an exponent of all
+/// ones. An OR-fold the compiler vectorises, searched again only when it finds one.
+fn first_non_finite_half(bits: &[u16], d: DType) -> Option<usize> {
+    let exp: u16 = if d == DType::F16 { 0x7c00 } else { 0x7f80 };
+    let any = bits.iter().fold(false, |a, &b| a | (b & exp == exp));
+    if any {
+        bits.iter().position(|&b| b & exp == exp)
+    } else {
+        None
+    }
+}
+
+/// The error about the finite `value` at flat index `at` of `e` that is inf in `d`.
+fn overflow(e: &Entry<'_>, value: f32, at: usize, d: DType) -> Error {
+    let inf = if value < 0.0 { "-inf" } else { "inf" };
+    e.error(format!(
+        "holds {value:e} at flat index {at}, which is {inf} in {d:?}"
+    ))
+}
+
+/// Checks a host tensor cast from checked f32 (`entry` names it) to be finite in its dtype.
+fn check_cast<'a>(t: &Tensor, entry: impl FnOnce() -> Result<Entry<'a>>) -> Result<()> {
+    let d = t.dtype();
+    if !matches!(d, DType::F16 | DType::BF16) {
+        return Ok(());
+    }
+    let (s, l) = t.storage_and_layout();
+    let bits: &[u16] = match (&*s, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F16(v)), Some((a, b))) => {
+            bytemuck::cast_slice(&v[a..b])
+        }
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)), Some((a, b))) => {
+            bytemuck::cast_slice(&v[a..b])
+        }
+        _ => return Ok(()),
+    };
+    match first_non_finite_half(bits, d) {
+        Some(i) => {
+            let e = entry()?;
+            let value = e.values()?[i];
+            Err(overflow(&e, value, i, d))
+        }
+        None => Ok(()),
+    }
 }
 
 /// `v` (rows, cols) row-major, transposed: (cols, rows), 64 input rows (output columns) per
@@ -354,6 +435,153 @@ pub(crate) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{Loader, Storage, Target};
+    use crate::checkpoint::{Checkpoint, Weights};
+    use crate::config::Config;
+    use crate::error::Result;
+    use crate::linear::quant::QuantKind;
+
+    /// A loader of `tensors` into `storage`, activations in `act`; `host: false` takes the GPU's
+    /// path (candle tensors) on the CPU.
+    fn loader(
+        tensors: &[(&str, Tensor)],
+        storage: Storage,
+        act: DType,
+        host: bool,
+    ) -> Result<Loader> {
+        let map: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
+        let weights = Weights::open(Checkpoint::Tensors(map), &Config::default(), false)?;
+        let target = Target {
+            storage,
+            act_dtype: act,
+            device: Device::Cpu,
+            host,
+            mmap: false,
+        };
+        Ok(Loader { weights, target })
+    }
+
+    /// `n` weights of 0.01 but `value` at flat index `at`, in `shape`.
+    fn with(value: f32, at: usize, shape: (usize, usize)) -> Result<Tensor> {
+        let mut v = vec![0.01f32; shape.0 * shape.1];
+        v[at] = value;
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+
+    /// A finite f32 that is inf in f16 (or bf16), or whose 8/4/6-bit block's f16 scale is, is
+    /// refused naming the tensor, the value, its index and the form it is used in: stored (in,
+    /// out) and transposed, or (out, in) and streamed, on the host or for a GPU.
+    #[test]
+    fn weights_must_be_finite_in_the_form_they_are_used() -> Result<()> {
+        let f16 = Storage::Dtype(DType::F16);
+        let cases = [
+            (
+                f16,
+                true,
+                1e30,
+                "holds 1e30 at flat index 37, which is inf in F16",
+            ),
+            (
+                f16,
+                false,
+                1e30,
+                "holds 1e30 at flat index 37, which is inf in F16",
+            ),
+            (
+                f16,
+                true,
+                -7e4,
+                "holds -7e4 at flat index 37, which is -inf in F16",
+            ),
+            (
+                Storage::Dtype(DType::BF16),
+                true,
+                f32::MAX,
+                "which is inf in BF16",
+            ),
+            (
+                Storage::Dtype(DType::BF16),
+                false,
+                f32::MAX,
+                "which is inf in BF16",
+            ),
+            (
+                Storage::Quant(QuantKind::Q8_0),
+                true,
+                1e30,
+                "holds 1e30 at flat index 37, which quantized to q8_0 gives NaN",
+            ),
+            (
+                Storage::Quant(QuantKind::Q4_0),
+                true,
+                1e7,
+                "holds 1e7 at flat index 37, which quantized to q4_0 gives NaN",
+            ),
+        ];
+        for (storage, host, value, want) in cases {
+            // A Conv1D (in 32, out 64): index 37 is input 0, output 37 (a transposed load).
+            let w = loader(
+                &[("c.weight", with(value, 37, (32, 64))?)],
+                storage,
+                DType::F32,
+                host,
+            )?;
+            let err = w
+                .matrix("c.weight", [32, 64], false)
+                .err()
+                .map(|e| e.to_string());
+            let err = err.unwrap_or_default();
+            assert!(err.contains("`c.weight` ") && err.contains(want), "{err}");
+            // An embedding (64, 32): index 37 is row 1, column 5 (streamed); under q4_0 it takes
+            // 6 bits.
+            let w = loader(
+                &[("wte.weight", with(value, 37, (64, 32))?)],
+                storage,
+                DType::F32,
+                host,
+            )?;
+            let err = w
+                .matrix("wte.weight", [64, 32], true)
+                .err()
+                .map(|e| e.to_string());
+            let err = err.unwrap_or_default().replace("q6", "q4_0");
+            assert!(err.contains("`wte.weight` ") && err.contains(want), "{err}");
+        }
+        // Large but finite in its form: loads.
+        let w = loader(
+            &[("c.weight", with(6e4, 37, (32, 64))?)],
+            f16,
+            DType::F32,
+            true,
+        )?;
+        assert!(w.matrix("c.weight", [32, 64], false).is_ok());
+        let q8 = Storage::Quant(QuantKind::Q8_0);
+        let w = loader(
+            &[("c.weight", with(8e6, 37, (32, 64))?)],
+            q8,
+            DType::F32,
+            true,
+        )?;
+        assert!(w.matrix("c.weight", [32, 64], false).is_ok());
+        // Vectors (biases, layer norms, wpe) in the activations' dtype: f16 on a GPU.
+        let b = Tensor::from_vec(vec![0.5f32, 1.0, 1e5, 2.0], 4, &Device::Cpu)?;
+        let w = loader(&[("c.bias", b)], f16, DType::F16, false)?;
+        let err = w.vector("c.bias", &[4]).err().map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(
+            err.contains("holds 1e5 at flat index 2, which is inf in F16"),
+            "{err}"
+        );
+        Ok(())
+    }
+
     /// Every element lands at its transposed place, across staged-block tails and pool chunks.
     #[test]
     fn transpose_moves_every_element() {

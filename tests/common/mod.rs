@@ -127,6 +127,23 @@ pub fn gpt2_with_stdin(args: &[&str], input: &str) -> Result<Output> {
     Ok(child.wait_with_output()?)
 }
 
+/// Runs `gpt2 args` as [`gpt2`] does, under bash with its address space limited to `kib` KiB
+/// (`ulimit -v`), as a small machine or container would leave it: an allocation past the limit
+/// fails, as one past the machine's memory would.
+pub fn gpt2_with_memory_limit(kib: u64, args: &[&str]) -> Result<Output> {
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect();
+    let script = format!("ulimit -v {kib}; exec '{BIN}' {}", quoted.join(" "));
+    Ok(Command::new("bash")
+        .args(["-c", &script])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .output()?)
+}
+
 /// Runs `generate --json` on the model folder `model` (expecting success); the JSON object of
 /// each sample.
 pub fn generate_json(model: &Path, extra: &[&str]) -> Result<Vec<Value>> {
