@@ -36,14 +36,17 @@ fn main() -> ExitCode {
             msg.lines().next().unwrap_or("")
         );
     }));
-    // First Ctrl-C: stop at the next safe point (generation prints what it has). Second: remove
-    // unfinished output files and leave at once.
+    // First Ctrl-C: stop at the next safe point (generation prints what it has). Second, or the
+    // first while a prompt is read from a pipe that stays open (no check would ever come):
+    // remove unfinished output files and leave at once. Requested before the read is looked at:
+    // see `reading_input`.
     let _ = ctrlc::set_handler(|| {
-        if gpt2::interrupt::requested() {
+        let again = gpt2::interrupt::requested();
+        gpt2::interrupt::request();
+        if again || gpt2::interrupt::is_reading_input() {
             gpt2::output::remove_temporaries();
             std::process::exit(130);
         }
-        gpt2::interrupt::request();
     });
 
     let args = match cli::Cli::try_parse() {
@@ -54,10 +57,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap's first line says what is wrong; the usage that follows is one --help away.
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("error: bad arguments");
-            let _ = writeln!(std::io::stderr(), "{first} (see --help)");
+            let _ = writeln!(std::io::stderr(), "{} (see --help)", usage_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -67,6 +67,40 @@ fn main() -> ExitCode {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => report(&e),
         Err(_) => ExitCode::FAILURE, // the hook has said it
+    }
+}
+
+/// clap's message as one line: what is wrong, with the lines that name it (the missing
+/// arguments, a tip), without the usage that follows (one --help away).
+fn usage_line(e: &clap::Error) -> String {
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // Bare `gpt2`: clap would print the whole help, on stderr, as if it were an error.
+        let names: Vec<String> = <cli::Cli as clap::CommandFactory>::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        return format!(
+            "error: no command given: gpt2 COMMAND, one of {}",
+            names.join(", ")
+        );
+    }
+    let msg = e.to_string();
+    let mut line = String::new();
+    for part in msg
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+    {
+        if !line.is_empty() {
+            line.push_str(if line.ends_with(':') { " " } else { "; " });
+        }
+        line.push_str(part);
+    }
+    if line.starts_with("error:") {
+        line
+    } else {
+        format!("error: {line}")
     }
 }
 

@@ -344,7 +344,7 @@ fn bad_options_give_one_clear_line() -> Result {
         &gpt2(&["generate", "--model-dir", nc, "--prompt", "x"])?,
         "config.json",
     );
-    assert_one_line_error(&gpt2(&["generate", "--model-dir", d])?, "no prompt");
+    assert_one_line_error(&gpt2(&["generate", "--model-dir", d])?, "--prompt");
     Ok(())
 }
 
@@ -439,5 +439,253 @@ fn converted_and_copied_weights_do_not_keep_the_file_resident() -> Result {
         eprintln!("{extra:?}: peak {p:.0} MiB (f32 in place {in_place:.0}, weights {mib:.0})");
         assert!(p < most, "{extra:?}: peak {p:.0} MiB, want < {most:.0}");
     }
+    Ok(())
+}
+
+/// The exit-code contract (README): every usage error of every command, a missing input or a
+/// bad value of each kind, exits 2 with one `error:` line that names the flag as typed; a
+/// runtime error exits 1, with nothing printed before it.
+#[test]
+fn every_usage_error_exits_2_naming_its_flag() -> Result {
+    let tiny = fixture("tiny");
+    let m = ["--model-dir", tiny.to_str().ok_or("path")?];
+    let text = common::tmp("usage-text.txt");
+    std::fs::write(&text, "a text to score")?;
+    let text = text.to_str().ok_or("path")?;
+    let png = common::tmp("usage.png");
+    let png = png.to_str().ok_or("path")?;
+    // (command, what follows the model, the flag the line must name)
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("", &[], "no command given"),
+        ("bogus", &[], "bogus"),
+        // generate: a missing prompt, and a bad value of each kind of option.
+        ("generate", &[], "--prompt"),
+        (
+            "generate",
+            &["--prompt", "x", "--prompt-file", text],
+            "--prompt-file",
+        ),
+        ("generate", &["--prompt", "x", "--stop", r"\x"], "--stop"),
+        (
+            "generate",
+            &["--prompt", "x", "--stop", r"\u{110000}"],
+            "--stop",
+        ),
+        ("generate", &["--prompt", "x", "--stop", r"\q"], "--stop"),
+        ("generate", &["--prompt", "x", "--stop", "end\\"], "--stop"),
+        (
+            "generate",
+            &["--prompt", "x", "--temperature", "-0.5"],
+            "--temperature",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--temperature", "hot"],
+            "--temperature",
+        ),
+        ("generate", &["--prompt", "x", "--top-p", "0"], "--top-p"),
+        ("generate", &["--prompt", "x", "--top-k", "0"], "--top-k"),
+        (
+            "generate",
+            &["--prompt", "x", "-n", "0"],
+            "--max-new-tokens",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--num-samples", "0"],
+            "--num-samples",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--repeat-penalty", "0"],
+            "--repeat-penalty",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--repeat-last-n", "-1"],
+            "--repeat-last-n",
+        ),
+        ("generate", &["--prompt", "x", "--seed", "-1"], "--seed"),
+        ("generate", &["--prompt", "x", "--seed", "x"], "--seed"),
+        ("generate", &["--prompt", "x", "--dtype", "f64"], "--dtype"),
+        (
+            "generate",
+            &["--prompt", "x", "--device", "tpu"],
+            "--device",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--quantize", "q2"],
+            "--quantize",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--kv-cache", "q8_0"],
+            "--kv-cache",
+        ),
+        ("generate", &["--prompt", "x", "--ablate", ""], "--ablate"),
+        ("generate", &["--prompt", "x", "--ablate", ","], "--ablate"),
+        ("generate", &["--prompt", "x", "--ablate", "1"], "--ablate"),
+        (
+            "generate",
+            &["--prompt", "x", "--ablate", "9.0"],
+            "--ablate",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--ablate-mode", "half"],
+            "--ablate-mode",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--attention-out", png],
+            "--attention-out",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--layer", "1"],
+            "--attention-out",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--format", "yaml"],
+            "--format",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--json", "--format", "text"],
+            "--format",
+        ),
+        ("generate", &["--prompt", "x", "--config", text], "--config"),
+        // bench
+        ("bench", &["--runs", "0"], "--runs"),
+        ("bench", &["--prompt-tokens", "0"], "--prompt-tokens"),
+        ("bench", &["--new-tokens", "0"], "--new-tokens"),
+        (
+            "bench",
+            &["--prompt-tokens", "100", "--new-tokens", "100"],
+            "--prompt-tokens",
+        ),
+        // inspect-heads
+        ("inspect-heads", &[], "--prompt"),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--layer", "99"],
+            "--layer",
+        ),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--layer", "one"],
+            "--layer",
+        ),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--head", "99"],
+            "--head",
+        ),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--format", "png"],
+            "--format",
+        ),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--format", "yaml"],
+            "--format",
+        ),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--scores", "--format", "png", "--out", png],
+            "--scores",
+        ),
+        ("inspect-heads", &["--prompts", text], "--scores"),
+        // info
+        ("info", &["--context", "100000"], "--context"),
+        ("info", &["--context", "-1"], "--context"),
+        ("info", &["--format", "yaml"], "--format"),
+        // perplexity
+        ("perplexity", &[], "--file"),
+        ("perplexity", &["--file", text, "--stride", "0"], "--stride"),
+        ("perplexity", &["--file", text, "--ablate", ","], "--ablate"),
+        // heads-effect
+        ("heads-effect", &[], "--prompt"),
+        (
+            "heads-effect",
+            &["--prompt", "x", "--target", "a b c"],
+            "--target",
+        ),
+        (
+            "heads-effect",
+            &["--prompt", "x", "--target-id", "99999"],
+            "--target-id",
+        ),
+        (
+            "heads-effect",
+            &["--prompt", "x", "--target", "x", "--target-id", "1"],
+            "--target-id",
+        ),
+        (
+            "heads-effect",
+            &["--prompt", "x", "--format", "png"],
+            "--format",
+        ),
+        (
+            "heads-effect",
+            &["--prompt", "x", "--ablate-mode", "half"],
+            "--ablate-mode",
+        ),
+        // logit-lens
+        ("logit-lens", &[], "--prompt"),
+        ("logit-lens", &["--prompt", "x", "--top", "0"], "--top"),
+        ("logit-lens", &["--prompt", "x", "--top-k", "0"], "--top-k"),
+        ("logit-lens", &["--prompt", "x", "--ablate", ""], "--ablate"),
+        // attribute
+        ("attribute", &["--prompt", "x"], "--target"),
+        (
+            "attribute",
+            &["--prompt", "x", "--target-id", "1", "--position", "99"],
+            "--position",
+        ),
+        (
+            "attribute",
+            &["--prompt", "x", "--target-id", "1", "--format", "png"],
+            "--format",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (command, rest, flag) in cases {
+        let mut args: Vec<&str> = Vec::new();
+        if !command.is_empty() {
+            args.push(command);
+            if *command != "bogus" {
+                args.extend_from_slice(&m);
+            }
+        }
+        args.extend_from_slice(rest);
+        let out = gpt2(&args)?;
+        let err = common::stderr(&out);
+        let one_line = err.ends_with('\n') && err.lines().count() == 1;
+        if out.status.code() != Some(2)
+            || !err.starts_with("error: ")
+            || !one_line
+            || !err.contains(flag)
+            || err.contains("panicked")
+        {
+            wrong.push(format!("{args:?} exit {:?}: {err}", out.status.code()));
+        }
+    }
+    // Every case is tried, and every wrong one shown.
+    assert!(
+        wrong.is_empty(),
+        "{} of {} cases:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
+    // A runtime error: exit 1, and the random-weights warning only once a layout has loaded.
+    let out = gpt2(&["generate", "--config", "missing.json", "--prompt", "x"])?;
+    assert_eq!(out.status.code(), Some(1), "{}", common::stderr(&out));
+    assert!(common::stderr(&out).starts_with("error: "));
+    assert_one_line_error(&out, "missing.json");
     Ok(())
 }

@@ -11,12 +11,12 @@ use gpt2::{Loaded, Prompt};
 use super::shared::{guard, load, note_done};
 use super::{AnalysisFormat, AttributeArgs, HeadsEffectArgs, LogitLensArgs, PromptArgs};
 
-/// The prompt of an analysis: tokenised for `loaded`'s model, `<|endoftext|>` first with `bos`.
-fn prompt(loaded: &Loaded, args: &PromptArgs, bos: bool) -> Result<Prompt> {
-    let text = args.text()?;
+/// The prompt of an analysis (`text`, read before loading): tokenised for `loaded`'s model,
+/// `<|endoftext|>` first with `bos`.
+fn prompt(loaded: &Loaded, args: &PromptArgs, text: &str, bos: bool) -> Result<Prompt> {
     Ok(Prompt::new(
         &loaded.tokenizer,
-        &text,
+        text,
         loaded.model.config(),
         args.options(bos, false),
     )?)
@@ -51,9 +51,10 @@ fn write(out: &Option<std::path::PathBuf>, text: &str) -> Result<()> {
 pub(super) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
     check_format(args.format, &args.out)?;
     guard(&args.model.source, &args.prompt, None, &outputs(&args.out))?;
+    let text = args.prompt.text()?;
     let loaded = load(&args.model, None)?;
-    let p = prompt(&loaded, &args.prompt, args.bos)?;
-    let target = args.target.id(&loaded.tokenizer)?;
+    let p = prompt(&loaded, &args.prompt, &text, args.bos)?;
+    let target = args.target.id(&loaded)?;
     let metric = target.map_or(Metric::Loss, Metric::TargetLogit);
     let start = std::time::Instant::now();
     let effects = heads_effect(&loaded.model, &p.ids, metric, args.ablate_mode)?;
@@ -88,8 +89,9 @@ pub(super) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
 }
 
 pub(super) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
+    let text = args.prompt.text()?;
     let mut loaded = load(&args.model, None)?;
-    let p = prompt(&loaded, &args.prompt, args.bos)?;
+    let p = prompt(&loaded, &args.prompt, &text, args.bos)?;
     args.ablate.apply(&mut loaded.model, &p.ids)?;
     let start = std::time::Instant::now();
     let lens = logit_lens(&loaded.model, &loaded.tokenizer, &p.ids, args.top_k, None)?;
@@ -112,10 +114,15 @@ pub(super) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
 pub(super) fn cmd_attribute(args: AttributeArgs) -> Result<()> {
     check_format(args.format, &args.out)?;
     guard(&args.model.source, &args.prompt, None, &outputs(&args.out))?;
+    let text = args.prompt.text()?;
     let loaded = load(&args.model, None)?;
-    let p = prompt(&loaded, &args.prompt, args.bos)?;
-    let Some(target) = args.target.id(&loaded.tokenizer)? else {
-        bail!("attribute needs --target TOKEN or --target-id ID");
+    let p = prompt(&loaded, &args.prompt, &text, args.bos)?;
+    let Some(target) = args.target.id(&loaded)? else {
+        // clap requires one of the two.
+        Err(gpt2::Error::param(
+            "target",
+            "is missing: give --target TOKEN or --target-id ID",
+        ))?
     };
     let start = std::time::Instant::now();
     let a = attribute(&loaded.model, &p.ids, args.position, target)?;

@@ -30,8 +30,8 @@ pub(super) fn cmd_generate(args: GenerateArgs) -> Result<()> {
     } else {
         args.stop
             .iter()
-            .map(|s| unescape(s).context("--stop"))
-            .collect::<Result<_>>()?
+            .map(|s| unescape(s))
+            .collect::<gpt2::Result<_>>()?
     };
     let params = GenerateParams {
         max_new_tokens: usize::try_from(args.max_new_tokens).unwrap_or(usize::MAX),
@@ -194,6 +194,9 @@ fn truncate_hint(e: Error) -> anyhow::Error {
 }
 
 pub(super) fn cmd_bench(args: BenchArgs) -> Result<()> {
+    // Check the sizes against the layout before the (possibly long) load.
+    let config = args.model.source.source().config()?;
+    gpt2::bench::check(&config, args.prompt_tokens, args.new_tokens, args.runs)?;
     let loaded = load(&args.model, None)?;
     let r = gpt2::bench::bench(
         &loaded.model,
@@ -295,8 +298,11 @@ pub(super) fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
 /// Prompts from a file: one per line, or JSON Lines of strings or `{"prompt": ...}` objects
 /// (`.jsonl`). Blank lines are skipped.
 fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the prompts file {}", path.display()))?;
+    let text = {
+        let _reading = gpt2::interrupt::reading_input()?;
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the prompts file {}", path.display()))?
+    };
     let jsonl = path.extension().is_some_and(|e| e == "jsonl");
     let mut prompts = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -339,6 +345,7 @@ pub(super) fn cmd_info(args: InfoArgs) -> Result<()> {
 }
 
 pub(super) fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
+    let reading = gpt2::interrupt::reading_input()?;
     let text = if args.file.as_os_str() == "-" {
         let mut t = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
@@ -348,6 +355,7 @@ pub(super) fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
         std::fs::read_to_string(&args.file)
             .with_context(|| format!("cannot read {}", args.file.display()))?
     };
+    drop(reading);
     let mut loaded = load(&args.model, None)?;
     let ids = loaded.tokenizer.encode(&text)?;
     // Checked against the vocabulary; any length (the windows slide).

@@ -14,18 +14,20 @@ pub(super) fn load(args: &ModelArgs, layers: Option<usize>) -> Result<Loaded> {
     let source = args.source.source();
     let mut opts = args.options()?;
     opts.layers = layers;
+    let what = match &source {
+        ModelSource::Layout { path, .. } => format!("--config {}", path.display()),
+        ModelSource::Dir(dir) => format!("--model-dir {}", dir.display()),
+        ModelSource::Hub { repo, .. } => format!("cannot load {repo}"),
+    };
+    let loaded = source.load(&opts).context(what)?;
+    // Once it loaded: a layout that does not exist is an error, not random weights.
     if source.is_random() {
         note(format_args!(
             "warning: {} has random weights (seeded): its text is noise; use it for shapes, memory and speed\n",
             source.name()
         ));
     }
-    let what = match &source {
-        ModelSource::Layout { path, .. } => format!("--config {}", path.display()),
-        ModelSource::Dir(dir) => format!("--model-dir {}", dir.display()),
-        ModelSource::Hub { repo, .. } => format!("cannot load {repo}"),
-    };
-    source.load(&opts).context(what)
+    Ok(loaded)
 }
 
 /// Before any work (and any download): the files the run reads are protected, and every file it
@@ -38,7 +40,7 @@ pub(super) fn guard(
     outputs: &[(&'static str, std::path::PathBuf)],
 ) -> Result<()> {
     source.source().protect_files()?;
-    if let Some(path) = &prompt.prompt_file {
+    if let Some(path) = prompt.file() {
         gpt2::output::protect(path, "the prompt file")?;
     }
     if let Some(path) = prompts {
