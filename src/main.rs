@@ -36,6 +36,7 @@ fn main() -> ExitCode {
             msg.lines().next().unwrap_or("")
         );
     }));
+    on_sigbus();
     // First Ctrl-C: stop at the next safe point (generation prints what it has). Second, or the
     // first while a prompt is read from a pipe that stays open (no check would ever come):
     // remove unfinished output files and leave at once. Requested before the read is looked at:
@@ -69,6 +70,37 @@ fn main() -> ExitCode {
         Err(_) => ExitCode::FAILURE, // the hook has said it
     }
 }
+
+/// The f32 weights are read in place from their memory-mapped file: if another program
+/// truncates or rewrites it while gpt2 runs, the next read of a page past the new end faults
+/// with SIGBUS, which would kill the process without a word. Say what happened, and the way
+/// out, in one line. A signal handler may only call async-signal-safe functions: write(2) and
+/// _exit(2). Linux only: elsewhere (macOS) a stack overflow is a SIGBUS too, and Rust's own
+/// handler must report it.
+#[cfg(target_os = "linux")]
+fn on_sigbus() {
+    extern "C" fn handler(_: libc::c_int) {
+        const MSG: &[u8] = b"error: a model file changed size while gpt2 was reading it in place \
+            (memory-mapped): rerun when nothing rewrites it, or with --no-mmap to copy the weights \
+            into memory at load\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler only
+    // calls async-signal-safe functions.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn on_sigbus() {}
 
 /// clap's message as one line: what is wrong, with the lines that name it (the missing
 /// arguments, a tip), without the usage that follows (one --help away).

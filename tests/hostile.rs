@@ -810,3 +810,141 @@ fn exit_codes_are_a_contract() -> Result {
     );
     Ok(())
 }
+
+/// The threads of the process `pid` include one named `name` (`/proc/PID/task/*/comm`).
+fn has_thread(pid: u32, name: &str) -> bool {
+    entries(Path::new(&format!("/proc/{pid}/task")))
+        .iter()
+        .any(|t| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm"))
+                .is_ok_and(|c| c.trim_end() == name)
+        })
+}
+
+/// Waits for `child` to exit; a deadline that only catches a hang (then it is killed).
+fn wait_or_kill(child: &mut std::process::Child, what: &str) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            child.wait()?;
+            return Err(format!("still running after 60 s: {what}").into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Ctrl-C while the prompt is read from a pipe (or FIFO) whose writer stays open: no check
+/// would ever come, so the first one exits 130 at once (it was ignored: the read went on).
+#[test]
+fn ctrl_c_while_reading_an_open_prompt_pipe_exits_130() -> Result {
+    let dir = common::scratch("hostile", "open-fifo");
+    let fifo = dir.join("prompt");
+    assert!(Command::new("mkfifo").arg(&fifo).status()?.success());
+    // A writer that stays open (read + write: opening does not wait for a reader).
+    let _writer = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)?;
+    let fifo = fifo.to_str().ok_or("path")?;
+    let t = tiny();
+    for source in [&["--prompt", "-"][..], &["--prompt-file", fifo]] {
+        let mut args = vec!["generate", "--model-dir", &t];
+        args.extend_from_slice(source);
+        let mut child = common::gpt2_command(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take(); // open until the end
+                                        // The handler is installed once its thread runs; a Ctrl-C before the read begins must
+                                        // end the run as well.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !has_thread(child.id(), "ctrl-c") {
+            assert!(
+                Instant::now() < deadline,
+                "{source:?}: no Ctrl-C handler thread"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()?;
+        let status = wait_or_kill(&mut child, &format!("{source:?} after one Ctrl-C"))?;
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut err)?;
+        }
+        assert_eq!(status.code(), Some(130), "{source:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        drop(stdin);
+    }
+    Ok(())
+}
+
+/// The f32 weights are read in place from the mapped file: a file that shrinks under the
+/// running process faults (SIGBUS) at the next read. One `error:` line says so and names
+/// --no-mmap, exit 1 (it died without a word); with --no-mmap the run goes on.
+#[cfg(target_os = "linux")]
+#[test]
+fn weights_shrinking_under_a_run_is_one_line_naming_no_mmap() -> Result {
+    for no_mmap in [false, true] {
+        let dir = common::scratch("hostile", &format!("shrinking-weights-{no_mmap}"));
+        for entry in std::fs::read_dir(fixture("tiny"))? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), dir.join(entry.file_name()))?;
+        }
+        let d = dir.to_str().ok_or("path")?;
+        let mut args = vec!["generate", "--model-dir", d, "--prompt", "Hello"];
+        args.extend_from_slice(&["-n", "100000000", "--ignore-eos"]);
+        if no_mmap {
+            args.push("--no-mmap");
+        }
+        let mut child = common::gpt2_command(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // Generating (text on stdout): the weights are in use. Then the file shrinks.
+        let mut stdout = child.stdout.take().ok_or("stdout")?;
+        let mut text = [0u8; 64];
+        stdout.read_exact(&mut text)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("model.safetensors"))?
+            .set_len(0)?;
+        if no_mmap {
+            // More text after the shrink (a page's worth), then a Ctrl-C ends it.
+            let mut more = vec![0u8; 8192];
+            stdout.read_exact(&mut more)?;
+            Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()?;
+        }
+        let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let status = wait_or_kill(
+            &mut child,
+            &format!("a truncated file, --no-mmap {no_mmap}"),
+        )?;
+        let _ = drain.join();
+        let mut err = Vec::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_end(&mut err)?;
+        }
+        let out = Output {
+            status,
+            stdout: Vec::new(),
+            stderr: err,
+        };
+        if no_mmap {
+            assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+            assert!(stderr(&out).contains("generated: "), "{}", stderr(&out));
+        } else {
+            assert_error(&out, 1, "--no-mmap");
+        }
+    }
+    Ok(())
+}
