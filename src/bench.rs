@@ -123,11 +123,7 @@ impl fmt::Display for BenchReport<'_> {
             m.weights_label(),
             m.weight_bytes() as f64 / 1e6
         )?;
-        writeln!(
-            f,
-            "kv cache    {}",
-            format!("{:?}", m.kv_dtype()).to_lowercase()
-        )?;
+        writeln!(f, "kv cache    {}", m.kv_dtype().as_str())?;
         writeln!(
             f,
             "load        {:.0} ms",

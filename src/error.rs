@@ -114,6 +114,15 @@ impl Error {
     }
 }
 
+/// `n` and `noun`, plural unless one: `1 token`, `2 tokens`.
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// `n` bytes in the largest binary unit that keeps it at least 1: `1.5 GiB`.
 pub(crate) fn human_bytes(n: u128) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];

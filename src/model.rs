@@ -197,7 +197,7 @@ impl Gpt2 {
     pub fn weights_label(&self) -> String {
         match self.quantize {
             Some(q) => q.name().to_string(),
-            None => format!("{:?}", self.dtype).to_lowercase(),
+            None => self.dtype.as_str().to_string(),
         }
     }
 

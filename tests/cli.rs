@@ -689,3 +689,114 @@ fn every_usage_error_exits_2_naming_its_flag() -> Result {
     assert_one_line_error(&out, "missing.json");
     Ok(())
 }
+
+/// What a newcomer reads: the weights as stored, names rather than enum variants, singular
+/// counts, and a target token's text beside its id.
+#[test]
+fn reports_say_what_they_mean() -> Result {
+    let tiny = fixture("tiny");
+    let d = tiny.to_str().ok_or("path")?;
+    let run = |args: &[&str], input: &str| -> Result<(String, String)> {
+        let out = gpt2_with_stdin(args, input)?;
+        let err = common::stderr(&out);
+        assert!(out.status.success(), "{args:?}: {err}");
+        Ok((String::from_utf8(out.stdout)?, err))
+    };
+    // One prompt token, one generated, quantized weights.
+    let (_, err) = run(
+        &["generate", "--model-dir", d, "--prompt", "a", "-n", "1"],
+        "",
+    )?;
+    assert!(err.contains(&format!("{d} (f32, cpu) loaded")), "{err}");
+    assert!(err.contains("prompt: 1 token,"), "{err}");
+    assert!(err.contains("generated: 1 token,"), "{err}");
+    let args = ["generate", "--model-dir", d, "--prompt", "a", "-n", "2"];
+    let (_, err) = run(&[&args[..], &["--quantize", "q8_0"]].concat(), "")?;
+    assert!(err.contains("(q8_0, cpu)"), "{err}");
+    // heads-effect names its mode as typed.
+    let (out, _) = run(&["heads-effect", "--model-dir", d, "--prompt", "the cat sat"], "")?;
+    assert!(out.contains("(zero ablation)"), "{out}");
+    // A text shorter than a window is one window.
+    let (out, _) = run(&["perplexity", "--model-dir", d, "--file", "-"], "hello")?;
+    assert!(out.contains(" 1 window of "), "{out}");
+    // GPT-2 has one query head per key/value head.
+    let (out, _) = run(&["info", "--model-dir", d], "")?;
+    assert!(out.contains("(1 query head each)"), "{out}");
+    // The target token by its text too, quoted as every token is.
+    let tokenizer = gpt2::Tokenizer::from_files(&gpt2::tokenizer::TokenizerFiles::Json(
+        tiny.join("tokenizer.json"),
+    ))?;
+    let text = tokenizer.decode(&[262])?;
+    let (out, _) = run(
+        &[
+            "attribute",
+            "--model-dir",
+            d,
+            "--prompt",
+            "ab",
+            "--target-id",
+            "262",
+        ],
+        "",
+    )?;
+    assert!(
+        out.contains(&format!("logit of token 262 {text:?} at position")),
+        "{out}"
+    );
+    let (_, err) = run(
+        &[
+            "inspect-heads",
+            "--model-dir",
+            d,
+            "--prompt",
+            "ab",
+            "--layer",
+            "0",
+            "--head",
+            "1",
+        ],
+        "",
+    )?;
+    assert!(err.contains("1 layer x 1 head;"), "{err}");
+    let (_, err) = run(&["logit-lens", "--model-dir", d, "--prompt", "a"], "")?;
+    assert!(err.contains(": 1 token;"), "{err}");
+    Ok(())
+}
+
+/// The examples print an error as one `error:` line, not a Rust `Debug` value, and say which
+/// argument is the model folder.
+#[test]
+fn examples_print_errors_as_one_line() -> Result {
+    // Built by `cargo test` beside the test binaries (target/debug/examples).
+    let examples = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("examples"))
+        .ok_or("no examples folder")?;
+    for name in ["generate", "attention", "head_scores"] {
+        let exe = examples.join(name);
+        if !exe.is_file() {
+            common::skip(
+                "examples_print_errors_as_one_line",
+                &format!(
+                    "{} is not built (run the whole `cargo test`)",
+                    exe.display()
+                ),
+            );
+            return Ok(());
+        }
+        let out = std::process::Command::new(&exe)
+            .arg("/no/such/model-folder")
+            .output()?;
+        let err = common::stderr(&out);
+        assert!(!out.status.success(), "{name}: {err}");
+        assert!(err.starts_with("error: "), "{name}: {err}");
+        assert!(
+            !err.contains("Input(") && !err.contains("Io {"),
+            "{name}: {err}"
+        );
+        assert!(err.contains("/no/such/model-folder"), "{name}: {err}");
+        assert!(!err.contains("--model-dir"), "{name}: {err}");
+    }
+    Ok(())
+}

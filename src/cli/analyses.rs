@@ -8,7 +8,7 @@ use gpt2::analysis::logit_lens::logit_lens;
 use gpt2::output::{print, Out};
 use gpt2::{Loaded, Prompt};
 
-use super::shared::{guard, load, note_done};
+use super::shared::{count, guard, load, note_done};
 use super::{AnalysisFormat, AttributeArgs, HeadsEffectArgs, LogitLensArgs, PromptArgs};
 
 /// The prompt of an analysis (`text`, read before loading): tokenised for `loaded`'s model,
@@ -71,9 +71,9 @@ pub(super) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
         AnalysisFormat::Text => write(
             &args.out,
             &format!(
-                "{}: {} tokens; effect of ablating each head ({:?}) on {what}\n\n{effects}",
+                "{}: {}; effect of ablating each head ({} ablation) on {what}\n\n{effects}",
                 loaded.name,
-                p.len(),
+                count(p.len(), "token"),
                 args.ablate_mode
             ),
         )?,
@@ -102,9 +102,9 @@ pub(super) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
         print(format_args!("{v}\n"))?;
     } else {
         print(format_args!(
-            "{}: logit lens over {} tokens (rows: the residual after each layer)\n\n{lens}",
+            "{}: logit lens over {} (rows: the residual after each layer)\n\n{lens}",
             loaded.name,
-            p.len()
+            count(p.len(), "token")
         ))?;
     }
     note_done(&loaded, p.len(), start, None);
@@ -125,24 +125,24 @@ pub(super) fn cmd_attribute(args: AttributeArgs) -> Result<()> {
         ))?
     };
     let start = std::time::Instant::now();
-    let a = attribute(&loaded.model, &p.ids, args.position, target)?;
+    let mut a = attribute(&loaded.model, &p.ids, args.position, target)?;
+    let text = loaded.tokenizer.decode(&[target])?;
+    a.target_text = Some(text.clone());
     match args.format {
         AnalysisFormat::Json => {
             let mut v = serde_json::to_value(&a)?;
             v["model"] = loaded.name.clone().into();
             v["token_ids"] = serde_json::json!(p.ids);
-            v["target_text"] = loaded.tokenizer.decode(&[target])?.into();
             write(&args.out, &format!("{v}\n"))?;
         }
         AnalysisFormat::Text => write(
             &args.out,
-            &format!("{}: {} tokens\n{a}", loaded.name, p.len()),
+            &format!("{}: {}\n{a}", loaded.name, count(p.len(), "token")),
         )?,
         AnalysisFormat::Png => {
             let Some(path) = &args.out else {
                 bail!("png needs --out")
             };
-            let text = loaded.tokenizer.decode(&[target])?;
             write_heatmap(
                 path,
                 &format!("direct logit attribution to {text:?}, per head"),

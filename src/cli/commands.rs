@@ -12,7 +12,7 @@ use gpt2::output::print;
 use gpt2::{Error, Loaded, Prompt};
 
 use super::escape::unescape;
-use super::shared::{guard, load, note, print_peak_memory};
+use super::shared::{count, guard, load, note, print_peak_memory};
 use super::{BenchArgs, GenerateArgs, InfoArgs, InspectHeadsArgs, PerplexityArgs};
 
 pub(super) fn cmd_generate(args: GenerateArgs) -> Result<()> {
@@ -207,12 +207,10 @@ pub(super) fn cmd_bench(args: BenchArgs) -> Result<()> {
     if args.json {
         let mut v = serde_json::to_value(&r)?;
         v["model"] = loaded.name.clone().into();
-        v["dtype"] = format!("{:?}", loaded.model.dtype()).to_lowercase().into();
+        v["dtype"] = loaded.model.dtype().as_str().into();
         v["weights"] = loaded.model.weights_label().into();
         v["weight_bytes"] = loaded.model.weight_bytes().into();
-        v["kv_cache"] = format!("{:?}", loaded.model.kv_dtype())
-            .to_lowercase()
-            .into();
+        v["kv_cache"] = loaded.model.kv_dtype().as_str().into();
         v["load_ms"] = (loaded.load_time.as_secs_f64() * 1e3).into();
         v["threads"] = candle_core::utils::get_num_threads().into();
         print(format_args!("{v}\n"))?;
@@ -280,10 +278,10 @@ pub(super) fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
         inspect::write_attention(model, name, &tokens, &selection, &output)?;
     }
     note(format_args!(
-        "{name}: {} tokens, {} layer(s) x {} head(s); loaded in {:.0} ms, run and written in {:.0} ms{}\n",
-        tokens.len(),
-        selection.layers.len(),
-        selection.heads.len(),
+        "{name}: {}, {} x {}; loaded in {:.0} ms, run and written in {:.0} ms{}\n",
+        count(tokens.len(), "token"),
+        count(selection.layers.len(), "layer"),
+        count(selection.heads.len(), "head"),
         loaded.load_time.as_secs_f64() * 1e3,
         start.elapsed().as_secs_f64() * 1e3,
         args.out
@@ -387,11 +385,11 @@ pub(super) fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
         print(format_args!("{v}\n"))?;
     } else {
         print(format_args!(
-            "perplexity {:.4}  (mean NLL {:.6} nats, {} tokens, {} windows of up to {} with stride {}; {} weights)\n",
+            "perplexity {:.4}  (mean NLL {:.6} nats, {}, {} of up to {} with stride {}; {} weights)\n",
             p.perplexity,
             p.mean_nll,
-            p.tokens,
-            p.windows,
+            count(p.tokens, "token"),
+            count(p.windows, "window"),
             p.max_length,
             p.stride,
             loaded.model.weights_label()

@@ -60,8 +60,9 @@ pub(super) fn note_done(
     out: Option<&std::path::Path>,
 ) {
     note(format_args!(
-        "{}: {tokens} tokens; loaded in {:.0} ms, ran in {:.0} ms{}\n",
+        "{}: {}; loaded in {:.0} ms, ran in {:.0} ms{}\n",
         loaded.name,
+        count(tokens, "token"),
         loaded.load_time.as_secs_f64() * 1e3,
         start.elapsed().as_secs_f64() * 1e3,
         out.map(|p| format!(", written to {}", p.display()))
@@ -80,6 +81,15 @@ pub(super) fn print_peak_memory() {
     };
     if let Some(mib) = peak() {
         note(format_args!("peak memory: {mib:.1} MiB\n"));
+    }
+}
+
+/// `n` and `noun`, plural unless one: `1 token`, `2 tokens`.
+pub(super) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
