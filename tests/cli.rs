@@ -714,7 +714,10 @@ fn reports_say_what_they_mean() -> Result {
     let (_, err) = run(&[&args[..], &["--quantize", "q8_0"]].concat(), "")?;
     assert!(err.contains("(q8_0, cpu)"), "{err}");
     // heads-effect names its mode as typed.
-    let (out, _) = run(&["heads-effect", "--model-dir", d, "--prompt", "the cat sat"], "")?;
+    let (out, _) = run(
+        &["heads-effect", "--model-dir", d, "--prompt", "the cat sat"],
+        "",
+    )?;
     assert!(out.contains("(zero ablation)"), "{out}");
     // A text shorter than a window is one window.
     let (out, _) = run(&["perplexity", "--model-dir", d, "--file", "-"], "hello")?;
@@ -798,5 +801,54 @@ fn examples_print_errors_as_one_line() -> Result {
         assert!(err.contains("/no/such/model-folder"), "{name}: {err}");
         assert!(!err.contains("--model-dir"), "{name}: {err}");
     }
+    Ok(())
+}
+
+/// The quick start without network and with nothing cached: the first 100 characters say what
+/// to do (a local folder, or random weights with no download), the transport's words come
+/// last, and HF_HUB_OFFLINE, which cannot help with an empty cache, is not suggested. With the
+/// config cached it may help, and is.
+#[test]
+fn an_unreachable_hub_says_what_to_do_first() -> Result {
+    let home = common::scratch("cli", "unreachable-hub");
+    let run = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(common::BIN)
+            .args(args)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_TOKEN")
+            .env("HF_HOME", &home)
+            .env("HF_ENDPOINT", "http://127.0.0.1:1") // a closed port
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        assert_eq!(out.status.code(), Some(1), "{}", common::stderr(&out));
+        assert_one_line_error(&out, "127.0.0.1:1");
+        Ok(common::stderr(&out))
+    };
+    for args in [
+        &["generate", "--prompt", "The cat sat on the"][..],
+        &["info"],
+    ] {
+        let err = run(args)?;
+        let head: String = err.chars().take(100).collect();
+        assert!(head.starts_with("error: "), "{err}");
+        assert!(head.contains("--model-dir DIR"), "{args:?}: {head}");
+        let random = err.find("--config configs/gpt2.json").ok_or(err.clone())?;
+        let transport = err.find("127.0.0.1:1").ok_or(err.clone())?;
+        assert!(random < transport, "{err}");
+        assert!(!err.contains("HF_HUB_OFFLINE"), "{err}");
+    }
+    // A cached config (and nothing else): the cache may hold what is needed.
+    let snapshot = home.join("hub/models--openai-community--gpt2/snapshots/0123abc");
+    std::fs::create_dir_all(&snapshot)?;
+    std::fs::copy(
+        fixture("tiny").join("config.json"),
+        snapshot.join("config.json"),
+    )?;
+    let refs = home.join("hub/models--openai-community--gpt2/refs");
+    std::fs::create_dir_all(&refs)?;
+    std::fs::write(refs.join("main"), "0123abc")?;
+    let err = run(&["generate", "--prompt", "The cat sat on the"])?;
+    assert!(err.contains("HF_HUB_OFFLINE=1"), "{err}");
     Ok(())
 }

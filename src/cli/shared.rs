@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use gpt2::{Loaded, ModelSource};
 
 use super::{ModelArgs, PromptArgs, SourceArgs};
@@ -19,7 +19,11 @@ pub(super) fn load(args: &ModelArgs, layers: Option<usize>) -> Result<Loaded> {
         ModelSource::Dir(dir) => format!("--model-dir {}", dir.display()),
         ModelSource::Hub { repo, .. } => format!("cannot load {repo}"),
     };
-    let loaded = source.load(&opts).context(what)?;
+    let loaded = source.load(&opts).map_err(|e| match e {
+        // It names the repo, and what to do comes first.
+        e @ gpt2::Error::HubUnreachable { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context(what),
+    })?;
     // Once it loaded: a layout that does not exist is an error, not random weights.
     if source.is_random() {
         note(format_args!(
