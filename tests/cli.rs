@@ -852,3 +852,112 @@ fn an_unreachable_hub_says_what_to_do_first() -> Result {
     assert!(err.contains("HF_HUB_OFFLINE=1"), "{err}");
     Ok(())
 }
+
+/// One convention for output formats: `--format` on every command, each value explained in
+/// `--help`; `--json` still works where it did (old scripts). logit-lens' rows are `--top`
+/// (`--top-k` samples in generate), its old spelling a deprecated alias that still works.
+#[test]
+fn every_command_takes_format_and_old_spellings_still_work() -> Result {
+    let tiny = fixture("tiny");
+    let d = tiny.to_str().ok_or("path")?;
+    let stdout = |args: &[&str]| -> Result<(String, String)> {
+        let out = gpt2_with_stdin(args, "some text to score")?;
+        let err = common::stderr(&out);
+        assert!(out.status.success(), "{args:?}: {err}");
+        Ok((String::from_utf8(out.stdout)?, err))
+    };
+    let commands: &[&[&str]] = &[
+        &[
+            "generate",
+            "--model-dir",
+            d,
+            "--prompt",
+            "a",
+            "-n",
+            "3",
+            "--seed",
+            "1",
+        ],
+        &["logit-lens", "--model-dir", d, "--prompt", "the cat"],
+        &["perplexity", "--model-dir", d, "--file", "-"],
+        &["info", "--model-dir", d],
+        &[
+            "inspect-heads",
+            "--model-dir",
+            d,
+            "--prompt",
+            "the cat",
+            "--layer",
+            "0",
+        ],
+        &["heads-effect", "--model-dir", d, "--prompt", "the cat sat"],
+        &[
+            "attribute",
+            "--model-dir",
+            d,
+            "--prompt",
+            "the cat",
+            "--target-id",
+            "3",
+        ],
+    ];
+    // Fields that differ from run to run.
+    let stable = |mut v: Value| {
+        for key in ["timings", "seconds", "load_ms"] {
+            v.as_object_mut().map(|o| o.remove(key));
+        }
+        v
+    };
+    for args in commands {
+        let (json, _) = stdout(&[&args[..], &["--format", "json"]].concat())?;
+        let v: Value = serde_json::from_str(json.lines().next().ok_or("no line")?)?;
+        let (text, _) = stdout(&[&args[..], &["--format", "text"]].concat())?;
+        assert!(
+            serde_json::from_str::<Value>(&text).is_err(),
+            "{args:?}: {text}"
+        );
+        if !["inspect-heads", "heads-effect", "attribute"].contains(&args[0]) {
+            let (old, _) = stdout(&[&args[..], &["--json"]].concat())?;
+            let o: Value = serde_json::from_str(old.lines().next().ok_or("no line")?)?;
+            assert_eq!(stable(o), stable(v.clone()), "{args:?}");
+        }
+        // --help explains each value.
+        let (help, _) = stdout(&[args[0], "--help"])?;
+        let values = help.split("--format").nth(1).ok_or("no --format")?;
+        for value in ["text:", "json:"] {
+            assert!(values.contains(value), "{}: {value} not in {help}", args[0]);
+        }
+    }
+    let bench = [
+        "bench",
+        "--model-dir",
+        d,
+        "--prompt-tokens",
+        "4",
+        "--new-tokens",
+        "2",
+    ];
+    let (json, _) = stdout(&[&bench[..], &["--runs", "1", "--format", "json"]].concat())?;
+    assert_eq!(serde_json::from_str::<Value>(&json)?["prompt_tokens"], 4);
+    // logit-lens: --top, and --top-k as before with a warning.
+    let lens = [
+        "logit-lens",
+        "--model-dir",
+        d,
+        "--prompt",
+        "the cat",
+        "--format",
+        "json",
+    ];
+    let (top, err) = stdout(&[&lens[..], &["--top", "2"]].concat())?;
+    assert!(!err.contains("warning"), "{err}");
+    let (top_k, err) = stdout(&[&lens[..], &["--top-k", "2"]].concat())?;
+    assert!(
+        err.contains("warning: --top-k") && err.contains("--top"),
+        "{err}"
+    );
+    assert_eq!(top, top_k);
+    let v: Value = serde_json::from_str(&top)?;
+    assert!(v.to_string().contains("prob"), "{v}");
+    Ok(())
+}

@@ -8,7 +8,7 @@ use gpt2::analysis::logit_lens::logit_lens;
 use gpt2::output::{print, Out};
 use gpt2::{Loaded, Prompt};
 
-use super::shared::{count, guard, load, note_done};
+use super::shared::{count, guard, load, note, note_done};
 use super::{AnalysisFormat, AttributeArgs, HeadsEffectArgs, LogitLensArgs, PromptArgs};
 
 /// The prompt of an analysis (`text`, read before loading): tokenised for `loaded`'s model,
@@ -89,13 +89,23 @@ pub(super) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
 }
 
 pub(super) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
+    let top = match (args.top, args.top_k) {
+        (Some(0), _) => Err(gpt2::Error::param("top", "must be at least 1"))?,
+        (_, Some(0)) => Err(gpt2::Error::param("top_k", "must be at least 1"))?,
+        (top, top_k) => top.or(top_k).unwrap_or(5),
+    };
+    if args.top_k.is_some() {
+        note(format_args!(
+            "warning: --top-k is deprecated in logit-lens: it is --top (--top-k samples in generate)\n"
+        ));
+    }
     let text = args.prompt.text()?;
     let mut loaded = load(&args.model, None)?;
     let p = prompt(&loaded, &args.prompt, &text, args.bos)?;
     args.ablate.apply(&mut loaded.model, &p.ids)?;
     let start = std::time::Instant::now();
-    let lens = logit_lens(&loaded.model, &loaded.tokenizer, &p.ids, args.top_k, None)?;
-    if args.json {
+    let lens = logit_lens(&loaded.model, &loaded.tokenizer, &p.ids, top, None)?;
+    if args.output.json() {
         let mut v = serde_json::to_value(&lens)?;
         v["model"] = loaded.name.clone().into();
         v["token_ids"] = serde_json::json!(p.ids);

@@ -83,7 +83,7 @@ pub(super) fn cmd_generate(args: GenerateArgs) -> Result<()> {
         Some(path) => Some(attention_recorder(&args, &loaded, &prompt, &params, path)?),
         None => None,
     };
-    let stream = !args.json && params.num_samples == 1;
+    let stream = !args.output.json() && params.num_samples == 1;
     if stream {
         print(format_args!("{shown_prompt}"))?;
     }
@@ -111,7 +111,7 @@ pub(super) fn cmd_generate(args: GenerateArgs) -> Result<()> {
         };
         gpt2::inspect::generated::write(rec, &meta, *format, path)?;
     }
-    if args.json {
+    if args.output.json() {
         for c in &completions {
             let line = json_line(&loaded, &shown_prompt, &prompt, c, &timings);
             print(format_args!("{line}\n"))?;
@@ -204,7 +204,7 @@ pub(super) fn cmd_bench(args: BenchArgs) -> Result<()> {
         args.new_tokens,
         args.runs,
     )?;
-    if args.json {
+    if args.output.json() {
         let mut v = serde_json::to_value(&r)?;
         v["model"] = loaded.name.clone().into();
         v["dtype"] = loaded.model.dtype().as_str().into();
@@ -332,7 +332,7 @@ pub(super) fn cmd_info(args: InfoArgs) -> Result<()> {
     let source = args.source.source();
     let config = source.config()?;
     let info = ModelInfo::new(&config, args.context.unwrap_or(config.n_positions))?;
-    if args.json {
+    if args.output.json() {
         let mut v = serde_json::to_value(&info)?;
         v["model"] = source.name().into();
         print(format_args!("{v}\n"))?;
@@ -377,7 +377,7 @@ pub(super) fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    if args.json {
+    if args.output.json() {
         let mut v = serde_json::to_value(&p)?;
         v["model"] = loaded.name.clone().into();
         v["weights"] = loaded.model.weights_label().into();

@@ -152,10 +152,39 @@ impl TargetArgs {
 /// How an analysis is written.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum AnalysisFormat {
+    /// A table for people (the default)
     Text,
+    /// One JSON object, for programs
     Json,
-    /// A layers x heads heatmap (needs --out).
+    /// A layers x heads heatmap (needs --out)
     Png,
+}
+
+/// How a command that writes text or JSON writes its result: `--format`, as every command
+/// spells it; `--json` is its old spelling, kept so that scripts keep working.
+#[derive(Args)]
+struct TextOrJson {
+    /// How the result is written.
+    #[arg(long, value_enum, default_value = "text")]
+    format: TextFormat,
+    /// The same as --format json (the old spelling, kept for scripts).
+    #[arg(long, hide = true, conflicts_with = "format")]
+    json: bool,
+}
+
+impl TextOrJson {
+    fn json(&self) -> bool {
+        self.json || self.format == TextFormat::Json
+    }
+}
+
+/// Text or JSON.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TextFormat {
+    /// For people (the default)
+    Text,
+    /// JSON for programs: one object per line (generate: a line per sample)
+    Json,
 }
 
 #[derive(Args)]
@@ -190,12 +219,19 @@ struct LogitLensArgs {
     /// Put <|endoftext|> before the prompt, as TransformerLens does.
     #[arg(long)]
     bos: bool,
-    /// Tokens shown per layer and position.
-    #[arg(long, default_value_t = 5)]
-    top_k: usize,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
+    /// Tokens shown per layer and position [default: 5].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    top: Option<usize>,
+    /// The old name of --top (deprecated: --top-k samples in generate).
+    #[arg(
+        long,
+        hide = true,
+        conflicts_with = "top",
+        allow_negative_numbers = true
+    )]
+    top_k: Option<usize>,
+    #[command(flatten)]
+    output: TextOrJson,
 }
 
 #[derive(Args)]
@@ -429,9 +465,8 @@ struct BenchArgs {
     /// Repetitions; the fastest of each phase is reported.
     #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     runs: usize,
-    /// Print the result as one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: TextOrJson,
 }
 
 #[derive(Args)]
@@ -478,9 +513,8 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 1, allow_negative_numbers = true,
           value_parser = clap::value_parser!(u64).range(1..))]
     num_samples: u64,
-    /// Print one JSON object per sample instead of streaming text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: TextOrJson,
     /// Record, for every generated token, its attention over the context so far (read from the
     /// KV-cached decode) into this file: .npy, .safetensors, .json or .html (a page stepping
     /// through the tokens).
@@ -508,9 +542,8 @@ struct PerplexityArgs {
     /// Tokens between window starts; default: half the context (n_positions / 2).
     #[arg(long, allow_negative_numbers = true)]
     stride: Option<usize>,
-    /// Print one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: TextOrJson,
 }
 
 #[derive(Args)]
@@ -521,9 +554,8 @@ struct InfoArgs {
     /// Context length for the FLOPs per generated token; default: the model's n_positions.
     #[arg(long, allow_negative_numbers = true)]
     context: Option<usize>,
-    /// Print one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: TextOrJson,
 }
 
 #[derive(Args)]
@@ -595,6 +627,10 @@ mod tests {
             "--stop",
             "--no-escape",
             "--json",
+            "--top",
+            "--ablate",
+            "text",
+            "json",
             "--layer",
             "--head",
             "--format",
