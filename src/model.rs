@@ -103,7 +103,10 @@ impl Gpt2 {
         if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::param(
                 "dtype",
-                format!("{:?} is not a weight dtype (f32, f16 or bf16)", opts.dtype),
+                format!(
+                    "{} is not a weight dtype (f32, f16 or bf16)",
+                    opts.dtype.as_str()
+                ),
             ));
         }
         let target = Target::new(opts)?;
