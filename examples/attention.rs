@@ -8,7 +8,23 @@ use gpt2::inspect::{for_each_layer, LayerChoice, Selection, Tokens};
 use gpt2::prompt::{Prompt, PromptOptions};
 use gpt2::{Error, LoadOptions, ModelSource};
 
-fn main() -> Result<(), Error> {
+/// An error as a sentence (a `main` returning `Result` prints its `Debug` form), and how to
+/// call this example.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!(
+                "usage: cargo run --release --example attention -- [MODEL_DIR] [LAYER] [\"prompt\"] \
+                 (without MODEL_DIR, GPT-2 small from the Hub)"
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
     let source = args
         .next()

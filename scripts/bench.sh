@@ -38,7 +38,7 @@ configs=()
 for p in "--dtype f32" "--dtype f16" "--dtype bf16" "--quantize q8_0" "--quantize q4_0"; do
   # A short probe: a binary without this option exits 2 (usage error).
   if err=$(RAYON_NUM_THREADS=$threads "$GPT2_BIN" bench --model-dir "$dir" --device cpu $p \
-      --prompt-tokens 8 --new-tokens 2 --runs 1 --json 2>&1 >/dev/null); then
+      --prompt-tokens 8 --new-tokens 2 --runs 1 --format json 2>&1 >/dev/null); then
     configs+=("gpt2:${p#--* }")
   else
     echo "note: skipping gpt2 $p (exit $?): $(echo "$err" | grep -m1 .)"
@@ -78,7 +78,7 @@ for r in $(seq "$rounds"); do
       gpt2)
         flag=--dtype; case $prec in q*) flag=--quantize;; esac
         RAYON_NUM_THREADS=$threads "$GPT2_BIN" bench --model-dir "$dir" --device cpu $flag "$prec" \
-          --prompt-tokens "$pt" --new-tokens "$nt" --runs 1 --json >"$f.json" 2>"$f.err" || true ;;
+          --prompt-tokens "$pt" --new-tokens "$nt" --runs 1 --format json >"$f.json" 2>"$f.err" || true ;;
       transformers)
         "$python" scripts/bench_transformers.py --model-dir "$dir" --prompt-tokens "$pt" \
           --new-tokens "$nt" --runs 1 --threads "$threads" >"$f.json" 2>"$f.err" || true ;;

@@ -7,7 +7,7 @@ reading the weights); float32, transformers' default attention (sdpa in transfor
 key names it), `torch.set_num_threads(--threads)`. Prefill: one forward pass over `--prompt-tokens`
 ids with the KV cache on. Decode: `--new-tokens - 1` further greedy steps, one token each, from the
 cache. The fastest of `--runs` runs of each phase is reported, as JSON on one line with the same
-keys as `gpt2 bench --json`.
+keys as `gpt2 bench --format json`.
 """
 import argparse
 import json

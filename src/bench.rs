@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use serde::Serialize;
 
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
 use crate::rng::SplitMix64;
@@ -24,6 +25,29 @@ pub struct BenchResult {
     pub decode_tokens_per_s: f64,
 }
 
+/// Checks [`bench`]'s sizes against `config` (before loading, if you like): at least one prompt
+/// token, one new token and one run, all inside the context.
+pub fn check(config: &Config, prompt_tokens: usize, new_tokens: usize, runs: usize) -> Result<()> {
+    let at_least_one = |param, n: usize| match n {
+        0 => Err(Error::param(param, "must be at least 1")),
+        _ => Ok(()),
+    };
+    at_least_one("prompt_tokens", prompt_tokens)?;
+    at_least_one("new_tokens", new_tokens)?;
+    at_least_one("runs", runs)?;
+    let ctx = config.n_positions;
+    if prompt_tokens
+        .checked_add(new_tokens)
+        .is_none_or(|n| n > ctx)
+    {
+        return Err(Error::param(
+            "prompt_tokens",
+            format!("({prompt_tokens}) + --new-tokens ({new_tokens}) exceed the context ({ctx})"),
+        ));
+    }
+    Ok(())
+}
+
 /// Prefills `prompt_tokens` pseudo-random ids, then decodes `new_tokens` greedily; `runs` times,
 /// keeping the fastest of each phase (the machine's noise only ever slows a run down).
 pub fn bench(
@@ -32,16 +56,7 @@ pub fn bench(
     new_tokens: usize,
     runs: usize,
 ) -> Result<BenchResult> {
-    let ctx = model.config().n_positions;
-    let total = prompt_tokens.checked_add(new_tokens);
-    if prompt_tokens == 0 || new_tokens == 0 || total.is_none_or(|n| n > ctx) {
-        return Err(Error::param(
-            "prompt_tokens",
-            format!(
-                "({prompt_tokens}) + --new-tokens ({new_tokens}) must be between 2 and the context ({ctx})"
-            ),
-        ));
-    }
+    check(model.config(), prompt_tokens, new_tokens, runs)?;
     // Any ids will do: speed does not depend on them. A seeded stream keeps runs identical.
     let mut rng = SplitMix64::new(0);
     let vocab = model.config().vocab_size as u64;
@@ -50,7 +65,7 @@ pub fn bench(
         .collect();
     let prompt = Tensor::new(ids, model.device())?.unsqueeze(0)?;
     let (mut best_prefill, mut best_decode) = (Duration::MAX, Duration::MAX);
-    for _ in 0..runs.max(1) {
+    for _ in 0..runs {
         let mut cache = model.new_cache();
         let start = Instant::now();
         let logits = model.forward_last(&prompt, Some(&mut cache))?;
@@ -108,11 +123,7 @@ impl fmt::Display for BenchReport<'_> {
             m.weights_label(),
             m.weight_bytes() as f64 / 1e6
         )?;
-        writeln!(
-            f,
-            "kv cache    {}",
-            format!("{:?}", m.kv_dtype()).to_lowercase()
-        )?;
+        writeln!(f, "kv cache    {}", m.kv_dtype().as_str())?;
         writeln!(
             f,
             "load        {:.0} ms",

@@ -71,6 +71,19 @@ pub enum Error {
     #[error("the prompt is {tokens} tokens but the model sees at most {context}")]
     PromptTooLong { tokens: usize, context: usize },
 
+    /// A file of a Hub repo is not in the cache and the Hub cannot be reached (no network, a
+    /// name that does not resolve, a refused connection, a timeout). What to do comes first,
+    /// the transport's words (`detail`) last; `cached`: the cache holds some of the revision
+    /// (its config), so `HF_HUB_OFFLINE=1` may load it without asking the Hub.
+    #[error("{}", hub_unreachable(repo, revision, file, *cached, detail))]
+    HubUnreachable {
+        repo: String,
+        revision: String,
+        file: String,
+        cached: bool,
+        detail: String,
+    },
+
     /// A run would need more memory than the machine has; `hint` (empty, or what to do
     /// instead) ends the message after a colon.
     #[error("{what} needs {needed} bytes ({}), more than the {} of memory available{}", human_bytes(*.needed), human_bytes(*.available), if .hint.is_empty() { String::new() } else { format!(": {}", .hint) })]
@@ -146,6 +159,34 @@ pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, St
             .unwrap_or("a panic");
         msg.lines().next().unwrap_or("").to_string()
     })
+}
+
+/// [`Error::HubUnreachable`] in words: a newcomer's first run, offline, ends here, so the way
+/// on (a local folder, or the tool on random weights with no download) comes first.
+fn hub_unreachable(repo: &str, revision: &str, file: &str, cached: bool, detail: &str) -> String {
+    let (what, offline) = if cached {
+        (
+            format!("{file} of {repo} is not cached"),
+            "; if the cache holds every file the model needs, HF_HUB_OFFLINE=1 loads it without \
+             asking the Hub",
+        )
+    } else {
+        (format!("{repo} is not cached"), "")
+    };
+    format!(
+        "{what} and the Hub cannot be reached: use --model-dir DIR for a local folder, or \
+         --config configs/gpt2.json to try gpt2 with random weights and no download{offline} \
+         ({file}, revision {revision}: {detail})"
+    )
+}
+
+/// `n` and `noun`, plural unless one: `1 token`, `2 tokens`.
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// `n` bytes in the largest binary unit that keeps it at least 1, as indicatif writes them

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
-use crate::error::{human_bytes, Error, Result};
+use crate::error::{count, human_bytes, Error, Result};
 use crate::hooks::Hook;
 use crate::memory::product;
 use crate::model::{Cache, Gpt2, Output};
@@ -221,17 +221,18 @@ impl fmt::Display for RunReport<'_> {
         } else {
             "gpu"
         };
+        // The weights as stored: `q8_0`, not the f32 the activations are computed in.
         writeln!(
             f,
-            "{} ({:?}, {dev}) loaded in {:.0} ms",
+            "{} ({}, {dev}) loaded in {:.0} ms",
             self.name,
-            self.model.dtype(),
+            self.model.weights_label(),
             ms(self.load)
         )?;
         writeln!(
             f,
-            "prompt: {} tokens, prefill {:.1} ms ({})",
-            t.prefill_tokens,
+            "prompt: {}, prefill {:.1} ms ({})",
+            count(t.prefill_tokens, "token"),
             ms(t.prefill),
             per_s(t.prefill_tokens_per_s())
         )?;
@@ -245,8 +246,8 @@ impl fmt::Display for RunReport<'_> {
         };
         writeln!(
             f,
-            "generated: {} tokens, decode {:.1} ms ({}){slides}, seed {}",
-            t.generated_tokens,
+            "generated: {}, decode {:.1} ms ({}){slides}, seed {}",
+            count(t.generated_tokens, "token"),
             ms(t.decode),
             per_s(t.decode_tokens_per_s()),
             self.seed

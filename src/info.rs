@@ -6,7 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::error::{human_bytes, Error, Result};
+use crate::error::{count, human_bytes, Error, Result};
 
 /// Parameters of one block, weights and biases together, by role.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -193,8 +193,12 @@ impl fmt::Display for InfoReport<'_> {
         writeln!(f, "{name}")?;
         writeln!(
             f,
-            "  dims          {} = {} heads x {}; {} key/value heads ({} query heads each)",
-            i.n_embd, i.n_head, i.head_size, i.n_kv_head, i.group_size
+            "  dims          {} = {} x {}; {} ({} each)",
+            i.n_embd,
+            count(i.n_head, "head"),
+            i.head_size,
+            count(i.n_kv_head, "key/value head"),
+            count(i.group_size, "query head")
         )?;
         writeln!(
             f,

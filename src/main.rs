@@ -40,14 +40,18 @@ fn main() -> ExitCode {
             msg.lines().next().unwrap_or("")
         );
     }));
-    // First Ctrl-C: stop at the next safe point (generation prints what it has). Second: remove
-    // unfinished output files and leave at once.
+    on_sigbus();
+    // First Ctrl-C: stop at the next safe point (generation prints what it has). Second, or the
+    // first while a prompt is read from a pipe that stays open (no check would ever come):
+    // remove unfinished output files and leave at once. Requested before the read is looked at:
+    // see `reading_input`.
     let _ = ctrlc::set_handler(|| {
-        if gpt2::interrupt::requested() {
+        let again = gpt2::interrupt::requested();
+        gpt2::interrupt::request();
+        if again || gpt2::interrupt::is_reading_input() {
             gpt2::output::remove_temporaries();
             std::process::exit(130);
         }
-        gpt2::interrupt::request();
     });
 
     let args = match cli::Cli::try_parse() {
@@ -58,10 +62,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap's first line says what is wrong; the usage that follows is one --help away.
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("error: bad arguments");
-            let _ = writeln!(std::io::stderr(), "{first} (see --help)");
+            let _ = writeln!(std::io::stderr(), "{} (see --help)", usage_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -71,6 +72,71 @@ fn main() -> ExitCode {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => report(&e),
         Err(_) => ExitCode::FAILURE, // the hook has said it
+    }
+}
+
+/// The f32 weights are read in place from their memory-mapped file: if another program
+/// truncates or rewrites it while gpt2 runs, the next read of a page past the new end faults
+/// with SIGBUS, which would kill the process without a word. Say what happened, and the way
+/// out, in one line. A signal handler may only call async-signal-safe functions: write(2) and
+/// _exit(2). Linux only: elsewhere (macOS) a stack overflow is a SIGBUS too, and Rust's own
+/// handler must report it.
+#[cfg(target_os = "linux")]
+fn on_sigbus() {
+    extern "C" fn handler(_: libc::c_int) {
+        const MSG: &[u8] = b"error: a model file changed size while gpt2 was reading it in place \
+            (memory-mapped): rerun when nothing rewrites it, or with --no-mmap to copy the weights \
+            into memory at load\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler only
+    // calls async-signal-safe functions.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn on_sigbus() {}
+
+/// clap's message as one line: what is wrong, with the lines that name it (the missing
+/// arguments, a tip), without the usage that follows (one --help away).
+fn usage_line(e: &clap::Error) -> String {
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // Bare `gpt2`: clap would print the whole help, on stderr, as if it were an error.
+        let names: Vec<String> = <cli::Cli as clap::CommandFactory>::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        return format!(
+            "error: no command given: gpt2 COMMAND, one of {}",
+            names.join(", ")
+        );
+    }
+    let msg = e.to_string();
+    let mut line = String::new();
+    for part in msg
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+    {
+        if !line.is_empty() {
+            line.push_str(if line.ends_with(':') { " " } else { "; " });
+        }
+        line.push_str(part);
+    }
+    if line.starts_with("error:") {
+        line
+    } else {
+        format!("error: {line}")
     }
 }
 

@@ -104,7 +104,10 @@ impl Gpt2 {
         if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::param(
                 "dtype",
-                format!("{:?} is not a weight dtype (f32, f16 or bf16)", opts.dtype),
+                format!(
+                    "{} is not a weight dtype (f32, f16 or bf16)",
+                    opts.dtype.as_str()
+                ),
             ));
         }
         let target = Target::new(opts)?;
@@ -198,7 +201,7 @@ impl Gpt2 {
     pub fn weights_label(&self) -> String {
         match self.quantize {
             Some(q) => q.name().to_string(),
-            None => format!("{:?}", self.dtype).to_lowercase(),
+            None => self.dtype.as_str().to_string(),
         }
     }
 

@@ -344,7 +344,7 @@ fn bad_options_give_one_clear_line() -> Result {
         &gpt2(&["generate", "--model-dir", nc, "--prompt", "x"])?,
         "config.json",
     );
-    assert_one_line_error(&gpt2(&["generate", "--model-dir", d])?, "no prompt");
+    assert_one_line_error(&gpt2(&["generate", "--model-dir", d])?, "--prompt");
     Ok(())
 }
 
@@ -439,5 +439,525 @@ fn converted_and_copied_weights_do_not_keep_the_file_resident() -> Result {
         eprintln!("{extra:?}: peak {p:.0} MiB (f32 in place {in_place:.0}, weights {mib:.0})");
         assert!(p < most, "{extra:?}: peak {p:.0} MiB, want < {most:.0}");
     }
+    Ok(())
+}
+
+/// The exit-code contract (README): every usage error of every command, a missing input or a
+/// bad value of each kind, exits 2 with one `error:` line that names the flag as typed; a
+/// runtime error exits 1, with nothing printed before it.
+#[test]
+fn every_usage_error_exits_2_naming_its_flag() -> Result {
+    let tiny = fixture("tiny");
+    let m = ["--model-dir", tiny.to_str().ok_or("path")?];
+    let text = common::tmp("usage-text.txt");
+    std::fs::write(&text, "a text to score")?;
+    let text = text.to_str().ok_or("path")?;
+    let png = common::tmp("usage.png");
+    let png = png.to_str().ok_or("path")?;
+    // (command, what follows the model, the flag the line must name)
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("", &[], "no command given"),
+        ("bogus", &[], "bogus"),
+        // generate: a missing prompt, and a bad value of each kind of option.
+        ("generate", &[], "--prompt"),
+        (
+            "generate",
+            &["--prompt", "x", "--prompt-file", text],
+            "--prompt-file",
+        ),
+        ("generate", &["--prompt", "x", "--stop", r"\x"], "--stop"),
+        (
+            "generate",
+            &["--prompt", "x", "--stop", r"\u{110000}"],
+            "--stop",
+        ),
+        ("generate", &["--prompt", "x", "--stop", r"\q"], "--stop"),
+        ("generate", &["--prompt", "x", "--stop", "end\\"], "--stop"),
+        (
+            "generate",
+            &["--prompt", "x", "--temperature", "-0.5"],
+            "--temperature",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--temperature", "hot"],
+            "--temperature",
+        ),
+        ("generate", &["--prompt", "x", "--top-p", "0"], "--top-p"),
+        ("generate", &["--prompt", "x", "--top-k", "0"], "--top-k"),
+        (
+            "generate",
+            &["--prompt", "x", "-n", "0"],
+            "--max-new-tokens",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--num-samples", "0"],
+            "--num-samples",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--repeat-penalty", "0"],
+            "--repeat-penalty",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--repeat-last-n", "-1"],
+            "--repeat-last-n",
+        ),
+        ("generate", &["--prompt", "x", "--seed", "-1"], "--seed"),
+        ("generate", &["--prompt", "x", "--seed", "x"], "--seed"),
+        ("generate", &["--prompt", "x", "--dtype", "f64"], "--dtype"),
+        (
+            "generate",
+            &["--prompt", "x", "--device", "tpu"],
+            "--device",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--quantize", "q2"],
+            "--quantize",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--kv-cache", "q8_0"],
+            "--kv-cache",
+        ),
+        ("generate", &["--prompt", "x", "--ablate", ""], "--ablate"),
+        ("generate", &["--prompt", "x", "--ablate", ","], "--ablate"),
+        ("generate", &["--prompt", "x", "--ablate", "1"], "--ablate"),
+        (
+            "generate",
+            &["--prompt", "x", "--ablate", "9.0"],
+            "--ablate",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--ablate-mode", "half"],
+            "--ablate-mode",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--attention-out", png],
+            "--attention-out",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--layer", "1"],
+            "--attention-out",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--format", "yaml"],
+            "--format",
+        ),
+        (
+            "generate",
+            &["--prompt", "x", "--json", "--format", "text"],
+            "--format",
+        ),
+        ("generate", &["--prompt", "x", "--config", text], "--config"),
+        // bench
+        ("bench", &["--runs", "0"], "--runs"),
+        ("bench", &["--prompt-tokens", "0"], "--prompt-tokens"),
+        ("bench", &["--new-tokens", "0"], "--new-tokens"),
+        (
+            "bench",
+            &["--prompt-tokens", "100", "--new-tokens", "100"],
+            "--prompt-tokens",
+        ),
+        // inspect-heads
+        ("inspect-heads", &[], "--prompt"),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--layer", "99"],
+            "--layer",
+        ),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--layer", "one"],
+            "--layer",
+        ),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--head", "99"],
+            "--head",
+        ),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--format", "png"],
+            "--format",
+        ),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--format", "yaml"],
+            "--format",
+        ),
+        (
+            "inspect-heads",
+            &["--prompt", "x", "--scores", "--format", "png", "--out", png],
+            "--scores",
+        ),
+        ("inspect-heads", &["--prompts", text], "--scores"),
+        // info
+        ("info", &["--context", "100000"], "--context"),
+        ("info", &["--context", "-1"], "--context"),
+        ("info", &["--format", "yaml"], "--format"),
+        // perplexity
+        ("perplexity", &[], "--file"),
+        ("perplexity", &["--file", text, "--stride", "0"], "--stride"),
+        ("perplexity", &["--file", text, "--ablate", ","], "--ablate"),
+        // heads-effect
+        ("heads-effect", &[], "--prompt"),
+        (
+            "heads-effect",
+            &["--prompt", "x", "--target", "a b c"],
+            "--target",
+        ),
+        (
+            "heads-effect",
+            &["--prompt", "x", "--target-id", "99999"],
+            "--target-id",
+        ),
+        (
+            "heads-effect",
+            &["--prompt", "x", "--target", "x", "--target-id", "1"],
+            "--target-id",
+        ),
+        (
+            "heads-effect",
+            &["--prompt", "x", "--format", "png"],
+            "--format",
+        ),
+        (
+            "heads-effect",
+            &["--prompt", "x", "--ablate-mode", "half"],
+            "--ablate-mode",
+        ),
+        // logit-lens
+        ("logit-lens", &[], "--prompt"),
+        ("logit-lens", &["--prompt", "x", "--top", "0"], "--top"),
+        ("logit-lens", &["--prompt", "x", "--top-k", "0"], "--top-k"),
+        ("logit-lens", &["--prompt", "x", "--ablate", ""], "--ablate"),
+        // attribute
+        ("attribute", &["--prompt", "x"], "--target"),
+        (
+            "attribute",
+            &["--prompt", "x", "--target-id", "1", "--position", "99"],
+            "--position",
+        ),
+        (
+            "attribute",
+            &["--prompt", "x", "--target-id", "1", "--format", "png"],
+            "--format",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (command, rest, flag) in cases {
+        let mut args: Vec<&str> = Vec::new();
+        if !command.is_empty() {
+            args.push(command);
+            if *command != "bogus" {
+                args.extend_from_slice(&m);
+            }
+        }
+        args.extend_from_slice(rest);
+        let out = gpt2(&args)?;
+        let err = common::stderr(&out);
+        let one_line = err.ends_with('\n') && err.lines().count() == 1;
+        if out.status.code() != Some(2)
+            || !err.starts_with("error: ")
+            || !one_line
+            || !err.contains(flag)
+            || err.contains("panicked")
+        {
+            wrong.push(format!("{args:?} exit {:?}: {err}", out.status.code()));
+        }
+    }
+    // Every case is tried, and every wrong one shown.
+    assert!(
+        wrong.is_empty(),
+        "{} of {} cases:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
+    // A runtime error: exit 1, and the random-weights warning only once a layout has loaded.
+    let out = gpt2(&["generate", "--config", "missing.json", "--prompt", "x"])?;
+    assert_eq!(out.status.code(), Some(1), "{}", common::stderr(&out));
+    assert!(common::stderr(&out).starts_with("error: "));
+    assert_one_line_error(&out, "missing.json");
+    Ok(())
+}
+
+/// What a newcomer reads: the weights as stored, names rather than enum variants, singular
+/// counts, and a target token's text beside its id.
+#[test]
+fn reports_say_what_they_mean() -> Result {
+    let tiny = fixture("tiny");
+    let d = tiny.to_str().ok_or("path")?;
+    let run = |args: &[&str], input: &str| -> Result<(String, String)> {
+        let out = gpt2_with_stdin(args, input)?;
+        let err = common::stderr(&out);
+        assert!(out.status.success(), "{args:?}: {err}");
+        Ok((String::from_utf8(out.stdout)?, err))
+    };
+    // One prompt token, one generated, quantized weights.
+    let (_, err) = run(
+        &["generate", "--model-dir", d, "--prompt", "a", "-n", "1"],
+        "",
+    )?;
+    assert!(err.contains(&format!("{d} (f32, cpu) loaded")), "{err}");
+    assert!(err.contains("prompt: 1 token,"), "{err}");
+    assert!(err.contains("generated: 1 token,"), "{err}");
+    let args = ["generate", "--model-dir", d, "--prompt", "a", "-n", "2"];
+    let (_, err) = run(&[&args[..], &["--quantize", "q8_0"]].concat(), "")?;
+    assert!(err.contains("(q8_0, cpu)"), "{err}");
+    // heads-effect names its mode as typed.
+    let (out, _) = run(
+        &["heads-effect", "--model-dir", d, "--prompt", "the cat sat"],
+        "",
+    )?;
+    assert!(out.contains("(zero ablation)"), "{out}");
+    // A text shorter than a window is one window.
+    let (out, _) = run(&["perplexity", "--model-dir", d, "--file", "-"], "hello")?;
+    assert!(out.contains(" 1 window of "), "{out}");
+    // GPT-2 has one query head per key/value head.
+    let (out, _) = run(&["info", "--model-dir", d], "")?;
+    assert!(out.contains("(1 query head each)"), "{out}");
+    // The target token by its text too, quoted as every token is.
+    let tokenizer = gpt2::Tokenizer::from_files(&gpt2::tokenizer::TokenizerFiles::Json(
+        tiny.join("tokenizer.json"),
+    ))?;
+    let text = tokenizer.decode(&[262])?;
+    let (out, _) = run(
+        &[
+            "attribute",
+            "--model-dir",
+            d,
+            "--prompt",
+            "ab",
+            "--target-id",
+            "262",
+        ],
+        "",
+    )?;
+    assert!(
+        out.contains(&format!("logit of token 262 {text:?} at position")),
+        "{out}"
+    );
+    let (_, err) = run(
+        &[
+            "inspect-heads",
+            "--model-dir",
+            d,
+            "--prompt",
+            "ab",
+            "--layer",
+            "0",
+            "--head",
+            "1",
+        ],
+        "",
+    )?;
+    assert!(err.contains("1 layer x 1 head;"), "{err}");
+    let (_, err) = run(&["logit-lens", "--model-dir", d, "--prompt", "a"], "")?;
+    assert!(err.contains(": 1 token;"), "{err}");
+    Ok(())
+}
+
+/// The examples print an error as one `error:` line, not a Rust `Debug` value, and say which
+/// argument is the model folder.
+#[test]
+fn examples_print_errors_as_one_line() -> Result {
+    // Built by `cargo test` beside the test binaries (target/debug/examples).
+    let examples = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("examples"))
+        .ok_or("no examples folder")?;
+    for name in ["generate", "attention", "head_scores"] {
+        let exe = examples.join(name);
+        if !exe.is_file() {
+            common::skip(
+                "examples_print_errors_as_one_line",
+                &format!(
+                    "{} is not built (run the whole `cargo test`)",
+                    exe.display()
+                ),
+            );
+            return Ok(());
+        }
+        let out = std::process::Command::new(&exe)
+            .arg("/no/such/model-folder")
+            .output()?;
+        let err = common::stderr(&out);
+        assert!(!out.status.success(), "{name}: {err}");
+        assert!(err.starts_with("error: "), "{name}: {err}");
+        assert!(
+            !err.contains("Input(") && !err.contains("Io {"),
+            "{name}: {err}"
+        );
+        assert!(err.contains("/no/such/model-folder"), "{name}: {err}");
+        assert!(!err.contains("--model-dir"), "{name}: {err}");
+    }
+    Ok(())
+}
+
+/// The quick start without network and with nothing cached: the first 100 characters say what
+/// to do (a local folder, or random weights with no download), the transport's words come
+/// last, and HF_HUB_OFFLINE, which cannot help with an empty cache, is not suggested. With the
+/// config cached it may help, and is.
+#[test]
+fn an_unreachable_hub_says_what_to_do_first() -> Result {
+    let home = common::scratch("cli", "unreachable-hub");
+    let run = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(common::BIN)
+            .args(args)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_TOKEN")
+            .env("HF_HOME", &home)
+            .env("HF_ENDPOINT", "http://127.0.0.1:1") // a closed port
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        assert_eq!(out.status.code(), Some(1), "{}", common::stderr(&out));
+        assert_one_line_error(&out, "127.0.0.1:1");
+        Ok(common::stderr(&out))
+    };
+    for args in [
+        &["generate", "--prompt", "The cat sat on the"][..],
+        &["info"],
+    ] {
+        let err = run(args)?;
+        let head: String = err.chars().take(100).collect();
+        assert!(head.starts_with("error: "), "{err}");
+        assert!(head.contains("--model-dir DIR"), "{args:?}: {head}");
+        let random = err.find("--config configs/gpt2.json").ok_or(err.clone())?;
+        let transport = err.find("127.0.0.1:1").ok_or(err.clone())?;
+        assert!(random < transport, "{err}");
+        assert!(!err.contains("HF_HUB_OFFLINE"), "{err}");
+    }
+    // A cached config (and nothing else): the cache may hold what is needed.
+    let snapshot = home.join("hub/models--openai-community--gpt2/snapshots/0123abc");
+    std::fs::create_dir_all(&snapshot)?;
+    std::fs::copy(
+        fixture("tiny").join("config.json"),
+        snapshot.join("config.json"),
+    )?;
+    let refs = home.join("hub/models--openai-community--gpt2/refs");
+    std::fs::create_dir_all(&refs)?;
+    std::fs::write(refs.join("main"), "0123abc")?;
+    let err = run(&["generate", "--prompt", "The cat sat on the"])?;
+    assert!(err.contains("HF_HUB_OFFLINE=1"), "{err}");
+    Ok(())
+}
+
+/// One convention for output formats: `--format` on every command, each value explained in
+/// `--help`; `--json` still works where it did (old scripts). logit-lens' rows are `--top`
+/// (`--top-k` samples in generate), its old spelling a deprecated alias that still works.
+#[test]
+fn every_command_takes_format_and_old_spellings_still_work() -> Result {
+    let tiny = fixture("tiny");
+    let d = tiny.to_str().ok_or("path")?;
+    let stdout = |args: &[&str]| -> Result<(String, String)> {
+        let out = gpt2_with_stdin(args, "some text to score")?;
+        let err = common::stderr(&out);
+        assert!(out.status.success(), "{args:?}: {err}");
+        Ok((String::from_utf8(out.stdout)?, err))
+    };
+    let commands: &[&[&str]] = &[
+        &[
+            "generate",
+            "--model-dir",
+            d,
+            "--prompt",
+            "a",
+            "-n",
+            "3",
+            "--seed",
+            "1",
+        ],
+        &["logit-lens", "--model-dir", d, "--prompt", "the cat"],
+        &["perplexity", "--model-dir", d, "--file", "-"],
+        &["info", "--model-dir", d],
+        &[
+            "inspect-heads",
+            "--model-dir",
+            d,
+            "--prompt",
+            "the cat",
+            "--layer",
+            "0",
+        ],
+        &["heads-effect", "--model-dir", d, "--prompt", "the cat sat"],
+        &[
+            "attribute",
+            "--model-dir",
+            d,
+            "--prompt",
+            "the cat",
+            "--target-id",
+            "3",
+        ],
+    ];
+    // Fields that differ from run to run.
+    let stable = |mut v: Value| {
+        for key in ["timings", "seconds", "load_ms"] {
+            v.as_object_mut().map(|o| o.remove(key));
+        }
+        v
+    };
+    for args in commands {
+        let (json, _) = stdout(&[&args[..], &["--format", "json"]].concat())?;
+        let v: Value = serde_json::from_str(json.lines().next().ok_or("no line")?)?;
+        let (text, _) = stdout(&[&args[..], &["--format", "text"]].concat())?;
+        assert!(
+            serde_json::from_str::<Value>(&text).is_err(),
+            "{args:?}: {text}"
+        );
+        if !["inspect-heads", "heads-effect", "attribute"].contains(&args[0]) {
+            let (old, _) = stdout(&[&args[..], &["--json"]].concat())?;
+            let o: Value = serde_json::from_str(old.lines().next().ok_or("no line")?)?;
+            assert_eq!(stable(o), stable(v.clone()), "{args:?}");
+        }
+        // --help explains each value.
+        let (help, _) = stdout(&[args[0], "--help"])?;
+        let values = help.split("--format").nth(1).ok_or("no --format")?;
+        for value in ["text:", "json:"] {
+            assert!(values.contains(value), "{}: {value} not in {help}", args[0]);
+        }
+    }
+    let bench = [
+        "bench",
+        "--model-dir",
+        d,
+        "--prompt-tokens",
+        "4",
+        "--new-tokens",
+        "2",
+    ];
+    let (json, _) = stdout(&[&bench[..], &["--runs", "1", "--format", "json"]].concat())?;
+    assert_eq!(serde_json::from_str::<Value>(&json)?["prompt_tokens"], 4);
+    // logit-lens: --top, and --top-k as before with a warning.
+    let lens = [
+        "logit-lens",
+        "--model-dir",
+        d,
+        "--prompt",
+        "the cat",
+        "--format",
+        "json",
+    ];
+    let (top, err) = stdout(&[&lens[..], &["--top", "2"]].concat())?;
+    assert!(!err.contains("warning"), "{err}");
+    let (top_k, err) = stdout(&[&lens[..], &["--top-k", "2"]].concat())?;
+    assert!(
+        err.contains("warning: --top-k") && err.contains("--top"),
+        "{err}"
+    );
+    assert_eq!(top, top_k);
+    let v: Value = serde_json::from_str(&top)?;
+    assert!(v.to_string().contains("prob"), "{v}");
     Ok(())
 }

@@ -742,7 +742,7 @@ fn bad_input_gives_one_clear_line() -> Result {
             ],
             "/no/such/dir/a.json",
         ),
-        (&[], "no prompt"),
+        (&[], "--prompt"),
     ];
     for (extra, needle) in cases {
         let mut args = vec!["inspect-heads", "--model-dir", d];

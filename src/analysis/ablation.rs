@@ -43,12 +43,20 @@ impl fmt::Display for HeadId {
     }
 }
 
-/// `L.H,L.H,...` as heads.
+/// `L.H,L.H,...` as heads: at least one (an empty list would silently ablate nothing).
 pub fn parse_heads(s: &str) -> Result<Vec<HeadId>> {
-    s.split(',')
+    let heads: Vec<HeadId> = s
+        .split(',')
         .filter(|p| !p.trim().is_empty())
         .map(str::parse)
-        .collect()
+        .collect::<Result<_>>()?;
+    if heads.is_empty() {
+        return Err(Error::param(
+            "ablate",
+            format!("`{s}` names no head: write heads as LAYER.HEAD,..., e.g. 5.1,5.5"),
+        ));
+    }
+    Ok(heads)
 }
 
 /// What an ablated head's output becomes.

@@ -21,6 +21,10 @@ use crate::model::{Gpt2, Output};
 pub struct Attribution {
     pub position: usize,
     pub target: u32,
+    /// The target token's text, for the report: [`attribute`] has no tokenizer, so it leaves
+    /// this `None` and the caller fills it in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_text: Option<String>,
     /// The model's logit of `target` at `position`.
     pub logit: f64,
     /// The sum of every part below (equal to `logit` up to rounding).
@@ -167,6 +171,7 @@ pub fn attribute(
     Ok(Attribution {
         position,
         target,
+        target_text: None,
         logit,
         total,
         token_embedding,
@@ -181,9 +186,15 @@ pub fn attribute(
 impl fmt::Display for Attribution {
     /// The logit, its largest parts, and every head in a layers × heads table.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The text quoted and escaped as every token is shown (`" Mary"`, `"\n"`).
+        let text = self
+            .target_text
+            .as_ref()
+            .map(|t| format!(" {t:?}"))
+            .unwrap_or_default();
         writeln!(
             f,
-            "logit of token {} at position {}: {:.4} (parts sum to {:.4})",
+            "logit of token {}{text} at position {}: {:.4} (parts sum to {:.4})",
             self.target, self.position, self.logit, self.total
         )?;
         let mut parts: Vec<(String, f64)> = vec![

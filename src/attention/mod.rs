@@ -33,7 +33,7 @@ pub(crate) fn kv_cache_dtype(opts: &LoadOptions, target: &Target) -> Result<DTyp
         Some(d) => {
             return Err(Error::param(
                 "kv-cache",
-                format!("{d:?}: the cache holds f32, f16 or bf16"),
+                format!("{}: the cache holds f32, f16 or bf16", d.as_str()),
             ))
         }
         None if target.host && target.storage != WeightStorage::Dtype(DType::F32) => DType::F16,

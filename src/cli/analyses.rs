@@ -8,15 +8,15 @@ use gpt2::analysis::logit_lens::logit_lens;
 use gpt2::output::{print, Out};
 use gpt2::{Loaded, Prompt};
 
-use super::shared::{guard, load, note_done};
+use super::shared::{count, guard, load, note, note_done};
 use super::{AnalysisFormat, AttributeArgs, HeadsEffectArgs, LogitLensArgs, PromptArgs};
 
-/// The prompt of an analysis: tokenised for `loaded`'s model, `<|endoftext|>` first with `bos`.
-fn prompt(loaded: &Loaded, args: &PromptArgs, bos: bool) -> Result<Prompt> {
-    let text = args.text()?;
+/// The prompt of an analysis (`text`, read before loading): tokenised for `loaded`'s model,
+/// `<|endoftext|>` first with `bos`.
+fn prompt(loaded: &Loaded, args: &PromptArgs, text: &str, bos: bool) -> Result<Prompt> {
     Ok(Prompt::new(
         &loaded.tokenizer,
-        &text,
+        text,
         loaded.model.config(),
         args.options(bos, false),
     )?)
@@ -51,9 +51,10 @@ fn write(out: &Option<std::path::PathBuf>, text: &str) -> Result<()> {
 pub(super) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
     check_format(args.format, &args.out)?;
     guard(&args.model.source, &args.prompt, None, &outputs(&args.out))?;
+    let text = args.prompt.text()?;
     let loaded = load(&args.model, None)?;
-    let p = prompt(&loaded, &args.prompt, args.bos)?;
-    let target = args.target.id(&loaded.tokenizer)?;
+    let p = prompt(&loaded, &args.prompt, &text, args.bos)?;
+    let target = args.target.id(&loaded)?;
     let metric = target.map_or(Metric::Loss, Metric::TargetLogit);
     let start = std::time::Instant::now();
     let effects = heads_effect(&loaded.model, &p.ids, metric, args.ablate_mode)?;
@@ -70,9 +71,9 @@ pub(super) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
         AnalysisFormat::Text => write(
             &args.out,
             &format!(
-                "{}: {} tokens; effect of ablating each head ({:?}) on {what}\n\n{effects}",
+                "{}: {}; effect of ablating each head ({} ablation) on {what}\n\n{effects}",
                 loaded.name,
-                p.len(),
+                count(p.len(), "token"),
                 args.ablate_mode
             ),
         )?,
@@ -88,21 +89,32 @@ pub(super) fn cmd_heads_effect(args: HeadsEffectArgs) -> Result<()> {
 }
 
 pub(super) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
+    let top = match (args.top, args.top_k) {
+        (Some(0), _) => Err(gpt2::Error::param("top", "must be at least 1"))?,
+        (_, Some(0)) => Err(gpt2::Error::param("top_k", "must be at least 1"))?,
+        (top, top_k) => top.or(top_k).unwrap_or(5),
+    };
+    if args.top_k.is_some() {
+        note(format_args!(
+            "warning: --top-k is deprecated in logit-lens: it is --top (--top-k samples in generate)\n"
+        ));
+    }
+    let text = args.prompt.text()?;
     let mut loaded = load(&args.model, None)?;
-    let p = prompt(&loaded, &args.prompt, args.bos)?;
+    let p = prompt(&loaded, &args.prompt, &text, args.bos)?;
     args.ablate.apply(&mut loaded.model, &p.ids)?;
     let start = std::time::Instant::now();
-    let lens = logit_lens(&loaded.model, &loaded.tokenizer, &p.ids, args.top_k, None)?;
-    if args.json {
+    let lens = logit_lens(&loaded.model, &loaded.tokenizer, &p.ids, top, None)?;
+    if args.output.json() {
         let mut v = serde_json::to_value(&lens)?;
         v["model"] = loaded.name.clone().into();
         v["token_ids"] = serde_json::json!(p.ids);
         print(format_args!("{v}\n"))?;
     } else {
         print(format_args!(
-            "{}: logit lens over {} tokens (rows: the residual after each layer)\n\n{lens}",
+            "{}: logit lens over {} (rows: the residual after each layer)\n\n{lens}",
             loaded.name,
-            p.len()
+            count(p.len(), "token")
         ))?;
     }
     note_done(&loaded, p.len(), start, None);
@@ -112,30 +124,35 @@ pub(super) fn cmd_logit_lens(args: LogitLensArgs) -> Result<()> {
 pub(super) fn cmd_attribute(args: AttributeArgs) -> Result<()> {
     check_format(args.format, &args.out)?;
     guard(&args.model.source, &args.prompt, None, &outputs(&args.out))?;
+    let text = args.prompt.text()?;
     let loaded = load(&args.model, None)?;
-    let p = prompt(&loaded, &args.prompt, args.bos)?;
-    let Some(target) = args.target.id(&loaded.tokenizer)? else {
-        bail!("attribute needs --target TOKEN or --target-id ID");
+    let p = prompt(&loaded, &args.prompt, &text, args.bos)?;
+    let Some(target) = args.target.id(&loaded)? else {
+        // clap requires one of the two.
+        Err(gpt2::Error::param(
+            "target",
+            "is missing: give --target TOKEN or --target-id ID",
+        ))?
     };
     let start = std::time::Instant::now();
-    let a = attribute(&loaded.model, &p.ids, args.position, target)?;
+    let mut a = attribute(&loaded.model, &p.ids, args.position, target)?;
+    let text = loaded.tokenizer.decode(&[target])?;
+    a.target_text = Some(text.clone());
     match args.format {
         AnalysisFormat::Json => {
             let mut v = serde_json::to_value(&a)?;
             v["model"] = loaded.name.clone().into();
             v["token_ids"] = serde_json::json!(p.ids);
-            v["target_text"] = loaded.tokenizer.decode(&[target])?.into();
             write(&args.out, &format!("{v}\n"))?;
         }
         AnalysisFormat::Text => write(
             &args.out,
-            &format!("{}: {} tokens\n{a}", loaded.name, p.len()),
+            &format!("{}: {}\n{a}", loaded.name, count(p.len(), "token")),
         )?,
         AnalysisFormat::Png => {
             let Some(path) = &args.out else {
                 bail!("png needs --out")
             };
-            let text = loaded.tokenizer.decode(&[target])?;
             write_heatmap(
                 path,
                 &format!("direct logit attribution to {text:?}, per head"),

@@ -12,7 +12,7 @@ use gpt2::output::print;
 use gpt2::{Error, Loaded, Prompt};
 
 use super::escape::unescape;
-use super::shared::{guard, load, note, print_peak_memory};
+use super::shared::{count, guard, load, note, print_peak_memory};
 use super::{BenchArgs, GenerateArgs, InfoArgs, InspectHeadsArgs, PerplexityArgs};
 
 pub(super) fn cmd_generate(args: GenerateArgs) -> Result<()> {
@@ -30,8 +30,8 @@ pub(super) fn cmd_generate(args: GenerateArgs) -> Result<()> {
     } else {
         args.stop
             .iter()
-            .map(|s| unescape(s).context("--stop"))
-            .collect::<Result<_>>()?
+            .map(|s| unescape(s))
+            .collect::<gpt2::Result<_>>()?
     };
     let params = GenerateParams {
         max_new_tokens: usize::try_from(args.max_new_tokens).unwrap_or(usize::MAX),
@@ -83,7 +83,7 @@ pub(super) fn cmd_generate(args: GenerateArgs) -> Result<()> {
         Some(path) => Some(attention_recorder(&args, &loaded, &prompt, &params, path)?),
         None => None,
     };
-    let stream = !args.json && params.num_samples == 1;
+    let stream = !args.output.json() && params.num_samples == 1;
     if stream {
         print(format_args!("{shown_prompt}"))?;
     }
@@ -111,7 +111,7 @@ pub(super) fn cmd_generate(args: GenerateArgs) -> Result<()> {
         };
         gpt2::inspect::generated::write(rec, &meta, *format, path)?;
     }
-    if args.json {
+    if args.output.json() {
         for c in &completions {
             let line = json_line(&loaded, &shown_prompt, &prompt, c, &timings);
             print(format_args!("{line}\n"))?;
@@ -190,6 +190,9 @@ fn truncate_hint(e: Error) -> anyhow::Error {
 }
 
 pub(super) fn cmd_bench(args: BenchArgs) -> Result<()> {
+    // Check the sizes against the layout before the (possibly long) load.
+    let config = args.model.source.source().config()?;
+    gpt2::bench::check(&config, args.prompt_tokens, args.new_tokens, args.runs)?;
     let loaded = load(&args.model, None)?;
     let r = gpt2::bench::bench(
         &loaded.model,
@@ -197,15 +200,13 @@ pub(super) fn cmd_bench(args: BenchArgs) -> Result<()> {
         args.new_tokens,
         args.runs,
     )?;
-    if args.json {
+    if args.output.json() {
         let mut v = serde_json::to_value(&r)?;
         v["model"] = loaded.name.clone().into();
-        v["dtype"] = format!("{:?}", loaded.model.dtype()).to_lowercase().into();
+        v["dtype"] = loaded.model.dtype().as_str().into();
         v["weights"] = loaded.model.weights_label().into();
         v["weight_bytes"] = loaded.model.weight_bytes().into();
-        v["kv_cache"] = format!("{:?}", loaded.model.kv_dtype())
-            .to_lowercase()
-            .into();
+        v["kv_cache"] = loaded.model.kv_dtype().as_str().into();
         v["load_ms"] = (loaded.load_time.as_secs_f64() * 1e3).into();
         v["threads"] = candle_core::utils::get_num_threads().into();
         print(format_args!("{v}\n"))?;
@@ -273,10 +274,10 @@ pub(super) fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
         inspect::write_attention(model, name, &tokens, &selection, &output)?;
     }
     note(format_args!(
-        "{name}: {} tokens, {} layer(s) x {} head(s); loaded in {:.0} ms, run and written in {:.0} ms{}\n",
-        tokens.len(),
-        selection.layers.len(),
-        selection.heads.len(),
+        "{name}: {}, {} x {}; loaded in {:.0} ms, run and written in {:.0} ms{}\n",
+        count(tokens.len(), "token"),
+        count(selection.layers.len(), "layer"),
+        count(selection.heads.len(), "head"),
         loaded.load_time.as_secs_f64() * 1e3,
         start.elapsed().as_secs_f64() * 1e3,
         args.out
@@ -291,8 +292,11 @@ pub(super) fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
 /// Prompts from a file: one per line, or JSON Lines of strings or `{"prompt": ...}` objects
 /// (`.jsonl`). Blank lines are skipped.
 fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the prompts file {}", path.display()))?;
+    let text = {
+        let _reading = gpt2::interrupt::reading_input()?;
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the prompts file {}", path.display()))?
+    };
     let jsonl = path.extension().is_some_and(|e| e == "jsonl");
     let mut prompts = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -324,7 +328,7 @@ pub(super) fn cmd_info(args: InfoArgs) -> Result<()> {
     let source = args.source.source();
     let config = source.config()?;
     let info = ModelInfo::new(&config, args.context.unwrap_or(config.n_positions))?;
-    if args.json {
+    if args.output.json() {
         let mut v = serde_json::to_value(&info)?;
         v["model"] = source.name().into();
         print(format_args!("{v}\n"))?;
@@ -335,6 +339,7 @@ pub(super) fn cmd_info(args: InfoArgs) -> Result<()> {
 }
 
 pub(super) fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
+    let reading = gpt2::interrupt::reading_input()?;
     let text = if args.file.as_os_str() == "-" {
         let mut t = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
@@ -344,6 +349,7 @@ pub(super) fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
         std::fs::read_to_string(&args.file)
             .with_context(|| format!("cannot read {}", args.file.display()))?
     };
+    drop(reading);
     let mut loaded = load(&args.model, None)?;
     let ids = loaded.tokenizer.encode(&text)?;
     // Checked against the vocabulary; any length (the windows slide).
@@ -367,7 +373,7 @@ pub(super) fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    if args.json {
+    if args.output.json() {
         let mut v = serde_json::to_value(&p)?;
         v["model"] = loaded.name.clone().into();
         v["weights"] = loaded.model.weights_label().into();
@@ -375,11 +381,11 @@ pub(super) fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
         print(format_args!("{v}\n"))?;
     } else {
         print(format_args!(
-            "perplexity {:.4}  (mean NLL {:.6} nats, {} tokens, {} windows of up to {} with stride {}; {} weights)\n",
+            "perplexity {:.4}  (mean NLL {:.6} nats, {}, {} of up to {} with stride {}; {} weights)\n",
             p.perplexity,
             p.mean_nll,
-            p.tokens,
-            p.windows,
+            count(p.tokens, "token"),
+            count(p.windows, "window"),
             p.max_length,
             p.stride,
             loaded.model.weights_label()

@@ -1,7 +1,17 @@
 //! C-style escapes in option values, as llama.cpp's `--escape` reads them: a shell passes
 //! `--stop "\n\n"` as a backslash and an `n`, twice, and what the user meant is two newlines.
 
-use anyhow::{bail, Result};
+use gpt2::{Error, Result};
+
+/// The bad escape `esc` in `s`: a bad value of `--stop` (exit 2, naming the flag).
+fn bad(s: &str, esc: &str, why: &str) -> Result<String> {
+    let msg = if s == esc {
+        format!("`{s}`: {why}")
+    } else {
+        format!("`{s}`: `{esc}`: {why}")
+    };
+    Err(Error::param("stop", msg))
+}
 
 /// `s` with `\n \r \t \0 \\ \' \" \xNN \u{N..}` replaced by what they stand for; any other
 /// backslash sequence is an error (so a typo does not silently mean something else).
@@ -23,7 +33,10 @@ pub(crate) fn unescape(s: &str) -> Result<String> {
                 let hex: String = chars.by_ref().take(2).collect();
                 match u8::from_str_radix(&hex, 16) {
                     Ok(b) if hex.len() == 2 && b < 0x80 => out.push(char::from(b)),
-                    _ => bail!("`\\x{hex}` in `{s}`: \\x takes two hex digits below 80"),
+                    _ => {
+                        let why = "\\x takes two hex digits below 80";
+                        return bad(s, &format!("\\x{hex}"), why);
+                    }
                 }
             }
             Some('u') => {
@@ -34,13 +47,23 @@ pub(crate) fn unescape(s: &str) -> Result<String> {
                     .and_then(char::from_u32);
                 match code {
                     Some(c) => out.push(c),
-                    None => bail!("`\\u{rest}}}` in `{s}`: write \\u{{hex digits}}"),
+                    None => {
+                        let why = "write \\u{hex digits} of a Unicode scalar value";
+                        return bad(s, &format!("\\u{rest}}}"), why);
+                    }
                 }
             }
             Some(c) => {
-                bail!("unknown escape `\\{c}` in `{s}` (use --no-escape for a literal backslash)")
+                let why = "unknown escape (use --no-escape for a literal backslash)";
+                return bad(s, &format!("\\{c}"), why);
             }
-            None => bail!("`{s}` ends in a lone backslash (use --no-escape, or \\\\)"),
+            None => {
+                return bad(
+                    s,
+                    "\\",
+                    "a lone backslash at the end (use --no-escape, or \\\\)",
+                )
+            }
         }
     }
     Ok(out)

@@ -11,7 +11,7 @@ mod shared;
 use std::io::Read;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gpt2::analysis::ablation::AblateMode;
 use gpt2::device::DeviceChoice;
@@ -69,8 +69,8 @@ enum Command {
 #[derive(Args)]
 struct AblateArgs {
     /// Heads to ablate, as LAYER.HEAD,... (0-based), e.g. 5.1,5.5.
-    #[arg(long, value_name = "L.H,...")]
-    ablate: Option<String>,
+    #[arg(long, value_name = "L.H,...", value_parser = parse_heads)]
+    ablate: Option<Heads>,
     /// zero: the head's output is 0 (transformers' head_mask); mean: its mean over the prompt.
     #[arg(long, default_value = "zero", value_parser = choice::<AblateMode>())]
     ablate_mode: AblateMode,
@@ -79,13 +79,31 @@ struct AblateArgs {
 impl AblateArgs {
     /// Sets the head mask `--ablate` asks for on `model` (mean taken over `prompt`).
     fn apply(&self, model: &mut gpt2::Gpt2, prompt: &[u32]) -> Result<()> {
-        let Some(spec) = &self.ablate else {
+        let Some(Heads(heads)) = &self.ablate else {
             return Ok(());
         };
-        let heads = gpt2::analysis::ablation::parse_heads(spec)?;
-        let mask = gpt2::analysis::ablation::head_mask(model, &heads, self.ablate_mode, prompt)?;
+        let mask = gpt2::analysis::ablation::head_mask(model, heads, self.ablate_mode, prompt)?;
         model.set_head_mask(Some(mask));
         Ok(())
+    }
+}
+
+/// `--ablate`'s heads (a newtype: clap would take a `Vec` for a repeated option).
+#[derive(Clone)]
+struct Heads(Vec<gpt2::analysis::ablation::HeadId>);
+
+fn parse_heads(s: &str) -> std::result::Result<Heads, String> {
+    gpt2::analysis::ablation::parse_heads(s)
+        .map(Heads)
+        .map_err(value_error)
+}
+
+/// A library error in a clap value parser: clap names the flag, so a [`gpt2::Error::Param`]
+/// gives only what is wrong with the value.
+fn value_error(e: gpt2::Error) -> String {
+    match e {
+        gpt2::Error::Param { msg, .. } => msg,
+        e => e.to_string(),
     }
 }
 
@@ -102,13 +120,19 @@ struct TargetArgs {
     )]
     target: Option<String>,
     /// The target token by id.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", allow_negative_numbers = true)]
     target_id: Option<u32>,
 }
 
 impl TargetArgs {
-    fn id(&self, tokenizer: &gpt2::Tokenizer) -> Result<Option<u32>> {
+    fn id(&self, loaded: &gpt2::Loaded) -> Result<Option<u32>> {
+        let tokenizer = &loaded.tokenizer;
+        let vocab = loaded.model.config().vocab_size;
         match (&self.target, self.target_id) {
+            (_, Some(id)) if id as usize >= vocab => Err(gpt2::Error::param(
+                "target_id",
+                format!("{id} is outside the vocabulary (0..{vocab})"),
+            ))?,
             (_, Some(id)) => Ok(Some(id)),
             (Some(text), None) => match tokenizer.encode(text)?.as_slice() {
                 [id] => Ok(Some(*id)),
@@ -128,10 +152,39 @@ impl TargetArgs {
 /// How an analysis is written.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum AnalysisFormat {
+    /// A table for people (the default)
     Text,
+    /// One JSON object, for programs
     Json,
-    /// A layers x heads heatmap (needs --out).
+    /// A layers x heads heatmap (needs --out)
     Png,
+}
+
+/// How a command that writes text or JSON writes its result: `--format`, as every command
+/// spells it; `--json` is its old spelling, kept so that scripts keep working.
+#[derive(Args)]
+struct TextOrJson {
+    /// How the result is written.
+    #[arg(long, value_enum, default_value = "text")]
+    format: TextFormat,
+    /// The same as --format json (the old spelling, kept for scripts).
+    #[arg(long, hide = true, conflicts_with = "format")]
+    json: bool,
+}
+
+impl TextOrJson {
+    fn json(&self) -> bool {
+        self.json || self.format == TextFormat::Json
+    }
+}
+
+/// Text or JSON.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TextFormat {
+    /// For people (the default)
+    Text,
+    /// JSON for programs: one object per line (generate: a line per sample)
+    Json,
 }
 
 #[derive(Args)]
@@ -166,15 +219,23 @@ struct LogitLensArgs {
     /// Put <|endoftext|> before the prompt, as TransformerLens does.
     #[arg(long)]
     bos: bool,
-    /// Tokens shown per layer and position.
-    #[arg(long, default_value_t = 5)]
-    top_k: usize,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
+    /// Tokens shown per layer and position [default: 5].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    top: Option<usize>,
+    /// The old name of --top (deprecated: --top-k samples in generate).
+    #[arg(
+        long,
+        hide = true,
+        conflicts_with = "top",
+        allow_negative_numbers = true
+    )]
+    top_k: Option<usize>,
+    #[command(flatten)]
+    output: TextOrJson,
 }
 
 #[derive(Args)]
+#[command(group = clap::ArgGroup::new("target_required").args(["target", "target_id"]).required(true))]
 struct AttributeArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -183,7 +244,7 @@ struct AttributeArgs {
     #[command(flatten)]
     target: TargetArgs,
     /// The position whose logit is taken apart (0-based); default: the last.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     position: Option<usize>,
     /// Put <|endoftext|> before the prompt, as TransformerLens does.
     #[arg(long)]
@@ -333,21 +394,31 @@ impl ModelArgs {
 /// Where the prompt comes from, and how it is tokenised.
 #[derive(Args)]
 struct PromptArgs {
-    /// The prompt text; `-` reads it from standard input.
-    #[arg(long, conflicts_with = "prompt_file", allow_hyphen_values = true)]
-    prompt: Option<String>,
-    /// Read the prompt from a file.
-    #[arg(long, value_name = "PATH")]
-    prompt_file: Option<PathBuf>,
+    #[command(flatten)]
+    input: PromptInput,
     /// Keep only the last tokens of a prompt longer than the context, instead of failing.
     #[arg(long)]
     truncate_prompt: bool,
 }
 
+/// The prompt itself: one of these is required (clap says so, naming both, before any work;
+/// inspect-heads' --prompts joins the group).
+#[derive(Args)]
+#[group(id = "prompt_input", required = true, multiple = false)]
+struct PromptInput {
+    /// The prompt text; `-` reads it from standard input.
+    #[arg(long, allow_hyphen_values = true)]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long, value_name = "PATH")]
+    prompt_file: Option<PathBuf>,
+}
+
 impl PromptArgs {
     fn text(&self) -> Result<String> {
-        match (self.prompt.as_deref(), &self.prompt_file) {
+        match (self.input.prompt.as_deref(), &self.input.prompt_file) {
             (Some("-"), _) => {
+                let _reading = gpt2::interrupt::reading_input()?;
                 let mut text = String::new();
                 std::io::stdin()
                     .read_to_string(&mut text)
@@ -355,12 +426,21 @@ impl PromptArgs {
                 Ok(text)
             }
             (Some(text), _) => Ok(text.to_string()),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the prompt file {}", path.display())),
-            (None, None) => {
-                bail!("no prompt: give --prompt TEXT, --prompt-file PATH or --prompt - (stdin)")
+            (None, Some(path)) => {
+                let _reading = gpt2::interrupt::reading_input()?;
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the prompt file {}", path.display()))
             }
+            (None, None) => Err(gpt2::Error::param(
+                "prompt",
+                "is missing: give --prompt TEXT, --prompt-file PATH or --prompt - (stdin)",
+            ))?,
         }
+    }
+
+    /// The prompt file, if the prompt comes from one.
+    fn file(&self) -> Option<&std::path::Path> {
+        self.input.prompt_file.as_deref()
     }
 
     fn options(&self, bos: bool, empty_is_bos: bool) -> PromptOptions {
@@ -377,17 +457,16 @@ struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Prompt length for the prefill measurement.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, allow_negative_numbers = true)]
     prompt_tokens: usize,
     /// Tokens to decode, one per step, after the prefill.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     new_tokens: usize,
     /// Repetitions; the fastest of each phase is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     runs: usize,
-    /// Print the result as one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: TextOrJson,
 }
 
 #[derive(Args)]
@@ -425,25 +504,29 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repeat_penalty: f32,
     /// How far back --repeat-penalty looks, in tokens.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     repeat_last_n: usize,
     /// Random seed; the same seed gives the same text. Default: a fresh one, printed in the stats.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
     /// Continuations of the prompt to generate, run together as one batch.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true,
           value_parser = clap::value_parser!(u64).range(1..))]
     num_samples: u64,
-    /// Print one JSON object per sample instead of streaming text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: TextOrJson,
     /// Record, for every generated token, its attention over the context so far (read from the
     /// KV-cached decode) into this file: .npy, .safetensors, .json or .html (a page stepping
     /// through the tokens).
     #[arg(long, value_name = "FILE")]
     attention_out: Option<PathBuf>,
     /// The layers --attention-out records, 0-based, or `all`.
-    #[arg(long, default_value = "all", requires = "attention_out")]
+    #[arg(
+        long,
+        default_value = "all",
+        requires = "attention_out",
+        allow_negative_numbers = true
+    )]
     layer: LayerChoice,
 }
 
@@ -457,11 +540,10 @@ struct PerplexityArgs {
     #[arg(long, value_name = "PATH")]
     file: PathBuf,
     /// Tokens between window starts; default: half the context (n_positions / 2).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     stride: Option<usize>,
-    /// Print one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: TextOrJson,
 }
 
 #[derive(Args)]
@@ -470,11 +552,10 @@ struct InfoArgs {
     #[command(flatten)]
     source: SourceArgs,
     /// Context length for the FLOPs per generated token; default: the model's n_positions.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     context: Option<usize>,
-    /// Print one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: TextOrJson,
 }
 
 #[derive(Args)]
@@ -486,10 +567,10 @@ struct InspectHeadsArgs {
     #[command(flatten)]
     ablate: AblateArgs,
     /// The layer to show, 0-based, or `all`.
-    #[arg(long, default_value = "all")]
+    #[arg(long, default_value = "all", allow_negative_numbers = true)]
     layer: LayerChoice,
     /// One head to show (0-based); default: every head.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     head: Option<usize>,
     /// Put <|endoftext|> before the prompt, as TransformerLens does (transformers does not).
     #[arg(long)]
@@ -507,7 +588,7 @@ struct InspectHeadsArgs {
     scores: bool,
     /// With --scores: score over every prompt of this file (one per line, or .jsonl of strings
     /// or {"prompt": ...}), reporting means and spreads.
-    #[arg(long, value_name = "FILE", requires = "scores", conflicts_with_all = ["prompt", "prompt_file"])]
+    #[arg(long, value_name = "FILE", requires = "scores", group = "prompt_input")]
     prompts: Option<PathBuf>,
 }
 
@@ -546,6 +627,10 @@ mod tests {
             "--stop",
             "--no-escape",
             "--json",
+            "--top",
+            "--ablate",
+            "text",
+            "json",
             "--layer",
             "--head",
             "--format",

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use gpt2::{Loaded, ModelSource};
 
 use super::{ModelArgs, PromptArgs, SourceArgs};
@@ -14,18 +14,24 @@ pub(super) fn load(args: &ModelArgs, layers: Option<usize>) -> Result<Loaded> {
     let source = args.source.source();
     let mut opts = args.options()?;
     opts.layers = layers;
+    let what = match &source {
+        ModelSource::Layout { path, .. } => format!("--config {}", path.display()),
+        ModelSource::Dir(dir) => format!("--model-dir {}", dir.display()),
+        ModelSource::Hub { repo, .. } => format!("cannot load {repo}"),
+    };
+    let loaded = source.load(&opts).map_err(|e| match e {
+        // It names the repo, and what to do comes first.
+        e @ gpt2::Error::HubUnreachable { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context(what),
+    })?;
+    // Once it loaded: a layout that does not exist is an error, not random weights.
     if source.is_random() {
         note(format_args!(
             "warning: {} has random weights (seeded): its text is noise; use it for shapes, memory and speed\n",
             source.name()
         ));
     }
-    let what = match &source {
-        ModelSource::Layout { path, .. } => format!("--config {}", path.display()),
-        ModelSource::Dir(dir) => format!("--model-dir {}", dir.display()),
-        ModelSource::Hub { repo, .. } => format!("cannot load {repo}"),
-    };
-    source.load(&opts).context(what)
+    Ok(loaded)
 }
 
 /// Before any work (and any download): the files the run reads are protected, and every file it
@@ -38,7 +44,7 @@ pub(super) fn guard(
     outputs: &[(&'static str, std::path::PathBuf)],
 ) -> Result<()> {
     source.source().protect_files()?;
-    if let Some(path) = &prompt.prompt_file {
+    if let Some(path) = prompt.file() {
         gpt2::output::protect(path, "the prompt file")?;
     }
     if let Some(path) = prompts {
@@ -58,8 +64,9 @@ pub(super) fn note_done(
     out: Option<&std::path::Path>,
 ) {
     note(format_args!(
-        "{}: {tokens} tokens; loaded in {:.0} ms, ran in {:.0} ms{}\n",
+        "{}: {}; loaded in {:.0} ms, ran in {:.0} ms{}\n",
         loaded.name,
+        count(tokens, "token"),
         loaded.load_time.as_secs_f64() * 1e3,
         start.elapsed().as_secs_f64() * 1e3,
         out.map(|p| format!(", written to {}", p.display()))
@@ -78,6 +85,15 @@ pub(super) fn print_peak_memory() {
     };
     if let Some(mib) = peak() {
         note(format_args!("peak memory: {mib:.1} MiB\n"));
+    }
+}
+
+/// `n` and `noun`, plural unless one: `1 token`, `2 tokens`.
+pub(super) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 

@@ -359,10 +359,15 @@ impl Hub {
                 };
                 format!("{who} answered {code} {text}{times}{hint}")
             }
-            Failure::Transfer { msg, network: true } => format!(
-                "{msg}; without network, use --model-dir DIR for a local folder, or \
-                 HF_HUB_OFFLINE=1 to use only the cache"
-            ),
+            Failure::Transfer { msg, network: true } => {
+                return Error::HubUnreachable {
+                    repo: self.repo_id.clone(),
+                    revision: self.revision.clone(),
+                    file: file.to_string(),
+                    cached: self.cached("config.json").is_some(),
+                    detail: redact(msg, self.client.as_ref().and_then(Client::token)),
+                }
+            }
             Failure::Transfer { msg, .. } => msg,
         };
         let msg = format!(
