@@ -982,7 +982,9 @@ fn ctrl_c_keeps_the_text_and_the_stats() -> Result {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(1500));
+    // Nothing streams to wait on: wait until it has spent a third of a CPU second (the tiny
+    // model decodes thousands of tokens in that), which a loaded machine only delays.
+    common::wait_for_cpu_time(child.id(), Duration::from_millis(330))?;
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()?;

@@ -290,3 +290,32 @@ pub fn skip(test: &str, reason: &str) {
         );
     }
 }
+
+/// Waits until process `pid` has used `cpu` of CPU time (user + system, from
+/// `/proc/PID/stat`): work done, whatever else the machine is doing. A deadline of two minutes
+/// only catches a process that never gets there.
+pub fn wait_for_cpu_time(pid: u32, cpu: std::time::Duration) -> Result<()> {
+    use std::time::{Duration, Instant};
+    // Clock ticks per second: 100 on every Linux this runs on (USER_HZ).
+    let ticks = (cpu.as_secs_f64() * 100.0).ceil() as u64;
+    let start = Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces, inside parentheses): utime and
+        // stime are the 12th and 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if f.iter().sum::<u64>() >= ticks {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err(format!("process {pid} used under {cpu:?} of CPU in 2 minutes").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
