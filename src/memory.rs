@@ -32,6 +32,7 @@ pub fn available() -> Option<u64> {
 
 /// What `RLIMIT_AS` (`ulimit -v`) leaves of the address space: past it every allocation fails,
 /// and a failed allocation aborts. `None` without a limit.
+#[cfg(unix)]
 fn address_space_left() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -47,7 +48,13 @@ fn address_space_left() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
     let kib = line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
-    Some(lim.rlim_cur.saturating_sub(kib.saturating_mul(1024)))
+    let limit = u64::try_from(lim.rlim_cur).ok()?;
+    Some(limit.saturating_sub(kib.saturating_mul(1024)))
+}
+
+#[cfg(not(unix))]
+fn address_space_left() -> Option<u64> {
+    None
 }
 
 /// `Ok` when `needed` bytes fit in what is [`available`], else [`Error::OutOfMemory`] about

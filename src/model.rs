@@ -266,6 +266,22 @@ impl Gpt2 {
         layers: &[usize],
     ) -> Result<(Tensor, Vec<Tensor>)> {
         self.check_layers(layers)?;
+        // Every asked layer's probabilities are kept until the pass ends (the pass itself checks
+        // one layer's working set).
+        let (b, t) = ids.dims2()?;
+        let keys = cache.as_ref().map_or(0, |c| c.seq_len()).saturating_add(t);
+        let kept =
+            product(&[b, self.config.n_head, t, keys, 4]).saturating_mul(layers.len() as u128);
+        crate::memory::check_or(
+            kept,
+            || {
+                format!(
+                    "the attention of {} layers over {t} × {keys} positions",
+                    layers.len()
+                )
+            },
+            "ask for fewer layers or a shorter prompt",
+        )?;
         let mut by_layer = HashMap::new();
         let mut hook = Patterns {
             layers,

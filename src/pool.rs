@@ -113,7 +113,6 @@ pub(crate) fn threads() -> usize {
     pool().workers + 1
 }
 
-/// Workers alive (for tests: a panic must not lose one).
 /// An output buffer written by several threads at disjoint places.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedOut(pub(crate) *mut f32);
@@ -142,6 +141,7 @@ unsafe impl Sync for SharedOut {}
 // SAFETY: as for `Sync`.
 unsafe impl Send for SharedOut {}
 
+/// Workers alive (for tests: a panic must not lose one).
 #[cfg(test)]
 pub(crate) fn workers() -> usize {
     pool().workers

@@ -15,8 +15,8 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 
 /// Memory `tokenizers` takes per byte of text while encoding it, at most: the text's copies and
 /// byte-to-byte alignments (normalised and pre-tokenised), BPE's symbols, and the encoding's
-/// per-token ids, offsets and strings. Measured 190 to 280 on text of one token per byte
-/// (growth of its vectors included); a little more, to be sure of the refusal.
+/// per-token ids, offsets and strings, on text of one token per byte, vectors' growth included
+/// (measured in docs/PERF.md's log); a little more, to be sure of the refusal.
 const ENCODE_BYTES_PER_BYTE: usize = 320;
 
 /// Where a model's tokenizer lives: `tokenizer.json` when it has one (preferred, as transformers
@@ -70,12 +70,13 @@ pub struct Tokenizer {
 /// in proportion to the text (a second per match found); the second Ctrl-C stops it.
 const REGEX_SEARCH_STEPS: std::os::raw::c_ulong = 100_000_000;
 
-/// Sets [`REGEX_SEARCH_STEPS`] once, before any tokenizer of ours searches (each is built
-/// through [`Tokenizer::checked`]).
+/// Sets [`REGEX_SEARCH_STEPS`] once, before any tokenizer of ours searches (each is parsed in
+/// [`Tokenizer::from_file`] or built through [`Tokenizer::checked`], which call this first).
 fn limit_regex_search() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     // SAFETY: writes one of Oniguruma's globals, read when a search starts; the `Once` orders it
-    // before every search of ours.
+    // before every search of ours (every path to one calls this first, and `call_once` makes
+    // other threads wait until it has run).
     ONCE.call_once(|| unsafe {
         onig_sys::onig_set_retry_limit_in_search(REGEX_SEARCH_STEPS);
     });
@@ -112,10 +113,13 @@ impl Tokenizer {
         }
     }
 
-    /// Loads a `tokenizer.json`.
+    /// Loads a `tokenizer.json`. Parsing already runs its normalizer over added tokens, so the
+    /// regex limit is set first and a panic of the crate is an error naming the file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let inner = tokenizers::Tokenizer::from_file(path)
+        limit_regex_search();
+        let inner = catch_panic(|| tokenizers::Tokenizer::from_file(path))
+            .map_err(|p| Error::Tokenizer(format!("{}: cannot be read ({p})", path.display())))?
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Self::checked(inner, path.display().to_string())
     }
@@ -183,8 +187,9 @@ impl Tokenizer {
                 .ok_or_else(|| Error::Tokenizer(format!("{}: path is not UTF-8", p.display())))
         };
         let origin = format!("{} + {}", vocab.display(), merges.display());
-        let bpe = BPE::from_file(&path_str(vocab)?, &path_str(merges)?)
-            .build()
+        let (vocab, merges) = (path_str(vocab)?, path_str(merges)?);
+        let bpe = catch_panic(|| BPE::from_file(&vocab, &merges).build())
+            .map_err(|p| Error::Tokenizer(format!("{origin}: cannot be read ({p})")))?
             .map_err(|e| Error::Tokenizer(format!("{origin}: {e}")))?;
         Self::byte_level(bpe, origin)
     }

@@ -70,14 +70,17 @@ fn modules(src: &Path) -> HashMap<String, Vec<PathBuf>> {
     mods
 }
 
-/// The modules `file`'s code (before its first `#[cfg(test)]`, comments left out) names as
-/// `crate::<m>`; `main.rs` and `cli/` name the library as `gpt2::<m>`.
+/// The modules `file`'s code (before its test module, comments left out) names as
+/// `crate::<m>` or `crate::{<m>, ..}`; `main.rs` and `cli/` name the library as `gpt2::<m>`.
 fn uses(file: &Path, prefix: &str) -> Vec<(usize, String)> {
     let text = std::fs::read_to_string(file).expect("read a source file");
+    let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in lines.iter().enumerate() {
         let code = line.trim_start();
-        if code.starts_with("#[cfg(test)]") {
+        // The test module ends the code; a test-only item (`#[cfg(test)] fn`) does not.
+        let next = lines.get(i + 1).map_or("", |l| l.trim_start());
+        if code.starts_with("#[cfg(test)]") && next.starts_with("mod ") {
             break;
         }
         if code.starts_with("//") {
@@ -85,12 +88,22 @@ fn uses(file: &Path, prefix: &str) -> Vec<(usize, String)> {
         }
         let code = code.split("//").next().unwrap_or("");
         for part in code.split(prefix).skip(1) {
-            let name: String = part
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            if !name.is_empty() {
-                out.push((i + 1, name));
+            // `crate::a::..`, or a group `crate::{a, b::c}` (one line).
+            let group = part
+                .strip_prefix('{')
+                .map(|g| g.split('}').next().unwrap_or(""));
+            let heads: Vec<&str> = match group {
+                Some(g) => g.split(',').map(str::trim).collect(),
+                None => vec![part],
+            };
+            for head in heads {
+                let name: String = head
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    out.push((i + 1, name));
+                }
             }
         }
     }

@@ -812,8 +812,7 @@ fn examples_print_errors_as_one_line() -> Result {
 fn an_unreachable_hub_says_what_to_do_first() -> Result {
     let home = common::scratch("cli", "unreachable-hub");
     let run = |args: &[&str]| -> Result<String> {
-        let out = std::process::Command::new(common::BIN)
-            .args(args)
+        let out = common::gpt2_command(args)
             .env_remove("HF_HUB_OFFLINE")
             .env_remove("HF_HUB_CACHE")
             .env_remove("HF_TOKEN")
@@ -957,7 +956,16 @@ fn every_command_takes_format_and_old_spellings_still_work() -> Result {
         "{err}"
     );
     assert_eq!(top, top_k);
+    // `--top 2` is taken: every row of every position lists exactly 2 tokens (the default is 5).
     let v: Value = serde_json::from_str(&top)?;
-    assert!(v.to_string().contains("prob"), "{v}");
+    let rows = v["top"].as_array().ok_or("top")?;
+    assert!(!rows.is_empty(), "{v}");
+    for row in rows {
+        for position in row.as_array().ok_or("row")? {
+            let entries = position.as_array().ok_or("position")?;
+            assert_eq!(entries.len(), 2, "{v}");
+            assert!(entries.iter().all(|e| e["prob"].is_f64()), "{v}");
+        }
+    }
     Ok(())
 }

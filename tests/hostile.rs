@@ -313,7 +313,7 @@ fn a_layout_too_big_for_memory_is_refused_before_allocating() -> Result {
     assert_error(&out, 1, &["--config"]);
     let err = stderr(&out);
     assert!(
-        err.contains("the weights (F32) needs ") && err.contains("bytes"),
+        err.contains("the weights (f32) needs ") && err.contains("bytes"),
         "{err}"
     );
     Ok(())
@@ -868,8 +868,7 @@ fn a_token_never_appears_in_any_output() -> Result {
         format!("{secret} rest"),
         secret.to_string(),
     ] {
-        let out = Command::new(BIN)
-            .args(["generate", "--model", "org/private", "--prompt", "x"])
+        let out = common::gpt2_command(&["generate", "--model", "org/private", "--prompt", "x"])
             .env_remove("HF_HUB_OFFLINE")
             .env("HF_ENDPOINT", "http://127.0.0.1:9")
             .env("HF_HOME", common::scratch("hostile", "token"))
@@ -877,7 +876,7 @@ fn a_token_never_appears_in_any_output() -> Result {
             .output()?;
         let all = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
         assert!(!all.contains("SecretTokenValue"), "{all}");
-        assert_error(&out, 1, &[""]);
+        assert_error(&out, 1, &["127.0.0.1:9"]);
     }
     Ok(())
 }
@@ -1119,6 +1118,12 @@ fn wait_or_kill(child: &mut std::process::Child, what: &str) -> Result<std::proc
 
 /// Ctrl-C while the prompt is read from a pipe (or FIFO) whose writer stays open: no check
 /// would ever come, so the first one exits 130 at once (it was ignored: the read went on).
+/// Whether process `pid`'s main thread sleeps in a pipe or FIFO read (`/proc/PID/wchan`:
+/// `pipe_read`, `anon_pipe_read`, ...).
+fn reading_a_pipe(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|w| w.contains("pipe_read"))
+}
+
 #[test]
 fn ctrl_c_while_reading_an_open_prompt_pipe_exits_130() -> Result {
     let dir = common::scratch("hostile", "open-fifo");
@@ -1140,13 +1145,13 @@ fn ctrl_c_while_reading_an_open_prompt_pipe_exits_130() -> Result {
             .stderr(Stdio::piped())
             .spawn()?;
         let stdin = child.stdin.take(); // open until the end
-                                        // The handler is installed once its thread runs; a Ctrl-C before the read begins must
-                                        // end the run as well.
+                                        // The Ctrl-C must land while the read blocks (a Ctrl-C before it is the easy case): wait
+                                        // for the handler's thread, then for the main thread to sleep in a pipe read.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !has_thread(child.id(), "ctrl-c") {
+        while !has_thread(child.id(), "ctrl-c") || !reading_a_pipe(child.id()) {
             assert!(
                 Instant::now() < deadline,
-                "{source:?}: no Ctrl-C handler thread"
+                "{source:?}: never blocked reading the prompt with a Ctrl-C handler"
             );
             std::thread::sleep(Duration::from_millis(10));
         }

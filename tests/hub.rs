@@ -703,13 +703,10 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> Running {
         "HF_HUB_OFFLINE",
         "HF_HUB_ETAG_TIMEOUT",
         "HF_HUB_DOWNLOAD_TIMEOUT",
-        "ALL_PROXY",
-        "all_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-    ] {
+    ]
+    .into_iter()
+    .chain(common::PROXY_VARS)
+    {
         cmd.env_remove(var);
     }
     if !env.iter().any(|(k, _)| *k == "HF_ENDPOINT") {

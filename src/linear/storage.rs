@@ -120,10 +120,10 @@ impl Storage {
         elements.saturating_mul(num) / den
     }
 
-    /// `F32`, `q8_0`, ...: for messages.
+    /// `f32`, `q8_0`, ...: for messages, as the stats line names them.
     pub(crate) fn label(self) -> String {
         match self {
-            Self::Dtype(d) => format!("{d:?}"),
+            Self::Dtype(d) => d.as_str().to_string(),
             Self::Quant(q) => q.name().to_string(),
         }
     }
@@ -254,10 +254,8 @@ impl Loader {
                     HostElems::Bf16(buf)
                 }))
             }
-            Storage::Dtype(d) => Err(Error::param(
-                "dtype",
-                format!("{d:?} is not a weight dtype (f32, f16 or bf16)"),
-            )),
+            // `Gpt2::new` refuses other dtypes before loading.
+            Storage::Dtype(d) => Err(Error::Internal(format!("{d:?} weights on the host"))),
             Storage::Quant(kind) => {
                 // The embedding / LM head takes 6 bits under 4-bit blocks, as llama.cpp keeps
                 // `token_embd`/`output` in `q6_K` in its Q4_0 files: its error goes straight

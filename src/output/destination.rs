@@ -8,7 +8,7 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{forget_temporary, lock, temp_in, TEMPORARIES};
+use super::{lock, temp_in};
 use crate::error::{Error, Result};
 
 /// Files the run reads ([`protect`]), which no output may replace.
@@ -98,9 +98,8 @@ pub fn reserve(param: &'static str, dest: &Path) -> Result<()> {
                 ),
             )
         })?;
-        // Deleted on drop; meanwhile a second Ctrl-C deletes it too.
-        lock(&TEMPORARIES).push(probe.path().to_path_buf());
-        forget_temporary(probe.path());
+        // Deleted as it drops, here.
+        drop(probe);
     }
     lock(&RESERVED).push((param, dest.to_path_buf()));
     Ok(())

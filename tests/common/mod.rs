@@ -106,8 +106,22 @@ pub fn gpt2_command(args: &[&str]) -> Command {
     cmd.args(args)
         .env("HF_HUB_OFFLINE", "1")
         .env("RUST_BACKTRACE", "1");
+    // The machine's proxy would stand between a test and its 127.0.0.1 servers.
+    for var in PROXY_VARS {
+        cmd.env_remove(var);
+    }
     cmd
 }
+
+/// The proxy variables ureq reads (`try_proxy_from_env`).
+pub const PROXY_VARS: [&str; 6] = [
+    "ALL_PROXY",
+    "all_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+];
 
 /// Runs [`gpt2_command`] with nothing on stdin.
 pub fn gpt2(args: &[&str]) -> Result<Output> {
