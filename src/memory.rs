@@ -48,6 +48,8 @@ fn address_space_left() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
     let kib = line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    // `rlim_t` is u64 on Linux, not on every unix.
+    #[allow(clippy::useless_conversion)]
     let limit = u64::try_from(lim.rlim_cur).ok()?;
     Some(limit.saturating_sub(kib.saturating_mul(1024)))
 }
