@@ -876,7 +876,7 @@ fn a_token_never_appears_in_any_output() -> Result {
             .output()?;
         let all = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
         assert!(!all.contains("SecretTokenValue"), "{all}");
-        assert_error(&out, 1, &["127.0.0.1:9"]);
+        assert_error(&out, 1, &["org/private"]);
     }
     Ok(())
 }
