@@ -1116,14 +1116,14 @@ fn wait_or_kill(child: &mut std::process::Child, what: &str) -> Result<std::proc
     }
 }
 
-/// Ctrl-C while the prompt is read from a pipe (or FIFO) whose writer stays open: no check
-/// would ever come, so the first one exits 130 at once (it was ignored: the read went on).
 /// Whether process `pid`'s main thread sleeps in a pipe or FIFO read (`/proc/PID/wchan`:
 /// `pipe_read`, `anon_pipe_read`, ...).
 fn reading_a_pipe(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|w| w.contains("pipe_read"))
 }
 
+/// Ctrl-C while the prompt is read from a pipe (or FIFO) whose writer stays open: no check
+/// would ever come, so the first one exits 130 at once (it was ignored: the read went on).
 #[test]
 fn ctrl_c_while_reading_an_open_prompt_pipe_exits_130() -> Result {
     let dir = common::scratch("hostile", "open-fifo");

@@ -125,20 +125,72 @@ pub const PROXY_VARS: [&str; 6] = [
 
 /// Runs [`gpt2_command`] with nothing on stdin.
 pub fn gpt2(args: &[&str]) -> Result<Output> {
-    Ok(gpt2_command(args).stdin(Stdio::null()).output()?)
+    output_within(gpt2_command(args).stdin(Stdio::null()), None)
 }
 
 /// Runs [`gpt2_command`] with `input` on stdin.
 pub fn gpt2_with_stdin(args: &[&str], input: &str) -> Result<Output> {
-    let mut child = gpt2_command(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut pipe = child.stdin.take().ok_or("no stdin")?;
-    pipe.write_all(input.as_bytes())?;
-    drop(pipe);
-    Ok(child.wait_with_output()?)
+    output_within(
+        gpt2_command(args).stdin(Stdio::piped()),
+        Some(input.as_bytes().to_vec()),
+    )
+}
+
+/// How long a run may take before a test calls it hung: generous, so that only a hang (never a
+/// slow, loaded machine) reaches it.
+pub const HANG: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Runs `cmd` to its end, its stdout and stderr captured (drained on their own threads, so a
+/// full pipe never blocks it) and `input` written to its stdin, like `Command::output`, but
+/// killed and reported after [`HANG`].
+pub fn output_within(cmd: &mut Command, input: Option<Vec<u8>>) -> Result<Output> {
+    use std::io::Read;
+    use std::time::Instant;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    if let (Some(bytes), Some(mut pipe)) = (input, child.stdin.take()) {
+        // A writer thread, so a child that never reads cannot block the test either.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&bytes);
+        });
+    }
+    let deadline = Instant::now() + HANG;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{cmd:?} did not finish in {HANG:?}").into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().map_err(|_| "stdout reader panicked")?,
+        stderr: stderr.join().map_err(|_| "stderr reader panicked")?,
+    })
 }
 
 /// Runs `gpt2 args` as [`gpt2`] does, under bash with its address space limited to `kib` KiB
