@@ -78,6 +78,36 @@ pub fn check_or(needed: u128, what: impl FnOnce() -> String, hint: &str) -> Resu
     }
 }
 
+/// All of `r` (a prompt file, standard input: `name` in errors) as UTF-8 text, refused with its
+/// size instead of aborting when it cannot fit: a file's `len`, when known, is checked before
+/// reading, and the reading stops at what memory has room for.
+pub fn read_text(
+    r: impl std::io::Read,
+    len: Option<u64>,
+    name: &std::path::Path,
+) -> Result<String> {
+    use std::io::Read;
+    let what = || format!("reading {}", name.display());
+    let hint = "split it into smaller files";
+    if let Some(len) = len {
+        check_or(len.into(), what, hint)?;
+    }
+    let room = available().unwrap_or(u64::MAX);
+    let mut bytes = Vec::new();
+    r.take(room.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(name, e))?;
+    if bytes.len() as u64 > room {
+        check_or(u128::MAX, what, hint)?;
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Error::io(
+            name,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
+        )
+    })
+}
+
 /// `a · b · ...` in u128, saturating: sizes of hostile layouts do not wrap.
 pub fn product(factors: &[usize]) -> u128 {
     factors

@@ -511,6 +511,42 @@ fn attention_too_big_for_memory_is_refused_before_allocating() -> Result {
     Ok(())
 }
 
+/// A prompt file (or prompts file, or perplexity text) bigger than the memory left is refused
+/// with its size before it is read: reading it whole aborted ("memory allocation of ...
+/// failed"). An 8 GiB sparse file under a 600 MB address space.
+#[test]
+fn a_prompt_file_bigger_than_memory_is_refused_before_reading() -> Result {
+    let dir = common::scratch("hostile", "huge-prompt-file");
+    let file = dir.join("prompt.txt");
+    std::fs::File::create(&file)?.set_len(8 << 30)?;
+    let f = file.to_str().ok_or("p")?;
+    let t = tiny();
+    for args in [
+        &["generate", "--model-dir", &t, "--prompt-file", f][..],
+        &["perplexity", "--model-dir", &t, "--file", f],
+        &[
+            "inspect-heads",
+            "--model-dir",
+            &t,
+            "--scores",
+            "--prompts",
+            f,
+        ],
+    ] {
+        let out = common::gpt2_with_memory_limit(600_000, args)?;
+        assert_error(
+            &out,
+            1,
+            &[
+                "reading ",
+                "prompt.txt needs ",
+                "split it into smaller files",
+            ],
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn a_prompt_too_big_to_tokenise_is_refused_with_its_size() -> Result {
     // Tokenising takes ~200 bytes of memory per byte of text: 4 MiB of prompt under a 600 MB

@@ -294,7 +294,7 @@ pub(super) fn cmd_inspect_heads(args: InspectHeadsArgs) -> Result<()> {
 fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
     let text = {
         let _reading = gpt2::interrupt::reading_input()?;
-        std::fs::read_to_string(path)
+        super::read_file(path)
             .with_context(|| format!("cannot read the prompts file {}", path.display()))?
     };
     let jsonl = path.extension().is_some_and(|e| e == "jsonl");
@@ -341,12 +341,11 @@ pub(super) fn cmd_info(args: InfoArgs) -> Result<()> {
 pub(super) fn cmd_perplexity(args: PerplexityArgs) -> Result<()> {
     let reading = gpt2::interrupt::reading_input()?;
     let text = if args.file.as_os_str() == "-" {
-        let mut t = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
-            .context("cannot read the text from standard input")?;
-        t
+        let stdin = std::path::Path::new("standard input");
+        gpt2::memory::read_text(std::io::stdin(), None, stdin)
+            .context("cannot read the text from standard input")?
     } else {
-        std::fs::read_to_string(&args.file)
+        super::read_file(&args.file)
             .with_context(|| format!("cannot read {}", args.file.display()))?
     };
     drop(reading);

@@ -8,7 +8,6 @@ mod commands;
 mod escape;
 mod shared;
 
-use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -374,6 +373,13 @@ where
     PossibleValuesParser::new(values).try_map(|s| s.parse::<T>().map_err(|e| e.to_string()))
 }
 
+/// A text file (a prompt, prompts, a perplexity text), its size checked against memory first.
+fn read_file(path: &std::path::Path) -> Result<String> {
+    let file = std::fs::File::open(path).map_err(|e| gpt2::Error::io(path, e))?;
+    let len = file.metadata().ok().map(|m| m.len());
+    Ok(gpt2::memory::read_text(file, len, path)?)
+}
+
 fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
     s.parse().map_err(|e: gpt2::Error| e.to_string())
 }
@@ -419,16 +425,14 @@ impl PromptArgs {
         match (self.input.prompt.as_deref(), &self.input.prompt_file) {
             (Some("-"), _) => {
                 let _reading = gpt2::interrupt::reading_input()?;
-                let mut text = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut text)
-                    .context("cannot read the prompt from standard input")?;
-                Ok(text)
+                let stdin = std::path::Path::new("standard input");
+                gpt2::memory::read_text(std::io::stdin(), None, stdin)
+                    .context("cannot read the prompt from standard input")
             }
             (Some(text), _) => Ok(text.to_string()),
             (None, Some(path)) => {
                 let _reading = gpt2::interrupt::reading_input()?;
-                std::fs::read_to_string(path)
+                read_file(path)
                     .with_context(|| format!("cannot read the prompt file {}", path.display()))
             }
             (None, None) => Err(gpt2::Error::param(
