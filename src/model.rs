@@ -120,7 +120,9 @@ impl Gpt2 {
             )));
         }
         // Refused before any weight is made: a layout with huge dimensions would abort.
-        let needed = target.storage.bytes(layout_elements(&config, n_layers));
+        let needed = target
+            .storage
+            .bytes(crate::checkpoint::layout_elements(&config, n_layers));
         crate::memory::check(needed, || {
             format!("the weights ({})", target.storage.label())
         })?;
@@ -594,20 +596,6 @@ impl Gpt2 {
         };
         crate::memory::check_or(needed, what, "use a shorter prompt")
     }
-}
-
-/// Elements of the embeddings and the first `n_layers` blocks of `config`'s checkpoint.
-fn layout_elements(config: &Config, n_layers: usize) -> u128 {
-    crate::checkpoint::checkpoint_layout(config)
-        .iter()
-        .filter(|(name, _)| {
-            let layer = name.strip_prefix("h.").and_then(|r| r.split('.').next());
-            layer
-                .and_then(|l| l.parse::<usize>().ok())
-                .is_none_or(|l| l < n_layers)
-        })
-        .map(|(_, shape)| crate::memory::product(shape))
-        .fold(0, u128::saturating_add)
 }
 
 fn no_logits() -> Error {

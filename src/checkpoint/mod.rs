@@ -33,9 +33,9 @@ use crate::tokenizer::TokenizerFiles;
 
 mod random;
 
-pub(crate) use random::checkpoint_layout;
 pub use random::random_checkpoint;
 use random::random_tensor;
+pub(crate) use random::{checkpoint_layout, layout_elements};
 
 /// The files of a model, on local disk.
 #[derive(Debug, Clone, PartialEq)]

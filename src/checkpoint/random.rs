@@ -38,6 +38,20 @@ pub(crate) fn checkpoint_layout(config: &Config) -> Vec<(String, Vec<usize>)> {
     layout
 }
 
+/// Elements of the embeddings and the first `n_layers` blocks of `config`'s checkpoint.
+pub(crate) fn layout_elements(config: &Config, n_layers: usize) -> u128 {
+    checkpoint_layout(config)
+        .iter()
+        .filter(|(name, _)| {
+            let layer = name.strip_prefix("h.").and_then(|r| r.split('.').next());
+            layer
+                .and_then(|l| l.parse::<usize>().ok())
+                .is_none_or(|l| l < n_layers)
+        })
+        .map(|(_, shape)| crate::memory::product(shape))
+        .fold(0, u128::saturating_add)
+}
+
 /// A seeded random checkpoint for `config`, named and shaped as the Hub's GPT-2 files; each tensor
 /// as [`Checkpoint::Random`] makes it.
 pub fn random_checkpoint(config: &Config, seed: u64) -> Result<HashMap<String, Tensor>> {
