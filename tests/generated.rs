@@ -32,7 +32,7 @@ fn generate(out: &Path, extra: &[&str]) -> Result<Value> {
     ]);
     args.push(out.to_str().ok_or("p")?);
     args.extend_from_slice(extra);
-    let o = gpt2_command(&args).output()?;
+    let o = common::output_within(&mut gpt2_command(&args), None)?;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     Ok(serde_json::from_slice(&o.stdout)?)
 }
@@ -143,7 +143,7 @@ fn the_run_must_fit_one_sample_in_the_context() -> Result {
             o,
         ];
         args.extend_from_slice(extra);
-        let out = gpt2_command(&args).output()?;
+        let out = common::output_within(&mut gpt2_command(&args), None)?;
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains(needle));
     }
@@ -165,22 +165,22 @@ fn the_page_steps_through_the_generated_tokens_in_a_browser() -> Result {
         return Ok(());
     };
     let profile = common::tmp("generated-chromium-profile");
-    let out = Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("file://{}#layer=1&head=2&step=3", path.display()))
-        .output()?;
+    let mut cmd = Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--dump-dom",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .arg(format!("file://{}#layer=1&head=2&step=3", path.display()));
+    let out = common::output_within(&mut cmd, None)?;
     let dom = String::from_utf8(out.stdout)?;
     assert!(
         dom.contains(r#"<pre id="errors" hidden=""></pre>"#),

@@ -954,28 +954,41 @@ fn interrupt(args: &[&str], bytes: usize) -> Result<Output> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    // The pipes are read on their own threads, so no read here can block past the deadlines.
     let mut stdout = child.stdout.take().ok_or("stdout")?;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    let start = Instant::now();
-    while seen.len() < bytes {
-        let n = stdout.read(&mut buf)?;
-        if n == 0 || start.elapsed() > Duration::from_secs(60) {
-            break;
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
         }
-        seen.extend_from_slice(&buf[..n]);
+    });
+    let mut stderr = child.stderr.take().ok_or("stderr")?;
+    let errs = std::thread::spawn(move || {
+        let mut err = Vec::new();
+        let _ = stderr.read_to_end(&mut err);
+        err
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < bytes {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(part) => seen.extend_from_slice(&part),
+            Err(_) => break, // ended, or no output for a minute: interrupt it anyway
+        }
     }
     let pid = child.id().to_string();
     Command::new("kill").args(["-INT", &pid]).status()?;
-    stdout.read_to_end(&mut seen)?;
-    let mut err = Vec::new();
-    if let Some(mut e) = child.stderr.take() {
-        e.read_to_end(&mut err)?;
-    }
+    let status = wait_or_kill(&mut child, &format!("{args:?} after one Ctrl-C"))?;
+    let _ = reader.join();
+    seen.extend(rx.try_iter().flatten());
     Ok(Output {
-        status: child.wait()?,
+        status,
         stdout: seen,
-        stderr: err,
+        stderr: errs.join().map_err(|_| "stderr reader panicked")?,
     })
 }
 

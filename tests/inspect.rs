@@ -512,25 +512,25 @@ fn chromium_run(
     url: &str,
     args: &[&str],
 ) -> Result<(String, String)> {
-    let out = Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--hide-scrollbars",
-            &format!("--user-data-dir={}", profile.display()),
-            "--enable-logging=stderr",
-            "--v=0",
-            "--virtual-time-budget=10000",
-            "--window-size=1000,1400",
-        ])
-        .args(args)
-        .arg(url)
-        .output()?;
+    let mut cmd = Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        &format!("--user-data-dir={}", profile.display()),
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+        "--window-size=1000,1400",
+    ])
+    .args(args)
+    .arg(url);
+    let out = common::output_within(&mut cmd, None)?;
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "chromium failed: {log}");
     Ok((String::from_utf8(out.stdout)?, log))

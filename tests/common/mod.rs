@@ -125,15 +125,12 @@ pub const PROXY_VARS: [&str; 6] = [
 
 /// Runs [`gpt2_command`] with nothing on stdin.
 pub fn gpt2(args: &[&str]) -> Result<Output> {
-    output_within(gpt2_command(args).stdin(Stdio::null()), None)
+    output_within(&mut gpt2_command(args), None)
 }
 
 /// Runs [`gpt2_command`] with `input` on stdin.
 pub fn gpt2_with_stdin(args: &[&str], input: &str) -> Result<Output> {
-    output_within(
-        gpt2_command(args).stdin(Stdio::piped()),
-        Some(input.as_bytes().to_vec()),
-    )
+    output_within(&mut gpt2_command(args), Some(input.as_bytes().to_vec()))
 }
 
 /// How long a run may take before a test calls it hung: generous, so that only a hang (never a
@@ -146,6 +143,12 @@ pub const HANG: std::time::Duration = std::time::Duration::from_secs(300);
 pub fn output_within(cmd: &mut Command, input: Option<Vec<u8>>) -> Result<Output> {
     use std::io::Read;
     use std::time::Instant;
+    // Nothing on stdin unless `input` (as `Command::output` does).
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
