@@ -314,14 +314,15 @@ fn npy_holds_transformers_numbers_and_numpy_reads_it() -> Result {
         assert np.allclose(a.sum(-1), 1, atol=1e-5)\n\
         assert np.allclose(a[1, 3], b[0], atol=5e-6, rtol=0)\n\
         print(a.shape, b.shape)";
-    let out = Command::new("python3")
-        .args([
+    let out = common::output_within(
+        Command::new("python3").args([
             "-c",
             script,
             all.to_str().ok_or("p")?,
             one.to_str().ok_or("p")?,
-        ])
-        .output()?;
+        ]),
+        None,
+    )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
