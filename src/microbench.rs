@@ -50,12 +50,7 @@ fn unit(n: usize, seed: u64) -> Vec<f32> {
 /// copies of the layer, taken in turn, that the weights come from memory, as in decode.
 pub fn linear_decode(layout: &str, (k, n): (usize, usize)) -> Result<Case> {
     let kn = unit(k * n, 1);
-    let mut nk = vec![0f32; k * n];
-    for (i, row) in kn.chunks_exact(n).enumerate() {
-        for (j, v) in row.iter().enumerate() {
-            nk[j * k + i] = *v;
-        }
-    }
+    let nk = crate::linear::storage::transpose(&kn, k, n);
     let quantized =
         |kind| QuantMatrix::quantize(kind, n, k, |j, out| out.copy_from_slice(&nk[j * k..][..k]));
     let m = match layout {

@@ -3,7 +3,6 @@
 //! HTML page steps through them in a real browser.
 
 use std::path::Path;
-use std::process::Command;
 
 use gpt2::{LoadOptions, ModelSource, Tensor};
 use serde_json::Value;
@@ -165,23 +164,8 @@ fn the_page_steps_through_the_generated_tokens_in_a_browser() -> Result {
         return Ok(());
     };
     let profile = common::tmp("generated-chromium-profile");
-    let mut cmd = Command::new(browser);
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--enable-logging=stderr",
-        "--v=0",
-        "--dump-dom",
-    ])
-    .arg(format!("--user-data-dir={}", profile.display()))
-    .arg(format!("file://{}#layer=1&head=2&step=3", path.display()));
-    let out = common::output_within(&mut cmd, None)?;
-    let dom = String::from_utf8(out.stdout)?;
+    let url = format!("file://{}#layer=1&head=2&step=3", path.display());
+    let (dom, _) = common::chromium_run(browser, &profile, &url, &["--dump-dom"])?;
     assert!(
         dom.contains(r#"<pre id="errors" hidden=""></pre>"#),
         "errors shown: {dom}"

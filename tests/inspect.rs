@@ -505,42 +505,10 @@ fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
     Ok(())
 }
 
-/// Runs headless chromium on `url` with `args` (`--dump-dom`, `--screenshot=...`), its timers
-/// run to the end on a virtual clock; stdout and the log.
-fn chromium_run(
-    browser: &str,
-    profile: &Path,
-    url: &str,
-    args: &[&str],
-) -> Result<(String, String)> {
-    let mut cmd = Command::new(browser);
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--hide-scrollbars",
-        &format!("--user-data-dir={}", profile.display()),
-        "--enable-logging=stderr",
-        "--v=0",
-        "--virtual-time-budget=10000",
-        "--window-size=1000,1400",
-    ])
-    .args(args)
-    .arg(url);
-    let out = common::output_within(&mut cmd, None)?;
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "chromium failed: {log}");
-    Ok((String::from_utf8(out.stdout)?, log))
-}
-
 /// The page's DOM once its timers have run, checked to have logged nothing and shown no error
 /// (the page logs nothing when all is well).
 fn clean_dom(browser: &str, profile: &Path, url: &str) -> Result<String> {
-    let (dom, log) = chromium_run(browser, profile, url, &["--dump-dom"])?;
+    let (dom, log) = common::chromium_run(browser, profile, url, &["--dump-dom"])?;
     let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
     assert!(console.is_empty(), "{console:?}");
     assert!(
@@ -604,7 +572,7 @@ fn html_model_view_labels_every_head_and_opens_the_one_clicked() -> Result {
     // frame of the open head.
     let shot = common::tmp("inspect-model-view.png");
     let _ = std::fs::remove_file(&shot);
-    chromium_run(
+    common::chromium_run(
         browser,
         &profile,
         &url,

@@ -388,3 +388,35 @@ pub fn wait_for_cpu_time(pid: u32, cpu: std::time::Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs headless chromium on `url` with `args` (`--dump-dom`, `--screenshot=...`), its timers
+/// run to the end on a virtual clock; stdout and the log.
+pub fn chromium_run(
+    browser: &str,
+    profile: &Path,
+    url: &str,
+    args: &[&str],
+) -> Result<(String, String)> {
+    let mut cmd = Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        &format!("--user-data-dir={}", profile.display()),
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+        "--window-size=1000,1400",
+    ])
+    .args(args)
+    .arg(url);
+    let out = output_within(&mut cmd, None)?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "chromium failed: {log}");
+    Ok((String::from_utf8(out.stdout)?, log))
+}
