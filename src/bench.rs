@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::model::Gpt2;
+use crate::model::{Gpt2, Step};
 use crate::rng::SplitMix64;
 use crate::source::Loaded;
 
@@ -21,8 +21,11 @@ pub struct BenchResult {
     /// Prefill of the prompt plus picking the first token.
     pub time_to_first_token_ms: f64,
     pub prefill_tokens_per_s: f64,
-    /// Steady-state decode: one token per forward pass, from the KV cache.
+    /// Steady-state decode: one token per forward pass, from the KV cache; with a batch, the
+    /// tokens of all its sequences (aggregate).
     pub decode_tokens_per_s: f64,
+    /// Sequences decoded together ([`Gpt2::step`], as the server runs them).
+    pub batch: usize,
 }
 
 /// Checks [`bench`]'s sizes against `config` (before loading, if you like): at least one prompt
@@ -49,14 +52,26 @@ pub fn check(config: &Config, prompt_tokens: usize, new_tokens: usize, runs: usi
 }
 
 /// Prefills `prompt_tokens` pseudo-random ids, then decodes `new_tokens` greedily; `runs` times,
-/// keeping the fastest of each phase (the machine's noise only ever slows a run down).
+/// keeping the fastest of each phase (the machine's noise only ever slows a run down). With
+/// `batch` > 1, the prompt's cache is copied to `batch` sequences which are decoded together,
+/// one [`Gpt2::step`] for all per token (the server's batched decode; prefill is still one
+/// sequence's).
 pub fn bench(
     model: &Gpt2,
     prompt_tokens: usize,
     new_tokens: usize,
     runs: usize,
+    batch: usize,
 ) -> Result<BenchResult> {
     check(model.config(), prompt_tokens, new_tokens, runs)?;
+    if batch == 0 {
+        return Err(Error::param("batch", "must be at least 1"));
+    }
+    crate::memory::check_or(
+        crate::generation::kv_cache_bytes(model, batch),
+        || format!("the KV caches of {batch} sequences"),
+        "use a smaller --batch",
+    )?;
     // Any ids will do: speed does not depend on them. A seeded stream keeps runs identical.
     let mut rng = SplitMix64::new(0);
     let vocab = model.config().vocab_size as u64;
@@ -71,15 +86,36 @@ pub fn bench(
         let logits = model.forward_last(&prompt, Some(&mut cache))?;
         let mut next = logits.argmax(1)?.to_vec1::<u32>()?[0];
         let prefill = start.elapsed();
-        let decode_start = Instant::now();
-        for _ in 1..new_tokens {
-            let input = Tensor::new(&[[next]], model.device())?;
-            next = model
-                .forward_last(&input, Some(&mut cache))?
-                .argmax(1)?
-                .to_vec1::<u32>()?[0];
-        }
-        let decode = decode_start.elapsed();
+        let decode = if batch == 1 {
+            let decode_start = Instant::now();
+            for _ in 1..new_tokens {
+                let input = Tensor::new(&[[next]], model.device())?;
+                next = model
+                    .forward_last(&input, Some(&mut cache))?
+                    .argmax(1)?
+                    .to_vec1::<u32>()?[0];
+            }
+            decode_start.elapsed()
+        } else {
+            let mut caches = (0..batch)
+                .map(|_| cache.fork())
+                .collect::<Result<Vec<_>>>()?;
+            let mut next = vec![next; batch];
+            let decode_start = Instant::now();
+            for _ in 1..new_tokens {
+                let mut steps: Vec<Step> = caches
+                    .iter_mut()
+                    .zip(&next)
+                    .map(|(cache, &token)| Step {
+                        cache,
+                        token,
+                        hook: None,
+                    })
+                    .collect();
+                next = model.step(&mut steps)?.argmax(1)?.to_vec1::<u32>()?;
+            }
+            decode_start.elapsed()
+        };
         best_prefill = best_prefill.min(prefill);
         best_decode = best_decode.min(decode);
     }
@@ -89,7 +125,8 @@ pub fn bench(
         new_tokens,
         time_to_first_token_ms: best_prefill.as_secs_f64() * 1e3,
         prefill_tokens_per_s: per_s(prompt_tokens, best_prefill),
-        decode_tokens_per_s: per_s(new_tokens - 1, best_decode),
+        decode_tokens_per_s: per_s(batch * (new_tokens - 1), best_decode),
+        batch,
     })
 }
 
@@ -134,11 +171,22 @@ impl fmt::Display for BenchReport<'_> {
             "prefill     {} tokens: {:.1} ms to first token, {:.1} tokens/s",
             r.prompt_tokens, r.time_to_first_token_ms, r.prefill_tokens_per_s
         )?;
-        writeln!(
-            f,
-            "decode      {} tokens: {:.1} tokens/s",
-            r.new_tokens, r.decode_tokens_per_s
-        )?;
+        if r.batch == 1 {
+            writeln!(
+                f,
+                "decode      {} tokens: {:.1} tokens/s",
+                r.new_tokens, r.decode_tokens_per_s
+            )?;
+        } else {
+            writeln!(
+                f,
+                "decode      {} tokens x {} sequences: {:.1} tokens/s in all ({:.1} each)",
+                r.new_tokens,
+                r.batch,
+                r.decode_tokens_per_s,
+                r.decode_tokens_per_s / r.batch as f64
+            )?;
+        }
         writeln!(f, "threads     {}", candle_core::utils::get_num_threads())
     }
 }

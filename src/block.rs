@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 
-use crate::attention::Attention;
+use crate::attention::{for_each_row, Attention, StepRow};
 use crate::config::Config;
 use crate::error::Result;
 use crate::hooks::{LayerHook, Point};
@@ -60,6 +60,25 @@ impl Block {
         if let Some(h) = hook.as_mut() {
             h.at(Point::ResidPost, &mut x)?;
         }
+        Ok(x)
+    }
+
+    /// One decode step of independent sequences: `x` (N, 1, C), row `i` continuing `rows[i]`
+    /// -> (N, 1, C). Each row's numbers are those of [`Block::forward`] on it alone.
+    pub(crate) fn forward_step(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rows: &mut [StepRow<'_>],
+    ) -> Result<Tensor> {
+        let a = self
+            .attn
+            .forward_step(&self.ln_1.forward(x)?, layer, rows)?;
+        let x = (x + a)?;
+        let mut m = self.mlp.forward_rows(&self.ln_2.forward(&x)?)?;
+        for_each_row(rows, layer, Point::MlpOut, &mut m)?;
+        let mut x = (&x + m)?;
+        for_each_row(rows, layer, Point::ResidPost, &mut x)?;
         Ok(x)
     }
 }

@@ -102,7 +102,8 @@ impl GenerateParams {
         Ok(())
     }
 
-    fn sampling(&self) -> Sampling {
+    /// candle's sampler for these parameters.
+    pub(crate) fn sampling(&self) -> Sampling {
         let s = &self.sampling;
         let temperature = s.temperature;
         // Below ~3e-39, 1/T overflows f32 (the sampler multiplies by it): the limit is greedy.
@@ -260,17 +261,54 @@ fn rate(tokens: usize, d: Duration) -> Option<f64> {
 }
 
 /// One sample's state: its ids, and its text split into what was handed out and what is held
-/// back (an incomplete character, or a possible start of a stop string).
-struct Sample<'a> {
-    ids: Vec<u32>,
+/// back (an incomplete character, or a possible start of a stop string). The server's engine
+/// keeps one per choice.
+pub(crate) struct Sample<'a> {
+    pub(crate) ids: Vec<u32>,
     stream: TextStream<'a>,
-    processor: LogitsProcessor,
-    text: String,
+    pub(crate) processor: LogitsProcessor,
+    pub(crate) text: String,
     emitted: usize,
-    finish: Option<FinishReason>,
+    pub(crate) finish: Option<FinishReason>,
 }
 
-impl Sample<'_> {
+impl<'a> Sample<'a> {
+    /// A sample drawn with `seed` (the `i`th of a batch: `params.sampling.seed + i`).
+    pub(crate) fn new(tokenizer: &'a Tokenizer, params: &GenerateParams, seed: u64) -> Self {
+        Sample {
+            ids: Vec::new(),
+            stream: tokenizer.stream(),
+            processor: LogitsProcessor::from_sampling(seed, params.sampling()),
+            text: String::new(),
+            emitted: 0,
+            finish: None,
+        }
+    }
+
+    /// Takes token `next` as the sample's step `step` (0-based) of `params`: ends the sample at
+    /// EOS, a stop string or the length, and emits the text that became safe to show.
+    pub(crate) fn push(
+        &mut self,
+        next: u32,
+        step: usize,
+        params: &GenerateParams,
+        eos: u32,
+        emit: &mut impl FnMut(&str) -> Result<()>,
+    ) -> Result<()> {
+        let stops = &params.stop;
+        self.ids.push(next);
+        if params.stop_at_eos && next == eos {
+            return self.finish(FinishReason::Eos, stops, emit);
+        }
+        if let Some(text) = self.stream.push(next)? {
+            self.push_text(&text, stops, emit)?;
+        }
+        if self.finish.is_none() && step + 1 == params.max_new_tokens {
+            self.finish(FinishReason::Length, stops, emit)?;
+        }
+        Ok(())
+    }
+
     /// Appends decoded text, ends the sample at a stop string, and emits what is safe to show.
     fn push_text(
         &mut self,
@@ -297,7 +335,7 @@ impl Sample<'_> {
     }
 
     /// Ends the sample: flushes bytes that never formed a character and any held-back text.
-    fn finish(
+    pub(crate) fn finish(
         &mut self,
         reason: FinishReason,
         stops: &[String],
@@ -372,19 +410,14 @@ pub fn generate_with_hook(
     let prompt = Prompt::from_ids(prompt.ids.clone(), config)?.ids;
     let n = params.num_samples;
     check_memory(model, n, prompt.len())?;
-    let sampling = params.sampling();
     let stops = &params.stop;
     let mut samples: Vec<Sample> = (0..n)
-        .map(|i| Sample {
-            ids: Vec::new(),
-            stream: tokenizer.stream(),
-            processor: LogitsProcessor::from_sampling(
+        .map(|i| {
+            Sample::new(
+                tokenizer,
+                params,
                 params.sampling.seed.wrapping_add(i as u64),
-                sampling.clone(),
-            ),
-            text: String::new(),
-            emitted: 0,
-            finish: None,
+            )
         })
         .collect();
     // Every sample's whole sequence, the same length for all: finished samples keep being fed
@@ -444,21 +477,11 @@ pub fn generate_with_hook(
                 &Device::Cpu,
             )?)?;
             seq.push(next);
-            sample.ids.push(next);
             timings.generated_tokens += 1;
             if step > 0 {
                 timings.decode_tokens += 1;
             }
-            if params.stop_at_eos && next == config.eos_token_id {
-                sample.finish(FinishReason::Eos, stops, &mut emit)?;
-                continue;
-            }
-            if let Some(text) = sample.stream.push(next)? {
-                sample.push_text(&text, stops, &mut emit)?;
-            }
-            if sample.finish.is_none() && step + 1 == params.max_new_tokens {
-                sample.finish(FinishReason::Length, stops, &mut emit)?;
-            }
+            sample.push(next, step, params, config.eos_token_id, &mut emit)?;
         }
         if samples.iter().all(|s| s.finish.is_some()) {
             break;
@@ -491,7 +514,7 @@ pub fn generate_with_hook(
 /// values: a tiny penalty is a huge boost, not an overflow), a check that the model gave numbers,
 /// and a shift that makes the largest logit 0, so that dividing by a tiny temperature sends the
 /// others to -inf instead of overflowing (softmax does not change under a shift).
-fn prepare_logits(row: &mut [f32], penalty: f32, recent: &[u32]) -> Result<()> {
+pub(crate) fn prepare_logits(row: &mut [f32], penalty: f32, recent: &[u32]) -> Result<()> {
     if penalty != 1.0 {
         let mut seen = std::collections::HashSet::new();
         for &id in recent {
@@ -521,7 +544,7 @@ fn prepare_logits(row: &mut [f32], penalty: f32, recent: &[u32]) -> Result<()> {
 
 /// Bytes the KV caches of `samples` sequences take once allocated (every layer's keys and values
 /// for the whole context).
-fn kv_cache_bytes(model: &Gpt2, samples: usize) -> u128 {
+pub(crate) fn kv_cache_bytes(model: &Gpt2, samples: usize) -> u128 {
     let c = model.config();
     product(&[
         samples,

@@ -3,7 +3,7 @@
 //! Modules read leaf to root: [`config`] → checkpoint → attention → mlp → block → [`Gpt2`]; then
 //! [`ModelSource`] (a Hub repo, a folder or a layout file, loaded with [`LoadOptions`]), the
 //! [`tokenizer`] and [`prompt`], and the things built on a model: [`generation`], [`inspect`],
-//! [`info`], [`bench`]. `docs/ARCHITECTURE.md` is the map.
+//! [`info`], [`bench`], and the server's batching engine ([`serve`]). `docs/ARCHITECTURE.md` is the map.
 //!
 //! ```no_run
 //! use gpt2::{LoadOptions, ModelSource, Tensor};
@@ -40,6 +40,8 @@ pub mod perplexity;
 mod pool;
 pub mod prompt;
 pub mod rng;
+#[cfg(feature = "serve")]
+pub mod serve;
 mod source;
 pub mod tokenizer;
 
@@ -48,7 +50,7 @@ pub use checkpoint::{random_checkpoint, Checkpoint, ModelFiles};
 pub use config::Config;
 pub use error::{panic_is_caught, Error, Result};
 pub use hooks::{HeadMask, Hook, HookPair, Point};
-pub use model::{Cache, Gpt2, Output};
+pub use model::{Cache, Gpt2, Output, Step};
 pub use options::{LoadOptions, Quantization};
 pub use prompt::Prompt;
 pub use source::{Loaded, ModelSource};

@@ -33,4 +33,10 @@ impl Mlp {
         let h = self.c_fc.forward(x, Some(self.act))?;
         Ok(self.c_proj.forward(&h, None)?)
     }
+
+    /// [`Mlp::forward`] on rows of different sequences ([`Linear::forward_rows`]).
+    pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.c_fc.forward_rows(x, Some(self.act))?;
+        Ok(self.c_proj.forward_rows(&h, None)?)
+    }
 }

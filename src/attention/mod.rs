@@ -17,7 +17,7 @@ use candle_nn::kv_cache::KvCache;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::hooks::{LayerHook, Point};
+use crate::hooks::{Hook, LayerHook, Point};
 use crate::linear::kernels::Elems;
 use crate::linear::storage::{Loader, Storage as WeightStorage, Target};
 use crate::linear::Linear;
@@ -110,31 +110,86 @@ impl Attention {
         past: usize,
         mut hook: Option<&mut LayerHook<'_>>,
     ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let (nh, hs) = (self.n_head, self.head_size);
-
         // (B, T, C) -> (B, T, C + 2·nkv·hs)
         let qkv = self.c_attn.forward(x, None)?;
-        let wants_pattern = hook.as_ref().is_some_and(|h| h.wants(Point::Pattern));
-        let y = if self.fused && !wants_pattern && qkv.dtype() == DType::F32 {
-            self.fused(&qkv, cache, past)?
-        } else {
-            self.unfused(&qkv, mask, cache, hook.as_deref_mut())?
-        };
-        // (B, T, C): the heads' outputs side by side, head-major.
-        let y = match hook.as_deref_mut() {
-            Some(h) if h.wants(Point::Z) => {
-                let mut z = y.reshape((b, t, nh, hs))?;
-                h.at(Point::Z, &mut z)?;
-                z.reshape((b, t, c))?
-            }
-            _ => y,
-        };
+        let y = self.mix(&qkv, mask, cache, past, hook.as_deref_mut())?;
         let mut out = self.c_proj.forward(&y, None)?;
         if let Some(h) = hook {
             h.at(Point::AttnOut, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// One decode step of independent sequences: `x` (N, 1, C), row `i` the new token of
+    /// `rows[i]`, which has its own cache, position and hook. The projections read their weights
+    /// once for all rows ([`Linear::forward_rows`]: each row's numbers are its own, as if alone);
+    /// attention runs per sequence over its own cache.
+    pub(crate) fn forward_step(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rows: &mut [StepRow<'_>],
+    ) -> Result<Tensor> {
+        let (n, _, _) = x.dims3()?;
+        if n != rows.len() {
+            return Err(Error::Internal(format!(
+                "attention step: {n} rows for {} sequences",
+                rows.len()
+            )));
+        }
+        // (N, 1, C) -> (N, 1, C + 2·nkv·hs)
+        let qkv = self.c_attn.forward_rows(x, None)?;
+        let ys = rows
+            .iter_mut()
+            .enumerate()
+            .map(|(i, row)| {
+                let mut hook = LayerHook {
+                    layer,
+                    hook: &mut *row.hook,
+                };
+                // (1, 1, C + 2·nkv·hs) -> (1, 1, C)
+                self.mix(
+                    &qkv.narrow(0, i, 1)?,
+                    None,
+                    Some(&mut *row.cache),
+                    row.past,
+                    Some(&mut hook),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // N × (1, 1, C) -> (N, 1, C)
+        let mut out = self.c_proj.forward_rows(&Tensor::cat(&ys, 0)?, None)?;
+        for_each_row(rows, layer, Point::AttnOut, &mut out)?;
+        Ok(out)
+    }
+
+    /// Q, K, V (B, T, C + 2·nkv·hs) -> the heads' outputs side by side, head-major (B, T, C),
+    /// after the hook's `Z` point.
+    fn mix(
+        &self,
+        qkv: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        past: usize,
+        mut hook: Option<&mut LayerHook<'_>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = qkv.dims3()?;
+        let (nh, hs) = (self.n_head, self.head_size);
+        let wants_pattern = hook.as_ref().is_some_and(|h| h.wants(Point::Pattern));
+        let y = if self.fused && !wants_pattern && qkv.dtype() == DType::F32 {
+            self.fused(qkv, cache, past)?
+        } else {
+            self.unfused(qkv, mask, cache, hook.as_deref_mut())?
+        };
+        // (B, T, C): the heads' outputs side by side, head-major.
+        Ok(match hook {
+            Some(h) if h.wants(Point::Z) => {
+                let mut z = y.reshape((b, t, nh, hs))?;
+                h.at(Point::Z, &mut z)?;
+                z.reshape((b, t, nh * hs))?
+            }
+            _ => y,
+        })
     }
 
     /// The heads of `qkv` starting at column `start`, `n` of them: (B, n, T, hs), contiguous.
@@ -281,6 +336,40 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, c))?)
     }
+}
+
+/// One sequence of a batched decode step, in one layer: its KV cache, the tokens already in it,
+/// and its hook (which may want nothing).
+pub(crate) struct StepRow<'a> {
+    pub(crate) cache: &'a mut KvCache,
+    pub(crate) past: usize,
+    pub(crate) hook: &'a mut dyn Hook,
+}
+
+/// Calls each row's hook at `point(layer)` on its own row of `t` (N, 1, ...), when any wants it.
+pub(crate) fn for_each_row(
+    rows: &mut [StepRow<'_>],
+    layer: usize,
+    point: fn(usize) -> Point,
+    t: &mut Tensor,
+) -> Result<()> {
+    let p = point(layer);
+    if !rows.iter().any(|r| r.hook.wants(p)) {
+        return Ok(());
+    }
+    let parts = rows
+        .iter_mut()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut row = t.narrow(0, i, 1)?;
+            if r.hook.wants(p) {
+                r.hook.at(p, &mut row)?;
+            }
+            Ok(row)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    *t = Tensor::cat(&parts, 0)?;
+    Ok(())
 }
 
 /// A (B, nkv, capacity, hs) host cache view, from its first element on (the strides say where

@@ -199,6 +199,7 @@ pub(super) fn cmd_bench(args: BenchArgs) -> Result<()> {
         args.prompt_tokens,
         args.new_tokens,
         args.runs,
+        args.batch,
     )?;
     if args.output.json() {
         let mut v = serde_json::to_value(&r)?;

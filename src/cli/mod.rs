@@ -469,6 +469,10 @@ struct BenchArgs {
     /// Repetitions; the fastest of each phase is reported.
     #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     runs: usize,
+    /// Sequences decoded together, as the server batches them: decode tokens/s is then their
+    /// aggregate.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    batch: usize,
     #[command(flatten)]
     output: TextOrJson,
 }

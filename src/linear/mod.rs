@@ -129,8 +129,19 @@ impl Linear {
 
     /// (..., K) -> (..., N): `x W + b`, then `act` when given.
     pub(crate) fn forward(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        self.forward_as(x, act, false)
+    }
+
+    /// [`Linear::forward`] for rows that belong to different sequences (a batched decode step):
+    /// on the host every row goes through the decode kernels, [`MAX_FAST_ROWS`] at a time, so
+    /// each row's result is the one it gets alone, bit for bit, however many rows there are.
+    pub(crate) fn forward_rows(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        self.forward_as(x, act, true)
+    }
+
+    fn forward_as(&self, x: &Tensor, act: Option<Activation>, by_rows: bool) -> Result<Tensor> {
         let Matrix::Tensor(w) = &self.w else {
-            return self.forward_host(x, act);
+            return self.forward_host(x, act, by_rows);
         };
         let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?)?;
         let y = match &self.bias {
@@ -143,7 +154,7 @@ impl Linear {
         }
     }
 
-    fn forward_host(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+    fn forward_host(&self, x: &Tensor, act: Option<Activation>, by_rows: bool) -> Result<Tensor> {
         let Some((&k, lead)) = x.dims().split_last() else {
             candle_core::bail!("linear layer: a scalar input");
         };
@@ -166,6 +177,14 @@ impl Linear {
             };
             if m <= MAX_FAST_ROWS {
                 self.decode(xs, m, act, &mut y)?;
+            } else if by_rows {
+                let (k, n) = (self.k, self.n);
+                for (x, y) in xs
+                    .chunks(MAX_FAST_ROWS * k)
+                    .zip(y.chunks_mut(MAX_FAST_ROWS * n))
+                {
+                    self.decode(x, x.len() / k, act, y)?;
+                }
             } else {
                 self.prefill(xs, m, &mut y, panel::available(), MAX_WIDENED)?;
                 if let Some(a) = act {
