@@ -149,7 +149,30 @@ fn the_run_must_fit_one_sample_in_the_context() -> Result {
     Ok(())
 }
 
+/// The page carries the recorded attention, the same numbers as the JSON file, and loads
+/// nothing from elsewhere (the browser half is the next test).
 #[test]
+fn the_page_holds_the_recorded_attention_and_loads_nothing() -> Result {
+    let path = common::tmp("generated-page-static.html");
+    generate(&path, &[])?;
+    let json = common::tmp("generated-page-static.json");
+    generate(&json, &[])?;
+    let html = std::fs::read_to_string(&path)?;
+    let json = std::fs::read_to_string(&json)?;
+    let (_, layers) = json
+        .split_once(r#""layers":"#)
+        .ok_or("no layers in the JSON")?;
+    let layers = layers.trim_end().strip_suffix('}').ok_or("JSON shape")?;
+    assert!(
+        layers.len() > 100 && html.contains(layers),
+        "the page's data differ"
+    );
+    assert!(!html.contains("http://") && !html.contains("https://"));
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs chromium; CI runs it: cargo test -- --ignored"]
 fn the_page_steps_through_the_generated_tokens_in_a_browser() -> Result {
     let path = common::tmp("generated-page.html");
     generate(&path, &[])?;
@@ -159,7 +182,7 @@ fn the_page_steps_through_the_generated_tokens_in_a_browser() -> Result {
     let Some(browser) = common::chromium() else {
         common::skip(
             "the_page_steps_through_the_generated_tokens_in_a_browser",
-            "the browser half: no chromium on PATH (Debian: apt-get install chromium)",
+            "no chromium on PATH (Debian: apt-get install chromium)",
         );
         return Ok(());
     };

@@ -3,7 +3,7 @@
 //! on a model built to have a previous-token head.
 
 use std::io::BufReader;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use gpt2::inspect::image::{colormap, Layout, LABEL_CHARS};
@@ -254,15 +254,22 @@ fn has_python_numpy() -> bool {
 }
 
 #[test]
-fn npy_holds_transformers_numbers_and_numpy_reads_it() -> Result {
+fn npy_holds_transformers_numbers() -> Result {
+    npy_exports("inspect")?;
+    Ok(())
+}
+
+/// Exports every layer and one head as npy (files named after `name`), checks their numbers
+/// against transformers and the JSON export, and returns their paths.
+fn npy_exports(name: &str) -> Result<(PathBuf, PathBuf)> {
     // npy is computed a block of query rows at a time (see `for_each_row_block`): the same
     // numbers as transformers to 1e-5, and as the one-pass JSON to float rounding.
     let (g, text) = common::goldens("tiny", "goldens")?;
     let prompt = text["input_texts"][0].as_str().ok_or("input_texts")?;
     let v = inspect_json("tiny", &["--layer", "all", "--prompt", prompt])?;
     let t = v["token_ids"].as_array().map_or(0, Vec::len);
-    let all = common::tmp("inspect-all.npy");
-    let one = common::tmp("inspect-one.npy");
+    let all = common::tmp(&format!("{name}-all.npy"));
+    let one = common::tmp(&format!("{name}-one.npy"));
     for (args, path) in [
         (&["--layer", "all"][..], &all),
         (&["--layer", "1", "--head", "3"][..], &one),
@@ -294,17 +301,24 @@ fn npy_holds_transformers_numbers_and_numpy_reads_it() -> Result {
     let want = g["attn.1"].get(0)?.narrow(0, 3, 1)?;
     assert!(max_abs_diff(&data, &want)? <= 1e-5);
     // The tokens beside the array, in `PATH.json`.
-    let side: Value = serde_json::from_str(&std::fs::read_to_string(common::tmp(
-        "inspect-all.npy.json",
-    ))?)?;
+    let side: Value = serde_json::from_str(&std::fs::read_to_string(common::tmp(&format!(
+        "{name}-all.npy.json"
+    )))?)?;
     assert_eq!(side["tokens"], v["tokens"]);
     assert_eq!(side["token_ids"], v["token_ids"]);
     assert_eq!(side["shape"], serde_json::json!([2, 4, t, t]));
+    Ok((all, one))
+}
 
+#[test]
+#[ignore = "needs python3 with numpy; CI runs it: cargo test -- --ignored"]
+fn numpy_reads_the_npy_exports() -> Result {
+    let (all, one) = npy_exports("numpy")?;
+    let t = read_npy(&one)?.0[1];
     if !has_python_numpy() {
         common::skip(
-            "npy_holds_transformers_numbers_and_numpy_reads_it",
-            "the numpy half: python3 with numpy is not installed (the array was checked above)",
+            "numpy_reads_the_npy_exports",
+            "python3 with numpy is not installed (pip install numpy)",
         );
         return Ok(());
     }
@@ -446,10 +460,20 @@ fn png_has_one_labelled_panel_per_head() -> Result {
     Ok(())
 }
 
+const MARKUP_PROMPT: &str =
+    "Hi <script>alert(1)</script><img src=x onerror=\"document.title='pwned'\">";
+
 #[test]
-fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
-    let prompt = "Hi <script>alert(1)</script><img src=x onerror=\"document.title='pwned'\">";
-    let path = common::tmp("inspect-heads.html");
+fn html_keeps_markup_as_text_and_loads_nothing() -> Result {
+    markup_page("inspect-heads-static.html")?;
+    Ok(())
+}
+
+/// The page of a prompt full of markup, at `name`: checked to keep it as text and to load
+/// nothing from elsewhere.
+fn markup_page(name: &str) -> Result<PathBuf> {
+    let prompt = MARKUP_PROMPT;
+    let path = common::tmp(name);
     inspect(
         "tiny",
         &[
@@ -470,11 +494,18 @@ fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
         !html.contains("http://") && !html.contains("https://"),
         "the page must not load anything"
     );
+    Ok(path)
+}
 
+#[test]
+#[ignore = "needs chromium; CI runs it: cargo test -- --ignored"]
+fn html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text() -> Result {
+    let prompt = MARKUP_PROMPT;
+    let path = markup_page("inspect-heads.html")?;
     let Some(browser) = common::chromium() else {
         common::skip(
             "html_opens_in_chromium_shows_the_head_and_keeps_markup_as_text",
-            "the browser half: no chromium on PATH (Debian: apt-get install chromium)",
+            "no chromium on PATH (Debian: apt-get install chromium)",
         );
         return Ok(());
     };
@@ -519,6 +550,7 @@ fn clean_dom(browser: &str, profile: &Path, url: &str) -> Result<String> {
 }
 
 #[test]
+#[ignore = "needs chromium; CI runs it: cargo test -- --ignored"]
 fn html_model_view_labels_every_head_and_opens_the_one_clicked() -> Result {
     // The trained fixture: heads whose types are known (tests/induction.rs).
     let path = common::tmp("inspect-model-view.html");
@@ -537,7 +569,7 @@ fn html_model_view_labels_every_head_and_opens_the_one_clicked() -> Result {
     let Some(browser) = common::chromium() else {
         common::skip(
             "html_model_view_labels_every_head_and_opens_the_one_clicked",
-            "the model view in a browser: no chromium on PATH (Debian: apt-get install chromium)",
+            "no chromium on PATH (Debian: apt-get install chromium)",
         );
         return Ok(());
     };
