@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::error::{count, human_bytes, Error, Result};
 use crate::hooks::Hook;
 use crate::memory::product;
-use crate::model::{Cache, Gpt2, Output};
+use crate::model::{Cache, Gpt2, Output, Step};
 use crate::prompt::Prompt;
 use crate::tokenizer::{TextStream, Tokenizer};
 
@@ -157,11 +157,11 @@ pub struct Completion {
 /// Wall-clock time of the two phases.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Timings {
-    /// The prompt's forward pass (all samples), up to the first logits.
+    /// The prompt's forward pass (once for all samples), up to the first logits.
     pub prefill: Duration,
     /// Everything after: sampling, decode steps and any re-prefill after a context slide.
     pub decode: Duration,
-    /// Prompt tokens times samples.
+    /// Prompt tokens (prefilled once, whatever the number of samples).
     pub prefill_tokens: usize,
     /// Every generated token, all samples.
     pub generated_tokens: usize,
@@ -395,7 +395,8 @@ pub fn generate(
 
 /// [`generate`] with `hook` in every forward pass: the prefill, then each decode step (one new
 /// query row against the KV cache). Ablated heads stay ablated; captured attention is the
-/// decode's own, nothing is recomputed.
+/// decode's own, nothing is recomputed. A hook watches one sample: with it, `num_samples` must
+/// be 1.
 pub fn generate_with_hook(
     model: &Gpt2,
     tokenizer: &Tokenizer,
@@ -420,35 +421,39 @@ pub fn generate_with_hook(
             )
         })
         .collect();
-    // Every sample's whole sequence, the same length for all: finished samples keep being fed
-    // their last token so the batch stays rectangular.
-    let mut seqs: Vec<Vec<u32>> = vec![prompt.clone(); n];
-
+    if n > 1 && hook.is_some() {
+        return Err(Error::param(
+            "num_samples",
+            "a hook sees one sample's passes: generate one sample at a time",
+        ));
+    }
     let device = model.device();
     let mut timings = Timings {
-        prefill_tokens: n * prompt.len(),
+        prefill_tokens: prompt.len(),
         ..Timings::default()
     };
     let start = Instant::now();
-    let mut cache = model.new_cache();
-    let batch = |rows: &[Vec<u32>], from: usize| -> Result<Tensor> {
-        let flat: Vec<u32> = rows
-            .iter()
-            .flat_map(|r| r[from..].iter().copied())
-            .collect();
-        Ok(Tensor::from_vec(
-            flat,
-            (rows.len(), rows[0].len() - from),
-            device,
-        )?)
-    };
-    // (N, P) -> (N, vocab)
-    let mut forward = |ids: Tensor, cache: &mut Cache| -> Result<Tensor> {
+    // (1, T) -> (vocab,): the last position's logits.
+    let run = |ids: &[u32], cache: &mut Cache, hook: Option<&mut (dyn Hook + '_)>| {
+        let ids = Tensor::new(ids, device)?.unsqueeze(0)?;
         model
-            .run(&ids, Some(cache), hook.as_deref_mut(), Output::Last)?
-            .ok_or_else(|| Error::Input("this model has no logits (first layers only)".into()))
+            .run(&ids, Some(cache), hook, Output::Last)?
+            .ok_or_else(|| Error::Input("this model has no logits (first layers only)".into()))?
+            .squeeze(0)?
+            .to_vec1::<f32>()
+            .map_err(Error::from)
     };
-    let mut logits = forward(batch(&seqs, 0)?, &mut cache)?;
+    // The prompt is prefilled once; every sample continues from a copy of its cache, and the
+    // samples are decoded together (`Gpt2::step`): each is, bit for bit, the run of `n = 1`
+    // with its seed, and what `gpt2 serve` gives a request's choices.
+    let mut caches = vec![model.new_cache()];
+    let first = run(&prompt, &mut caches[0], hook.as_deref_mut())?;
+    for _ in 1..n {
+        caches.push(caches[0].fork()?);
+    }
+    let mut rows = vec![Some(first); n];
+    // Every sample's whole sequence.
+    let mut seqs: Vec<Vec<u32>> = vec![prompt.clone(); n];
     timings.prefill = start.elapsed();
     let decode_start = Instant::now();
 
@@ -459,16 +464,12 @@ pub fn generate_with_hook(
             }
             break;
         }
-        // (N, vocab) on the host: sampling reads every logit anyway.
-        let rows = logits.to_vec2::<f32>()?;
-        for (i, (sample, mut row)) in samples.iter_mut().zip(rows).enumerate() {
+        for (i, sample) in samples.iter_mut().enumerate() {
+            let Some(mut row) = rows[i].take() else {
+                continue;
+            };
             let mut emit = |t: &str| on_text(i, t);
             let seq = &mut seqs[i];
-            if sample.finish.is_some() {
-                let last = seq[seq.len() - 1];
-                seq.push(last);
-                continue;
-            }
             let recent = &seq[seq.len().saturating_sub(params.sampling.repeat_last_n)..];
             prepare_logits(&mut row, params.sampling.repeat_penalty, recent)?;
             let next = sample.processor.sample(&Tensor::from_vec(
@@ -483,19 +484,50 @@ pub fn generate_with_hook(
             }
             sample.push(next, step, params, config.eos_token_id, &mut emit)?;
         }
-        if samples.iter().all(|s| s.finish.is_some()) {
+        let live: Vec<usize> = (0..n).filter(|&i| samples[i].finish.is_none()).collect();
+        if live.is_empty() {
             break;
         }
-        let len = seqs[0].len();
-        let from = if cache.seq_len() == ctx {
-            // Slide: keep the newest half of the window and prefill it again.
-            cache.reset();
-            timings.reprefill_tokens += n * (ctx / 2 - 1);
-            len - ctx / 2
-        } else {
-            len - 1
+        // A sample whose cache is full slides: keep the newest half of the window and prefill
+        // it again. The others take one decode step together.
+        let mut stepping = Vec::with_capacity(live.len());
+        for &i in &live {
+            if caches[i].seq_len() == ctx {
+                caches[i].reset();
+                timings.reprefill_tokens += ctx / 2 - 1;
+                let seq = &seqs[i];
+                rows[i] = Some(run(
+                    &seq[seq.len() - ctx / 2..],
+                    &mut caches[i],
+                    hook.as_deref_mut(),
+                )?);
+            } else {
+                stepping.push(i);
+            }
+        }
+        if stepping.is_empty() {
+            continue;
+        }
+        let logits = {
+            let mut steps: Vec<Step> = caches
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| stepping.contains(i))
+                .map(|(i, cache)| Step {
+                    cache,
+                    token: seqs[i][seqs[i].len() - 1],
+                    hook: None,
+                })
+                .collect();
+            if let (Some(step), Some(h)) = (steps.first_mut(), hook.as_deref_mut()) {
+                // n = 1 here (checked above).
+                step.hook = Some(h);
+            }
+            model.step(&mut steps)?.to_vec2::<f32>()?
         };
-        logits = forward(batch(&seqs, from)?, &mut cache)?;
+        for (&i, row) in stepping.iter().zip(logits) {
+            rows[i] = Some(row);
+        }
     }
     timings.decode = decode_start.elapsed();
 
@@ -564,7 +596,8 @@ fn check_memory(model: &Gpt2, samples: usize, prompt: usize) -> Result<()> {
     // The prefill's widest activations (the MLP's, the QKV projection's, the attention scores)
     // and the logits, twice over for the copies in flight.
     let width = c.inner_size().max(3 * c.n_embd);
-    let acts = product(&[samples, prompt, width + c.n_head * prompt, 4, 2]);
+    // The prompt is prefilled once, whatever the number of samples.
+    let acts = product(&[prompt, width + c.n_head * prompt, 4, 2]);
     let logits = product(&[samples, c.vocab_size, 4, 2]);
     let needed = kv.saturating_add(acts).saturating_add(logits);
     match crate::memory::check(needed, String::new) {
@@ -732,6 +765,35 @@ mod tests {
         assert_eq!(out[0].finish_reason, FinishReason::Stop);
         assert_eq!(out[0].text, text[..text.find(&stop).unwrap_or(0)]);
         assert_eq!(streamed, out[0].text);
+        Ok(())
+    }
+
+    /// Sample `i` of `num_samples` is the lone run with seed `seed + i`, token for token, past
+    /// a context slide too (what the server's choices promise), and the prompt is prefilled
+    /// once.
+    #[test]
+    fn each_of_several_samples_is_the_lone_run_with_its_seed() -> Result<()> {
+        let (model, tok) = (model(16)?, tokenizer()?);
+        let prompt = ids(&[7, 3, 9, 1, 4, 4, 2, 8, 5, 6, 11]);
+        let params = |n, seed| GenerateParams {
+            num_samples: n,
+            sampling: SamplingParams {
+                temperature: 0.8,
+                seed,
+                ..SamplingParams::default()
+            },
+            ..greedy(20)
+        };
+        let (all, t) = generate(&model, &tok, &prompt, &params(4, 40), |_, _| Ok(()))?;
+        assert_eq!(t.prefill_tokens, 11);
+        assert!(t.reprefill_tokens > 0, "the test must slide the window");
+        for (i, sample) in all.iter().enumerate() {
+            let (alone, _) = generate(&model, &tok, &prompt, &params(1, 40 + i as u64), |_, _| {
+                Ok(())
+            })?;
+            assert_eq!(sample, &alone[0], "sample {i}");
+        }
+        assert!(all.iter().any(|s| s != &all[0]), "the seeds must differ");
         Ok(())
     }
 
