@@ -79,6 +79,11 @@ impl AttentionRecorder {
         }
     }
 
+    /// The layers recorded, ascending.
+    pub fn layers(&self) -> &[usize] {
+        &self.layers
+    }
+
     /// Steps recorded: one per generated token.
     pub fn steps(&self) -> usize {
         self.steps.len()

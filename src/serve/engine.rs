@@ -104,7 +104,8 @@ pub struct Job {
     /// The prompt tokens' log-probabilities too ([`Event::Prompt`]; OpenAI `echo` with
     /// `logprobs`). The prefill then computes the logits of every position.
     pub prompt_logprobs: bool,
-    /// Layers whose attention each token carries ([`Token::attention`]), ascending.
+    /// Layers whose attention each token carries ([`Token::attention`]: ascending, each once,
+    /// whatever the order asked).
     pub attention: Option<Vec<usize>>,
     /// Heads removed while generating, and how.
     pub ablate: Option<(Vec<HeadId>, AblateMode)>,
@@ -447,8 +448,15 @@ impl<'m> Runner<'m> {
                 break;
             }
             self.drop_abandoned();
-            self.admit();
-            self.step();
+            // A panic is a bug; it fails the requests in flight, not the server.
+            if let Err(msg) = crate::error::catch_panic(|| {
+                self.admit();
+                self.step();
+            }) {
+                for seq in self.running.drain(..) {
+                    seq.send(Event::Failed(Error::Internal(msg.clone())));
+                }
+            }
             self.metrics
                 .active
                 .store(self.running.len(), Ordering::SeqCst);
@@ -550,13 +558,20 @@ impl<'m> Runner<'m> {
         let j = &job.job;
         let n = j.choices();
         let recorder = match &j.attention {
-            Some(layers) => Some(AttentionRecorder::for_run(
-                model,
-                layers.clone(),
-                prompt.len(),
-                j.params.max_new_tokens,
-                crate::inspect::Format::Json,
-            )?),
+            Some(layers) => {
+                // The recorder takes each pass's layers in order, once each.
+                let mut layers = layers.clone();
+                layers.sort_unstable();
+                layers.dedup();
+                model.check_layers(&layers)?;
+                Some(AttentionRecorder::for_run(
+                    model,
+                    layers,
+                    prompt.len(),
+                    j.params.max_new_tokens,
+                    crate::inspect::Format::Json,
+                )?)
+            }
             None => None,
         };
         let start = Instant::now();
@@ -783,8 +798,11 @@ impl<'m> Runner<'m> {
         }
         let attention = seq.recorder.as_ref().and_then(|r| {
             let i = r.steps().checked_sub(1)?;
-            let layers = j.attention.as_ref().map_or(0, Vec::len);
-            Some((0..layers).map(|l| r.row(i, l).to_vec()).collect())
+            Some(
+                (0..r.layers().len())
+                    .map(|l| r.row(i, l).to_vec())
+                    .collect(),
+            )
         });
         let token = Token {
             choice: seq.choice,
@@ -961,6 +979,56 @@ mod tests {
         Ok(())
     }
 
+    /// A job's attention and ablation are what `generate` records with the recorder and the
+    /// head mask, number for number, while another job without them runs in the same batch.
+    #[test]
+    fn attention_and_ablation_equal_generates() -> Result<()> {
+        use crate::generation::generate_with_hook;
+        let (mut model, tok) = (model()?, tokenizer()?);
+        let prompt = vec![3u32, 1, 4, 1, 5, 9, 2, 6, 5, 3];
+        let heads = vec![HeadId { layer: 0, head: 1 }, HeadId { layer: 1, head: 3 }];
+        let p = params(8, 0.0, 1, 1);
+        model.set_head_mask(Some(head_mask(&model, &heads, AblateMode::Mean, &prompt)?));
+        let mut rec = AttentionRecorder::new(vec![0, 1]);
+        let (want, _) = generate_with_hook(
+            &model,
+            &tok,
+            &Prompt::from_ids(prompt.clone(), model.config())?,
+            &p,
+            Some(&mut rec),
+            |_, _| Ok(()),
+        )?;
+        model.set_head_mask(None);
+        let engine = Engine::start(model, tok, "tiny", EngineOptions::default())?;
+        let other = engine
+            .submit(Job::new(vec![8, 8, 8], params(30, 0.0, 1, 1)))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let mut job = Job::new(prompt, p);
+        job.attention = Some(vec![0, 1]);
+        job.ablate = Some((heads, AblateMode::Mean));
+        let mut rx = engine
+            .submit(job)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let mut ids = Vec::new();
+        while let Some(e) = rx.blocking_recv() {
+            if let Event::Token(t) = e {
+                let i = ids.len();
+                ids.push(t.id);
+                let attention = t
+                    .attention
+                    .ok_or_else(|| Error::Internal("no attention".into()))?;
+                assert_eq!(
+                    attention,
+                    vec![rec.row(i, 0).to_vec(), rec.row(i, 1).to_vec()]
+                );
+            }
+        }
+        assert_eq!(ids, want[0].token_ids);
+        drop(other);
+        engine.shutdown(Duration::from_secs(1));
+        Ok(())
+    }
+
     #[test]
     fn a_full_queue_refuses_and_a_dropped_receiver_frees_its_slot() -> Result<()> {
         let engine = Engine::start(
@@ -1014,6 +1082,35 @@ mod tests {
             .map_err(|e| Error::Internal(e.to_string()))?;
         assert!(collect(&mut bad, 1).is_err());
         assert_eq!(collect(&mut good, 1)?[0].0.len(), 4);
+        // Attention of a layer the model lacks: that job fails, the engine goes on.
+        let mut job = Job::new(vec![5, 6], params(4, 0.0, 1, 1));
+        job.attention = Some(vec![0, 7]);
+        let mut bad = engine
+            .submit(job)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let err = collect(&mut bad, 1).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("out of range")),
+            "{err:?}"
+        );
+        // Layers asked twice or out of order come once each, ascending.
+        let mut job = Job::new(vec![5, 6], params(3, 0.0, 1, 1));
+        job.attention = Some(vec![1, 0, 1]);
+        let mut rx = engine
+            .submit(job)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let mut rows = Vec::new();
+        while let Some(e) = rx.blocking_recv() {
+            if let Event::Token(t) = e {
+                rows.push(
+                    t.attention
+                        .map(|a| a.iter().map(Vec::len).collect::<Vec<_>>()),
+                );
+            }
+        }
+        // 4 heads × (2 + i) keys, for each of the 2 layers.
+        let want: Vec<_> = (0..3).map(|i| Some(vec![4 * (2 + i); 2])).collect();
+        assert_eq!(rows, want);
         engine.shutdown(Duration::from_secs(1));
         Ok(())
     }
