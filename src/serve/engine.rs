@@ -5,15 +5,16 @@
 //! Each loop of the thread:
 //! 1. takes new jobs from the channel into the queue, and drops every sequence whose client went
 //!    away (its event receiver is closed): a slot is freed within a step;
-//! 2. admits the oldest queued job when it has slots for all its choices, and prefills its prompt
-//!    in one pass (exactly as `gpt2 generate` does, so its numbers are the CLI's); its choices
-//!    fork that one cache and each sample their first token;
+//! 2. admits queued jobs, oldest first, while their choices fit in the free slots (and, while
+//!    streams are running, until [`PREFILL_BUDGET`] prompt tokens were prefilled): each prompt in
+//!    one pass, exactly as `gpt2 generate` does, so its numbers are the CLI's; its choices fork
+//!    that one cache and each sample their first token;
 //! 3. runs one decode step ([`Gpt2::step`]) for every running sequence: each has its own KV cache,
 //!    position, sampler and hook, and every weight is read once for all of them.
 //!
-//! So a new request waits at most one step to start, and a prefill delays the running streams by
-//! that prefill alone. Sequences never share numbers: a greedy request gives the same tokens
-//! alone or in a full batch.
+//! So a new request waits at most one step to start (when slots are free), and the running
+//! streams are delayed by at most about a budget's prefill per step. Sequences never share
+//! numbers: a greedy request gives the same tokens alone or in a full batch.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -33,6 +34,10 @@ use crate::inspect::generated::AttentionRecorder;
 use crate::model::{Cache, Gpt2, Output, Step};
 use crate::prompt::Prompt;
 use crate::tokenizer::Tokenizer;
+
+/// Prompt tokens prefilled between two decode steps while sequences are running (vLLM's
+/// `max_num_batched_tokens` plays this part): a longer prompt still goes in one pass, alone.
+pub const PREFILL_BUDGET: usize = 512;
 
 /// How many sequences run together, and how many requests may wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -508,25 +513,30 @@ impl<'m> Runner<'m> {
         self.running.retain(|s| !s.job.events.is_closed());
     }
 
-    /// Admits the oldest job if its choices fit in the free slots: prefills it and samples each
-    /// choice's first token. One job per loop, so running streams keep their pace.
+    /// Admits the oldest jobs whose choices fit in the free slots, in order: prefills each (one
+    /// pass per prompt, as `gpt2 generate`) and samples each choice's first token. While
+    /// sequences are running, the prompts admitted in one loop stop at [`PREFILL_BUDGET`]
+    /// tokens (at least one job), so the running streams keep their pace; idle, all that fit
+    /// are admitted, so a burst of requests starts at once.
     fn admit(&mut self) {
-        let free = self.opts.parallel.saturating_sub(self.running.len());
-        let Some(job) = self.queue.front() else {
-            return;
-        };
-        if job.job.choices() > free {
-            return;
-        }
-        let Some(job) = self.queue.pop_front() else {
-            return;
-        };
-        self.metrics.queued.fetch_sub(1, Ordering::SeqCst);
-        let events = job.events.clone();
-        match self.prefill(job) {
-            Ok(seqs) => self.running.extend(seqs),
-            Err(e) => {
-                let _ = events.send(Event::Failed(e));
+        let busy = !self.running.is_empty();
+        let mut prefilled = 0;
+        while let Some(job) = self.queue.front() {
+            let free = self.opts.parallel.saturating_sub(self.running.len());
+            if job.job.choices() > free || (busy && prefilled >= PREFILL_BUDGET) {
+                return;
+            }
+            let Some(job) = self.queue.pop_front() else {
+                return;
+            };
+            self.metrics.queued.fetch_sub(1, Ordering::SeqCst);
+            prefilled += job.job.prompt.len().max(1);
+            let events = job.events.clone();
+            match self.prefill(job) {
+                Ok(seqs) => self.running.extend(seqs),
+                Err(e) => {
+                    let _ = events.send(Event::Failed(e));
+                }
             }
         }
     }
