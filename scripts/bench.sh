@@ -66,6 +66,14 @@ echo "machine:   $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $
 echo "shape:     $dir: $(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print(", ".join(f"{k} {c[k]}" for k in ("n_layer","n_embd","n_head","vocab_size","n_positions")))' "$dir/config.json" 2>/dev/null || echo '?')"
 echo "run:       prompt $pt tokens, $nt new tokens, $threads threads, $rounds interleaved rounds"
 echo "gpt2:      $GPT2_BIN (repo at $(git describe --always --dirty 2>/dev/null || echo '?'))"
+# The CPU's SIMD features and the kernel gpt2 chose for each path (from `gpt2 bench --json`).
+RAYON_NUM_THREADS=$threads "$GPT2_BIN" bench --model-dir "$dir" --device cpu --prompt-tokens 1 \
+  --new-tokens 1 --runs 1 --json 2>/dev/null | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+print("features: ", " ".join(v.get("cpu_features", [])) or "?")
+for path, kernel in v.get("kernels", {}).items():
+    print(f"kernel:    {path}: {kernel}")' || echo "kernels:   ? (gpt2 bench --json failed)"
 echo "llama.cpp: $llama_version"
 # Spin-waiting thread pools (llama.cpp's, OpenMP's) collapse when they share the cores: say so.
 awk -v l="$load0" 'BEGIN { if (l >= 1) print "note: load avg " l " before the run: other processes share" \

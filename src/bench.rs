@@ -28,13 +28,20 @@ pub struct BenchResult {
     pub batch: usize,
 }
 
-/// Checks [`bench`]'s sizes against `config` (before loading, if you like): at least one prompt
-/// token, one new token and one run, all inside the context.
-pub fn check(config: &Config, prompt_tokens: usize, new_tokens: usize, runs: usize) -> Result<()> {
+/// Checks [`bench`]'s sizes against `config` (before loading, if you like): at least one
+/// sequence, prompt token, new token and run, all inside the context.
+pub fn check(
+    config: &Config,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    runs: usize,
+    batch: usize,
+) -> Result<()> {
     let at_least_one = |param, n: usize| match n {
         0 => Err(Error::param(param, "must be at least 1")),
         _ => Ok(()),
     };
+    at_least_one("batch", batch)?;
     at_least_one("prompt_tokens", prompt_tokens)?;
     at_least_one("new_tokens", new_tokens)?;
     at_least_one("runs", runs)?;
@@ -63,10 +70,7 @@ pub fn bench(
     runs: usize,
     batch: usize,
 ) -> Result<BenchResult> {
-    check(model.config(), prompt_tokens, new_tokens, runs)?;
-    if batch == 0 {
-        return Err(Error::param("batch", "must be at least 1"));
-    }
+    check(model.config(), prompt_tokens, new_tokens, runs, batch)?;
     crate::memory::check_or(
         crate::generation::kv_cache_bytes(model, batch),
         || format!("the KV caches of {batch} sequences"),
@@ -130,6 +134,29 @@ pub fn bench(
     })
 }
 
+/// The CPU's model name (`/proc/cpuinfo`), or `unknown`.
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The CPU's SIMD features that matter here and the kernel each path runs (chosen at run time
+/// from those features), as `gpt2 bench --json` reports them.
+pub fn kernels_json() -> serde_json::Value {
+    let (features, kernels) = crate::linear::kernel_choices();
+    serde_json::json!({
+        "cpu": cpu_name(),
+        "features": features,
+        "kernels": kernels.into_iter().map(|(p, k)| (p.to_string(), serde_json::Value::from(k))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
 impl BenchResult {
     /// The table `gpt2 bench` prints for `loaded`.
     pub fn report<'a>(&'a self, loaded: &'a Loaded) -> BenchReport<'a> {
@@ -187,6 +214,12 @@ impl fmt::Display for BenchReport<'_> {
                 r.decode_tokens_per_s / r.batch as f64
             )?;
         }
-        writeln!(f, "threads     {}", candle_core::utils::get_num_threads())
+        writeln!(f, "threads     {}", candle_core::utils::get_num_threads())?;
+        let (features, kernels) = crate::linear::kernel_choices();
+        writeln!(f, "cpu         {} ({})", cpu_name(), features.join(" "))?;
+        for (path, kernel) in kernels {
+            writeln!(f, "kernel      {path}: {kernel}")?;
+        }
+        Ok(())
     }
 }

@@ -374,6 +374,24 @@ fn bench_runs_and_reports_both_phases() -> Result {
     }
     assert_eq!(v["prompt_tokens"], 8);
     assert_eq!(v["kv_cache"], "f32");
+    // The table says which CPU and which kernels made its numbers.
+    assert!(v["cpu"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
+    assert!(v["cpu_features"].is_array(), "{v}");
+    assert!(v["kernels"]["decode q8_0/q4_0"].is_string(), "{v}");
+    assert_eq!(v["batch"], 1);
+    // --batch N: N sequences stepped together, their aggregate tokens/s.
+    let out = gpt2(&[&args[..], &["--batch", "3"]].concat())?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b: Value = serde_json::from_str(String::from_utf8(out.stdout)?.trim())?;
+    assert_eq!(b["batch"], 3);
+    assert!(
+        b["decode_tokens_per_s"].as_f64().is_some_and(|r| r > 0.0),
+        "{b}"
+    );
     // Reduced weights default to an f16 cache; --kv-cache chooses.
     for (extra, want) in [
         (&["--dtype", "f16"][..], "f16"),
@@ -561,6 +579,7 @@ fn every_usage_error_exits_2_naming_its_flag() -> Result {
         ("bench", &["--runs", "0"], "--runs"),
         ("bench", &["--prompt-tokens", "0"], "--prompt-tokens"),
         ("bench", &["--new-tokens", "0"], "--new-tokens"),
+        ("bench", &["--batch", "0"], "--batch"),
         (
             "bench",
             &["--prompt-tokens", "100", "--new-tokens", "100"],

@@ -192,7 +192,13 @@ fn truncate_hint(e: Error) -> anyhow::Error {
 pub(super) fn cmd_bench(args: BenchArgs) -> Result<()> {
     // Check the sizes against the layout before the (possibly long) load.
     let config = args.model.source.source().config()?;
-    gpt2::bench::check(&config, args.prompt_tokens, args.new_tokens, args.runs)?;
+    gpt2::bench::check(
+        &config,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.runs,
+        args.batch,
+    )?;
     let loaded = load(&args.model, None)?;
     let r = gpt2::bench::bench(
         &loaded.model,
@@ -210,6 +216,10 @@ pub(super) fn cmd_bench(args: BenchArgs) -> Result<()> {
         v["kv_cache"] = loaded.model.kv_dtype().as_str().into();
         v["load_ms"] = (loaded.load_time.as_secs_f64() * 1e3).into();
         v["threads"] = candle_core::utils::get_num_threads().into();
+        let cpu = gpt2::bench::kernels_json();
+        v["cpu"] = cpu["cpu"].clone();
+        v["cpu_features"] = cpu["features"].clone();
+        v["kernels"] = cpu["kernels"].clone();
         print(format_args!("{v}\n"))?;
     } else {
         print(format_args!("{}", r.report(&loaded)))?;

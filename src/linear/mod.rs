@@ -198,6 +198,72 @@ impl Linear {
     }
 }
 
+/// The CPU's SIMD features that matter here, as `/proc/cpuinfo` spells them, and the kernel
+/// each path runs on this CPU (chosen at run time): for benchmark tables.
+pub(crate) fn kernel_choices() -> (Vec<&'static str>, Vec<(&'static str, &'static str)>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let has = |f: &str| match f {
+            "avx2" => is_x86_feature_detected!("avx2"),
+            "fma" => is_x86_feature_detected!("fma"),
+            "f16c" => is_x86_feature_detected!("f16c"),
+            "avx512f" => is_x86_feature_detected!("avx512f"),
+            "avx512bw" => is_x86_feature_detected!("avx512bw"),
+            "avx512vl" => is_x86_feature_detected!("avx512vl"),
+            "avx512_vnni" => is_x86_feature_detected!("avx512vnni"),
+            "avx512_bf16" => is_x86_feature_detected!("avx512bf16"),
+            _ => false,
+        };
+        let features = [
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512_vnni",
+            "avx512_bf16",
+        ]
+        .into_iter()
+        .filter(|f| has(f))
+        .collect();
+        let simd = kernels::simd::available();
+        let pick = |yes: &'static str, no: &'static str| if simd { yes } else { no };
+        let quant = if simd && quant::simd::vnni() {
+            "AVX-512 VNNI int8 dots"
+        } else {
+            pick("AVX2 int8 dots", "portable int8 dots")
+        };
+        let gemm = if has("avx512f") {
+            "gemm crate, AVX-512"
+        } else {
+            "gemm crate, AVX2"
+        };
+        let kernels = vec![
+            ("decode f32/f16/bf16", pick("AVX2 + FMA + F16C", "portable")),
+            ("decode q8_0/q4_0", quant),
+            ("prefill f32", gemm),
+            (
+                "prefill f16/bf16/q8_0/q4_0",
+                pick("panel 16x6 FMA (AVX2)", "widened to f32, then gemm"),
+            ),
+        ];
+        (features, kernels)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        (
+            Vec::new(),
+            vec![
+                ("decode f32/f16/bf16", "portable"),
+                ("decode q8_0/q4_0", "portable int8 dots"),
+                ("prefill f32", "gemm crate"),
+                ("prefill f16/bf16/q8_0/q4_0", "widened to f32, then gemm"),
+            ],
+        )
+    }
+}
+
 /// `f(c)` for every chunk `c < n`: on the pool, or here when the work is small.
 fn run(parallel: bool, n: usize, f: &(dyn Fn(usize) + Sync)) -> Result<()> {
     if parallel {

@@ -329,7 +329,7 @@ fn q6_values(q: &[u8]) -> [i8; BLOCK] {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(super) mod simd {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -339,7 +339,7 @@ mod simd {
     /// Whether the VNNI kernel may run: `vpdpbusd` on 256-bit vectors (AVX-512 VNNI + VL: Zen 4,
     /// Ice Lake and later). One instruction does the u8 × i8 products and their sums into i32
     /// lanes that take maddubs, madd and, for Q4_0, the sign juggling on plain AVX2.
-    pub(super) fn vnni() -> bool {
+    pub(in crate::linear) fn vnni() -> bool {
         is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
     }
 
