@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use gpt2::analysis::patching::{activation_patch, run_with_cache, Act, By, Metric, What};
-use gpt2::{Hook, Point};
 use gpt2::{Gpt2, LoadOptions, ModelSource, Tensor};
+use gpt2::{Hook, Point};
 use serde_json::Value;
 
 mod common;
@@ -27,7 +27,7 @@ struct Case {
 
 fn case() -> Result<Case> {
     let (g, v) = goldens("tiny", "patching")?;
-    let id = |k: &str| v[k].as_u64().map(|x| x as u32).ok_or(format!("{k}"));
+    let id = |k: &str| v[k].as_u64().map(|x| x as u32).ok_or(k.to_string());
     Ok(Case {
         clean: ids(&v["clean_ids"]),
         corrupted: ids(&v["corrupted_ids"]),
@@ -57,11 +57,10 @@ fn check(c: &Case, key: &str, shape: &[usize], got: &[f64]) -> Result<f64> {
 fn run_with_cache_equals_transformer_lens() -> Result {
     let c = case()?;
     let m = model()?;
-    let names: Vec<String> = c
-        .g
-        .keys()
-        .filter_map(|k| k.strip_prefix("cache.").map(String::from))
-        .collect();
+    let names: Vec<String> =
+        c.g.keys()
+            .filter_map(|k| k.strip_prefix("cache.").map(String::from))
+            .collect();
     assert_eq!(names.len(), 2 + 9 * m.config().n_layer);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let ids = Tensor::new(c.clean.as_slice(), m.device())?.unsqueeze(0)?;
@@ -80,8 +79,13 @@ fn run_with_cache_equals_transformer_lens() -> Result {
         "blocks.9.hook_mlp_out",
         "hook_nothing",
     ] {
-        let e = run_with_cache(&m, &ids, &[bad]).err().map(|e| e.to_string());
-        assert!(e.as_deref().is_some_and(|e| e.contains(bad)), "{bad}: {e:?}");
+        let e = run_with_cache(&m, &ids, &[bad])
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains(bad)),
+            "{bad}: {e:?}"
+        );
     }
     Ok(())
 }
@@ -98,12 +102,20 @@ const CASES: [(What, By, &str); 19] = [
     (What::One(Act::HeadQ), By::Head, "attn_head_q_all_pos"),
     (What::One(Act::HeadK), By::Head, "attn_head_k_all_pos"),
     (What::One(Act::HeadV), By::Head, "attn_head_v_all_pos"),
-    (What::One(Act::HeadPattern), By::Head, "attn_head_pattern_all_pos"),
+    (
+        What::One(Act::HeadPattern),
+        By::Head,
+        "attn_head_pattern_all_pos",
+    ),
     (What::One(Act::HeadOut), By::HeadPos, "attn_head_out_by_pos"),
     (What::One(Act::HeadQ), By::HeadPos, "attn_head_q_by_pos"),
     (What::One(Act::HeadK), By::HeadPos, "attn_head_k_by_pos"),
     (What::One(Act::HeadV), By::HeadPos, "attn_head_v_by_pos"),
-    (What::One(Act::HeadPattern), By::HeadPos, "attn_head_pattern_by_pos"),
+    (
+        What::One(Act::HeadPattern),
+        By::HeadPos,
+        "attn_head_pattern_by_pos",
+    ),
     (What::Every, By::Head, "attn_head_all_pos_every"),
     (What::Every, By::HeadPos, "attn_head_by_pos_every"),
     (What::Every, By::Pos, "block_every"),
@@ -174,12 +186,40 @@ fn bad_patching_inputs_are_errors_naming_the_parameter() -> Result {
     let m = model()?;
     let metric = Metric::Logit { target: c.target };
     let resid = What::One(Act::ResidPre);
-    let err = |r: gpt2::Result<_>| r.err().map(|e: gpt2::Error| e.to_string()).unwrap_or_default();
-    let e = err(activation_patch(&m, &c.clean, &c.corrupted[1..], resid, By::Pos, metric, None));
+    let err = |r: gpt2::Result<_>| {
+        r.err()
+            .map(|e: gpt2::Error| e.to_string())
+            .unwrap_or_default()
+    };
+    let e = err(activation_patch(
+        &m,
+        &c.clean,
+        &c.corrupted[1..],
+        resid,
+        By::Pos,
+        metric,
+        None,
+    ));
     assert!(e.contains("same length"), "{e}");
-    let e = err(activation_patch(&m, &c.clean, &c.corrupted, resid, By::Pos, metric, Some(13)));
+    let e = err(activation_patch(
+        &m,
+        &c.clean,
+        &c.corrupted,
+        resid,
+        By::Pos,
+        metric,
+        Some(13),
+    ));
     assert!(e.contains("out of range"), "{e}");
-    let e = err(activation_patch(&m, &c.clean, &c.corrupted, resid, By::Head, metric, None));
+    let e = err(activation_patch(
+        &m,
+        &c.clean,
+        &c.corrupted,
+        resid,
+        By::Head,
+        metric,
+        None,
+    ));
     assert!(e.contains("does not apply"), "{e}");
     let e = err(activation_patch(
         &m,
@@ -214,8 +254,7 @@ fn query_key_value_points_change_the_pass_only_when_hooked() -> Result {
     let ids = Tensor::new(c.clean.as_slice(), m.device())?.unsqueeze(0)?;
     let plain = m.forward(&ids, None)?;
     let run = |hook: &mut dyn Hook| -> Result<Tensor> {
-        Ok(m
-            .run(&ids, None, Some(hook), gpt2::Output::All)?
+        Ok(m.run(&ids, None, Some(hook), gpt2::Output::All)?
             .ok_or("no logits")?)
     };
     // Seen and handed back unchanged: the same numbers.
@@ -257,7 +296,14 @@ fn gpt2_patch_prints_transformer_lens_numbers_as_json_and_text() -> Result {
         let args = patch_args(
             &c,
             &[
-                "--against", against, "--what", what, "--by", by, "--format", "json",
+                "--against",
+                against,
+                "--what",
+                what,
+                "--by",
+                by,
+                "--format",
+                "json",
             ],
         );
         let out = gpt2(&args)?;
@@ -275,11 +321,20 @@ fn gpt2_patch_prints_transformer_lens_numbers_as_json_and_text() -> Result {
         assert_eq!(v["metric"]["kind"], "logit_diff");
     }
     // The text table: layers × positions with the tokens on the axis, raw and normalised.
-    let out = gpt2(&patch_args(&c, &["--against", against, "--what", "resid_pre"]))?;
+    let out = gpt2(&patch_args(
+        &c,
+        &["--against", against, "--what", "resid_pre"],
+    ))?;
     assert!(out.status.success(), "{}", common::stderr(&out));
     let text = String::from_utf8(out.stdout)?;
-    assert!(text.contains("patched") && text.contains("normalised"), "{text}");
-    assert!(text.contains("\" c\"/\" do\""), "the differing tokens label positions: {text}");
+    assert!(
+        text.contains("patched") && text.contains("normalised"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\" c\"/\" do\""),
+        "the differing tokens label positions: {text}"
+    );
     let want = c.g["logit_diff.resid_pre"].to_vec2::<f32>()?;
     assert!(
         text.contains(&format!("{:+.4}", want[1][12])),
@@ -293,13 +348,37 @@ fn gpt2_patch_prints_transformer_lens_numbers_as_json_and_text() -> Result {
 fn gpt2_patch_bad_input_is_one_error_line_naming_the_option() -> Result {
     let c = case()?;
     for (extra, needle) in [
-        (vec!["--what", "resid_pre", "--corrupted", "x"], "--corrupted"),
-        (vec!["--what", "resid_pre", "--position", "13"], "--position"),
+        (
+            vec!["--what", "resid_pre", "--corrupted", "x"],
+            "--corrupted",
+        ),
+        (
+            vec!["--what", "resid_pre", "--position", "13"],
+            "--position",
+        ),
         (vec!["--what", "nothing"], "--what"),
         (vec!["--what", "head_out", "--by", "pos"], "--by"),
-        (vec!["--what", "resid_pre", "--against", " Mary"], "--against"),
-        (vec!["--what", "resid_pre", "--metric", "logit-diff"], "--metric"),
-        (vec!["--what", "every", "--by", "head", "--format", "png", "--out", "/tmp/x.png"], "--format"),
+        (
+            vec!["--what", "resid_pre", "--against", " Mary"],
+            "--against",
+        ),
+        (
+            vec!["--what", "resid_pre", "--metric", "logit-diff"],
+            "--metric",
+        ),
+        (
+            vec![
+                "--what",
+                "every",
+                "--by",
+                "head",
+                "--format",
+                "png",
+                "--out",
+                "/tmp/x.png",
+            ],
+            "--format",
+        ),
     ] {
         let mut args = patch_args(&c, &[]);
         // A later --corrupted replaces the first: drop the fixture's.

@@ -208,20 +208,24 @@ impl Attention {
     fn hook_qkv(&self, qkv: &Tensor, hook: &mut LayerHook<'_>) -> Result<Tensor> {
         let (b, t, _) = qkv.dims3()?;
         let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_size);
-        let parts = [(Point::Q as fn(usize) -> Point, 0, nh), (Point::K, nh * hs, nkv), (Point::V, (nh + nkv) * hs, nkv)]
-            .into_iter()
-            .map(|(point, start, n)| {
-                // (B, T, n·hs) -> (B, T, n, hs): a free view, head-major columns.
-                let mut part = qkv.narrow(2, start, n * hs)?;
-                if hook.wants(point) {
-                    let mut heads = part.reshape((b, t, n, hs))?;
-                    hook.at(point, &mut heads)?;
-                    // (B, T, n, hs) -> (B, T, n·hs)
-                    part = heads.reshape((b, t, n * hs))?;
-                }
-                Ok(part)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let parts = [
+            (Point::Q as fn(usize) -> Point, 0, nh),
+            (Point::K, nh * hs, nkv),
+            (Point::V, (nh + nkv) * hs, nkv),
+        ]
+        .into_iter()
+        .map(|(point, start, n)| {
+            // (B, T, n·hs) -> (B, T, n, hs): a free view, head-major columns.
+            let mut part = qkv.narrow(2, start, n * hs)?;
+            if hook.wants(point) {
+                let mut heads = part.reshape((b, t, n, hs))?;
+                hook.at(point, &mut heads)?;
+                // (B, T, n, hs) -> (B, T, n·hs)
+                part = heads.reshape((b, t, n * hs))?;
+            }
+            Ok(part)
+        })
+        .collect::<Result<Vec<_>>>()?;
         // 3 × (B, T, ·) -> (B, T, C + 2·nkv·hs)
         Ok(Tensor::cat(&parts, 2)?)
     }

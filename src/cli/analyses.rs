@@ -239,7 +239,12 @@ pub(super) fn cmd_patch(args: PatchArgs) -> Result<()> {
         metric,
         args.position,
     )?;
-    let text = |id: u32| loaded.tokenizer.decode(&[id]).unwrap_or_else(|_| id.to_string());
+    let text = |id: u32| {
+        loaded
+            .tokenizer
+            .decode(&[id])
+            .unwrap_or_else(|_| id.to_string())
+    };
     let measured = p.describe(text);
     let tokens: Vec<(String, String)> = clean
         .ids
@@ -292,7 +297,10 @@ pub(super) fn cmd_patch(args: PatchArgs) -> Result<()> {
             })?;
             write_heatmap(
                 path,
-                &format!("normalised patching of {} by {by} {title}: {measured}", p.what),
+                &format!(
+                    "normalised patching of {} by {by} {title}: {measured}",
+                    p.what
+                ),
                 &normalized,
             )?;
         }
