@@ -9,10 +9,17 @@ use crate::error::Result;
 
 /// A place in the forward pass where a [`Hook`] sees, and may change, a tensor; named after
 /// TransformerLens' hook points. Layers are 0-based.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Point {
     /// (B, T, C): token plus position embeddings (`blocks.0.hook_resid_pre`).
     Embed,
+    /// (B, T, n_head, head_size): layer l's queries, bias included (`attn.hook_q`).
+    Q(usize),
+    /// (B, T, n_kv_head, head_size): layer l's keys of the new tokens, bias included
+    /// (`attn.hook_k`; `n_kv_head` is `n_head` but in grouped-query attention).
+    K(usize),
+    /// (B, T, n_kv_head, head_size): layer l's values of the new tokens (`attn.hook_v`).
+    V(usize),
     /// (B, n_head, T, T_k) f32: layer l's post-softmax attention (`attn.hook_pattern`). Asking
     /// for it makes that layer take the unfused attention path, which computes it.
     Pattern(usize),

@@ -398,6 +398,21 @@ impl Gpt2 {
 
     /// Token plus position embeddings of `ids` (B, T) at positions `past..past + T`: (B, T, C).
     pub fn embed(&self, ids: &Tensor, past: usize) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let x = self.token_embeddings(ids)?;
+        // Positions past..past+T: (T, C) broadcast over B.
+        Ok(x.broadcast_add(&self.position_embeddings(past, t)?)?)
+    }
+
+    /// The rows of `wpe` for positions `past..past + T`: (T, C) (TransformerLens'
+    /// `hook_pos_embed`, before it is repeated over the batch).
+    pub fn position_embeddings(&self, past: usize, t: usize) -> Result<Tensor> {
+        self.check_positions(past, t)?;
+        Ok(self.wpe.narrow(0, past, t)?)
+    }
+
+    /// The token embeddings of `ids` (B, T): (B, T, C) (TransformerLens' `hook_embed`).
+    pub fn token_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let c = self.config.n_embd;
         let x = match &self.wte {
@@ -422,8 +437,7 @@ impl Gpt2 {
                 Tensor::from_vec(x, (b, t, c), &self.device)?
             }
         };
-        // Positions past..past+T: (T, C) broadcast over B.
-        Ok(x.broadcast_add(&self.wpe.narrow(0, past, t)?)?)
+        Ok(x)
     }
 
     /// The forward pass behind every other: embeddings (`ids` (B, T) after `cache`'s tokens),

@@ -6,6 +6,7 @@
 //! - [`heads_effect`]: every head's effect on the loss or a target logit, batched per layer;
 //! - [`logit_lens`]: the prediction after each layer, each with its own `ln_f` statistics;
 //! - [`attribution`]: a target logit split exactly into embeddings, heads, biases and MLPs;
+//! - [`patching`]: activation patching (TransformerLens' `get_act_patch_*`) and `run_with_cache`;
 //! - [`figure`]: layers × heads heatmaps as PNG.
 
 pub mod ablation;
@@ -13,3 +14,4 @@ pub mod attribution;
 pub mod figure;
 pub mod heads_effect;
 pub mod logit_lens;
+pub mod patching;

@@ -175,7 +175,18 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = qkv.dims3()?;
         let (nh, hs) = (self.n_head, self.head_size);
-        let wants_pattern = hook.as_ref().is_some_and(|h| h.wants(Point::Pattern));
+        let wants = |p: fn(usize) -> Point| hook.as_ref().is_some_and(|h| h.wants(p));
+        let wants_pattern = wants(Point::Pattern);
+        let wants_qkv = wants(Point::Q) || wants(Point::K) || wants(Point::V);
+        // Q, K, V are split out and handed to the hook only when it wants one of them.
+        let hooked;
+        let qkv = match hook.as_deref_mut() {
+            Some(h) if wants_qkv => {
+                hooked = self.hook_qkv(qkv, h)?;
+                &hooked
+            }
+            _ => qkv,
+        };
         let y = if self.fused && !wants_pattern && qkv.dtype() == DType::F32 {
             self.fused(qkv, cache, past)?
         } else {
@@ -190,6 +201,33 @@ impl Attention {
             }
             _ => y,
         })
+    }
+
+    /// `qkv` (B, T, C + 2·nkv·hs) after the hook's `Q`, `K` and `V` points, each seen as
+    /// (B, T, heads, hs) (TransformerLens' `hook_q|k|v`), put back side by side.
+    fn hook_qkv(&self, qkv: &Tensor, hook: &mut LayerHook<'_>) -> Result<Tensor> {
+        let (b, t, _) = qkv.dims3()?;
+        let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_size);
+        let parts = [
+            (Point::Q as fn(usize) -> Point, 0, nh),
+            (Point::K, nh * hs, nkv),
+            (Point::V, (nh + nkv) * hs, nkv),
+        ]
+        .into_iter()
+        .map(|(point, start, n)| {
+            // (B, T, n·hs) -> (B, T, n, hs): a free view, head-major columns.
+            let mut part = qkv.narrow(2, start, n * hs)?;
+            if hook.wants(point) {
+                let mut heads = part.reshape((b, t, n, hs))?;
+                hook.at(point, &mut heads)?;
+                // (B, T, n, hs) -> (B, T, n·hs)
+                part = heads.reshape((b, t, n * hs))?;
+            }
+            Ok(part)
+        })
+        .collect::<Result<Vec<_>>>()?;
+        // 3 × (B, T, ·) -> (B, T, C + 2·nkv·hs)
+        Ok(Tensor::cat(&parts, 2)?)
     }
 
     /// The heads of `qkv` starting at column `start`, `n` of them: (B, n, T, hs), contiguous.

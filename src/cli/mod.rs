@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gpt2::analysis::ablation::AblateMode;
+use gpt2::analysis::patching::{By, What};
 use gpt2::device::DeviceChoice;
 use gpt2::inspect::{Format, LayerChoice};
 use gpt2::prompt::PromptOptions;
@@ -40,6 +41,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::HeadsEffect(args) => analyses::cmd_heads_effect(args),
         Command::LogitLens(args) => analyses::cmd_logit_lens(args),
         Command::Attribute(args) => analyses::cmd_attribute(args),
+        Command::Patch(args) => analyses::cmd_patch(args),
     }
 }
 
@@ -62,6 +64,9 @@ enum Command {
     LogitLens(LogitLensArgs),
     /// Direct logit attribution: a target token's logit split into embeddings, heads and MLPs.
     Attribute(AttributeArgs),
+    /// Activation patching: the corrupted prompt run with one activation (per layer, position
+    /// or head) taken from the clean run, as TransformerLens' get_act_patch_* functions.
+    Patch(PatchArgs),
 }
 
 /// Heads to remove from every forward pass.
@@ -253,6 +258,69 @@ struct AttributeArgs {
     /// Write to this file instead of standard output (needed for png: the heads' heatmap).
     #[arg(long, value_name = "PATH")]
     out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PatchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The clean prompt: the run whose activations are patched in.
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    clean: String,
+    /// The corrupted prompt: the run patched (the same number of tokens as --clean).
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    corrupted: String,
+    /// The token measured; one token of the tokenizer (mind GPT-2's leading space: " Mary").
+    #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
+    target: String,
+    /// The token the target is measured against (--metric logit-diff: target minus this).
+    #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
+    against: Option<String>,
+    /// The position whose logits are measured (0-based); default: the last.
+    #[arg(long, allow_negative_numbers = true)]
+    position: Option<usize>,
+    /// What is measured there [default: logit-diff with --against, else logit].
+    #[arg(long, value_enum)]
+    metric: Option<PatchMetric>,
+    /// The activation patched.
+    #[arg(long, value_parser = choice::<What>())]
+    what: What,
+    /// What one patch covers [default: pos for resid_pre, attn_out, mlp_out; else head].
+    #[arg(long, value_parser = choice::<By>())]
+    by: Option<By>,
+    /// Put <|endoftext|> before both prompts, as TransformerLens does.
+    #[arg(long)]
+    bos: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    format: AnalysisFormat,
+    /// Write to this file instead of standard output (needed for png: the normalised result).
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
+}
+
+/// What `gpt2 patch` measures at the position.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PatchMetric {
+    /// logit(target) - logit(against)
+    LogitDiff,
+    /// logit(target)
+    Logit,
+    /// softmax(logits)[target]
+    Prob,
+    /// -log softmax(logits)[target]: the loss of predicting target
+    Loss,
+}
+
+impl Choice for What {
+    fn values() -> Vec<(&'static str, &'static str)> {
+        What::ALL.map(|w| (w.name(), w.help())).to_vec()
+    }
+}
+
+impl Choice for By {
+    fn values() -> Vec<(&'static str, &'static str)> {
+        By::ALL.map(|b| (b.name(), b.help())).to_vec()
+    }
 }
 
 /// The command-line name of a library parameter: `max_new_tokens` is `--max-new-tokens`.
@@ -620,6 +688,15 @@ mod tests {
             "heads-effect",
             "logit-lens",
             "attribute",
+            "patch",
+            "--clean",
+            "--corrupted",
+            "--against",
+            "--what",
+            "--by",
+            "head_pos",
+            "every",
+            "logit-diff",
             "--file",
             "--stride",
             "--target",

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Goldens for activation patching (`gpt2 patch`, `gpt2::analysis::patching`), computed by
+TransformerLens on the committed `tiny` fixture:
+
+  * the `HookedTransformer` is built offline from a `HookedTransformerConfig` matching the
+    fixture's config.json and TransformerLens' own GPT-2 weight conversion
+    (`transformer_lens.pretrained.weight_conversions.convert_gpt2_weights`, fed the transformers
+    model) loaded with `load_and_process_state_dict(fold_ln=False, center_writing_weights=False,
+    center_unembed=False, fold_value_biases=False)`: every processing step that would change
+    the activations at the hook points is off, so `hook_q/k/v/z` hold what GPT-2 computes;
+  * `run_with_cache` on the clean prompt: the activations at the hook names our
+    `run_with_cache` serves;
+  * every `transformer_lens.patching.get_act_patch_*` function the CLI maps to, on the logit
+    difference at the last position (target minus against), plus, for `--by layer`,
+    `generic_activation_patch` with a setter that patches the whole activation; and
+    `resid_pre` and `attn_head_out_all_pos` on the logit, probability and loss metrics.
+
+Writes tests/fixtures/tiny/patching.safetensors and patching.json (< 100 kB).
+
+    python3 -m venv /work/venvs/tl && /work/venvs/tl/bin/pip install 'transformer-lens<4'
+    TQDM_DISABLE=1 /work/venvs/tl/bin/python scripts/make_patching_goldens.py
+
+(TransformerLens 4 removed `HookedTransformer`; this was made with 3.9.)
+"""
+import json
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
+from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+from transformers import GPT2LMHeadModel
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE = REPO / "tests" / "fixtures" / "tiny"
+CLEAN = "The cat sat on the mat. The cat"
+CORRUPTED = "The dog sat on the mat. The dog"
+TARGET, AGAINST = " s", " the"
+
+
+def hooked(hf):
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions,
+        act_fn="gelu_new", normalization_type="LN", eps=c.layer_norm_epsilon,
+        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=False, dtype=torch.float32, device="cpu")
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(
+        convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+        center_unembed=False, fold_value_biases=False)
+    return model.eval()
+
+
+def main():
+    torch.manual_seed(0)
+    tok = Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
+    clean_ids, corrupted_ids = tok.encode(CLEAN).ids, tok.encode(CORRUPTED).ids
+    assert len(clean_ids) == len(corrupted_ids), (clean_ids, corrupted_ids)
+    (target,), (against,) = tok.encode(TARGET).ids, tok.encode(AGAINST).ids
+    hf = GPT2LMHeadModel.from_pretrained(FIXTURE, attn_implementation="eager",
+                                         torch_dtype=torch.float32).eval()
+    model = hooked(hf)
+    clean, corrupted = torch.tensor([clean_ids]), torch.tensor([corrupted_ids])
+    out = {}
+    with torch.no_grad():
+        # The HookedTransformer is the fixture's model.
+        d = float((model(clean) - hf(clean).logits).abs().max())
+        assert d < 1e-4, d
+        _, cache = model.run_with_cache(clean)
+        names = ["hook_embed", "hook_pos_embed"] + [
+            f"blocks.{l}.{h}" for l in range(model.cfg.n_layers)
+            for h in ["hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+                      "attn.hook_z", "attn.hook_pattern", "hook_attn_out", "hook_mlp_out",
+                      "hook_resid_post"]]
+        for n in names:
+            out[f"cache.{n}"] = cache[n].contiguous()
+
+        def at_last(logits):
+            return logits[0, -1]
+
+        metrics = {
+            "logit_diff": lambda l: at_last(l)[target] - at_last(l)[against],
+            "logit": lambda l: at_last(l)[target],
+            "prob": lambda l: at_last(l).softmax(-1)[target],
+            "loss": lambda l: -at_last(l).log_softmax(-1)[target],
+        }
+        for name, m in metrics.items():
+            out[f"{name}.clean"] = m(model(clean)).reshape(1)
+            out[f"{name}.corrupted"] = m(model(corrupted)).reshape(1)
+        runs = {
+            "resid_pre": patching.get_act_patch_resid_pre,
+            "attn_out": patching.get_act_patch_attn_out,
+            "mlp_out": patching.get_act_patch_mlp_out,
+            "attn_head_out_all_pos": patching.get_act_patch_attn_head_out_all_pos,
+            "attn_head_q_all_pos": patching.get_act_patch_attn_head_q_all_pos,
+            "attn_head_k_all_pos": patching.get_act_patch_attn_head_k_all_pos,
+            "attn_head_v_all_pos": patching.get_act_patch_attn_head_v_all_pos,
+            "attn_head_pattern_all_pos": patching.get_act_patch_attn_head_pattern_all_pos,
+            "attn_head_out_by_pos": patching.get_act_patch_attn_head_out_by_pos,
+            "attn_head_q_by_pos": patching.get_act_patch_attn_head_q_by_pos,
+            "attn_head_k_by_pos": patching.get_act_patch_attn_head_k_by_pos,
+            "attn_head_v_by_pos": patching.get_act_patch_attn_head_v_by_pos,
+            "attn_head_pattern_by_pos": patching.get_act_patch_attn_head_pattern_by_pos,
+            "attn_head_all_pos_every": patching.get_act_patch_attn_head_all_pos_every,
+            "attn_head_by_pos_every": patching.get_act_patch_attn_head_by_pos_every,
+            "block_every": patching.get_act_patch_block_every,
+        }
+        # --by layer: the whole activation of a layer, every position.
+        for act in ["resid_pre", "attn_out", "mlp_out"]:
+            runs[f"{act}_layer"] = partial(
+                patching.generic_activation_patch,
+                patch_setter=lambda corrupted_act, index, clean_act: clean_act.clone(),
+                activation_name=act, index_axis_names=("layer",))
+        for name, f in runs.items():
+            out[f"logit_diff.{name}"] = f(model, corrupted, cache, metrics["logit_diff"]).float()
+        for metric in ["logit", "prob", "loss"]:
+            for name in ["resid_pre", "attn_head_out_all_pos"]:
+                out[f"{metric}.{name}"] = runs[name](model, corrupted, cache,
+                                                     metrics[metric]).float()
+    out = {k: v.detach().clone().contiguous() for k, v in out.items()}
+    save_file(out, str(FIXTURE / "patching.safetensors"))
+    (FIXTURE / "patching.json").write_text(json.dumps({
+        "clean": CLEAN, "corrupted": CORRUPTED, "clean_ids": clean_ids,
+        "corrupted_ids": corrupted_ids, "target": TARGET, "against": AGAINST,
+        "target_id": target, "against_id": against, "position": len(clean_ids) - 1,
+        "transformer_lens": version("transformer-lens"), "torch": torch.__version__,
+        "processing": "fold_ln, center_writing_weights, center_unembed, fold_value_biases off",
+    }, indent=1) + "\n")
+    print("max |TL - transformers| logits:", d)
+    for k in sorted(out):
+        if k.startswith("logit_diff."):
+            print(k, tuple(out[k].shape))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+//! Activation patching, as TransformerLens' `patching.py` computes it: run the corrupted prompt
+//! with one activation (a layer's, a position's, a head's) replaced by the clean run's, and
+//! measure the output. Also [`run_with_cache`]: one pass returning the activations at
+//! TransformerLens' hook names.
+//!
+//! TransformerLens runs one forward pass per patch. Here a patch at layer L changes nothing
+//! below L, so the corrupted run's residual stream entering L is computed once, and every patch
+//! of that layer is a row of one batch ([`run_from`](Gpt2::run_from) from L): row `r` takes the
+//! clean value where its mask is 1 and keeps the corrupted one elsewhere. Masks are 0 or 1 and
+//! applied as `corrupted · (1 − m) + clean · m`, so a patched value is the clean value exactly,
+//! as TransformerLens' assignment makes it.
+//!
+//! [`cache`]: [`run_with_cache`]; [`spec`]: the options' types; [`table`]: the text report.
+
+mod cache;
+mod spec;
+mod table;
+
+use std::collections::BTreeSet;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::hooks::{Hook, Point};
+use crate::model::{Gpt2, Output};
+
+pub use cache::{run_with_cache, ActivationCache};
+pub use spec::{Act, Axis, By, Metric, What};
+
+/// The result of patching: TransformerLens' `get_act_patch_*` tensor, flattened in its order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Patching {
+    pub what: What,
+    pub by: By,
+    pub metric: Metric,
+    /// The position measured.
+    pub position: usize,
+    /// The metric of the clean and the corrupted run, unpatched.
+    pub clean: f64,
+    pub corrupted: f64,
+    /// The activations along [`Axis::Act`] (`every`), else the one patched.
+    pub acts: Vec<Act>,
+    /// The axes and their sizes, as TransformerLens orders them: e.g. `[layer, pos]` for
+    /// `resid_pre` by position, `[layer, head, pos]` for `head_pattern` by head and position,
+    /// `[act, layer, head]` for `every` by head.
+    pub axes: Vec<Axis>,
+    pub shape: Vec<usize>,
+    /// The metric of each patched run, row-major over `shape`.
+    pub patched: Vec<f64>,
+    /// `(patched − corrupted) / (clean − corrupted)`: 0 = no better than corrupted, 1 = clean.
+    pub normalized: Vec<f64>,
+}
+
+/// `by` does not apply to `act`.
+fn by_error(act: Act, by: By) -> Error {
+    let fits = if act.per_head() {
+        "head or head_pos"
+    } else {
+        "layer or pos"
+    };
+    Error::param(
+        "by",
+        format!("{by} does not apply to {}: use {fits}", act.name()),
+    )
+}
+
+/// Checks the inputs of a patching run and returns the position measured.
+fn check(model: &Gpt2, clean: &[u32], corrupted: &[u32], position: Option<usize>) -> Result<usize> {
+    if clean.len() != corrupted.len() {
+        return Err(Error::param(
+            "corrupted",
+            format!(
+                "the corrupted prompt is {} tokens and the clean one {}: activation patching \
+                 needs prompts of the same length in tokens (as TransformerLens requires)",
+                corrupted.len(),
+                clean.len()
+            ),
+        ));
+    }
+    let t = clean.len();
+    if t == 0 {
+        return Err(Error::param("clean", "the prompts are empty"));
+    }
+    if model.loaded_layers() < model.config().n_layer {
+        return Err(Error::Input(
+            "activation patching needs every layer and the LM head loaded".into(),
+        ));
+    }
+    match position {
+        Some(p) if p >= t => Err(Error::param(
+            "position",
+            format!(
+                "{p} is out of range: the prompts have {t} tokens (0..={})",
+                t - 1
+            ),
+        )),
+        Some(p) => Ok(p),
+        None => Ok(t - 1),
+    }
+}
+
+/// The metric at `position` of each row of final residual streams `x` (R, T, C).
+fn measure(model: &Gpt2, x: &Tensor, position: usize, metric: Metric) -> Result<Vec<f64>> {
+    // (R, T, C) -> (R, 1, C) -> (R, 1, vocab) -> (R, vocab)
+    let logits = model
+        .unembed(&x.narrow(1, position, 1)?)?
+        .squeeze(1)?
+        .to_vec2::<f32>()?;
+    logits.iter().map(|row| metric.of(row)).collect()
+}
+
+/// A hook that wants nothing.
+struct NoHook;
+
+impl Hook for NoHook {
+    fn wants(&self, _: Point) -> bool {
+        false
+    }
+
+    fn at(&mut self, _: Point, _: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Row `r` of a batch takes the clean activation where its mask is 1: `t · keep + clean · take`,
+/// `take` (R, ...) 0 or 1 broadcast against `t` (R, ...) and `clean` (1, ...), `keep = 1 − take`.
+struct PatchRows {
+    /// `None`: the layer's input, patched before the pass ([`Act::ResidPre`]).
+    point: Option<Point>,
+    clean: Tensor,
+    keep: Tensor,
+    take: Tensor,
+}
+
+impl PatchRows {
+    fn apply(&self, t: &Tensor) -> Result<Tensor> {
+        let dtype = t.dtype();
+        Ok((t.broadcast_mul(&self.keep.to_dtype(dtype)?)?
+            + self
+                .clean
+                .to_dtype(dtype)?
+                .broadcast_mul(&self.take.to_dtype(dtype)?)?)?)
+    }
+}
+
+impl Hook for PatchRows {
+    fn wants(&self, p: Point) -> bool {
+        self.point == Some(p)
+    }
+
+    fn at(&mut self, _: Point, t: &mut Tensor) -> Result<()> {
+        *t = self.apply(t)?;
+        Ok(())
+    }
+}
+
+/// The axes of a result after `layer`, with their sizes.
+type Axes = Vec<(Axis, usize)>;
+
+/// Rows per batched pass: about 4096 token rows, at least one patch.
+fn rows_per_pass(t: usize) -> usize {
+    (4096 / t.max(1)).max(1)
+}
+
+/// One activation patched at every index `by` names, every layer: the metric of each patched
+/// run, in TransformerLens' order, and the axes after `layer`.
+struct Patcher<'a> {
+    model: &'a Gpt2,
+    /// The corrupted run's residual stream entering each layer, (1, T, C).
+    resid: Vec<Tensor>,
+    /// The clean run's activations the patches need.
+    clean: ActivationCache,
+    metric: Metric,
+    position: usize,
+    t: usize,
+}
+
+impl Patcher<'_> {
+    /// `act` patched by `by` at every layer: values `[layer, ...]` and the axes after `layer`.
+    fn run(&self, act: Act, by: By) -> Result<(Vec<f64>, Axes)> {
+        let c = self.model.config();
+        let (n_layer, t) = (c.n_layer, self.t);
+        let heads = match act {
+            Act::HeadK | Act::HeadV => c.kv_heads(),
+            _ => c.n_head,
+        };
+        // Each patch's mask, as a shape broadcast over the activation without its batch axis
+        // (block (T, C); head vectors (T, heads, d_head); patterns (heads, T, T_k)), and the axes
+        // its index runs over: patch `r` is the mask with flat element `r` set, so patches come
+        // in TransformerLens' order.
+        let (mask, axes): (Vec<usize>, Axes) = match (act, by) {
+            (Act::ResidPre | Act::AttnOut | Act::MlpOut, By::Layer) => (vec![1, 1], vec![]),
+            (Act::ResidPre | Act::AttnOut | Act::MlpOut, By::Pos) => {
+                (vec![t, 1], vec![(Axis::Pos, t)])
+            }
+            (Act::HeadPattern, By::Head) => (vec![heads, 1, 1], vec![(Axis::Head, heads)]),
+            (Act::HeadPattern, By::HeadPos) => {
+                (vec![heads, t, 1], vec![(Axis::Head, heads), (Axis::Pos, t)])
+            }
+            (_, By::Head) => (vec![1, heads, 1], vec![(Axis::Head, heads)]),
+            (_, By::HeadPos) => (vec![t, heads, 1], vec![(Axis::Pos, t), (Axis::Head, heads)]),
+            (a, b) => return Err(by_error(a, b)),
+        };
+        let patches: usize = mask.iter().product();
+        let mut out = Vec::with_capacity(n_layer * patches);
+        for layer in 0..n_layer {
+            let clean = self.clean.need(&act.hook_name(layer))?;
+            let resid = &self.resid[layer];
+            let mut start = 0;
+            while start < patches {
+                crate::interrupt::check()?;
+                let rows = rows_per_pass(t).min(patches - start);
+                // (R, ...mask): row r has a 1 at flat index start + r.
+                let mut take = vec![0f32; rows * patches];
+                for r in 0..rows {
+                    take[r * patches + start + r] = 1.0;
+                }
+                let mut shape = vec![rows];
+                shape.extend(&mask);
+                let take = Tensor::from_vec(take, shape, resid.device())?;
+                let keep = take.affine(-1.0, 1.0)?;
+                let patch = PatchRows {
+                    point: act.point(layer),
+                    clean: clean.clone(),
+                    keep,
+                    take,
+                };
+                // (1, T, C) -> (R, T, C): the corrupted stream entering `layer`, once per patch.
+                let x = resid.repeat((rows, 1, 1))?;
+                let x = match act.point(layer) {
+                    // resid_pre is the layer's input: patched before the pass.
+                    None => self.pass(layer, patch.apply(&x)?, &mut NoHook)?,
+                    Some(_) => {
+                        let mut patch = patch;
+                        self.pass(layer, x, &mut patch)?
+                    }
+                };
+                out.extend(measure(self.model, &x, self.position, self.metric)?);
+                start += rows;
+            }
+        }
+        Ok((out, axes))
+    }
+
+    /// Layers `layer..` on `x` (R, T, C) with `hook`: the last block's output (R, T, C).
+    fn pass(&self, layer: usize, x: Tensor, hook: &mut dyn Hook) -> Result<Tensor> {
+        let n_layer = self.model.config().n_layer;
+        struct Seen<'a, 'b> {
+            hook: &'a mut (dyn Hook + 'b),
+            last: Option<Tensor>,
+            layer: usize,
+        }
+        impl Hook for Seen<'_, '_> {
+            fn wants(&self, p: Point) -> bool {
+                p == Point::ResidPost(self.layer) || self.hook.wants(p)
+            }
+            fn at(&mut self, p: Point, t: &mut Tensor) -> Result<()> {
+                if self.hook.wants(p) {
+                    self.hook.at(p, t)?;
+                }
+                if p == Point::ResidPost(self.layer) {
+                    self.last = Some(t.clone());
+                }
+                Ok(())
+            }
+        }
+        let mut seen = Seen {
+            hook,
+            last: None,
+            layer: n_layer - 1,
+        };
+        self.model.run_from(
+            layer,
+            x,
+            None,
+            Some(&mut seen),
+            Output::StopAfter(n_layer - 1),
+        )?;
+        seen.last
+            .ok_or_else(|| Error::Internal("the last residual stream was not seen".into()))
+    }
+}
+
+/// Activation patching of `model`: the corrupted prompt run with `what` replaced by the clean
+/// run's at each layer and each index `by` names, measured by `metric` at `position` (default:
+/// the last). Equal to TransformerLens' `get_act_patch_*` (see the README's table):
+/// `resid_pre`/`attn_out`/`mlp_out` by pos `[layer, pos]`, by layer `[layer]`; `head_*` by head
+/// `[layer, head]`, by head_pos `[layer, pos, head]` (`head_pattern`: `[layer, head, pos]`, its
+/// destination positions); `every` by head `[5, layer, head]`, by head_pos
+/// `[5, layer, pos, head]`, by pos `[3, layer, pos]`, by layer `[3, layer]`.
+pub fn activation_patch(
+    model: &Gpt2,
+    clean: &[u32],
+    corrupted: &[u32],
+    what: What,
+    by: By,
+    metric: Metric,
+    position: Option<usize>,
+) -> Result<Patching> {
+    let position = check(model, clean, corrupted, position)?;
+    let vocab = model.config().vocab_size;
+    if let Some(bad) = metric.tokens().into_iter().find(|&t| t as usize >= vocab) {
+        return Err(Error::param(
+            "target",
+            format!("token id {bad} is outside the vocabulary (0..{vocab})"),
+        ));
+    }
+    let acts: Vec<Act> = match what {
+        What::One(a) => vec![a],
+        What::Every if by.per_head() => Act::HEAD.to_vec(),
+        What::Every => Act::BLOCK.to_vec(),
+    };
+    if let Some(&a) = acts.iter().find(|a| a.per_head() != by.per_head()) {
+        return Err(by_error(a, by));
+    }
+    let n_layer = model.config().n_layer;
+    let t = clean.len();
+    let device = model.device();
+    let last = format!("blocks.{}.hook_resid_post", n_layer - 1);
+    // The corrupted run: each layer's input and the output.
+    let resid_names: Vec<String> = (0..n_layer).map(|l| Act::ResidPre.hook_name(l)).collect();
+    let mut names: Vec<&str> = resid_names.iter().map(String::as_str).collect();
+    names.push(&last);
+    let corrupted_ids = Tensor::new(corrupted, device)?.unsqueeze(0)?;
+    let run = run_with_cache(model, &corrupted_ids, &names)?;
+    let resid = resid_names
+        .iter()
+        .map(|n| run.need(n).cloned())
+        .collect::<Result<Vec<_>>>()?;
+    let corrupted_metric = measure(model, run.need(&last)?, position, metric)?[0];
+    // The clean run: the activations patched in, and the output.
+    let clean_names: BTreeSet<String> = acts
+        .iter()
+        .flat_map(|a| (0..n_layer).map(|l| a.hook_name(l)))
+        .chain([last.clone()])
+        .collect();
+    let names: Vec<&str> = clean_names.iter().map(String::as_str).collect();
+    let clean_ids = Tensor::new(clean, device)?.unsqueeze(0)?;
+    let clean_cache = run_with_cache(model, &clean_ids, &names)?;
+    let clean_metric = measure(model, clean_cache.need(&last)?, position, metric)?[0];
+    let patcher = Patcher {
+        model,
+        resid,
+        clean: clean_cache,
+        metric,
+        position,
+        t,
+    };
+    let n_head = model.config().n_head;
+    let mut patched = Vec::new();
+    let mut inner = Vec::new();
+    for &act in &acts {
+        let (mut values, mut axes) = patcher.run(act, by)?;
+        if what == What::Every {
+            // TransformerLens stacks the five head results on one shape: k and v of a model
+            // with fewer K/V heads are padded with zeros to n_head, and the pattern by position
+            // is rearranged from [layer, head, pos] to [layer, pos, head].
+            match (act, by) {
+                (Act::HeadPattern, By::HeadPos) => {
+                    values = swap_last_two(&values, n_layer, n_head, t);
+                    axes = vec![(Axis::Pos, t), (Axis::Head, n_head)];
+                }
+                (Act::HeadK | Act::HeadV, _) => {
+                    let have = axes.last().map_or(1, |a| a.1);
+                    values = pad_last(&values, have, n_head);
+                    if let Some(a) = axes.last_mut() {
+                        a.1 = n_head;
+                    }
+                }
+                _ => {}
+            }
+        }
+        patched.extend(values);
+        inner = axes;
+    }
+    let mut axes = Vec::new();
+    let mut shape = Vec::new();
+    if what == What::Every {
+        axes.push(Axis::Act);
+        shape.push(acts.len());
+    }
+    axes.push(Axis::Layer);
+    shape.push(n_layer);
+    for (a, n) in inner {
+        axes.push(a);
+        shape.push(n);
+    }
+    let span = clean_metric - corrupted_metric;
+    let normalized = patched
+        .iter()
+        .map(|p| (p - corrupted_metric) / span)
+        .collect();
+    Ok(Patching {
+        what,
+        by,
+        metric,
+        position,
+        clean: clean_metric,
+        corrupted: corrupted_metric,
+        acts,
+        axes,
+        shape,
+        patched,
+        normalized,
+    })
+}
+
+/// `[n, a, b]` row-major -> `[n, b, a]`.
+fn swap_last_two(v: &[f64], n: usize, a: usize, b: usize) -> Vec<f64> {
+    let mut out = vec![0.0; v.len()];
+    for i in 0..n {
+        for x in 0..a {
+            for y in 0..b {
+                out[i * a * b + y * a + x] = v[i * a * b + x * b + y];
+            }
+        }
+    }
+    out
+}
+
+/// Rows of `have` values, each padded with zeros to `want`.
+fn pad_last(v: &[f64], have: usize, want: usize) -> Vec<f64> {
+    if have >= want {
+        return v.to_vec();
+    }
+    v.chunks(have.max(1))
+        .flat_map(|row| {
+            row.iter()
+                .copied()
+                .chain(std::iter::repeat_n(0.0, want - have))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reshapes_as_transformer_lens_stacks() {
+        // [1, 2, 3] -> [1, 3, 2]: TransformerLens' "layer head pos -> layer pos head".
+        let v: Vec<f64> = (0..6).map(f64::from).collect();
+        assert_eq!(swap_last_two(&v, 1, 2, 3), [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        // K/V heads padded with zeros to n_head.
+        assert_eq!(pad_last(&[1.0, 2.0], 1, 3), [1.0, 0.0, 0.0, 2.0, 0.0, 0.0]);
+        assert_eq!(pad_last(&[1.0, 2.0], 2, 2), [1.0, 2.0]);
+    }
+}
