@@ -66,9 +66,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let stops_on_interrupt = args.stops_on_interrupt();
     let result = std::panic::catch_unwind(|| cli::run(args));
     match result {
-        Ok(Ok(())) if gpt2::interrupt::requested() => ExitCode::from(130),
+        Ok(Ok(())) if gpt2::interrupt::requested() && !stops_on_interrupt => ExitCode::from(130),
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => report(&e),
         Err(_) => ExitCode::FAILURE, // the hook has said it
