@@ -577,10 +577,10 @@ fn wait_until(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result {
 }
 
 #[test]
-fn a_client_that_leaves_mid_stream_frees_its_slot() -> Result {
+fn a_full_queue_is_a_429_and_a_client_that_leaves_mid_stream_frees_its_slot() -> Result {
     use std::io::BufRead;
     // gpt2's layout: a step takes long enough that the stream is surely still running.
-    let server = Server::start_layout("gpt2", &["--parallel", "1"])?;
+    let server = Server::start_layout("gpt2", &["--parallel", "1", "--max-queue", "1"])?;
     let r = ureq::post(&format!("{}/v1/completions", server.url))
         .set("Content-Type", "application/json")
         .send_string(
@@ -594,31 +594,63 @@ fn a_client_that_leaves_mid_stream_frees_its_slot() -> Result {
     wait_until("the stream is running", || {
         Ok(server.metric("gpt2_active_sequences")? == 1.0)
     })?;
+    // The next request waits for the slot; the one after finds the queue full.
+    let waiting = completion_in_background(&server.url, 2);
+    wait_until("a request is queued", || {
+        Ok(server.metric("gpt2_queue_depth")? == 1.0)
+    })?;
+    let refused = ureq::post(&format!("{}/v1/completions", server.url))
+        .set("Content-Type", "application/json")
+        .send_string(&json!({"prompt": "b", "max_tokens": 2}).to_string());
+    match refused {
+        Err(ureq::Error::Status(429, r)) => {
+            assert_eq!(r.header("retry-after"), Some("1"));
+            let v: Value = serde_json::from_str(&r.into_string()?)?;
+            assert_eq!(v["error"]["code"], "queue_full", "{v}");
+        }
+        other => return Err(format!("expected a 429, got {other:?}").into()),
+    }
+    // The streaming client leaves: its slot goes to the waiting request.
     drop(reader);
+    let (s, body) = waiting.join().map_err(|_| "client panicked")??;
+    assert_eq!(s, 200, "{body}");
     wait_until("the slot is freed", || {
         Ok(server.metric("gpt2_active_sequences")? == 0.0)
     })?;
-    // The one slot serves the next request.
-    let (s, v) = server.post("/v1/completions", &json!({"prompt": "b", "max_tokens": 3}))?;
-    assert_eq!(s, 200, "{v}");
     Ok(())
 }
 
 #[test]
 fn a_stalled_client_does_not_block_others_and_is_cut_off() -> Result {
-    let server = Server::start("tiny", &["--header-timeout", "1"])?;
+    let server = Server::start("tiny", &["--header-timeout", "1", "--timeout", "1"])?;
     let mut stalled = TcpStream::connect(&server.addr)?;
     stalled.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")?;
-    // A body that never comes.
+    // A body that never ends.
     let mut slow_body = TcpStream::connect(&server.addr)?;
     slow_body.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")?;
-    let (s, v) = server.post("/v1/completions", &json!({"prompt": "a", "max_tokens": 3}))?;
-    assert_eq!(s, 200, "{v}");
-    // The half-sent headers are closed on at the header timeout.
+    // Others are served meanwhile (a stream: the request timeout ends with its headers).
+    let chunks = server.stream(
+        "/v1/completions",
+        &json!({"prompt": "a", "max_tokens": 3, "stream": true}),
+    )?;
+    assert_eq!(chunks.last(), Some(&json!("[DONE]")));
+    let (s, _) = server.get("/health")?;
+    assert_eq!(s, 200);
+    // The half-sent headers are closed on at the header timeout, without a response.
     stalled.set_read_timeout(Some(common::HANG))?;
     let mut buf = Vec::new();
-    let _ = stalled.read_to_end(&mut buf);
-    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"), "{buf:?}");
+    stalled.read_to_end(&mut buf)?;
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("HTTP/1.1 2"),
+        "{buf:?}"
+    );
+    // The trickling body gets a 408 at the request timeout.
+    slow_body.set_read_timeout(Some(common::HANG))?;
+    let mut buf = Vec::new();
+    let _ = slow_body.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"timeout_error\""), "{text}");
     Ok(())
 }
 
