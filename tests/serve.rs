@@ -408,6 +408,7 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() -> Result {
         (json!({"prompt": "a ".repeat(300)}), "prompt"),
         (json!({"prompt": [600]}), "prompt"),
         (json!({"prompt": "a", "logprobs": 50}), "logprobs"),
+        (json!({"prompt": "a", "logprobs": 1.5}), "logprobs"),
     ] {
         let (s, b) = raw(&body.to_string())?;
         check(s, &b, 400, Some(param))?;
@@ -478,6 +479,30 @@ fn the_api_key_guards_everything_but_health_and_is_never_shown() -> Result {
     let (s, _) = server.get("/health")?;
     assert_eq!(s, 200);
     assert!(!server.log().contains(key), "{}", server.log());
+    Ok(())
+}
+
+#[test]
+fn listening_beyond_loopback_without_a_key_warns() -> Result {
+    let open = Server::start("tiny", &["--host", "0.0.0.0"])?;
+    assert!(
+        open.log().contains("warning: listening on 0.0.0.0:"),
+        "{}",
+        open.log()
+    );
+    let keyed = Server::start("tiny", &["--host", "0.0.0.0", "--api-key", "k"])?;
+    assert!(!keyed.log().contains("warning"), "{}", keyed.log());
+    let local = Server::start("tiny", &[])?;
+    assert!(!local.log().contains("warning"), "{}", local.log());
+    // A port in use is one error line, before any loading.
+    let out = common::gpt2(&[
+        "serve",
+        "--config",
+        "configs/gpt2.json",
+        "--port",
+        local.addr.rsplit(':').next().unwrap_or("0"),
+    ])?;
+    common::assert_error(&out, 1, &["cannot listen on"]);
     Ok(())
 }
 

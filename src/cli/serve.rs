@@ -47,6 +47,20 @@ pub(super) fn cmd_serve(args: ServeArgs) -> Result<()> {
             .map_err(|_| Error::param("grace", "must be a number of seconds >= 0"))?,
         chat_template,
     };
+    // Bound before the (possibly long) load, so a port in use fails at once.
+    let (host, port) = (args.host.as_str(), args.port);
+    let listener = std::net::TcpListener::bind((host, port))
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| Error::Input(format!("cannot listen on {host}:{port}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Input(format!("cannot read the bound address: {e}")))?;
+    if !addr.ip().is_loopback() && api_key.is_none() {
+        note(format_args!(
+            "warning: listening on {addr}, beyond this machine, without an API key: anyone \
+             who reaches it can use it (set --api-key or GPT2_API_KEY)\n"
+        ));
+    }
     let loaded = load(&args.model, None)?;
     let engine = Engine::start(
         loaded.model,
@@ -65,19 +79,8 @@ pub(super) fn cmd_serve(args: ServeArgs) -> Result<()> {
         .build()
         .context("cannot start the server's runtime")?;
     runtime.block_on(async {
-        let (host, port) = (args.host.as_str(), args.port);
-        let listener = tokio::net::TcpListener::bind((host, port))
-            .await
-            .map_err(|e| Error::Input(format!("cannot listen on {host}:{port}: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::Input(format!("cannot read the bound address: {e}")))?;
-        if !addr.ip().is_loopback() && api_key.is_none() {
-            note(format_args!(
-                "warning: listening on {addr}, beyond this machine, without an API key: anyone \
-                 who reaches it can use it (set --api-key or GPT2_API_KEY)\n"
-            ));
-        }
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| Error::Input(format!("cannot listen on {addr}: {e}")))?;
         note(format_args!("listening on http://{addr}\n"));
         // The binary's Ctrl-C (and SIGTERM) handler raises the stop request; a second one
         // exits at once.

@@ -311,7 +311,8 @@ impl CompletionRequest {
         if prompts.is_empty() {
             return Err(ApiError::invalid(Some("prompt"), "prompt is an empty list"));
         }
-        let echo = self.echo.unwrap_or(false);
+        // Chat has no echo: its reply is the message alone.
+        let echo = endpoint == Endpoint::Completions && self.echo.unwrap_or(false);
         let max_tokens = match (self.max_tokens, self.max_completion_tokens, endpoint) {
             (Some(v), _, _) => int_in("max_tokens", v, 0, ctx as i64)?,
             (None, Some(v), _) => int_in("max_completion_tokens", v, 0, ctx as i64)?,
@@ -334,12 +335,10 @@ impl CompletionRequest {
         };
         let logprobs = match (endpoint, &self.logprobs) {
             (_, None | Some(Value::Null)) => None,
-            (Endpoint::Completions, Some(Value::Number(v))) => Some(int_in(
-                "logprobs",
-                v.as_i64().unwrap_or(-1),
-                0,
-                MAX_LOGPROBS as i64,
-            )?),
+            (Endpoint::Completions, Some(Value::Number(v))) if v.is_i64() || v.is_u64() => {
+                let v = v.as_i64().unwrap_or(i64::MAX);
+                Some(int_in("logprobs", v, 0, MAX_LOGPROBS as i64)?)
+            }
             (Endpoint::Chat, Some(Value::Bool(b))) => match (b, self.top_logprobs) {
                 (false, _) => None,
                 (true, None) => Some(0),
