@@ -735,6 +735,44 @@ fn sigterm_cancels_what_outlasts_the_grace_then_exits_0() -> Result {
 }
 
 #[test]
+fn a_second_sigterm_exits_at_once_with_130() -> Result {
+    let mut server = Server::start_layout("gpt2", &["--grace", "600"])?;
+    let _running = completion_in_background(&server.url, 1000);
+    wait_until("the request runs", || {
+        Ok(server.metric("gpt2_active_sequences")? == 1.0)
+    })?;
+    server.signal_term()?;
+    // The first stops the accepting; wait for that, then the second ends it all.
+    wait_until("the listener closes", || {
+        Ok(TcpStream::connect(&server.addr).is_err())
+    })?;
+    let status = server.terminate()?;
+    assert_eq!(status.code(), Some(130), "{}", server.log());
+    Ok(())
+}
+
+#[test]
+fn a_stream_with_nothing_to_send_ends_at_the_idle_timeout() -> Result {
+    let server = Server::start_layout("gpt2", &["--parallel", "1", "--idle-timeout", "1"])?;
+    // The one slot is taken by a long request; the stream waits in the queue, token-less.
+    let _long = completion_in_background(&server.url, 1000);
+    wait_until("the long request runs", || {
+        Ok(server.metric("gpt2_active_sequences")? == 1.0)
+    })?;
+    let chunks = server.stream(
+        "/v1/completions",
+        &json!({"prompt": "b", "max_tokens": 2, "stream": true}),
+    )?;
+    assert_eq!(chunks.len(), 1, "{chunks:?}");
+    assert_eq!(chunks[0]["error"]["type"], "timeout_error", "{chunks:?}");
+    // It left the queue.
+    wait_until("the queue empties", || {
+        Ok(server.metric("gpt2_queue_depth")? == 0.0)
+    })?;
+    Ok(())
+}
+
+#[test]
 fn the_live_page_streams_tokens_and_attention_in_chromium() -> Result {
     let Some(browser) = common::chromium() else {
         common::skip(

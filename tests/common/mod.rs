@@ -590,12 +590,23 @@ impl Server {
             .ok_or_else(|| format!("no {name} in {text}").into())
     }
 
-    /// Sends SIGTERM and waits (up to [`HANG`]) for the exit status.
-    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+    /// Sends SIGTERM.
+    pub fn signal_term(&self) -> Result {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()?;
         assert!(status.success());
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits (up to [`HANG`]) for the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        self.signal_term()?;
+        self.wait()
+    }
+
+    /// Waits (up to [`HANG`]) for the exit status.
+    pub fn wait(&mut self) -> Result<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + HANG;
         loop {
             if let Some(s) = self.child.try_wait()? {
