@@ -1,6 +1,7 @@
 //! The `gpt2` command: a shim that turns command-line options ([`cli`]) into library calls and
 //! their results into text, and errors into one `error:` line and an exit code:
-//! 0 success, 1 runtime error, 2 usage error, 130 interrupted.
+//! 0 success, 1 runtime error, 2 usage error, 130 interrupted (`serve`, whose way out is the
+//! interrupt, exits 0 once it has stopped).
 
 mod cli;
 
