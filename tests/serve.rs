@@ -586,6 +586,51 @@ fn a_chat_template_makes_chat_completions() -> Result {
         .collect();
     assert_eq!(json!(text), c["choices"][0]["text"]);
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    // Chat's logprobs: one entry per generated token, with its alternatives.
+    let (s, v) = server.post(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": 4, "temperature": 0, "ignore_eos": true, "logprobs": true, "top_logprobs": 2}),
+    )?;
+    assert_eq!(s, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .ok_or("content")?;
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap_or(0)
+    );
+    assert!(
+        content
+            .iter()
+            .all(|e| e["top_logprobs"].as_array().is_some_and(|t| t.len() == 2)),
+        "{v}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_server_options_are_usage_errors() -> Result {
+    let dir = common::scratch("serve", "options");
+    let bad_template = dir.join("chat.json");
+    std::fs::write(&bad_template, r#"{"message": "no content here"}"#)?;
+    let tiny = common::fixture("tiny");
+    let tiny = tiny.to_str().ok_or("path")?;
+    for (args, needle) in [
+        (vec!["--timeout", "0"], "--timeout"),
+        (vec!["--idle-timeout", "-1"], "--idle-timeout"),
+        (vec!["--grace", "nan"], "--grace"),
+        (vec!["--parallel", "0"], "--parallel"),
+        (vec!["--api-key", " "], "--api-key"),
+        (
+            vec!["--chat-template", bad_template.to_str().ok_or("path")?],
+            "--chat-template",
+        ),
+    ] {
+        let mut all = vec!["serve", "--model-dir", tiny, "--port", "0"];
+        all.extend_from_slice(&args);
+        let out = common::gpt2(&all)?;
+        common::assert_error(&out, 2, &[needle]);
+    }
     Ok(())
 }
 
