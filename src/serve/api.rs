@@ -261,8 +261,9 @@ fn float_in(param: &str, v: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
 }
 
 impl CompletionRequest {
-    /// Checks the request against the model and makes its jobs. `prompts` are the token ids
-    /// already made of a chat (None: from `prompt`); `random_seed` is used when `seed` is absent.
+    /// Checks the request against the model and makes its jobs. `chat_prompt`: a chat's rendered
+    /// text and its template's stop strings (None: the prompts come from `prompt`);
+    /// `random_seed` is used when `seed` is absent.
     pub fn plan(
         &self,
         endpoint: Endpoint,
