@@ -1,6 +1,7 @@
 //! The `gpt2` command: a shim that turns command-line options ([`cli`]) into library calls and
 //! their results into text, and errors into one `error:` line and an exit code:
-//! 0 success, 1 runtime error, 2 usage error, 130 interrupted.
+//! 0 success, 1 runtime error, 2 usage error, 130 interrupted (`serve`, whose way out is the
+//! interrupt, exits 0 once it has stopped).
 
 mod cli;
 
@@ -66,9 +67,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let stops_on_interrupt = args.stops_on_interrupt();
     let result = std::panic::catch_unwind(|| cli::run(args));
     match result {
-        Ok(Ok(())) if gpt2::interrupt::requested() => ExitCode::from(130),
+        Ok(Ok(())) if gpt2::interrupt::requested() && !stops_on_interrupt => ExitCode::from(130),
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => report(&e),
         Err(_) => ExitCode::FAILURE, // the hook has said it

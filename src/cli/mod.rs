@@ -6,6 +6,8 @@
 mod analyses;
 mod commands;
 mod escape;
+#[cfg(feature = "serve")]
+mod serve;
 mod shared;
 
 use std::path::PathBuf;
@@ -42,6 +44,20 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::LogitLens(args) => analyses::cmd_logit_lens(args),
         Command::Attribute(args) => analyses::cmd_attribute(args),
         Command::Patch(args) => analyses::cmd_patch(args),
+        #[cfg(feature = "serve")]
+        Command::Serve(args) => serve::cmd_serve(args),
+    }
+}
+
+impl Cli {
+    /// Whether the command ends on Ctrl-C or SIGTERM as its normal way out (exit 0, not 130):
+    /// the server stops, finishes or cancels its requests, and is done.
+    pub(crate) fn stops_on_interrupt(&self) -> bool {
+        #[cfg(feature = "serve")]
+        if matches!(self.command, Command::Serve(_)) {
+            return true;
+        }
+        false
     }
 }
 
@@ -67,6 +83,69 @@ enum Command {
     /// Activation patching: the corrupted prompt run with one activation (per layer, position
     /// or head) taken from the clean run, as TransformerLens' get_act_patch_* functions.
     Patch(PatchArgs),
+    /// An OpenAI-compatible HTTP server (completions, streaming, attention), batching requests.
+    #[cfg(feature = "serve")]
+    Serve(ServeArgs),
+}
+
+#[cfg(feature = "serve")]
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The address to listen on; anything but loopback without --api-key prints a warning.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The port; 0 lets the system pick one (the address is printed on stderr).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` (default: the GPT2_API_KEY variable; none: open).
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Sequences decoded together (a request with n choices takes n).
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
+    parallel: usize,
+    /// Requests waiting for a slot before more are refused with 429.
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
+    max_queue: usize,
+    /// Seconds a request may take (its body, and a completion that is not streamed): 408.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 600.0,
+        allow_negative_numbers = true
+    )]
+    timeout: f64,
+    /// Seconds a stream may go without a token, or its client without reading, before it ends.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60.0,
+        allow_negative_numbers = true
+    )]
+    idle_timeout: f64,
+    /// Seconds a connection has to send a request's headers before it is closed.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 10.0,
+        allow_negative_numbers = true
+    )]
+    header_timeout: f64,
+    /// Largest request body in bytes (413 past it).
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20, allow_negative_numbers = true)]
+    max_body: usize,
+    /// Seconds running requests get to finish at Ctrl-C or SIGTERM before they are cancelled.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 10.0,
+        allow_negative_numbers = true
+    )]
+    grace: f64,
+    /// Serve /v1/chat/completions with this template (JSON: see the README's Server section).
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
 }
 
 /// Heads to remove from every forward pass.
@@ -697,6 +776,18 @@ mod tests {
             "head_pos",
             "every",
             "logit-diff",
+            "serve",
+            "--host",
+            "--port",
+            "--api-key",
+            "--parallel",
+            "--max-queue",
+            "--timeout",
+            "--idle-timeout",
+            "--header-timeout",
+            "--max-body",
+            "--grace",
+            "--chat-template",
             "--file",
             "--stride",
             "--target",

@@ -420,3 +420,222 @@ pub fn chromium_run(
     assert!(out.status.success(), "chromium failed: {log}");
     Ok((String::from_utf8(out.stdout)?, log))
 }
+
+// ---------------------------------------------------------------------------------------------
+// `gpt2 serve`
+
+/// A `gpt2 serve` on a port the OS picked, killed when dropped. Its stderr is drained on a
+/// thread into [`Server::log`].
+pub struct Server {
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    pub addr: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `gpt2 serve --model-dir FIXTURE --port 0 args...` and waits (up to [`HANG`]) for
+    /// its `listening on http://HOST:PORT` line.
+    pub fn start(fixture_name: &str, args: &[&str]) -> Result<Server> {
+        Self::start_with_env(fixture_name, args, &[])
+    }
+
+    pub fn start_with_env(
+        fixture_name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server> {
+        let dir = fixture(fixture_name);
+        let mut all = vec!["--model-dir", dir.to_str().ok_or("fixture path")?];
+        all.extend_from_slice(args);
+        Self::spawn(&all, env)
+    }
+
+    /// A server of the layout `configs/{name}.json` (seeded random weights): gpt2's sizes make
+    /// each decode step take long enough for a test to watch a request while it runs.
+    pub fn start_layout(name: &str, args: &[&str]) -> Result<Server> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("configs/{name}.json"));
+        let mut all = vec!["--config", path.to_str().ok_or("layout path")?];
+        all.extend_from_slice(args);
+        Self::spawn(&all, &[])
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Result<Server> {
+        use std::io::BufRead;
+        let mut all = vec!["serve", "--port", "0"];
+        all.extend_from_slice(args);
+        let mut cmd = gpt2_command(&all);
+        cmd.env_remove("GPT2_API_KEY");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().ok_or("stderr")?;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(|l| l.ok())
+                {
+                    if let Some(addr) = line.strip_prefix("listening on http://") {
+                        let _ = tx.send(addr.to_string());
+                    }
+                    if let Ok(mut log) = log.lock() {
+                        log.push_str(&line);
+                        log.push('\n');
+                    }
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(HANG) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+                return Err(format!("gpt2 serve never listened: {log}").into());
+            }
+        };
+        Ok(Server {
+            child,
+            url: format!("http://{addr}"),
+            addr,
+            log,
+        })
+    }
+
+    /// What the server wrote on stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::AgentBuilder::new().timeout(HANG).build()
+    }
+
+    /// `method path` with `body` (JSON text) and `headers`: the status and the body's text.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, String)> {
+        let mut req = Self::agent().request(method, &format!("{}{path}", self.url));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let resp = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_string(b),
+            None => req.call(),
+        };
+        match resp {
+            Ok(r) => Ok((r.status(), r.into_string()?)),
+            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string()?)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// POSTs `body` to `path`: the status and the JSON answer.
+    pub fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let (status, text) = self.request("POST", path, Some(&body.to_string()), &[])?;
+        Ok((
+            status,
+            serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?,
+        ))
+    }
+
+    /// GETs `path`: the status and the text.
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        self.request("GET", path, None, &[])
+    }
+
+    /// A streamed completion: every `data:` payload in order (`[DONE]` included as a string).
+    pub fn stream(&self, path: &str, body: &Value) -> Result<Vec<Value>> {
+        use std::io::BufRead;
+        let r = Self::agent()
+            .post(&format!("{}{path}", self.url))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())?;
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        let mut out = Vec::new();
+        for line in std::io::BufReader::new(r.into_reader()).lines() {
+            let line = line?;
+            if let Some(data) = line.strip_prefix("data: ") {
+                out.push(if data == "[DONE]" {
+                    Value::String(data.into())
+                } else {
+                    serde_json::from_str(data)?
+                });
+            } else {
+                assert!(line.is_empty(), "not SSE: {line:?}");
+            }
+        }
+        Ok(out)
+    }
+
+    /// The value of the Prometheus metric `name` (its first sample line).
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let (_, text) = self.get("/metrics")?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .ok_or_else(|| format!("no {name} in {text}").into())
+    }
+
+    /// Sends SIGTERM.
+    pub fn signal_term(&self) -> Result {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        assert!(status.success());
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits (up to [`HANG`]) for the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        self.signal_term()?;
+        self.wait()
+    }
+
+    /// Waits (up to [`HANG`]) for the exit status.
+    pub fn wait(&mut self) -> Result<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + HANG;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err("the server did not exit after SIGTERM".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The completion texts of a streamed response, by choice index (chunks' `text` joined).
+pub fn streamed_texts(chunks: &[Value], n: usize) -> Vec<String> {
+    let mut texts = vec![String::new(); n];
+    for c in chunks {
+        for choice in c["choices"].as_array().into_iter().flatten() {
+            if let (Some(i), Some(t)) = (choice["index"].as_u64(), choice["text"].as_str()) {
+                texts[i as usize].push_str(t);
+            }
+        }
+    }
+    texts
+}
