@@ -281,8 +281,16 @@ impl Engine {
         if s.stopping.load(Ordering::SeqCst) {
             return Err(Rejected::ShuttingDown);
         }
-        let queued = s.metrics.queued.load(Ordering::SeqCst);
-        if queued >= s.opts.max_queue {
+        // The place in the queue is taken before the job is sent: the engine may admit it (and
+        // count it out) before this thread runs again.
+        let max = s.opts.max_queue;
+        let claimed = s
+            .metrics
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q < max).then_some(q + 1)
+            });
+        if let Err(queued) = claimed {
             return Err(Rejected::QueueFull { queued });
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -291,9 +299,9 @@ impl Engine {
             .as_ref()
             .map(|cmd| cmd.send(Cmd::Job(Box::new(job), tx)).is_ok());
         if sent != Some(true) {
+            s.metrics.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(Rejected::ShuttingDown);
         }
-        s.metrics.queued.fetch_add(1, Ordering::SeqCst);
         Ok(rx)
     }
 
@@ -545,6 +553,45 @@ mod tests {
             engine.submit(Job::new(vec![1], params(2, 0.0, 1, 1))),
             Err(Rejected::ShuttingDown)
         ));
+        Ok(())
+    }
+
+    /// Jobs submitted from several threads while the engine admits them are never refused below
+    /// the queue's bound (a count taken after the send could be admitted first and wrap).
+    #[test]
+    fn the_queue_count_never_wraps() -> Result<()> {
+        let engine = Engine::start(
+            model()?,
+            tokenizer()?,
+            "tiny",
+            EngineOptions {
+                parallel: 2,
+                max_queue: 256,
+            },
+        )?;
+        let rxs = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let engine = &engine;
+                    s.spawn(move || {
+                        (0..50)
+                            .map(|_| engine.submit(Job::new(vec![1], params(1, 0.0, 1, 1))))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap_or_default())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(rxs.len(), 200);
+        for rx in rxs {
+            let mut rx = rx.map_err(|e| Error::Internal(e.to_string()))?;
+            collect(&mut rx, 1)?;
+        }
+        assert_eq!(engine.metrics().queued.load(Ordering::SeqCst), 0);
+        engine.shutdown(Duration::from_secs(1));
         Ok(())
     }
 
