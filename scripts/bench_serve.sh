@@ -291,7 +291,8 @@ for r in range(1, rounds + 1):
                     tput.setdefault(key, []).append(sum(x[2] for x in good) / wall)
                     ttfts.setdefault(key, []).extend(x[0] for x in good if x[0] is not None)
                 print(f"round {r}/{rounds}: {server} {prec} c={conc}: "
-                      f"{(sum(x[2] for x in good) / wall) if good else 0:.1f} tok/s", file=sys.stderr)
+                      f"{(sum(x[2] for x in good) / wall) if good else 0:.1f} tok/s "
+                      f"(load avg {open('/proc/loadavg').read().split()[0]})", file=sys.stderr)
 
 if not E["BS_KEEP_LOGS"]:
     import shutil
