@@ -17,6 +17,24 @@ TransformerLens on the committed `tiny` fixture:
 
 Writes tests/fixtures/tiny/patching.safetensors and patching.json (< 100 kB).
 
+And goldens for direct logit attribution (`gpt2 attribute`), tests/fixtures/tiny/
+attribution.safetensors and attribution.json: on the clean prompt, at two positions and for two
+target tokens, TransformerLens' own recipe on a model processed as `from_pretrained` does
+(`fold_ln` and `center_writing_weights` on, so `W_U` carries `ln_final`'s scale and `b_U` its
+bias) except `center_unembed` (it shifts every token's logit by the mean over the vocabulary,
+which a logit difference cancels but a single token's logit does not) and `fold_value_biases`
+(it moves each head's `b_V · W_O[h]` into the layer's `b_O`; GPT-2's heads write it):
+
+  * heads: `cache.logit_attrs(cache.stack_head_results(layer=-1, pos_slice=p), tokens=t,
+    pos_slice=p)` (`stack_head_results` + `apply_ln_to_stack` + `tokens_to_residual_directions`,
+    as `residual_stack_to_logit_diff` in the DLA demos), [layer * head];
+  * embeddings and MLPs: the same on `cache.decompose_resid(layer=-1, pos_slice=p)`, whose
+    `attn_out` parts are each layer's heads plus its `b_O`;
+  * with `incorrect_tokens`, the logit difference of the two targets;
+  * the bias `b_U[t]` (`ln_final`'s bias, folded) and the model's logit.
+Each is checked against the same recipe by hand on the unprocessed model (`ln_final.w` applied
+to the direction), so the processing changes nothing but where `ln_final`'s weights live.
+
     python3 -m venv /work/venvs/tl && /work/venvs/tl/bin/pip install 'transformer-lens<4'
     TQDM_DISABLE=1 /work/venvs/tl/bin/python scripts/make_patching_goldens.py
 
@@ -41,7 +59,7 @@ CORRUPTED = "The dog sat on the mat. The dog"
 TARGET, AGAINST = " s", " the"
 
 
-def hooked(hf):
+def hooked(hf, fold_ln=False, center_writing_weights=False):
     c = hf.config
     cfg = HookedTransformerConfig(
         n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
@@ -51,8 +69,9 @@ def hooked(hf):
         default_prepend_bos=False, dtype=torch.float32, device="cpu")
     model = HookedTransformer(cfg)
     model.load_and_process_state_dict(
-        convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
-        center_unembed=False, fold_value_biases=False)
+        convert_gpt2_weights(hf, cfg), fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights, center_unembed=False,
+        fold_value_biases=False)
     return model.eval()
 
 
@@ -137,5 +156,67 @@ def main():
             print(k, tuple(out[k].shape))
 
 
+def attribution():
+    tok = Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
+    ids = tok.encode(CLEAN).ids
+    targets = [tok.encode(TARGET).ids[0], tok.encode(AGAINST).ids[0]]
+    positions = [len(ids) - 1, 3]
+    hf = GPT2LMHeadModel.from_pretrained(FIXTURE, attn_implementation="eager",
+                                         torch_dtype=torch.float32).eval()
+    plain = hooked(hf)
+    folded = hooked(hf, fold_ln=True, center_writing_weights=True)
+    x = torch.tensor([ids])
+    out = {}
+    with torch.no_grad():
+        d = float((folded(x) - hf(x).logits).abs().max())
+        assert d < 1e-4, d
+        logits = hf(x).logits[0]
+        _, cache = folded.run_with_cache(x)
+        _, plain_cache = plain.run_with_cache(x)
+        # [layer * head, batch, pos, d_model], computed once (a second call only warns).
+        all_heads = cache.stack_head_results(layer=-1)
+        plain_heads = plain_cache.stack_head_results(layer=-1)
+        for p in positions:
+            heads = all_heads[:, :, p]
+            resid, labels = cache.decompose_resid(layer=-1, pos_slice=p, return_labels=True)
+            assert labels[:2] == ["embed", "pos_embed"], labels
+            for t in targets:
+                key = f"pos{p}.target{t}"
+                h = cache.logit_attrs(heads, tokens=t, pos_slice=p)[:, 0]
+                r = cache.logit_attrs(resid, tokens=t, pos_slice=p)[:, 0]
+                n, nh = folded.cfg.n_layers, folded.cfg.n_heads
+                out[f"{key}.heads"] = h.reshape(n, nh)
+                out[f"{key}.embed"] = r[0:1]
+                out[f"{key}.pos_embed"] = r[1:2]
+                out[f"{key}.attn_out"] = r[2::2]
+                out[f"{key}.mlp_out"] = r[3::2]
+                out[f"{key}.bias"] = folded.b_U[t].reshape(1)
+                out[f"{key}.logit"] = logits[p, t].reshape(1)
+                # The parts and the bias are the logit.
+                total = float(r.sum() + folded.b_U[t])
+                assert abs(total - float(logits[p, t])) < 1e-4, (total, logits[p, t])
+                # The same by hand on the unprocessed model: centre, divide by ln_final's
+                # scale, then the direction ln_final.w * W_U[:, t].
+                direction = plain.ln_final.w * plain.W_U[:, t]
+                by_hand = (plain_cache.apply_ln_to_stack(
+                    plain_heads[:, :, p], layer=-1, pos_slice=p)[:, 0] * direction).sum(-1)
+                assert (by_hand - h).abs().max() < 1e-5, (by_hand, h)
+            a, b = targets
+            out[f"pos{p}.diff{a}_{b}.heads"] = cache.logit_attrs(
+                heads, tokens=a, incorrect_tokens=b, pos_slice=p)[:, 0].reshape(n, nh)
+    out = {k: v.detach().float().clone().contiguous() for k, v in out.items()}
+    save_file(out, str(FIXTURE / "attribution.safetensors"))
+    (FIXTURE / "attribution.json").write_text(json.dumps({
+        "prompt": CLEAN, "token_ids": ids, "targets": targets, "positions": positions,
+        "transformer_lens": version("transformer-lens"), "torch": torch.__version__,
+        "processing": "fold_ln, center_writing_weights on; center_unembed, "
+                      "fold_value_biases off",
+        "recipe": "cache.logit_attrs(cache.stack_head_results(-1, pos_slice=p) | "
+                  "cache.decompose_resid(-1, pos_slice=p), tokens=t, pos_slice=p)",
+    }, indent=1) + "\n")
+    print("attribution: max |TL folded - transformers| logits:", d, "keys:", len(out))
+
+
 if __name__ == "__main__":
     main()
+    attribution()
