@@ -17,6 +17,12 @@ TransformerLens on the committed `tiny` fixture:
 
 Writes tests/fixtures/tiny/patching.safetensors and patching.json (< 100 kB).
 
+A dataset (`gpt2 patch --pairs`): the pairs of DATASET, written as
+tests/fixtures/tiny/patching_pairs.jsonl (the first line leaves its target and against to
+`--target " s" --against " the"`), patched as one batch as the TransformerLens IOI demos do,
+with the metric the batch's mean logit difference (each prompt its own target and against);
+the results are the `dataset.*` keys of patching.safetensors.
+
 And goldens for direct logit attribution (`gpt2 attribute`), tests/fixtures/tiny/
 attribution.safetensors and attribution.json: on the clean prompt, at two positions and for two
 target tokens, TransformerLens' own recipe on a model processed as `from_pretrained` does
@@ -57,6 +63,12 @@ FIXTURE = REPO / "tests" / "fixtures" / "tiny"
 CLEAN = "The cat sat on the mat. The cat"
 CORRUPTED = "The dog sat on the mat. The dog"
 TARGET, AGAINST = " s", " the"
+# (clean, corrupted, target, against): every prompt 13 tokens.
+DATASET = [
+    (CLEAN, CORRUPTED, TARGET, AGAINST),
+    ("The cow sat on the mat. The cow", "The rat sat on the mat. The rat", " s", " r"),
+    ("The cat ran to the mat. The cat", "The dog ran to the mat. The dog", " r", " s"),
+]
 
 
 def hooked(hf, fold_ln=False, center_writing_weights=False):
@@ -141,6 +153,7 @@ def main():
             for name in ["resid_pre", "attn_head_out_all_pos"]:
                 out[f"{metric}.{name}"] = runs[name](model, corrupted, cache,
                                                      metrics[metric]).float()
+        out.update(dataset(tok, model))
     out = {k: v.detach().clone().contiguous() for k, v in out.items()}
     save_file(out, str(FIXTURE / "patching.safetensors"))
     (FIXTURE / "patching.json").write_text(json.dumps({
@@ -154,6 +167,36 @@ def main():
     for k in sorted(out):
         if k.startswith("logit_diff."):
             print(k, tuple(out[k].shape))
+
+
+def dataset(tok, model):
+    """DATASET as one batch, measured by the mean logit difference, as the IOI demos do."""
+    enc = lambda text: tok.encode(text).ids
+    clean = torch.tensor([enc(c) for c, _, _, _ in DATASET])
+    corrupted = torch.tensor([enc(c) for _, c, _, _ in DATASET])
+    target = torch.tensor([enc(t)[0] for _, _, t, _ in DATASET])
+    against = torch.tensor([enc(a)[0] for _, _, _, a in DATASET])
+    rows = torch.arange(len(DATASET))
+
+    def mean_logit_diff(logits):
+        return (logits[rows, -1, target] - logits[rows, -1, against]).mean()
+
+    _, cache = model.run_with_cache(clean)
+    out = {
+        "dataset.clean": mean_logit_diff(model(clean)).reshape(1),
+        "dataset.corrupted": mean_logit_diff(model(corrupted)).reshape(1),
+    }
+    for name in ["resid_pre", "attn_head_out_all_pos", "attn_head_pattern_by_pos"]:
+        f = getattr(patching, f"get_act_patch_{name}")
+        out[f"dataset.{name}"] = f(model, corrupted, cache, mean_logit_diff).float()
+    lines = []
+    for i, (c, k, t, a) in enumerate(DATASET):
+        line = {"clean": c, "corrupted": k}
+        if i > 0:
+            line.update(target=t, against=a)
+        lines.append(json.dumps(line))
+    (FIXTURE / "patching_pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return out
 
 
 def attribution():

@@ -13,6 +13,7 @@
 //! [`cache`]: [`run_with_cache`]; [`spec`]: the options' types; [`table`]: the text report.
 
 mod cache;
+mod dataset;
 mod spec;
 mod table;
 
@@ -26,6 +27,7 @@ use crate::hooks::{Hook, Point};
 use crate::model::{Gpt2, Output};
 
 pub use cache::{run_with_cache, ActivationCache};
+pub use dataset::{activation_patch_mean, Pair, PairRun};
 pub use spec::{Act, Axis, By, Metric, What};
 
 /// The result of patching: TransformerLens' `get_act_patch_*` tensor, flattened in its order.
@@ -50,6 +52,11 @@ pub struct Patching {
     pub patched: Vec<f64>,
     /// `(patched − corrupted) / (clean − corrupted)`: 0 = no better than corrupted, 1 = clean.
     pub normalized: Vec<f64>,
+    /// A dataset's pairs ([`activation_patch_mean`]), each one's metric, position and
+    /// baselines; then `clean`, `corrupted` and `patched` are means over them, `metric` and
+    /// `position` the first pair's. Empty for [`activation_patch`]'s one pair.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pairs: Vec<PairRun>,
 }
 
 /// `by` does not apply to `act`.
@@ -403,6 +410,7 @@ pub fn activation_patch(
         shape,
         patched,
         normalized,
+        pairs: Vec::new(),
     })
 }
 
