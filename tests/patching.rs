@@ -725,3 +725,49 @@ fn gpt2_patch_bad_pairs_are_one_error_line_naming_the_line() -> Result {
     }
     Ok(())
 }
+
+/// Keeps the residual stream after block `.0`.
+struct Post(usize, Option<Tensor>);
+
+impl Hook for Post {
+    fn wants(&self, p: Point) -> bool {
+        p == Point::ResidPost(self.0)
+    }
+
+    fn at(&mut self, _: Point, t: &mut Tensor) -> gpt2::Result<()> {
+        self.1 = Some(t.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn one_position_of_a_block_equals_the_whole_block_there() -> Result {
+    let c = case()?;
+    let m = model()?;
+    let ids = Tensor::new(c.clean.as_slice(), m.device())?.unsqueeze(0)?;
+    let cache = run_with_cache(&m, &ids, &["blocks.1.hook_resid_pre"])?;
+    // Two rows, the second another stream: rows stay apart.
+    let x = cache.need("blocks.1.hook_resid_pre")?;
+    let x = Tensor::cat(&[x, &(x * 0.5)?], 0)?;
+    let mut post = Post(1, None);
+    m.run_from(
+        1,
+        x.clone(),
+        None,
+        Some(&mut post),
+        gpt2::Output::StopAfter(1),
+    )?;
+    let post = post.1.ok_or("no resid_post")?;
+    for p in 0..c.clean.len() {
+        let at = m.block_at(1, &x, p)?;
+        assert_eq!(at.dims(), [2, 1, m.config().n_embd]);
+        let d = max_abs_diff(&at, &post.narrow(1, p, 1)?)?;
+        assert!(d < 1e-5, "position {p}: {d}");
+    }
+    let e = m
+        .block_at(1, &x, c.clean.len())
+        .err()
+        .map(|e| e.to_string());
+    assert!(e.is_some_and(|e| e.contains("position")), "no error");
+    Ok(())
+}
