@@ -63,6 +63,26 @@ impl Block {
         Ok(x)
     }
 
+    /// The block's output at `position` alone: `x` (B, T, C) from position 0, T > `position`
+    /// -> (B, 1, C), what [`Block::forward`] gives there. Causal attention makes later positions
+    /// irrelevant and earlier ones matter only through their keys and values, so those are all
+    /// that is computed of them; the query, the attention output and the MLP are computed at
+    /// `position` only (a decode step over a cache of the positions before it).
+    pub(crate) fn forward_at(&self, x: &Tensor, position: usize) -> Result<Tensor> {
+        let mut cache = KvCache::new(2, position + 1);
+        if position > 0 {
+            let before = self.ln_1.forward(&x.narrow(1, 0, position)?)?;
+            self.attn.append_kv(&before, &mut cache)?;
+        }
+        self.forward(
+            &x.narrow(1, position, 1)?,
+            None,
+            Some(&mut cache),
+            position,
+            None,
+        )
+    }
+
     /// One decode step of independent sequences: `x` (N, 1, C), row `i` continuing `rows[i]`
     /// -> (N, 1, C). Each row's numbers are those of [`Block::forward`] on it alone.
     pub(crate) fn forward_step(

@@ -603,6 +603,28 @@ impl Gpt2 {
         Ok(logits.squeeze(1)?.to_dtype(DType::F32)?)
     }
 
+    /// Block `layer` on the residual stream `x` (B, T, C) entering it (positions 0..T), at
+    /// `position` only: (B, 1, C), the block's output there, as [`Gpt2::run_from`] computes it
+    /// (to rounding) for a fraction of the work: of the other positions only the keys and values
+    /// of those before `position` are computed. No hook, and not with a head mask (an error):
+    /// what an analysis that measures one position uses for the last layer.
+    pub fn block_at(&self, layer: usize, x: &Tensor, position: usize) -> Result<Tensor> {
+        self.check_layers(&[layer])?;
+        if self.head_mask.is_some() {
+            return Err(Error::Internal(
+                "block_at runs no head mask: use run_from".into(),
+            ));
+        }
+        let (_, t, _) = x.dims3()?;
+        if position >= t {
+            return Err(Error::param(
+                "position",
+                format!("{position} is past the {t} positions of the residual stream"),
+            ));
+        }
+        self.h[layer].forward_at(x, position)
+    }
+
     /// `ln_f` then the LM head on a residual stream (..., C): the logits it stands for (the
     /// logit lens reads every layer's residual this way).
     pub fn unembed(&self, x: &Tensor) -> Result<Tensor> {

@@ -1,6 +1,9 @@
 //! The analyses against transformers (ablation, logit lens: goldens made by
-//! `scripts/make_analysis_goldens.py`) and against their own definitions (attribution parts sum
+//! `scripts/make_analysis_goldens.py`), against TransformerLens (direct logit attribution:
+//! `scripts/make_patching_goldens.py`) and against their own definitions (attribution parts sum
 //! to the logit; batched head importance equals one ablation at a time), library and binary.
+
+use std::collections::HashMap;
 
 use gpt2::analysis::ablation::{head_mask, parse_heads, AblateMode};
 use gpt2::analysis::attribution::attribute;
@@ -106,6 +109,111 @@ fn attributions_sum_to_the_logit() -> Result {
         }
     }
     Ok(())
+}
+
+/// `got` against the golden `key` (any shape, flattened), within 1e-4.
+fn near(g: &HashMap<String, Tensor>, key: &str, got: &[f64]) -> Result {
+    let want: Vec<f32> = g
+        .get(key)
+        .ok_or(format!("no golden {key}"))?
+        .flatten_all()?
+        .to_vec1()?;
+    assert_eq!(want.len(), got.len(), "{key}: length");
+    let d = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - *b as f64).abs())
+        .fold(0.0, f64::max);
+    println!("{key}: max |Δ| = {d:e}");
+    assert!(d < 1e-4, "{key}: {d}\n got {got:?}\nwant {want:?}");
+    Ok(())
+}
+
+/// Every part of `a` against TransformerLens' DLA of the same position and target.
+fn attribution_near(g: &HashMap<String, Tensor>, key: &str, a: &Value) -> Result {
+    let num = |v: &Value| v.as_f64().ok_or(format!("{key}: not a number: {v}"));
+    let list = |v: &Value| -> Result<Vec<f64>> {
+        v.as_array()
+            .ok_or(format!("{key}: not a list: {v}"))?
+            .iter()
+            .map(|x| Ok(num(x)?))
+            .collect()
+    };
+    let heads: Vec<Vec<f64>> = a["heads"]
+        .as_array()
+        .ok_or("heads")?
+        .iter()
+        .map(list)
+        .collect::<Result<_>>()?;
+    let bias = list(&a["attention_bias"])?;
+    near(g, &format!("{key}.heads"), &heads.concat())?;
+    // TransformerLens' attn_out part of a layer: its heads and its c_proj bias.
+    let attn: Vec<f64> = heads
+        .iter()
+        .zip(&bias)
+        .map(|(h, b)| h.iter().sum::<f64>() + b)
+        .collect();
+    near(g, &format!("{key}.attn_out"), &attn)?;
+    near(g, &format!("{key}.mlp_out"), &list(&a["mlp"])?)?;
+    near(g, &format!("{key}.embed"), &[num(&a["token_embedding"])?])?;
+    near(
+        g,
+        &format!("{key}.pos_embed"),
+        &[num(&a["position_embedding"])?],
+    )?;
+    near(g, &format!("{key}.bias"), &[num(&a["ln_f_bias"])?])?;
+    near(g, &format!("{key}.logit"), &[num(&a["logit"])?])?;
+    Ok(())
+}
+
+#[test]
+fn attribution_equals_transformer_lens() -> Result {
+    let (g, v) = goldens("tiny", "attribution")?;
+    let ids = ids(&v["token_ids"]);
+    let m = model("tiny")?;
+    let targets = common::ids(&v["targets"]);
+    let positions = common::ids(&v["positions"]);
+    assert_eq!((targets.len(), positions.len()), (2, 2));
+    for &p in &positions {
+        let mut per_target = Vec::new();
+        for &t in &targets {
+            let a = attribute(&m, &ids, Some(p as usize), t)?;
+            attribution_near(&g, &format!("pos{p}.target{t}"), &serde_json::to_value(&a)?)?;
+            per_target.push(a.heads.concat());
+        }
+        // The logit difference of the two targets, head by head.
+        let diff: Vec<f64> = per_target[0]
+            .iter()
+            .zip(&per_target[1])
+            .map(|(a, b)| a - b)
+            .collect();
+        near(
+            &g,
+            &format!("pos{p}.diff{}_{}.heads", targets[0], targets[1]),
+            &diff,
+        )?;
+    }
+    // And through the binary, as JSON.
+    let d = fixture("tiny");
+    let (p, t) = (positions[1].to_string(), targets[0].to_string());
+    let prompt = v["prompt"].as_str().ok_or("prompt")?;
+    let out = gpt2(&[
+        "attribute",
+        "--model-dir",
+        &d.display().to_string(),
+        "--prompt",
+        prompt,
+        "--target-id",
+        &t,
+        "--position",
+        &p,
+        "--format",
+        "json",
+    ])?;
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let a: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(common::ids(&a["token_ids"]), ids);
+    attribution_near(&g, &format!("pos{p}.target{t}"), &a)
 }
 
 #[test]

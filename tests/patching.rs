@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use gpt2::analysis::patching::{activation_patch, run_with_cache, Act, By, Metric, What};
+use gpt2::analysis::patching::{
+    activation_patch, activation_patch_mean, run_with_cache, Act, By, Metric, Pair, What,
+};
 use gpt2::{Gpt2, LoadOptions, ModelSource, Tensor};
 use gpt2::{Hook, Point};
 use serde_json::Value;
@@ -395,5 +397,377 @@ fn gpt2_patch_bad_input_is_one_error_line_naming_the_option() -> Result {
     let n = args.len();
     args[n - 3] = " Mary";
     assert_error(&gpt2(&args)?, 2, &["--target", "not one"]);
+    Ok(())
+}
+
+/// The patched values of a `gpt2 patch --format json` run, and its shape.
+fn json_result(v: &Value, key: &str) -> Result<(Vec<usize>, Vec<f64>)> {
+    let shape = ids(&v["shape"]).iter().map(|&x| x as usize).collect();
+    let values = v[key]
+        .as_array()
+        .ok_or(key.to_string())?
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    Ok((shape, values))
+}
+
+#[test]
+fn gpt2_patch_reads_prompt_files_and_writes_npy_with_its_json() -> Result {
+    let c = case()?;
+    let dir = common::scratch("patching", "files");
+    let (clean, corrupted) = (dir.join("clean.txt"), dir.join("corrupted.txt"));
+    std::fs::write(&clean, c.v["clean"].as_str().ok_or("clean")?)?;
+    std::fs::write(&corrupted, c.v["corrupted"].as_str().ok_or("corrupted")?)?;
+    let model_dir = fixture("tiny").display().to_string();
+    let (clean_s, corrupted_s) = (clean.display().to_string(), corrupted.display().to_string());
+    let out_path = dir.join("heads.npy");
+    let out_s = out_path.display().to_string();
+    let base = [
+        "patch",
+        "--model-dir",
+        &model_dir,
+        "--clean-file",
+        &clean_s,
+        "--corrupted-file",
+        &corrupted_s,
+        "--target",
+        " s",
+        "--against",
+        " the",
+    ];
+    for (what, by, key) in [
+        ("head_out", "head", "attn_head_out_all_pos"),
+        ("every", "pos", "block_every"),
+    ] {
+        let out = gpt2(
+            &[
+                &base[..],
+                &[
+                    "--what", what, "--by", by, "--format", "npy", "--out", &out_s,
+                ],
+            ]
+            .concat(),
+        )?;
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        let (shape, values) = common::read_npy(&out_path)?;
+        let values: Vec<f64> = values.iter().map(|&v| v as f64).collect();
+        check(&c, &format!("logit_diff.{key}"), &shape, &values)?;
+        // The JSON beside it: the axes, the baselines to normalise by, the tokens, and the
+        // array's size and CRC-32, by which the two are known to belong together.
+        let side: Value = serde_json::from_slice(&std::fs::read(dir.join("heads.npy.json"))?)?;
+        let bytes = std::fs::read(&out_path)?;
+        assert_eq!(
+            side["array_crc32"].as_u64(),
+            Some(crc32fast::hash(&bytes) as u64)
+        );
+        assert_eq!(side["array_bytes"].as_u64(), Some(bytes.len() as u64));
+        assert_eq!(
+            ids(&side["shape"]),
+            shape.iter().map(|&x| x as u32).collect::<Vec<_>>()
+        );
+        check(
+            &c,
+            "logit_diff.clean",
+            &[1],
+            &[side["clean"].as_f64().ok_or("clean")?],
+        )?;
+        check(
+            &c,
+            "logit_diff.corrupted",
+            &[1],
+            &[side["corrupted"].as_f64().ok_or("c")?],
+        )?;
+        assert_eq!(ids(&side["clean_ids"]), c.clean);
+        assert_eq!(side["what"], what);
+        assert_eq!(side["axes"].as_array().map(Vec::len), Some(shape.len()));
+    }
+    // The files are read as they are: a final newline is a token, so the lengths differ.
+    std::fs::write(
+        &corrupted,
+        format!("{}\n", c.v["corrupted"].as_str().ok_or("c")?),
+    )?;
+    let out = gpt2(&[&base[..], &["--what", "head_out"]].concat())?;
+    assert_error(&out, 2, &["--corrupted", "same length"]);
+    // npy needs a file; a missing prompt file is named; --clean and --clean-file conflict.
+    let out = gpt2(&[&base[..], &["--what", "head_out", "--format", "npy"]].concat())?;
+    assert_error(&out, 2, &["--format", "npy needs --out"]);
+    let mut args = base.to_vec();
+    args[4] = "/nonexistent/clean.txt";
+    assert_error(
+        &gpt2(&[&args[..], &["--what", "head_out"]].concat())?,
+        1,
+        &["--clean-file", "/nonexistent/clean.txt"],
+    );
+    let out = gpt2(&[&base[..], &["--what", "head_out", "--clean", "x"]].concat())?;
+    assert_error(&out, 2, &["--clean"]);
+    // The output may not replace an input.
+    let out = gpt2(
+        &[
+            &base[..],
+            &["--what", "head_out", "--format", "json", "--out", &clean_s],
+        ]
+        .concat(),
+    )?;
+    assert_error(&out, 2, &["--out"]);
+    assert_eq!(
+        std::fs::read_to_string(&clean)?,
+        c.v["clean"].as_str().ok_or("clean")?
+    );
+    Ok(())
+}
+
+#[test]
+fn gpt2_patch_averages_pairs_as_transformer_lens_averages_a_batch() -> Result {
+    let c = case()?;
+    let model_dir = fixture("tiny").display().to_string();
+    let pairs = fixture("tiny")
+        .join("patching_pairs.jsonl")
+        .display()
+        .to_string();
+    let base = [
+        "patch",
+        "--model-dir",
+        &model_dir,
+        "--pairs",
+        &pairs,
+        "--target",
+        " s",
+        "--against",
+        " the",
+        "--format",
+        "json",
+    ];
+    let (clean, corrupted) = (
+        c.g["dataset.clean"].to_vec1::<f32>()?[0] as f64,
+        c.g["dataset.corrupted"].to_vec1::<f32>()?[0] as f64,
+    );
+    for (what, by, key) in [
+        ("head_out", "head", "attn_head_out_all_pos"),
+        ("resid_pre", "pos", "resid_pre"),
+        ("head_pattern", "head_pos", "attn_head_pattern_by_pos"),
+    ] {
+        let out = gpt2(&[&base[..], &["--what", what, "--by", by]].concat())?;
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let (shape, patched) = json_result(&v, "patched")?;
+        check(&c, &format!("dataset.{key}"), &shape, &patched)?;
+        check(
+            &c,
+            "dataset.clean",
+            &[1],
+            &[v["clean"].as_f64().ok_or("clean")?],
+        )?;
+        check(
+            &c,
+            "dataset.corrupted",
+            &[1],
+            &[v["corrupted"].as_f64().ok_or("c")?],
+        )?;
+        assert_eq!(v["pairs"].as_array().map(Vec::len), Some(3));
+        // Normalised by the mean baselines, as the IOI demos' metric: not a mean of each
+        // pair's normalised values.
+        let (_, normalized) = json_result(&v, "normalized")?;
+        for (n, p) in normalized.iter().zip(&patched) {
+            let want = (p - corrupted) / (clean - corrupted);
+            assert!((n - want).abs() < 1e-4, "{n} {want}");
+        }
+    }
+    // Text: the mean over the pairs, said so.
+    let out = gpt2(&[&base[..9], &["--what", "head_out"]].concat())?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.contains("mean over 3 pairs") && text.contains("mean clean"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn pairs_of_other_lengths_average_by_head_and_not_by_position() -> Result {
+    let c = case()?;
+    let m = model()?;
+    let long = (vec![c.clean[0]], vec![c.corrupted[0]]);
+    // A second pair two tokens longer: the first pair with two tokens in front.
+    let pairs = vec![
+        Pair {
+            clean: c.clean.clone(),
+            corrupted: c.corrupted.clone(),
+            metric: Metric::LogitDiff {
+                target: c.target,
+                against: c.against,
+            },
+            label: "first".into(),
+        },
+        Pair {
+            clean: [&long.0[..], &long.0[..], &c.clean[..]].concat(),
+            corrupted: [&long.1[..], &long.1[..], &c.corrupted[..]].concat(),
+            metric: Metric::LogitDiff {
+                target: c.against,
+                against: c.target,
+            },
+            label: "second".into(),
+        },
+    ];
+    let mean = activation_patch_mean(&m, &pairs, What::One(Act::HeadOut), By::Head, None)?;
+    let one = |p: &Pair| {
+        activation_patch(
+            &m,
+            &p.clean,
+            &p.corrupted,
+            What::One(Act::HeadOut),
+            By::Head,
+            p.metric,
+            None,
+        )
+    };
+    let (a, b) = (one(&pairs[0])?, one(&pairs[1])?);
+    assert_eq!(mean.shape, a.shape);
+    for i in 0..a.patched.len() {
+        assert!((mean.patched[i] - (a.patched[i] + b.patched[i]) / 2.0).abs() < 1e-9);
+    }
+    assert!((mean.clean - (a.clean + b.clean) / 2.0).abs() < 1e-9);
+    assert_eq!(
+        mean.pairs.iter().map(|p| p.position).collect::<Vec<_>>(),
+        [12, 14]
+    );
+    // By position, pairs of other lengths have no common axis.
+    let e = activation_patch_mean(&m, &pairs, What::One(Act::ResidPre), By::Pos, None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("second is 15 tokens and first is 13"), "{e}");
+    let e = activation_patch_mean(&m, &pairs[..0], What::One(Act::HeadOut), By::Head, None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("no pair"), "{e}");
+    let e = activation_patch_mean(&m, &pairs, What::One(Act::HeadOut), By::Head, Some(13))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("13 is out of range for first"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn gpt2_patch_bad_pairs_are_one_error_line_naming_the_line() -> Result {
+    let dir = common::scratch("patching", "bad_pairs");
+    let model_dir = fixture("tiny").display().to_string();
+    let good = r#"{"clean": "The cat sat", "corrupted": "The dog sat", "target": " s", "against": " the"}"#;
+    for (lines, extra, needles) in [
+        (
+            vec![good, "{\"clean\": \"x\""],
+            vec![],
+            vec!["--pairs", "line 2", "EOF"],
+        ),
+        (
+            vec![good, r#"{"clean": "a", "corrupted": "b", "tagret": " s"}"#],
+            vec![],
+            vec!["line 2", "unknown field `tagret`"],
+        ),
+        (
+            vec![r#"{"clean": "The cat", "corrupted": "The dog"}"#],
+            vec![],
+            vec!["line 1", "no \"target\""],
+        ),
+        (
+            vec![
+                good,
+                "",
+                r#"{"clean": "The cat sat", "corrupted": "The dog sat", "target": " s"}"#,
+            ],
+            vec![],
+            vec!["line 3", "no \"against\""],
+        ),
+        (
+            vec![
+                good,
+                r#"{"clean": "The cat sat", "corrupted": "The bird sat", "target": " s", "against": " the"}"#,
+            ],
+            vec![],
+            vec!["line 2", "same length"],
+        ),
+        (
+            vec![
+                good,
+                r#"{"clean": "The cat sat", "corrupted": "The dog sat", "target": " Mary", "against": " the"}"#,
+            ],
+            vec![],
+            vec!["--pairs", "line 2: \"target\" \" Mary\"", "not one"],
+        ),
+        (
+            vec![
+                good,
+                r#"{"clean": "The cat", "corrupted": "The dog", "target": " s", "against": " the"}"#,
+            ],
+            vec!["--by", "pos", "--what", "resid_pre"],
+            vec!["--by", "line 2 is 3 tokens"],
+        ),
+        (
+            vec![good],
+            vec!["--position", "5"],
+            vec!["--position", "line 1"],
+        ),
+        (vec![], vec![], vec!["--pairs", "no pair"]),
+        (vec![good], vec!["--clean", "x"], vec!["--clean"]),
+    ] {
+        let path = dir.join("pairs.jsonl");
+        std::fs::write(&path, lines.join("\n"))?;
+        let path = path.display().to_string();
+        let mut args = vec!["patch", "--model-dir", &model_dir, "--pairs", &path];
+        if !extra.contains(&"--what") {
+            args.extend(["--what", "head_out"]);
+        }
+        args.extend(extra.iter().copied());
+        let out = gpt2(&args)?;
+        assert_error(&out, 2, &needles);
+    }
+    Ok(())
+}
+
+/// Keeps the residual stream after block `.0`.
+struct Post(usize, Option<Tensor>);
+
+impl Hook for Post {
+    fn wants(&self, p: Point) -> bool {
+        p == Point::ResidPost(self.0)
+    }
+
+    fn at(&mut self, _: Point, t: &mut Tensor) -> gpt2::Result<()> {
+        self.1 = Some(t.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn one_position_of_a_block_equals_the_whole_block_there() -> Result {
+    let c = case()?;
+    let m = model()?;
+    let ids = Tensor::new(c.clean.as_slice(), m.device())?.unsqueeze(0)?;
+    let cache = run_with_cache(&m, &ids, &["blocks.1.hook_resid_pre"])?;
+    // Two rows, the second another stream: rows stay apart.
+    let x = cache.need("blocks.1.hook_resid_pre")?;
+    let x = Tensor::cat(&[x, &(x * 0.5)?], 0)?;
+    let mut post = Post(1, None);
+    m.run_from(
+        1,
+        x.clone(),
+        None,
+        Some(&mut post),
+        gpt2::Output::StopAfter(1),
+    )?;
+    let post = post.1.ok_or("no resid_post")?;
+    for p in 0..c.clean.len() {
+        let at = m.block_at(1, &x, p)?;
+        assert_eq!(at.dims(), [2, 1, m.config().n_embd]);
+        let d = max_abs_diff(&at, &post.narrow(1, p, 1)?)?;
+        assert!(d < 1e-5, "position {p}: {d}");
+    }
+    let e = m
+        .block_at(1, &x, c.clean.len())
+        .err()
+        .map(|e| e.to_string());
+    assert!(e.is_some_and(|e| e.contains("position")), "no error");
     Ok(())
 }

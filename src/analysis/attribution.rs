@@ -5,7 +5,10 @@
 //! output `z_h · W_O[h]` of every layer, each layer's `c_proj` bias, and each MLP's output. With
 //! `ln_f`'s scale frozen at the final residual's (TransformerLens' `apply_ln_to_stack`), `ln_f` is
 //! linear: `ln_f(x) = (x - mean(x)) · g / σ + b`, so the logit `ln_f(x) · W_U[:, t]` splits
-//! exactly into one term per part plus `b · W_U[:, t]`. The parts sum to the logit (tested).
+//! exactly into one term per part plus `b · W_U[:, t]`. The parts sum to the logit, and each equals
+//! TransformerLens' `cache.logit_attrs` of `stack_head_results` / `decompose_resid` (tested on
+//! goldens from `scripts/make_patching_goldens.py`; a head keeps its value bias `b_V · W_O[h]`, as
+//! TransformerLens does with `fold_value_biases` off).
 
 use std::fmt;
 

@@ -120,6 +120,23 @@ impl Attention {
         Ok(out)
     }
 
+    /// Appends the keys and values of `x` (B, T, C, after `ln_1`) to `cache`, as [`forward`]
+    /// with that cache would, without the queries' attention or the output projection: the
+    /// context a later position attends to ([`crate::block::Block::forward_at`]).
+    ///
+    /// [`forward`]: Attention::forward
+    pub(crate) fn append_kv(&self, x: &Tensor, cache: &mut KvCache) -> Result<()> {
+        let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_size);
+        let c = nh * hs;
+        // (B, T, C) -> (B, T, C + 2·nkv·hs), then K and V as (B, nkv, T, hs).
+        let qkv = self.c_attn.forward(x, None)?;
+        cache.append(
+            &self.to_cache(self.heads(&qkv, c, nkv)?)?,
+            &self.to_cache(self.heads(&qkv, c + nkv * hs, nkv)?)?,
+        )?;
+        Ok(())
+    }
+
     /// One decode step of independent sequences: `x` (N, 1, C), row `i` the new token of
     /// `rows[i]`, which has its own cache, position and hook. The projections read their weights
     /// once for all rows ([`Linear::forward_rows`]: each row's numbers are its own, as if alone);

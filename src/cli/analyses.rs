@@ -1,4 +1,5 @@
-//! The analysis commands: heads-effect, logit-lens, attribute, patch. One library call each.
+//! The analysis commands: heads-effect, logit-lens, attribute (patch: `patch.rs`). One library
+//! call each.
 
 use anyhow::{bail, Result};
 use gpt2::analysis::attribution::attribute;
@@ -9,13 +10,8 @@ use gpt2::output::{print, Out};
 use gpt2::{Loaded, Prompt};
 
 use super::shared::{count, guard, load, note, note_done};
-use gpt2::analysis::patching::{activation_patch, Axis, By, Metric as Measure};
-use gpt2::prompt::PromptOptions;
 
-use super::{
-    AnalysisFormat, AttributeArgs, HeadsEffectArgs, LogitLensArgs, PatchArgs, PatchMetric,
-    PromptArgs,
-};
+use super::{AnalysisFormat, AttributeArgs, HeadsEffectArgs, LogitLensArgs, PromptArgs};
 
 /// The prompt of an analysis (`text`, read before loading): tokenised for `loaded`'s model,
 /// `<|endoftext|>` first with `bos`.
@@ -42,7 +38,7 @@ fn outputs(out: &Option<std::path::PathBuf>) -> Vec<(&'static str, std::path::Pa
 }
 
 /// `text` to `--out` (atomically) or standard output.
-fn write(out: &Option<std::path::PathBuf>, text: &str) -> Result<()> {
+pub(super) fn write(out: &Option<std::path::PathBuf>, text: &str) -> Result<()> {
     match out {
         Some(path) => {
             let mut o = Out::open(Some(path))?;
@@ -171,7 +167,7 @@ pub(super) fn cmd_attribute(args: AttributeArgs) -> Result<()> {
 }
 
 /// `text` as one token of `loaded`'s tokenizer, or an error naming `param`.
-fn one_token(loaded: &Loaded, param: &'static str, text: &str) -> Result<u32> {
+pub(super) fn one_token(loaded: &Loaded, param: &'static str, text: &str) -> Result<u32> {
     match loaded.tokenizer.encode(text)?.as_slice() {
         [id] => Ok(*id),
         ids => Err(gpt2::Error::param(
@@ -179,132 +175,4 @@ fn one_token(loaded: &Loaded, param: &'static str, text: &str) -> Result<u32> {
             format!("{text:?} is {} tokens ({ids:?}), not one", ids.len()),
         ))?,
     }
-}
-
-pub(super) fn cmd_patch(args: PatchArgs) -> Result<()> {
-    check_format(args.format, &args.out)?;
-    let metric_kind = match (args.metric, &args.against) {
-        (Some(PatchMetric::LogitDiff), None) => Err(gpt2::Error::param(
-            "metric",
-            "logit-diff needs --against TOKEN (the target minus it)",
-        ))?,
-        (Some(m @ (PatchMetric::Logit | PatchMetric::Prob | PatchMetric::Loss)), Some(_)) => {
-            let name = match m {
-                PatchMetric::Logit => "logit",
-                PatchMetric::Prob => "prob",
-                _ => "loss",
-            };
-            Err(gpt2::Error::param(
-                "against",
-                format!("is only for --metric logit-diff, not {name}"),
-            ))?
-        }
-        (Some(m), _) => m,
-        (None, Some(_)) => PatchMetric::LogitDiff,
-        (None, None) => PatchMetric::Logit,
-    };
-    let by = args.by.unwrap_or(By::default_for(args.what));
-    args.model.source.source().protect_files()?;
-    if let Some(path) = &args.out {
-        gpt2::output::reserve("out", path)?;
-    }
-    let loaded = load(&args.model, None)?;
-    let opts = PromptOptions {
-        bos: args.bos,
-        truncate: false,
-        empty_is_bos: false,
-    };
-    let config = loaded.model.config();
-    let clean = Prompt::new(&loaded.tokenizer, &args.clean, config, opts)
-        .map_err(|e| anyhow::Error::new(e).context("--clean"))?;
-    let corrupted = Prompt::new(&loaded.tokenizer, &args.corrupted, config, opts)
-        .map_err(|e| anyhow::Error::new(e).context("--corrupted"))?;
-    let target = one_token(&loaded, "target", &args.target)?;
-    let metric = match (metric_kind, &args.against) {
-        (PatchMetric::LogitDiff, Some(a)) => Measure::LogitDiff {
-            target,
-            against: one_token(&loaded, "against", a)?,
-        },
-        (PatchMetric::Prob, _) => Measure::Prob { target },
-        (PatchMetric::Loss, _) => Measure::Loss { target },
-        _ => Measure::Logit { target },
-    };
-    let start = std::time::Instant::now();
-    let p = activation_patch(
-        &loaded.model,
-        &clean.ids,
-        &corrupted.ids,
-        args.what,
-        by,
-        metric,
-        args.position,
-    )?;
-    let text = |id: u32| {
-        loaded
-            .tokenizer
-            .decode(&[id])
-            .unwrap_or_else(|_| id.to_string())
-    };
-    let measured = p.describe(text);
-    let tokens: Vec<(String, String)> = clean
-        .ids
-        .iter()
-        .zip(&corrupted.ids)
-        .map(|(&a, &b)| (text(a), text(b)))
-        .collect();
-    match args.format {
-        AnalysisFormat::Json => {
-            let mut v = serde_json::to_value(&p)?;
-            v["model"] = loaded.name.clone().into();
-            v["clean_ids"] = serde_json::json!(clean.ids);
-            v["corrupted_ids"] = serde_json::json!(corrupted.ids);
-            v["measured"] = measured.into();
-            write(&args.out, &format!("{v}\n"))?;
-        }
-        AnalysisFormat::Text => {
-            // Positions are labelled by their tokens, clean/corrupted where they differ.
-            let label = |axis: Axis, i: usize| match (axis, tokens.get(i)) {
-                (Axis::Pos, Some((a, b))) if a == b => format!("{i} {a:?}"),
-                (Axis::Pos, Some((a, b))) => format!("{i} {a:?}/{b:?}"),
-                _ => i.to_string(),
-            };
-            write(
-                &args.out,
-                &format!(
-                    "{}: patching {} by {} from the clean run into the corrupted one ({}); \
-                     measured: {measured}\nclean = {:.4}, corrupted = {:.4}; normalised = \
-                     (patched - corrupted) / (clean - corrupted)\n\n{}",
-                    loaded.name,
-                    p.what,
-                    p.by,
-                    count(clean.len(), "token"),
-                    p.clean,
-                    p.corrupted,
-                    p.table(&label)
-                ),
-            )?;
-        }
-        AnalysisFormat::Png => {
-            let Some(path) = &args.out else {
-                bail!("png needs --out")
-            };
-            let [(title, _, normalized)] = <[_; 1]>::try_from(p.tables()).map_err(|_| {
-                gpt2::Error::param(
-                    "format",
-                    "png draws one layers x heads or layers x positions map: this result has \
-                     several (use text or json)",
-                )
-            })?;
-            write_heatmap(
-                path,
-                &format!(
-                    "normalised patching of {} by {by} {title}: {measured}",
-                    p.what
-                ),
-                &normalized,
-            )?;
-        }
-    }
-    note_done(&loaded, clean.len(), start, args.out.as_deref());
-    Ok(())
 }

@@ -1,11 +1,12 @@
 //! The command line: clap types, how each maps onto the library's types, and [`run`], which
-//! dispatches each command to [`commands`] or [`analyses`] (one library call each, its result
-//! printed). Both use [`shared`] (loading, the output guard, the closing notes) and nothing of
-//! each other.
+//! dispatches each command to [`commands`], [`analyses`] or [`patch`] (one library call each,
+//! its result printed). They use [`shared`] (loading, the output guard, the closing notes);
+//! `patch` also borrows two of `analyses`' writers.
 
 mod analyses;
 mod commands;
 mod escape;
+mod patch;
 #[cfg(feature = "serve")]
 mod serve;
 mod shared;
@@ -43,7 +44,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::HeadsEffect(args) => analyses::cmd_heads_effect(args),
         Command::LogitLens(args) => analyses::cmd_logit_lens(args),
         Command::Attribute(args) => analyses::cmd_attribute(args),
-        Command::Patch(args) => analyses::cmd_patch(args),
+        Command::Patch(args) => patch::cmd_patch(args),
         #[cfg(feature = "serve")]
         Command::Serve(args) => serve::cmd_serve(args),
     }
@@ -340,18 +341,36 @@ struct AttributeArgs {
 }
 
 #[derive(Args)]
+#[command(group = clap::ArgGroup::new("clean_input").args(["clean", "clean_file", "pairs"]).required(true))]
+#[command(group = clap::ArgGroup::new("corrupted_input").args(["corrupted", "corrupted_file", "pairs"]).required(true))]
 struct PatchArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The clean prompt: the run whose activations are patched in.
     #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
-    clean: String,
+    clean: Option<String>,
+    /// The clean prompt from a file, read as it is (a final newline is a token).
+    #[arg(long, value_name = "PATH")]
+    clean_file: Option<PathBuf>,
     /// The corrupted prompt: the run patched (the same number of tokens as --clean).
     #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
-    corrupted: String,
+    corrupted: Option<String>,
+    /// The corrupted prompt from a file, read as it is.
+    #[arg(long, value_name = "PATH")]
+    corrupted_file: Option<PathBuf>,
+    /// A dataset: a JSON Lines file of pairs, {"clean": TEXT, "corrupted": TEXT, "target":
+    /// TOKEN, "against": TOKEN} a line ("target" and "against" default to --target and
+    /// --against); the metric is averaged over the pairs, then normalised.
+    #[arg(long, value_name = "PATH")]
+    pairs: Option<PathBuf>,
     /// The token measured; one token of the tokenizer (mind GPT-2's leading space: " Mary").
-    #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
-    target: String,
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        allow_hyphen_values = true,
+        required_unless_present = "pairs"
+    )]
+    target: Option<String>,
     /// The token the target is measured against (--metric logit-diff: target minus this).
     #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
     against: Option<String>,
@@ -371,10 +390,24 @@ struct PatchArgs {
     #[arg(long)]
     bos: bool,
     #[arg(long, value_enum, default_value = "text")]
-    format: AnalysisFormat,
-    /// Write to this file instead of standard output (needed for png: the normalised result).
+    format: PatchFormat,
+    /// Write to this file instead of standard output (needed for png and npy).
     #[arg(long, value_name = "PATH")]
     out: Option<PathBuf>,
+}
+
+/// What `gpt2 patch` writes.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PatchFormat {
+    /// Tables for people, raw and normalised (the default)
+    Text,
+    /// One JSON object, for programs
+    Json,
+    /// The normalised layers x heads or layers x positions map (needs --out)
+    Png,
+    /// The raw patched metric as a float32 array in TransformerLens' shape (needs --out); its
+    /// axes, baselines and tokens in PATH.json beside it
+    Npy,
 }
 
 /// What `gpt2 patch` measures at the position.

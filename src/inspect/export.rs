@@ -250,6 +250,43 @@ pub(crate) fn tokens_file(
     Ok(file)
 }
 
+/// A whole f32 array of `shape` (C order) as an `.npy` at `path`, with `meta` in `PATH.json`
+/// beside it ([`Output::npy_tokens_path`]; `array`, `shape`, `array_bytes` and `array_crc32`
+/// added), the two moved into place together; to a stream (`/dev/stdout`), the array alone.
+/// The writer of every whole npy array: recorded attention (`generated.rs`), patching results.
+pub fn write_npy(
+    path: &Path,
+    shape: &[usize],
+    data: &[f32],
+    mut meta: serde_json::Value,
+) -> Result<()> {
+    if shape.iter().product::<usize>() != data.len() {
+        return Err(Error::Internal(format!(
+            "an npy array of shape {shape:?} given {} values",
+            data.len()
+        )));
+    }
+    let mut file = PendingFile::create(path)?;
+    let side = Output::npy_tokens_path(path)
+        .map(|p| PendingFile::create(&p))
+        .transpose()?;
+    let mut bytes = npy_header(shape);
+    bytes.reserve(4 * data.len());
+    data.iter()
+        .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    let written = file.file().write_all(&bytes);
+    written.map_err(|e| file.write_error(e))?;
+    match side {
+        Some(side) => {
+            meta["array"] = path.file_name().map(|f| f.to_string_lossy()).into();
+            meta["shape"] = shape.into();
+            let side = tokens_file(side, meta, bytes.len() as u64, crc32fast::hash(&bytes))?;
+            commit_together(vec![file, side])
+        }
+        None => file.commit(),
+    }
+}
+
 /// The header of a C-order `<f4` array of `shape`: magic, version 1.0, then a Python dict literal
 /// padded with spaces so the data starts on a 64-byte boundary, as `numpy.save` writes it.
 pub(crate) fn npy_header(shape: &[usize]) -> Vec<u8> {

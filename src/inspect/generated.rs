@@ -8,13 +8,13 @@
 
 use serde::Serialize;
 
-use super::export::{npy_header, safetensors_header, tokens_file};
+use super::export::{safetensors_header, write_npy};
 use super::html::{escape_html, script_json};
 use super::Format;
 use crate::error::{human_bytes, Error, Result};
 use crate::hooks::{Hook, Point};
 use crate::model::Gpt2;
-use crate::output::{commit_together, Out, PendingFile};
+use crate::output::Out;
 
 /// Collects the last query row of the chosen layers' attention in every forward pass.
 #[derive(Debug, Clone)]
@@ -170,37 +170,20 @@ pub fn write(
     match format {
         Format::Npy => {
             let shape = [steps, nl, nh, keys];
-            let mut file = PendingFile::create(path)?;
-            let side = super::Output::npy_tokens_path(path)
-                .map(|p| PendingFile::create(&p))
-                .transpose()?;
-            let mut bytes = npy_header(&shape);
+            let mut data = Vec::with_capacity(steps * nl * nh * keys);
             for i in 0..steps {
                 for j in 0..nl {
                     for h in 0..nh {
-                        padded(i, j, h)
-                            .iter()
-                            .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+                        data.extend(padded(i, j, h));
                     }
                 }
             }
-            let written = std::io::Write::write_all(file.file(), &bytes);
-            written.map_err(|e| file.write_error(e))?;
             let meta = serde_json::json!({
-                "array": path.file_name().map(|f| f.to_string_lossy()),
-                "shape": shape,
                 "axes": ["step", "layer", "head", "key"],
                 "row": "step i: the query that produced generated token i, over keys 0..prompt_tokens+i (zeros after)",
                 "meta": meta,
             });
-            match side {
-                Some(side) => {
-                    let side =
-                        tokens_file(side, meta, bytes.len() as u64, crc32fast::hash(&bytes))?;
-                    commit_together(vec![file, side])
-                }
-                None => file.commit(),
-            }
+            write_npy(path, &shape, &data, meta)
         }
         Format::Safetensors => {
             let metadata = [

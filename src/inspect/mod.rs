@@ -26,6 +26,8 @@
 
 mod export;
 mod font;
+
+pub use export::write_npy;
 pub mod generated;
 mod html;
 pub mod image;

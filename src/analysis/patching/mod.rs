@@ -13,6 +13,7 @@
 //! [`cache`]: [`run_with_cache`]; [`spec`]: the options' types; [`table`]: the text report.
 
 mod cache;
+mod dataset;
 mod spec;
 mod table;
 
@@ -26,6 +27,7 @@ use crate::hooks::{Hook, Point};
 use crate::model::{Gpt2, Output};
 
 pub use cache::{run_with_cache, ActivationCache};
+pub use dataset::{activation_patch_mean, Pair, PairRun};
 pub use spec::{Act, Axis, By, Metric, What};
 
 /// The result of patching: TransformerLens' `get_act_patch_*` tensor, flattened in its order.
@@ -50,6 +52,11 @@ pub struct Patching {
     pub patched: Vec<f64>,
     /// `(patched − corrupted) / (clean − corrupted)`: 0 = no better than corrupted, 1 = clean.
     pub normalized: Vec<f64>,
+    /// A dataset's pairs ([`activation_patch_mean`]), each one's metric, position and
+    /// baselines; then `clean`, `corrupted` and `patched` are means over them, `metric` and
+    /// `position` the first pair's. Empty for [`activation_patch`]'s one pair.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pairs: Vec<PairRun>,
 }
 
 /// `by` does not apply to `act`.
@@ -102,11 +109,13 @@ fn check(model: &Gpt2, clean: &[u32], corrupted: &[u32], position: Option<usize>
 
 /// The metric at `position` of each row of final residual streams `x` (R, T, C).
 fn measure(model: &Gpt2, x: &Tensor, position: usize, metric: Metric) -> Result<Vec<f64>> {
-    // (R, T, C) -> (R, 1, C) -> (R, 1, vocab) -> (R, vocab)
-    let logits = model
-        .unembed(&x.narrow(1, position, 1)?)?
-        .squeeze(1)?
-        .to_vec2::<f32>()?;
+    measure_at(model, &x.narrow(1, position, 1)?, metric)
+}
+
+/// The metric of each row of final residual streams at the position measured, `x` (R, 1, C).
+fn measure_at(model: &Gpt2, x: &Tensor, metric: Metric) -> Result<Vec<f64>> {
+    // (R, 1, C) -> (R, 1, vocab) -> (R, vocab)
+    let logits = model.unembed(x)?.squeeze(1)?.to_vec2::<f32>()?;
     logits.iter().map(|row| metric.of(row)).collect()
 }
 
@@ -236,16 +245,29 @@ impl Patcher<'_> {
                         self.pass(layer, x, &mut patch)?
                     }
                 };
-                out.extend(measure(self.model, &x, self.position, self.metric)?);
+                out.extend(measure_at(self.model, &x, self.metric)?);
                 start += rows;
             }
         }
         Ok((out, axes))
     }
 
-    /// Layers `layer..` on `x` (R, T, C) with `hook`: the last block's output (R, T, C).
+    /// Layers `layer..` on `x` (R, T, C) with `hook` (at points of `layer` only): the last
+    /// block's output at the position measured (R, 1, C). Below the last layer, the last block
+    /// runs at that position alone ([`Gpt2::block_at`]): nothing else of it is measured, and for
+    /// a patch below it the hook does not touch it.
     fn pass(&self, layer: usize, x: Tensor, hook: &mut dyn Hook) -> Result<Tensor> {
-        let n_layer = self.model.config().n_layer;
+        let last = self.model.config().n_layer - 1;
+        if layer < last && self.model.head_mask().is_none() {
+            let x = self.pass_to(layer, last - 1, x, hook)?;
+            return self.model.block_at(last, &x, self.position);
+        }
+        let x = self.pass_to(layer, last, x, hook)?;
+        Ok(x.narrow(1, self.position, 1)?)
+    }
+
+    /// Layers `layer..=to` on `x` (R, T, C) with `hook`: block `to`'s output (R, T, C).
+    fn pass_to(&self, layer: usize, to: usize, x: Tensor, hook: &mut dyn Hook) -> Result<Tensor> {
         struct Seen<'a, 'b> {
             hook: &'a mut (dyn Hook + 'b),
             last: Option<Tensor>,
@@ -268,17 +290,12 @@ impl Patcher<'_> {
         let mut seen = Seen {
             hook,
             last: None,
-            layer: n_layer - 1,
+            layer: to,
         };
-        self.model.run_from(
-            layer,
-            x,
-            None,
-            Some(&mut seen),
-            Output::StopAfter(n_layer - 1),
-        )?;
+        self.model
+            .run_from(layer, x, None, Some(&mut seen), Output::StopAfter(to))?;
         seen.last
-            .ok_or_else(|| Error::Internal("the last residual stream was not seen".into()))
+            .ok_or_else(|| Error::Internal("the residual stream was not seen".into()))
     }
 }
 
@@ -403,6 +420,7 @@ pub fn activation_patch(
         shape,
         patched,
         normalized,
+        pairs: Vec::new(),
     })
 }
 

@@ -93,9 +93,9 @@ impl Act {
     }
 }
 
-/// What `--what` names: one activation, or every one of a kind (`every`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// What `--what` names: one activation, or every one of a kind (`every`). Serialized as its
+/// name (`"head_out"`, `"every"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum What {
     One(Act),
     /// [`Act::BLOCK`] (by layer or position) or [`Act::HEAD`] (by head or head and position).
@@ -139,6 +139,12 @@ impl What {
                  (--by head|head_pos)"
             }
         }
+    }
+}
+
+impl Serialize for What {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 

@@ -10,7 +10,19 @@ pub type Table = (String, Vec<Vec<f64>>, Vec<Vec<f64>>);
 impl Patching {
     /// The metric in words, `tokens` the text of each token id (for the report).
     pub fn describe(&self, text: impl Fn(u32) -> String) -> String {
-        let at = format!("at position {}", self.position);
+        let mut at = format!("at position {}", self.position);
+        if self.pairs.len() > 1 {
+            if self.pairs.iter().any(|p| p.position != self.position) {
+                at = "at each pair's last position".into();
+            }
+            let what = match self.metric {
+                Metric::LogitDiff { .. } => "logit(target) - logit(against)",
+                Metric::Logit { .. } => "logit(target)",
+                Metric::Prob { .. } => "p(target)",
+                Metric::Loss { .. } => "-log p(target)",
+            };
+            return format!("the mean over {} pairs of {what} {at}", self.pairs.len());
+        }
         match self.metric {
             Metric::LogitDiff { target, against } => format!(
                 "logit({:?}) - logit({:?}) {at}",

@@ -1,0 +1,174 @@
+//! Patching averaged over a dataset of prompt pairs, as TransformerLens users average: the IOI
+//! demos (TransformerLens' "Exploratory Analysis Demo", ARENA's IOI exercises) patch a batch of
+//! prompts at once and normalise the batch's *mean* logit difference,
+//! `(mean patched − mean corrupted) / (mean clean − mean corrupted)`, with the baselines
+//! averaged the same way; Wang et al. report the mean logit difference over the dataset.
+//! So: each pair is patched at the same index (layer, position, head), the metric is averaged
+//! over the pairs, then normalised — not normalised per pair and then averaged.
+//!
+//! A batch row's forward pass does not see the other rows, so the mean over pairs patched one
+//! pair at a time is TransformerLens' batched result exactly.
+
+use serde::Serialize;
+
+use super::{activation_patch, Axis, By, Metric, Patching, What};
+use crate::error::{Error, Result};
+use crate::model::Gpt2;
+
+/// One prompt pair of a dataset, with its own metric (in IOI, each prompt's own names).
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub clean: Vec<u32>,
+    pub corrupted: Vec<u32>,
+    pub metric: Metric,
+    /// What errors call it (`pairs.jsonl line 3`).
+    pub label: String,
+}
+
+/// One pair of an averaged result: its metric, position and unpatched values.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairRun {
+    pub metric: Metric,
+    pub position: usize,
+    pub clean: f64,
+    pub corrupted: f64,
+}
+
+/// Whether a result of `by` has a position axis (for `head_pattern` by head and position: the
+/// destination positions).
+fn has_pos_axis(by: By) -> bool {
+    matches!(by, By::Pos | By::HeadPos)
+}
+
+/// Checks every pair before any pass: the same length within a pair, in range, and (for a
+/// result with a position axis) the same length as the first pair.
+fn check_pairs(model: &Gpt2, pairs: &[Pair], by: By, position: Option<usize>) -> Result<()> {
+    let Some(first) = pairs.first() else {
+        return Err(Error::param("pairs", "holds no pair: nothing to average"));
+    };
+    let vocab = model.config().vocab_size;
+    for p in pairs {
+        let (t, label) = (p.clean.len(), &p.label);
+        if t == 0 {
+            return Err(Error::param(
+                "pairs",
+                format!("{label}: the prompts are empty"),
+            ));
+        }
+        if p.corrupted.len() != t {
+            return Err(Error::param(
+                "pairs",
+                format!(
+                    "{label}: the corrupted prompt is {} tokens and the clean one {t}: \
+                     activation patching needs prompts of the same length in tokens (as \
+                     TransformerLens requires)",
+                    p.corrupted.len()
+                ),
+            ));
+        }
+        if let Some(pos) = position.filter(|&pos| pos >= t) {
+            return Err(Error::param(
+                "position",
+                format!(
+                    "{pos} is out of range for {label}: its prompts have {t} tokens (0..={})",
+                    t - 1
+                ),
+            ));
+        }
+        if let Some(bad) = p.metric.tokens().into_iter().find(|&x| x as usize >= vocab) {
+            return Err(Error::param(
+                "pairs",
+                format!("{label}: token id {bad} is outside the vocabulary (0..{vocab})"),
+            ));
+        }
+        if has_pos_axis(by) && t != first.clean.len() {
+            return Err(Error::param(
+                "by",
+                format!(
+                    "{by} averages position by position, which needs every pair the same \
+                     length (as TransformerLens' batches): {label} is {t} tokens and {} is {} \
+                     (use --by head or layer, which patch every position at once)",
+                    first.label,
+                    first.clean.len()
+                ),
+            ));
+        }
+        if p.metric.name() != first.metric.name() {
+            return Err(Error::param(
+                "pairs",
+                format!(
+                    "{label} is measured by {} and {} by {}: one metric for all",
+                    p.metric.name(),
+                    first.label,
+                    first.metric.name()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Activation patching averaged over `pairs` (see the module's words): each pair patched as
+/// [`activation_patch`] patches one, measured at `position` (default: each pair's last), the
+/// metric averaged over the pairs at every index, then normalised by the averaged baselines.
+/// The result's `metric` and `position` are the first pair's, `pairs` each one's; for one pair
+/// it is [`activation_patch`]'s result with `pairs` of one.
+pub fn activation_patch_mean(
+    model: &Gpt2,
+    pairs: &[Pair],
+    what: What,
+    by: By,
+    position: Option<usize>,
+) -> Result<Patching> {
+    check_pairs(model, pairs, by, position)?;
+    let mut mean: Option<Patching> = None;
+    let mut runs = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        let r = activation_patch(model, &p.clean, &p.corrupted, what, by, p.metric, position)?;
+        runs.push(PairRun {
+            metric: p.metric,
+            position: r.position,
+            clean: r.clean,
+            corrupted: r.corrupted,
+        });
+        match &mut mean {
+            None => mean = Some(r),
+            Some(m) => {
+                if m.shape != r.shape {
+                    // Only a position axis can differ, and check_pairs ruled that out.
+                    return Err(Error::Internal(format!(
+                        "{}: result of shape {:?} against {:?}",
+                        p.label, r.shape, m.shape
+                    )));
+                }
+                m.patched
+                    .iter_mut()
+                    .zip(&r.patched)
+                    .for_each(|(a, b)| *a += b);
+                m.clean += r.clean;
+                m.corrupted += r.corrupted;
+            }
+        }
+    }
+    let mut m = mean.ok_or_else(|| Error::param("pairs", "holds no pair"))?;
+    let n = pairs.len() as f64;
+    m.patched.iter_mut().for_each(|v| *v /= n);
+    m.clean /= n;
+    m.corrupted /= n;
+    let span = m.clean - m.corrupted;
+    m.normalized = m.patched.iter().map(|p| (p - m.corrupted) / span).collect();
+    m.pairs = runs;
+    debug_assert!(m.axes.contains(&Axis::Layer));
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_positional_results_need_pairs_of_one_length() {
+        assert!(has_pos_axis(By::Pos) && has_pos_axis(By::HeadPos));
+        assert!(!has_pos_axis(By::Head) && !has_pos_axis(By::Layer));
+    }
+}

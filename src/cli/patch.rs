@@ -1,0 +1,397 @@
+//! `gpt2 patch`: one prompt pair (`--clean`/`--corrupted`, or their `-file`s) or a dataset of
+//! pairs (`--pairs FILE.jsonl`, averaged as TransformerLens users average), written as text,
+//! JSON, a PNG heatmap or an npy array. One library call: `activation_patch` or
+//! `activation_patch_mean`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use gpt2::analysis::figure::write_heatmap;
+use gpt2::analysis::patching::{
+    activation_patch, activation_patch_mean, Axis, By, Metric, Pair, Patching,
+};
+use gpt2::prompt::PromptOptions;
+use gpt2::{Loaded, Prompt};
+use serde::Deserialize;
+
+use super::analyses::{one_token, write};
+use super::shared::{count, load, note_done};
+use super::{read_file, PatchArgs, PatchFormat, PatchMetric};
+
+/// One line of `--pairs`: the shape the README documents.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PairLine {
+    clean: String,
+    corrupted: String,
+    #[serde(default)]
+    target: Option<String>,
+    #[serde(default)]
+    against: Option<String>,
+}
+
+/// A pair as text, before tokenising: from the options or a line of `--pairs`.
+struct TextPair {
+    clean: String,
+    corrupted: String,
+    target: String,
+    against: Option<String>,
+    /// `--pairs FILE line N`, or `None` for the options' one pair (errors name the options).
+    label: Option<String>,
+}
+
+/// Reads `path` (protected: no output replaces it), as `what` says in errors.
+fn read_input(path: &Path, what: &'static str, param: &str) -> Result<String> {
+    gpt2::output::protect(path, what)?;
+    let _reading = gpt2::interrupt::reading_input()?;
+    // The error names the path.
+    read_file(path).context(param.to_string())
+}
+
+/// The pairs of a `--pairs` file, each line's target and against defaulting to the options'.
+fn read_pairs(path: &Path, target: Option<&str>, against: Option<&str>) -> Result<Vec<TextPair>> {
+    let text = read_input(path, "the pairs file", "--pairs")?;
+    let mut pairs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let label = format!("{} line {}", path.display(), i + 1);
+        let l: PairLine = serde_json::from_str(line).map_err(|e| {
+            gpt2::Error::param(
+                "pairs",
+                format!(
+                    "{label}: {e} (each line is {{\"clean\": TEXT, \"corrupted\": TEXT, \
+                     \"target\": TOKEN, \"against\": TOKEN}}, the last two optional)"
+                ),
+            )
+        })?;
+        let Some(t) = l.target.or_else(|| target.map(String::from)) else {
+            Err(gpt2::Error::param(
+                "pairs",
+                format!("{label} has no \"target\" and there is no --target to default to"),
+            ))?
+        };
+        pairs.push(TextPair {
+            clean: l.clean,
+            corrupted: l.corrupted,
+            target: t,
+            against: l.against.or_else(|| against.map(String::from)),
+            label: Some(label),
+        });
+    }
+    if pairs.is_empty() {
+        Err(gpt2::Error::param(
+            "pairs",
+            format!("{} holds no pair (one JSON object a line)", path.display()),
+        ))?;
+    }
+    Ok(pairs)
+}
+
+/// The metric's kind: `--metric`, else logit-diff where every pair has a token to measure
+/// against and logit where none has; `--against` with another metric is an error.
+fn metric_kind(args: &PatchArgs, pairs: &[TextPair]) -> Result<PatchMetric> {
+    let with = pairs.iter().filter(|p| p.against.is_some()).count();
+    let name = |m: PatchMetric| match m {
+        PatchMetric::LogitDiff => "logit-diff",
+        PatchMetric::Logit => "logit",
+        PatchMetric::Prob => "prob",
+        PatchMetric::Loss => "loss",
+    };
+    let lacking = pairs.iter().find(|p| p.against.is_none());
+    Ok(match (args.metric, lacking) {
+        (Some(PatchMetric::LogitDiff), Some(p)) => match &p.label {
+            None => Err(gpt2::Error::param(
+                "metric",
+                "logit-diff needs --against TOKEN (the target minus it)",
+            ))?,
+            Some(label) => Err(gpt2::Error::param(
+                "metric",
+                format!("logit-diff needs a token to measure against: {label} has no \"against\" and there is no --against"),
+            ))?,
+        },
+        (Some(m), _) if m != PatchMetric::LogitDiff && args.against.is_some() => Err(
+            gpt2::Error::param("against", format!("is only for --metric logit-diff, not {}", name(m))),
+        )?,
+        // A dataset's own "against" is read only by logit-diff.
+        (Some(m), _) => m,
+        (None, _) if with == pairs.len() => PatchMetric::LogitDiff,
+        (None, _) if with == 0 => PatchMetric::Logit,
+        (None, lacking) => Err(gpt2::Error::param(
+            "pairs",
+            format!(
+                "{} has no \"against\" where other pairs have one: give every pair one (or \
+                 --against), or --metric logit|prob|loss",
+                lacking.and_then(|p| p.label.as_deref()).unwrap_or("a pair")
+            ),
+        ))?,
+    })
+}
+
+/// The destinations of `--out` for `format`: the file, and for npy its JSON beside it.
+fn destinations(format: PatchFormat, out: &Option<PathBuf>) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = out.iter().cloned().collect();
+    if format == PatchFormat::Npy {
+        files.extend(
+            out.as_deref()
+                .and_then(gpt2::inspect::Output::npy_tokens_path),
+        );
+    }
+    files
+}
+
+pub(super) fn cmd_patch(args: PatchArgs) -> Result<()> {
+    if matches!(args.format, PatchFormat::Png | PatchFormat::Npy) && args.out.is_none() {
+        let name = if args.format == PatchFormat::Png {
+            "png"
+        } else {
+            "npy"
+        };
+        Err(gpt2::Error::param(
+            "format",
+            format!("{name} needs --out PATH"),
+        ))?;
+    }
+    let by = args.by.unwrap_or(By::default_for(args.what));
+    // Before any work: the inputs are protected, the outputs checked.
+    args.model.source.source().protect_files()?;
+    let dataset = args.pairs.is_some();
+    let pairs = match &args.pairs {
+        Some(path) => read_pairs(path, args.target.as_deref(), args.against.as_deref())?,
+        None => {
+            let text = |inline: &Option<String>, file: &Option<PathBuf>, param, what| {
+                match (inline, file) {
+                    (Some(t), _) => Ok(t.clone()),
+                    (None, Some(path)) => read_input(path, what, param),
+                    // clap requires one of them.
+                    (None, None) => Err(gpt2::Error::param(
+                        if param == "--clean-file" {
+                            "clean"
+                        } else {
+                            "corrupted"
+                        },
+                        "is missing",
+                    ))?,
+                }
+            };
+            vec![TextPair {
+                clean: text(
+                    &args.clean,
+                    &args.clean_file,
+                    "--clean-file",
+                    "the clean prompt file",
+                )?,
+                corrupted: text(
+                    &args.corrupted,
+                    &args.corrupted_file,
+                    "--corrupted-file",
+                    "the corrupted prompt file",
+                )?,
+                target: args.target.clone().unwrap_or_default(),
+                against: args.against.clone(),
+                label: None,
+            }]
+        }
+    };
+    let kind = metric_kind(&args, &pairs)?;
+    for path in destinations(args.format, &args.out) {
+        gpt2::output::reserve("out", &path)?;
+    }
+    let loaded = load(&args.model, None)?;
+    let opts = PromptOptions {
+        bos: args.bos,
+        truncate: false,
+        empty_is_bos: false,
+    };
+    let pairs = pairs
+        .iter()
+        .map(|p| tokenise(&loaded, p, kind, opts))
+        .collect::<Result<Vec<_>>>()?;
+    let start = std::time::Instant::now();
+    let p = match pairs.as_slice() {
+        [one] if !dataset => activation_patch(
+            &loaded.model,
+            &one.clean,
+            &one.corrupted,
+            args.what,
+            by,
+            one.metric,
+            args.position,
+        )?,
+        _ => activation_patch_mean(&loaded.model, &pairs, args.what, by, args.position)?,
+    };
+    let first = &pairs[0];
+    report(&args, &loaded, &p, first, dataset)?;
+    let tokens = pairs.iter().map(|p| p.clean.len()).sum();
+    note_done(&loaded, tokens, start, args.out.as_deref());
+    Ok(())
+}
+
+/// A pair's tokens and metric; errors name the option, or the line of `--pairs`.
+fn tokenise(loaded: &Loaded, p: &TextPair, kind: PatchMetric, opts: PromptOptions) -> Result<Pair> {
+    let config = loaded.model.config();
+    let side = |text: &str, param: &str| -> Result<Vec<u32>> {
+        let prompt = Prompt::new(&loaded.tokenizer, text, config, opts);
+        Ok(match &p.label {
+            None => prompt.with_context(|| format!("--{param}"))?,
+            Some(label) => prompt.with_context(|| format!("--pairs {label} ({param})"))?,
+        }
+        .ids)
+    };
+    let token = |param: &'static str, text: &str| -> Result<u32> {
+        let Some(label) = &p.label else {
+            return one_token(loaded, param, text);
+        };
+        match loaded.tokenizer.encode(text)?.as_slice() {
+            [id] => Ok(*id),
+            ids => Err(gpt2::Error::param(
+                "pairs",
+                format!(
+                    "{label}: \"{param}\" {text:?} is {} tokens ({ids:?}), not one",
+                    ids.len()
+                ),
+            ))?,
+        }
+    };
+    let target = token("target", &p.target)?;
+    let metric = match (kind, &p.against) {
+        (PatchMetric::LogitDiff, Some(a)) => Metric::LogitDiff {
+            target,
+            against: token("against", a)?,
+        },
+        (PatchMetric::LogitDiff, None) => Err(gpt2::Error::param(
+            "metric",
+            "logit-diff needs --against TOKEN (the target minus it)",
+        ))?,
+        (PatchMetric::Logit, _) => Metric::Logit { target },
+        (PatchMetric::Prob, _) => Metric::Prob { target },
+        (PatchMetric::Loss, _) => Metric::Loss { target },
+    };
+    Ok(Pair {
+        clean: side(&p.clean, "clean")?,
+        corrupted: side(&p.corrupted, "corrupted")?,
+        metric,
+        label: p.label.clone().unwrap_or_else(|| "the prompts".into()),
+    })
+}
+
+/// Writes the result as `--format` says.
+fn report(
+    args: &PatchArgs,
+    loaded: &Loaded,
+    p: &Patching,
+    first: &Pair,
+    dataset: bool,
+) -> Result<()> {
+    let text = |id: u32| {
+        loaded
+            .tokenizer
+            .decode(&[id])
+            .unwrap_or_else(|_| id.to_string())
+    };
+    let measured = p.describe(text);
+    // Positions are labelled by the tokens of the one pair, clean/corrupted where they differ.
+    let tokens: Vec<(String, String)> = if dataset {
+        Vec::new()
+    } else {
+        first
+            .clean
+            .iter()
+            .zip(&first.corrupted)
+            .map(|(&a, &b)| (text(a), text(b)))
+            .collect()
+    };
+    let source = match &args.pairs {
+        Some(path) => format!("{} from {}", count(p.pairs.len(), "pair"), path.display()),
+        None => count(first.clean.len(), "token"),
+    };
+    match args.format {
+        PatchFormat::Json => {
+            let mut v = serde_json::to_value(p)?;
+            v["model"] = loaded.name.clone().into();
+            if dataset {
+                v["pairs_file"] = args.pairs.as_ref().map(|p| p.display().to_string()).into();
+            } else {
+                v["clean_ids"] = serde_json::json!(first.clean);
+                v["corrupted_ids"] = serde_json::json!(first.corrupted);
+            }
+            v["measured"] = measured.into();
+            write(&args.out, &format!("{v}\n"))?;
+        }
+        PatchFormat::Text => {
+            let label = |axis: Axis, i: usize| match (axis, tokens.get(i)) {
+                (Axis::Pos, Some((a, b))) if a == b => format!("{i} {a:?}"),
+                (Axis::Pos, Some((a, b))) => format!("{i} {a:?}/{b:?}"),
+                _ => i.to_string(),
+            };
+            let mean = if dataset { "mean " } else { "" };
+            write(
+                &args.out,
+                &format!(
+                    "{}: patching {} by {} from the clean run into the corrupted one ({source}); \
+                     measured: {measured}\n{mean}clean = {:.4}, {mean}corrupted = {:.4}; \
+                     normalised = (patched - corrupted) / (clean - corrupted)\n\n{}",
+                    loaded.name,
+                    p.what,
+                    p.by,
+                    p.clean,
+                    p.corrupted,
+                    p.table(&label)
+                ),
+            )?;
+        }
+        PatchFormat::Png => {
+            let Some(path) = &args.out else {
+                bail!("png needs --out")
+            };
+            let [(title, _, normalized)] = <[_; 1]>::try_from(p.tables()).map_err(|_| {
+                gpt2::Error::param(
+                    "format",
+                    "png draws one layers x heads or layers x positions map: this result has \
+                     several (use text, json or npy)",
+                )
+            })?;
+            write_heatmap(
+                path,
+                &format!(
+                    "normalised patching of {} by {} {title}: {measured}",
+                    p.what, p.by
+                ),
+                &normalized,
+            )?;
+        }
+        PatchFormat::Npy => {
+            let Some(path) = &args.out else {
+                bail!("npy needs --out")
+            };
+            let data: Vec<f32> = p.patched.iter().map(|&v| v as f32).collect();
+            let mut meta = serde_json::json!({
+                "model": loaded.name,
+                "what": p.what,
+                "by": p.by,
+                "axes": p.axes,
+                "acts": p.acts,
+                "values": "the patched metric, as TransformerLens' get_act_patch_* returns it; \
+                           normalised = (value - corrupted) / (clean - corrupted)",
+                "metric": p.metric,
+                "measured": measured,
+                "position": p.position,
+                "clean": p.clean,
+                "corrupted": p.corrupted,
+            });
+            if dataset {
+                meta["pairs"] = serde_json::to_value(&p.pairs)?;
+                meta["pairs_file"] = args.pairs.as_ref().map(|p| p.display().to_string()).into();
+            } else {
+                let (clean, corrupted): (Vec<String>, Vec<String>) = tokens.iter().cloned().unzip();
+                meta["clean_tokens"] = clean.into();
+                meta["corrupted_tokens"] = corrupted.into();
+                meta["clean_ids"] = serde_json::json!(first.clean);
+                meta["corrupted_ids"] = serde_json::json!(first.corrupted);
+            }
+            gpt2::inspect::write_npy(path, &p.shape, &data, meta)?;
+        }
+    }
+    Ok(())
+}
