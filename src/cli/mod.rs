@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gpt2::analysis::ablation::AblateMode;
-use gpt2::analysis::patching::{By, What};
 use gpt2::device::DeviceChoice;
 use gpt2::inspect::{Format, LayerChoice};
 use gpt2::prompt::PromptOptions;
@@ -83,70 +82,10 @@ enum Command {
     Attribute(AttributeArgs),
     /// Activation patching: the corrupted prompt run with one activation (per layer, position
     /// or head) taken from the clean run, as TransformerLens' get_act_patch_* functions.
-    Patch(PatchArgs),
+    Patch(patch::PatchArgs),
     /// An OpenAI-compatible HTTP server (completions, streaming, attention), batching requests.
     #[cfg(feature = "serve")]
-    Serve(ServeArgs),
-}
-
-#[cfg(feature = "serve")]
-#[derive(Args)]
-struct ServeArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// The address to listen on; anything but loopback without --api-key prints a warning.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    /// The port; 0 lets the system pick one (the address is printed on stderr).
-    #[arg(long, default_value_t = 8080)]
-    port: u16,
-    /// Require `Authorization: Bearer KEY` (default: the GPT2_API_KEY variable; none: open).
-    #[arg(long, value_name = "KEY")]
-    api_key: Option<String>,
-    /// Sequences decoded together (a request with n choices takes n).
-    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
-    parallel: usize,
-    /// Requests waiting for a slot before more are refused with 429.
-    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
-    max_queue: usize,
-    /// Seconds a request may take (its body, and a completion that is not streamed): 408.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = 600.0,
-        allow_negative_numbers = true
-    )]
-    timeout: f64,
-    /// Seconds a stream may go without a token, or its client without reading, before it ends.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = 60.0,
-        allow_negative_numbers = true
-    )]
-    idle_timeout: f64,
-    /// Seconds a connection has to send a request's headers before it is closed.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = 10.0,
-        allow_negative_numbers = true
-    )]
-    header_timeout: f64,
-    /// Largest request body in bytes (413 past it).
-    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20, allow_negative_numbers = true)]
-    max_body: usize,
-    /// Seconds running requests get to finish at Ctrl-C or SIGTERM before they are cancelled.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = 10.0,
-        allow_negative_numbers = true
-    )]
-    grace: f64,
-    /// Serve /v1/chat/completions with this template (JSON: see the README's Server section).
-    #[arg(long, value_name = "FILE")]
-    chat_template: Option<PathBuf>,
+    Serve(serve::ServeArgs),
 }
 
 /// Heads to remove from every forward pass.
@@ -338,101 +277,6 @@ struct AttributeArgs {
     /// Write to this file instead of standard output (needed for png: the heads' heatmap).
     #[arg(long, value_name = "PATH")]
     out: Option<PathBuf>,
-}
-
-#[derive(Args)]
-#[command(group = clap::ArgGroup::new("clean_input").args(["clean", "clean_file", "pairs"]).required(true))]
-#[command(group = clap::ArgGroup::new("corrupted_input").args(["corrupted", "corrupted_file", "pairs"]).required(true))]
-struct PatchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// The clean prompt: the run whose activations are patched in.
-    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
-    clean: Option<String>,
-    /// The clean prompt from a file, read as it is (a final newline is a token).
-    #[arg(long, value_name = "PATH")]
-    clean_file: Option<PathBuf>,
-    /// The corrupted prompt: the run patched (the same number of tokens as --clean).
-    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
-    corrupted: Option<String>,
-    /// The corrupted prompt from a file, read as it is.
-    #[arg(long, value_name = "PATH")]
-    corrupted_file: Option<PathBuf>,
-    /// A dataset: a JSON Lines file of pairs, {"clean": TEXT, "corrupted": TEXT, "target":
-    /// TOKEN, "against": TOKEN} a line ("target" and "against" default to --target and
-    /// --against); the metric is averaged over the pairs, then normalised.
-    #[arg(long, value_name = "PATH")]
-    pairs: Option<PathBuf>,
-    /// The token measured; one token of the tokenizer (mind GPT-2's leading space: " Mary").
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        allow_hyphen_values = true,
-        required_unless_present = "pairs"
-    )]
-    target: Option<String>,
-    /// The token the target is measured against (--metric logit-diff: target minus this).
-    #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
-    against: Option<String>,
-    /// The position whose logits are measured (0-based); default: the last.
-    #[arg(long, allow_negative_numbers = true)]
-    position: Option<usize>,
-    /// What is measured there [default: logit-diff with --against, else logit].
-    #[arg(long, value_enum)]
-    metric: Option<PatchMetric>,
-    /// The activation patched.
-    #[arg(long, value_parser = choice::<What>())]
-    what: What,
-    /// What one patch covers [default: pos for resid_pre, attn_out, mlp_out; else head].
-    #[arg(long, value_parser = choice::<By>())]
-    by: Option<By>,
-    /// Put <|endoftext|> before both prompts, as TransformerLens does.
-    #[arg(long)]
-    bos: bool,
-    #[arg(long, value_enum, default_value = "text")]
-    format: PatchFormat,
-    /// Write to this file instead of standard output (needed for png and npy).
-    #[arg(long, value_name = "PATH")]
-    out: Option<PathBuf>,
-}
-
-/// What `gpt2 patch` writes.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PatchFormat {
-    /// Tables for people, raw and normalised (the default)
-    Text,
-    /// One JSON object, for programs
-    Json,
-    /// The normalised layers x heads or layers x positions map (needs --out)
-    Png,
-    /// The raw patched metric as a float32 array in TransformerLens' shape (needs --out); its
-    /// axes, baselines and tokens in PATH.json beside it
-    Npy,
-}
-
-/// What `gpt2 patch` measures at the position.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PatchMetric {
-    /// logit(target) - logit(against)
-    LogitDiff,
-    /// logit(target)
-    Logit,
-    /// softmax(logits)[target]
-    Prob,
-    /// -log softmax(logits)[target]: the loss of predicting target
-    Loss,
-}
-
-impl Choice for What {
-    fn values() -> Vec<(&'static str, &'static str)> {
-        What::ALL.map(|w| (w.name(), w.help())).to_vec()
-    }
-}
-
-impl Choice for By {
-    fn values() -> Vec<(&'static str, &'static str)> {
-        By::ALL.map(|b| (b.name(), b.help())).to_vec()
-    }
 }
 
 /// The command-line name of a library parameter: `max_new_tokens` is `--max-new-tokens`.

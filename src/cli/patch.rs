@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use gpt2::analysis::figure::write_heatmap;
 use gpt2::analysis::patching::{
-    activation_patch, activation_patch_mean, Axis, By, Metric, Pair, Patching,
+    activation_patch, activation_patch_mean, Axis, By, Metric, Pair, Patching, What,
 };
 use gpt2::prompt::PromptOptions;
 use gpt2::{Loaded, Prompt};
@@ -16,7 +16,104 @@ use serde::Deserialize;
 
 use super::analyses::{one_token, write};
 use super::shared::{count, load, note_done};
-use super::{read_file, PatchArgs, PatchFormat, PatchMetric};
+use clap::{Args, ValueEnum};
+
+use super::{choice, read_file, Choice, ModelArgs};
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("clean_input").args(["clean", "clean_file", "pairs"]).required(true))]
+#[command(group = clap::ArgGroup::new("corrupted_input").args(["corrupted", "corrupted_file", "pairs"]).required(true))]
+pub(super) struct PatchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The clean prompt: the run whose activations are patched in.
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    clean: Option<String>,
+    /// The clean prompt from a file, read as it is (a final newline is a token).
+    #[arg(long, value_name = "PATH")]
+    clean_file: Option<PathBuf>,
+    /// The corrupted prompt: the run patched (the same number of tokens as --clean).
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    corrupted: Option<String>,
+    /// The corrupted prompt from a file, read as it is.
+    #[arg(long, value_name = "PATH")]
+    corrupted_file: Option<PathBuf>,
+    /// A dataset: a JSON Lines file of pairs, {"clean": TEXT, "corrupted": TEXT, "target":
+    /// TOKEN, "against": TOKEN} a line ("target" and "against" default to --target and
+    /// --against); the metric is averaged over the pairs, then normalised.
+    #[arg(long, value_name = "PATH")]
+    pairs: Option<PathBuf>,
+    /// The token measured; one token of the tokenizer (mind GPT-2's leading space: " Mary").
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        allow_hyphen_values = true,
+        required_unless_present = "pairs"
+    )]
+    target: Option<String>,
+    /// The token the target is measured against (--metric logit-diff: target minus this).
+    #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
+    against: Option<String>,
+    /// The position whose logits are measured (0-based); default: the last.
+    #[arg(long, allow_negative_numbers = true)]
+    position: Option<usize>,
+    /// What is measured there [default: logit-diff with --against, else logit].
+    #[arg(long, value_enum)]
+    metric: Option<PatchMetric>,
+    /// The activation patched.
+    #[arg(long, value_parser = choice::<What>())]
+    what: What,
+    /// What one patch covers [default: pos for resid_pre, attn_out, mlp_out; else head].
+    #[arg(long, value_parser = choice::<By>())]
+    by: Option<By>,
+    /// Put <|endoftext|> before both prompts, as TransformerLens does.
+    #[arg(long)]
+    bos: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    format: PatchFormat,
+    /// Write to this file instead of standard output (needed for png and npy).
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
+}
+
+/// What `gpt2 patch` writes.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum PatchFormat {
+    /// Tables for people, raw and normalised (the default)
+    Text,
+    /// One JSON object, for programs
+    Json,
+    /// The normalised layers x heads or layers x positions map (needs --out)
+    Png,
+    /// The raw patched metric as a float32 array in TransformerLens' shape (needs --out); its
+    /// axes, baselines and tokens in PATH.json beside it
+    Npy,
+}
+
+/// What `gpt2 patch` measures at the position.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum PatchMetric {
+    /// logit(target) - logit(against)
+    LogitDiff,
+    /// logit(target)
+    Logit,
+    /// softmax(logits)[target]
+    Prob,
+    /// -log softmax(logits)[target]: the loss of predicting target
+    Loss,
+}
+
+impl Choice for What {
+    fn values() -> Vec<(&'static str, &'static str)> {
+        What::ALL.map(|w| (w.name(), w.help())).to_vec()
+    }
+}
+
+impl Choice for By {
+    fn values() -> Vec<(&'static str, &'static str)> {
+        By::ALL.map(|b| (b.name(), b.help())).to_vec()
+    }
+}
 
 /// One line of `--pairs`: the shape the README documents.
 #[derive(Deserialize)]

@@ -8,7 +8,70 @@ use gpt2::serve::{Engine, EngineOptions, ServerOptions};
 use gpt2::Error;
 
 use super::shared::{load, note};
-use super::ServeArgs;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::ModelArgs;
+
+#[derive(Args)]
+pub(super) struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The address to listen on; anything but loopback without --api-key prints a warning.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The port; 0 lets the system pick one (the address is printed on stderr).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` (default: the GPT2_API_KEY variable; none: open).
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Sequences decoded together (a request with n choices takes n).
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
+    parallel: usize,
+    /// Requests waiting for a slot before more are refused with 429.
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
+    max_queue: usize,
+    /// Seconds a request may take (its body, and a completion that is not streamed): 408.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 600.0,
+        allow_negative_numbers = true
+    )]
+    timeout: f64,
+    /// Seconds a stream may go without a token, or its client without reading, before it ends.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60.0,
+        allow_negative_numbers = true
+    )]
+    idle_timeout: f64,
+    /// Seconds a connection has to send a request's headers before it is closed.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 10.0,
+        allow_negative_numbers = true
+    )]
+    header_timeout: f64,
+    /// Largest request body in bytes (413 past it).
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20, allow_negative_numbers = true)]
+    max_body: usize,
+    /// Seconds running requests get to finish at Ctrl-C or SIGTERM before they are cancelled.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 10.0,
+        allow_negative_numbers = true
+    )]
+    grace: f64,
+    /// Serve /v1/chat/completions with this template (JSON: see the README's Server section).
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
+}
 
 pub(super) fn cmd_serve(args: ServeArgs) -> Result<()> {
     let secs = |param: &'static str, v: f64| -> Result<Duration> {
