@@ -506,6 +506,43 @@ mod tests {
         Ok(())
     }
 
+    /// `forward_rows`, a batched decode step's product: past 8 rows, a pass per 8, each row bit
+    /// for bit the row alone, for every host storage.
+    #[test]
+    fn forward_rows_equal_each_row_alone() -> Result<()> {
+        for (k, n) in SIZES {
+            let w = rand(&[k, n], 1)?;
+            let b = rand(&[n], 2)?;
+            let mut all_layers: Vec<(String, Linear)> = layers(&w, &b, DType::F32)?;
+            all_layers.extend(layers(&w, &b, DType::F16)?);
+            if k % 32 == 0 {
+                let nk = host(&w.t()?.contiguous()?)?;
+                for kind in [quant::QuantKind::Q8_0, quant::QuantKind::Q4_0] {
+                    let q = QuantMatrix::quantize(kind, n, k, |j, out| {
+                        out.copy_from_slice(&nk[j * k..][..k])
+                    });
+                    let layer = Linear::new(Matrix::Quant(Arc::new(q)), Some(b.clone()), k, n)?;
+                    all_layers.push((format!("{kind:?}"), layer));
+                }
+            }
+            for (name, layer) in all_layers.into_iter().filter(|(n, _)| n != "tensor") {
+                for m in [9, 11, 16, 19] {
+                    let x = rand(&[m, 1, k], 4 + m as u64)?;
+                    let all = layer.forward_rows(&x, None)?;
+                    for i in 0..m {
+                        let one = layer.forward(&x.narrow(0, i, 1)?, None)?;
+                        let diff = (&one - &all.narrow(0, i, 1)?)?
+                            .abs()?
+                            .flatten_all()?
+                            .max(0)?;
+                        assert_eq!(diff.to_scalar::<f32>()?, 0.0, "{name} m={m} row {i}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Threads sharing one layer (and so the pool) each get their own, correct result.
     #[test]
     fn concurrent_callers() -> Result<()> {
