@@ -159,14 +159,17 @@ fn window_loss(
 
 /// `log softmax(row)[i]`, in f64.
 pub fn log_softmax_at(row: &[f32], i: usize) -> f64 {
+    row[i] as f64 - log_sum_exp(row)
+}
+
+/// `log Σ exp(row)`, in f64, shifted by the largest value so nothing overflows.
+pub fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = row
-        .iter()
+    row.iter()
         .map(|&v| (v as f64 - max).exp())
         .sum::<f64>()
         .ln()
-        + max;
-    row[i] as f64 - lse
+        + max
 }
 
 #[cfg(test)]

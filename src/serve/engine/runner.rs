@@ -17,6 +17,7 @@ use crate::generation::{kv_cache_bytes, prepare_logits, Sample};
 use crate::hooks::{HeadMask, Hook, Point};
 use crate::inspect::generated::AttentionRecorder;
 use crate::model::{Cache, Gpt2, Output, Step};
+use crate::perplexity::log_sum_exp;
 use crate::prompt::Prompt;
 use crate::tokenizer::Tokenizer;
 
@@ -441,7 +442,8 @@ impl<'m> Runner<'m> {
     fn next_token(&mut self, seq: &mut Seq<'m>, mut row: Vec<f32>) -> bool {
         let j = &seq.job.job;
         let config = self.model.config();
-        let logprob = j.logprobs.map(|top| row_logprobs(&row, top));
+        // The model's own distribution, before penalties and temperature change `row`.
+        let raw = j.logprobs.map(|top| (row.clone(), top));
         let generated = &seq.ids[seq.prompt_len..];
         let result = (|| -> Result<u32> {
             if !j.penalties.is_empty() {
@@ -463,7 +465,7 @@ impl<'m> Runner<'m> {
                 return false;
             }
         };
-        let logprob = logprob.map(|f| f(next));
+        let logprob = raw.map(|(raw, top)| logprob_of(&raw, next, top));
         let step = seq.ids.len() - seq.prompt_len;
         seq.ids.push(next);
         self.metrics
@@ -515,42 +517,28 @@ impl<'m> Runner<'m> {
     }
 }
 
-/// The log-probability of `token` in `row`, with the `top` most likely.
+/// The log-probability of `token` in `row` (its log-softmax), with the `top` most likely
+/// tokens' (id, log-probability), most likely first.
 fn logprob_of(row: &[f32], token: u32, top: usize) -> TokenLogprob {
-    row_logprobs(row, top)(token)
-}
-
-/// Log-softmax of `row` once; then any token's [`TokenLogprob`].
-fn row_logprobs(row: &[f32], top: usize) -> impl Fn(u32) -> TokenLogprob {
-    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = row
-        .iter()
-        .map(|&v| (v as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
+    let lse = log_sum_exp(row);
     let lp = |v: f32| (v as f64 - lse) as f32;
-    let mut best: Vec<(u32, f32)> = Vec::new();
-    if top > 0 {
-        let mut order: Vec<u32> = (0..row.len() as u32).collect();
-        let k = top.min(order.len());
-        order.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| {
-            row[b as usize].total_cmp(&row[a as usize])
-        });
+    let mut order: Vec<u32> = Vec::new();
+    let k = top.min(row.len());
+    if k > 0 {
+        order = (0..row.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]);
+        order.select_nth_unstable_by(k - 1, by_logit);
         order.truncate(k);
-        order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
-        best = order
-            .into_iter()
-            .map(|i| (i, lp(row[i as usize])))
-            .collect();
+        order.sort_by(|a, b| by_logit(a, b).then(a.cmp(b)));
     }
-    let row: Vec<f32> = row.iter().map(|&v| lp(v)).collect();
-    move |token| TokenLogprob {
+    TokenLogprob {
         logprob: row
             .get(token as usize)
-            .copied()
-            .unwrap_or(f32::NEG_INFINITY),
-        top: best.clone(),
+            .map_or(f32::NEG_INFINITY, |&v| lp(v)),
+        top: order
+            .into_iter()
+            .map(|i| (i, lp(row[i as usize])))
+            .collect(),
     }
 }
 
@@ -561,7 +549,7 @@ mod tests {
     #[test]
     fn logprobs_are_a_log_softmax_with_the_most_likely_first() {
         let row = [1.0f32, 3.0, 2.0, -1.0];
-        let lp = row_logprobs(&row, 2)(2);
+        let lp = logprob_of(&row, 2, 2);
         let lse = row.iter().map(|v| (*v as f64).exp()).sum::<f64>().ln();
         assert!((lp.logprob as f64 - (2.0 - lse)).abs() < 1e-6);
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
