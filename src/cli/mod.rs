@@ -10,6 +10,7 @@ mod patch;
 #[cfg(feature = "serve")]
 mod serve;
 mod shared;
+mod train;
 
 use std::path::PathBuf;
 
@@ -44,6 +45,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::LogitLens(args) => analyses::cmd_logit_lens(args),
         Command::Attribute(args) => analyses::cmd_attribute(args),
         Command::Patch(args) => patch::cmd_patch(args),
+        Command::Train(args) => train::cmd_train(args),
         #[cfg(feature = "serve")]
         Command::Serve(args) => serve::cmd_serve(args),
     }
@@ -83,6 +85,9 @@ enum Command {
     /// Activation patching: the corrupted prompt run with one activation (per layer, position
     /// or head) taken from the clean run, as TransformerLens' get_act_patch_* functions.
     Patch(patch::PatchArgs),
+    /// Train a model (a fresh layout or a checkpoint) on a text, token ids or a built-in task,
+    /// watching every head's scores as it learns; saves a Hugging Face folder.
+    Train(train::TrainArgs),
     /// An OpenAI-compatible HTTP server (completions, streaming, attention), batching requests.
     #[cfg(feature = "serve")]
     Serve(serve::ServeArgs),
