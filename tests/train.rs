@@ -144,3 +144,281 @@ fn twenty_steps_equal_torch_adamw() -> Result {
     }
     Ok(())
 }
+
+/// A short seeded run on the induction task from configs/tiny.json (random windows, dropout on,
+/// so the batches, masks and optimizer state must all come back for a resume to match).
+fn tiny_task_args(out: &Path, steps: u64) -> Vec<String> {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    [
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--task",
+        "induction",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--dropout",
+        "0.1",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "3",
+        "--seed",
+        "5",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "0",
+        "--steps",
+        &steps.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run_args(args: &[String]) -> Result<std::process::Output> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    gpt2(&args)
+}
+
+/// The bytes of a run's weights, optimizer state and logs.
+fn run_files(out: &Path) -> Result<Vec<Vec<u8>>> {
+    ["model.safetensors", "optimizer.safetensors", "steps.jsonl"]
+        .iter()
+        .map(|f| Ok(std::fs::read(out.join(f))?))
+        .collect()
+}
+
+#[test]
+fn a_resumed_run_ends_bit_identical_to_one_that_was_not_stopped() -> Result {
+    let whole = scratch("train", "resume-whole");
+    let run = run_args(&tiny_task_args(&whole, 10))?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let parts = scratch("train", "resume-parts");
+    let run = run_args(&tiny_task_args(&parts, 6))?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let out = parts.to_str().unwrap();
+    let run = gpt2(&["train", "--resume", "--out", out, "--steps", "10"])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        run_files(&whole)? == run_files(&parts)?,
+        "the resumed run differs"
+    );
+    let record = std::fs::read_to_string(parts.join("training.json"))?;
+    assert!(record.contains("\"step\": 10"), "{record}");
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resumes_exactly() -> Result {
+    use std::io::Read;
+    use std::process::Stdio;
+    let stopped = scratch("train", "ctrl-c");
+    let args = tiny_task_args(&stopped, 100_000);
+    let mut child = gpt2_command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Interrupted once a few steps are logged.
+    let log = stopped.join("steps.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(std::time::Instant::now() < deadline, "no steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    let status = child.wait()?;
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .ok_or("stderr")?
+        .read_to_string(&mut err)?;
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted: saved step"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(stopped.join("training.json"))?)?;
+    let step = record["step"].as_u64().ok_or("no step")?;
+    assert!(step >= 3, "{record}");
+    // Resumed to step + 2, it equals a run of step + 2 steps that was never stopped (whose own
+    // options say --steps step + 2; the stopped run's cosine-free schedule does not depend on
+    // the total).
+    let out = stopped.to_str().unwrap();
+    let target = (step + 2).to_string();
+    let run = gpt2(&["train", "--resume", "--out", out, "--steps", &target])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let whole = scratch("train", "ctrl-c-whole");
+    let run = run_args(&tiny_task_args(&whole, step + 2))?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        run_files(&whole)? == run_files(&stopped)?,
+        "the resumed run differs"
+    );
+    Ok(())
+}
+
+/// The folder loads in `gpt2`, whose logits equal the trained graph's (held by the unit tests),
+/// and holds what transformers needs: `model_type`, `save_pretrained`'s names, no lm_head.
+#[test]
+fn the_saved_folder_is_a_model_gpt2_loads() -> Result {
+    let out = scratch("train", "folder");
+    let run = run_args(&tiny_task_args(&out, 2))?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let config = fixture_json_at(&out.join("config.json"))?;
+    assert_eq!(config["model_type"], "gpt2");
+    assert_eq!(config["architectures"][0], "GPT2LMHeadModel");
+    assert_eq!(config["n_head"], 4);
+    let names: Vec<String> =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)?
+            .into_keys()
+            .collect();
+    assert!(
+        names.iter().all(|n| n.starts_with("transformer.")),
+        "{names:?}"
+    );
+    assert!(names.contains(&"transformer.h.1.attn.c_attn.weight".to_string()));
+    let gen = gpt2(&[
+        "generate",
+        "--model-dir",
+        out.to_str().unwrap(),
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0",
+    ])?;
+    assert!(gen.status.success(), "{}", stderr(&gen));
+    // The tokenizer saved with it has no holes (tokenizers prints a warning for those).
+    assert!(!String::from_utf8_lossy(&run.stdout).contains("holes"));
+    Ok(())
+}
+
+fn fixture_json_at(path: &Path) -> Result<Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+#[test]
+fn bad_input_is_one_error_line_and_leaves_no_checkpoint() -> Result {
+    let out = scratch("train", "bad");
+    let o = out.to_str().unwrap();
+    let tiny = fixture("tiny");
+    let tiny = tiny.to_str().unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    let config = config.to_str().unwrap();
+    // Data shorter than one window.
+    let short = out.join("short.txt");
+    std::fs::write(&short, "ab")?;
+    let run = gpt2(&[
+        "train",
+        "--init",
+        tiny,
+        "--data",
+        short.to_str().unwrap(),
+        "--out",
+        o,
+    ])?;
+    assert_error(&run, 1, &["shorter than one window"]);
+    // An id outside the vocabulary.
+    let npy = out.join("ids.npy");
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (300,), }";
+    let header = format!("{header:<117}\n");
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for i in 0..300i32 {
+        bytes.extend_from_slice(&(if i == 77 { 600 } else { i }).to_le_bytes());
+    }
+    std::fs::write(&npy, bytes)?;
+    let run = gpt2(&[
+        "train",
+        "--init",
+        tiny,
+        "--data",
+        npy.to_str().unwrap(),
+        "--out",
+        o,
+    ])?;
+    assert_error(&run, 1, &["token id 600 (at index 77)", "vocab_size 512"]);
+    // A window longer than the context.
+    let run = gpt2(&[
+        "train",
+        "--config",
+        config,
+        "--task",
+        "copy",
+        "--seq-len",
+        "129",
+        "--out",
+        o,
+    ])?;
+    assert_error(&run, 2, &["--seq-len", "n_positions 128"]);
+    // An unknown task.
+    let run = gpt2(&["train", "--config", config, "--task", "sort", "--out", o])?;
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    // Starting from the folder written to.
+    let run = gpt2(&["train", "--init", tiny, "--task", "copy", "--out", tiny])?;
+    assert_error(&run, 2, &["--out", "holds the model it starts from"]);
+    assert!(!out.join("training.json").exists());
+    // Nothing to resume.
+    let run = gpt2(&["train", "--resume", "--out", o])?;
+    assert_error(&run, 2, &["--resume", "no training.json"]);
+    Ok(())
+}
+
+/// A diverging run stops at the first loss that is not finite, naming the step and the learning
+/// rate; the checkpoint saved before it stays whole and loads.
+#[test]
+fn a_diverging_run_stops_with_the_step_and_keeps_the_last_checkpoint() -> Result {
+    let out = scratch("train", "diverge");
+    let mut args = tiny_task_args(&out, 50);
+    let at = args.iter().position(|a| a == "--lr").ok_or("--lr")?;
+    args[at + 1] = "1e6".into();
+    let at = args
+        .iter()
+        .position(|a| a == "--save-every")
+        .ok_or("--save-every")?;
+    args[at + 1] = "1".into();
+    let at = args
+        .iter()
+        .position(|a| a == "--warmup")
+        .ok_or("--warmup")?;
+    args[at + 1] = "0".into();
+    args.extend(["--grad-clip".to_string(), "0".to_string()]);
+    let run = run_args(&args)?;
+    // After the run's header and progress lines, one error line.
+    let err = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: the ") && last.contains("training diverged"),
+        "{err}"
+    );
+    assert!(
+        last.contains("at step") && last.contains("learning rate 1e6"),
+        "{err}"
+    );
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let record = fixture_json_at(&out.join("training.json"))?;
+    let step = record["step"].as_u64().ok_or("no step")?;
+    assert!(step >= 1, "{record}");
+    let resumed = gpt2(&[
+        "train",
+        "--resume",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        &step.to_string(),
+    ])?;
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    Ok(())
+}

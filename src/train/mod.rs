@@ -320,16 +320,15 @@ impl Trainer {
         let loss = self.loss(&batch, (o.dropout > 0.0).then_some(&mut dropout))?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
-            return Err(Error::Input(format!(
-                "the loss is {value} at step {} (learning rate {lr:e}): training diverged; \
-                 the last checkpoint is kept. Lower --lr or set --grad-clip",
-                s + 1
-            )));
+            return Err(diverged("the loss", value, s + 1, lr));
         }
         let mut grads = loss.backward()?;
         let params = self.model.parameters();
         let vars: Vec<&candle_core::Var> = params.iter().map(|(_, v)| *v).collect();
         let grad_norm = optim::clip_grad_norm(&mut grads, &vars, o.grad_clip)?;
+        if !grad_norm.is_finite() {
+            return Err(diverged("the gradients' norm", grad_norm, s + 1, lr));
+        }
         self.optim.step(&grads, lr)?;
         Ok(StepStats {
             step: s + 1,
@@ -385,15 +384,34 @@ impl Trainer {
             init: self.init.clone(),
             dtype: dtype.as_str().to_string(),
         };
+        let tensors = self.model.tensors()?;
+        // A NaN or an infinity anywhere makes the sum one (finite weights cannot overflow it).
+        for (name, t) in &tensors {
+            let sum = t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !sum.is_finite() {
+                return Err(Error::Input(format!(
+                    "`{name}` is not finite after step {step}: training diverged; the last \
+                     checkpoint is kept. Lower --lr or set --grad-clip"
+                )));
+            }
+        }
         save::write_run(
             &self.out,
             self.config(),
-            &self.model.tensors()?,
+            &tensors,
             &self.tokenizer,
             &moments,
             &record,
         )
     }
+}
+
+/// The error that stops a run whose `what` became `value` at `step`.
+fn diverged(what: &str, value: f64, step: u64, lr: f64) -> Error {
+    Error::Input(format!(
+        "{what} is {value} at step {step} (learning rate {lr:e}): training diverged; the last \
+         checkpoint is kept. Lower --lr or set --grad-clip"
+    ))
 }
 
 /// The model's variables by name, for the optimizer.
