@@ -15,10 +15,19 @@ Writes tests/fixtures/tiny/train.json (each case's options, the losses at every 
 far torch's float32 weights end from its float64 ones, per tensor) and
 train_{case}_{f32,f64}.safetensors (the final weights, checkpoint names without prefix).
 
-Run:  /opt/pyref/bin/python scripts/make_train_goldens.py   (a few seconds)
+It also runs `gpt2 train` itself (FOLDER_ARGS, a short seeded run from configs/tiny.json),
+loads the folder it writes with transformers' GPT2LMHeadModel.from_pretrained (no missing or
+unexpected keys allowed) and records its logits on FOLDER_IDS in train_folder_logits.safetensors:
+the test retrains the same run and holds gpt2's logits on its folder to them.
+
+Run:  cargo build && /opt/pyref/bin/python scripts/make_train_goldens.py   (a few seconds)
+      (GPT2_BIN=path/to/gpt2 to use another binary)
 """
 import json
 import math
+import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +36,11 @@ import transformers
 from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
-FIXTURE = Path(__file__).resolve().parent.parent / "tests/fixtures/tiny"
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE = REPO / "tests/fixtures/tiny"
+FOLDER_ARGS = ["--config", "configs/tiny.json", "--task", "copy", "--steps", "30",
+               "--batch-size", "4", "--seq-len", "32", "--seed", "3", "--eval-every", "0"]
+FOLDER_IDS = [511, 5, 9, 200, 3, 7, 5, 9]
 STEPS = 20
 CASES = {
     "constant": dict(lr=1e-3, weight_decay=0.1, grad_clip=0.0, warmup=0, schedule="constant",
@@ -91,6 +104,22 @@ def train(c, dtype):
     return losses, weights
 
 
+def folder_logits():
+    binary = os.environ.get("GPT2_BIN", str(REPO / "target/debug/gpt2"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        subprocess.run([binary, "train", *FOLDER_ARGS, "--out", str(out)], cwd=REPO, check=True,
+                       capture_output=True)
+        model, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+        bad = {k: v for k, v in info.items() if v and k != "mismatched_keys" or
+               (k == "mismatched_keys" and v)}
+        assert not bad, f"transformers did not load the folder cleanly: {bad}"
+        with torch.no_grad():
+            logits = model.eval()(torch.tensor([FOLDER_IDS])).logits[0].contiguous()
+    save_file({"logits": logits}, FIXTURE / "train_folder_logits.safetensors")
+    return {"args": FOLDER_ARGS, "ids": FOLDER_IDS}
+
+
 def main():
     torch.manual_seed(0)
     record = {"steps": STEPS, "data": "train_ids.npy", "torch": torch.__version__,
@@ -107,6 +136,7 @@ def main():
         save_file(w64, FIXTURE / f"train_{name}_f64.safetensors")
         worst = max(spread.items(), key=lambda kv: kv[1])
         print(f"{name}: loss {l32[0]:.5f} -> {l32[-1]:.5f}; torch f32 vs f64 worst {worst}")
+    record["folder"] = folder_logits()
     (FIXTURE / "train.json").write_text(json.dumps(record, indent=1) + "\n")
 
 

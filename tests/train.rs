@@ -422,3 +422,33 @@ fn a_diverging_run_stops_with_the_step_and_keeps_the_last_checkpoint() -> Result
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     Ok(())
 }
+
+/// transformers loads the folder (`from_pretrained`, no missing or unexpected keys: checked by
+/// the golden script) and its logits there are gpt2's on the folder, within 1e-4.
+#[test]
+fn transformers_and_gpt2_agree_on_a_trained_folder() -> Result {
+    let golden = fixture_json("tiny", "train.json")?;
+    let folder = &golden["folder"];
+    let out = scratch("train", "transformers");
+    let mut args: Vec<String> = vec!["train".into()];
+    args.extend(
+        folder["args"]
+            .as_array()
+            .ok_or("no args")?
+            .iter()
+            .filter_map(|a| a.as_str().map(String::from)),
+    );
+    args.extend(["--out".to_string(), out.to_str().unwrap().to_string()]);
+    let mut cmd = gpt2_command(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    let run = output_within(&mut cmd, None)?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let loaded = gpt2::ModelSource::dir(&out).load(&gpt2::LoadOptions::default())?;
+    let ids: Vec<u32> = ids(&folder["ids"]);
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let ours = loaded.model.forward(&ids, None)?.squeeze(0)?;
+    let want = &fixture_tensors("tiny", "train_folder_logits.safetensors")?["logits"];
+    let diff = max_abs_diff(&ours, want)?;
+    assert!(diff < 1e-4, "logits differ by {diff}");
+    Ok(())
+}
