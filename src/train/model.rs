@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::{Activation, Config};
 use crate::error::{Error, Result};
@@ -62,12 +62,8 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // (B, T, C) -> (B, T, 1) statistics over C
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed
+        // (B, T, C), normalised over C, then scaled and shifted per channel.
+        Ok(super::ops::normalize(x, self.eps)?
             .broadcast_mul(self.weight.as_tensor())?
             .broadcast_add(self.bias.as_tensor())?)
     }
@@ -227,9 +223,8 @@ impl TrainModel {
             .reshape((b, t, c))?;
         let pos = self.wpe.narrow(0, 0, t)?;
         let mut x = drop(&mut dropout, tok.broadcast_add(&pos)?)?;
-        let mask = causal_mask(t, x.dtype(), x.device())?;
         for (layer, block) in self.h.iter().enumerate() {
-            let a = self.attention(block, &block.ln_1.forward(&x)?, &mask, layer, &mut dropout)?;
+            let a = self.attention(block, &block.ln_1.forward(&x)?, layer, &mut dropout)?;
             x = (x + a)?;
             let m = self.mlp(&block.mlp, &block.ln_2.forward(&x)?)?;
             x = (x + drop(&mut dropout, m)?)?;
@@ -247,7 +242,6 @@ impl TrainModel {
         &self,
         block: &Block,
         x: &Tensor,
-        mask: &Tensor,
         layer: usize,
         dropout: &mut Option<&mut Dropout>,
     ) -> Result<Tensor> {
@@ -285,9 +279,10 @@ impl TrainModel {
         if cfg.scale_attn_by_inverse_layer_idx {
             scale /= (layer + 1) as f64;
         }
-        // (B, nh, T, hs) · (B, nh, hs, T) -> (B, nh, T, T), masked above the diagonal.
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
-        let probs = drop(dropout, softmax(&scores)?)?;
+        // (B, nh, T, hs) · (B, nh, hs, T) -> (B, nh, T, T), scaled, softmax over the keys each
+        // query sees.
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = drop(dropout, super::ops::causal_softmax(&scores, scale)?)?;
         // (B, nh, T, T) · (B, nh, T, hs) -> (B, nh, T, hs) -> (B, T, C)
         let y = probs
             .matmul(&v)?
@@ -309,28 +304,6 @@ impl TrainModel {
     }
 }
 
-/// (1, 1, T, T): 0 where a query sees the key, -∞ above the diagonal (added to the scores).
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t * t)
-        .map(|i| {
-            if i % t > i / t {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Ok(Tensor::from_vec(m, (1, 1, t, t), device)?.to_dtype(dtype)?)
-}
-
-/// Softmax over the last dimension from differentiable ops (candle's fused `softmax_last_dim`
-/// has no backward), in the scores' dtype: f32 when training in f32.
-fn softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
 /// Cross-entropy of `logits` (N, vocab) against `targets` (N,), averaged over the rows, or with
 /// `weights` (N,) the weighted mean `Σ wᵢ·nllᵢ / Σ wᵢ`. A scalar.
 pub(crate) fn cross_entropy(
@@ -338,9 +311,8 @@ pub(crate) fn cross_entropy(
     targets: &Tensor,
     weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    // (N, vocab) -> (N, 1) -> (N,)
-    let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    // (N, vocab) -> (N,)
+    let nll = super::ops::row_nll(logits, targets)?;
     Ok(match weights {
         None => nll.mean_all()?,
         Some(w) => (nll * w)?.sum_all()?.broadcast_div(&w.sum_all()?)?,

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use super::ops::Float;
 use crate::error::{Error, Result};
 
 /// Adam's hyper-parameters (torch's defaults but the learning rate, which the schedule gives).
@@ -91,10 +92,29 @@ impl AdamW {
         let bias1 = 1.0 - beta1.powi(t);
         let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         let step_size = lr / bias1;
+        let k = Coefs {
+            beta1,
+            beta2,
+            eps,
+            decay: 1.0 - lr * weight_decay,
+            bias2_sqrt,
+            step_size,
+        };
         for slot in &mut self.slots {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
+            let host = match slot.var.dtype() {
+                DType::F32 => fused::<f32>(slot, g, &k).map(|r| tensors(slot, r)),
+                DType::F64 => fused::<f64>(slot, g, &k).map(|r| tensors(slot, r)),
+                _ => None,
+            };
+            if let Some(done) = host {
+                let [p, m, v] = done?;
+                slot.var.set(&p)?;
+                (slot.m, slot.v) = (m, v);
+                continue;
+            }
             let mut p = slot.var.as_tensor().clone();
             if slot.decay && weight_decay != 0.0 {
                 // param.mul_(1 - lr·wd)
@@ -151,6 +171,60 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// One step's scalars.
+struct Coefs {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    /// `1 - lr·weight_decay`.
+    decay: f64,
+    bias2_sqrt: f64,
+    step_size: f64,
+}
+
+/// The update of one host parameter in one pass (torch's single-tensor AdamW, element by
+/// element, in the parameter's dtype): new parameter, `exp_avg`, `exp_avg_sq`. `None` off the
+/// host.
+fn fused<T: Float>(slot: &Slot, g: &Tensor, k: &Coefs) -> Option<(Vec<T>, Vec<T>, Vec<T>)> {
+    let c = |v: f64| T::from_f64(v);
+    // Parameters that do not decay are multiplied by 1: exact.
+    let decay = c(if slot.decay { k.decay } else { 1.0 });
+    let (b1, b2, b2c) = (c(1.0 - k.beta1), c(k.beta2), c(1.0 - k.beta2));
+    let (sq, eps, step) = (c(k.bias2_sqrt), c(k.eps), c(k.step_size));
+    let tensors = [slot.var.as_tensor(), g, &slot.m, &slot.v];
+    super::ops::with_host::<T, _>(&tensors, |s| {
+        let (p, g, m, v) = (s[0], s[1], s[2], s[3]);
+        let n = p.len();
+        let (mut po, mut mo, mut vo) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for i in 0..n {
+            let m = m[i] + b1 * (g[i] - m[i]);
+            let v = v[i] * b2 + g[i] * g[i] * b2c;
+            let denom = v.sqrt() / sq + eps;
+            po.push(p[i] * decay - step * (m / denom));
+            mo.push(m);
+            vo.push(v);
+        }
+        (po, mo, vo)
+    })
+}
+
+/// The fused update's vectors as tensors shaped as the parameter.
+fn tensors<T: candle_core::WithDType>(
+    slot: &Slot,
+    (p, m, v): (Vec<T>, Vec<T>, Vec<T>),
+) -> Result<[Tensor; 3]> {
+    let (shape, device) = (slot.var.shape(), slot.var.device());
+    Ok([
+        Tensor::from_vec(p, shape, device)?,
+        Tensor::from_vec(m, shape, device)?,
+        Tensor::from_vec(v, shape, device)?,
+    ])
 }
 
 /// The gradients' global L2 norm, and with `max_norm` > 0 the gradients scaled by
