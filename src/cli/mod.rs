@@ -502,6 +502,11 @@ struct BenchArgs {
     /// aggregate.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     batch: usize,
+    /// Instead: time a training step's forward, and forward + backward, of --batch sequences of
+    /// --prompt-tokens tokens on the layout with each of these head counts (n_embd fixed), in
+    /// f32 with random weights (e.g. 1,8,16).
+    #[arg(long, value_name = "N,...", value_delimiter = ',')]
+    compare_heads: Option<Vec<usize>>,
     #[command(flatten)]
     output: TextOrJson,
 }

@@ -142,43 +142,112 @@ pub(super) struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: DeviceChoice,
+    /// Train the --config layout once per head count (n_embd fixed; e.g. 1,8), same options,
+    /// seed and data, each into OUT/heads-N, and print a table of their results.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', requires = "config")]
+    compare_heads: Option<Vec<usize>>,
 }
 
 pub(super) fn cmd_train(args: TrainArgs) -> Result<()> {
     keep_freed_memory();
     let device = args.device.open()?;
+    if let Some(heads) = &args.compare_heads {
+        return compare_heads(&args, heads, &device);
+    }
     let mut trainer = if args.resume {
         let steps = args.steps_given().then_some(args.steps);
         let trainer = Trainer::resume(&args.out, steps, &device)?;
         clear_logs(&args.out, trainer.steps_done())?;
         trainer
     } else {
-        if args.out.join("training.json").exists() && !args.overwrite {
+        let (init, config) = args.init()?;
+        args.start(init, &config, &args.out, &device)?
+    };
+    run(&mut trainer).map(drop)
+}
+
+/// `--compare-heads`: the same run (options, seed, data) once per head count, each in
+/// `OUT/heads-N`, then a table.
+fn compare_heads(args: &TrainArgs, heads: &[usize], device: &gpt2::Device) -> Result<()> {
+    if args.config.is_none() || args.resume {
+        bail!("--compare-heads trains fresh layouts: give --config (not --init or --resume)");
+    }
+    let (_, base) = args.init()?;
+    let mut rows = Vec::new();
+    for &h in heads {
+        let config = gpt2::train::compare::with_heads(&base, h)?;
+        let out = args.out.join(format!("heads-{h}"));
+        let mut trainer = args.start(Init::Layout(config.clone()), &config, &out, device)?;
+        let Some(done) = run(&mut trainer)? else {
+            return Ok(()); // interrupted: saved, exit 130
+        };
+        let eval = done.eval.as_ref();
+        rows.push(serde_json::json!({
+            "heads": h,
+            "head_size": config.head_size(),
+            "parameters": trainer.parameter_count(),
+            "final_loss": done.last.loss,
+            "held_out_loss": eval.and_then(|e| e.held_out_loss),
+            "copy_accuracy": eval.and_then(|e| e.copy_accuracy),
+            "seconds": done.seconds,
+            "out": out,
+        }));
+    }
+    println!("\n| heads | head size | parameters | final loss | held-out loss | copy accuracy | seconds |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let num = |v: &serde_json::Value, digits: usize| {
+        v.as_f64()
+            .map_or("–".to_string(), |x| format!("{x:.digits$}"))
+    };
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r["heads"],
+            r["head_size"],
+            r["parameters"],
+            num(&r["final_loss"], 4),
+            num(&r["held_out_loss"], 4),
+            num(&r["copy_accuracy"], 3),
+            num(&r["seconds"], 1)
+        );
+    }
+    let path = args.out.join("compare.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&rows)?)
+        .with_context(|| path.display().to_string())?;
+    Ok(())
+}
+
+impl TrainArgs {
+    /// A new run of `init` (whose config is `config`) into `out`.
+    fn start(
+        &self,
+        init: Init,
+        config: &Config,
+        out: &Path,
+        device: &gpt2::Device,
+    ) -> Result<Trainer> {
+        if out.join("training.json").exists() && !self.overwrite {
             bail!(
                 "{} already holds a run: --resume to continue it, --overwrite to replace it",
-                args.out.display()
+                out.display()
             );
         }
-        let (init, config) = args.init()?;
-        let tokenizer = match &args.tokenizer {
+        let tokenizer = match &self.tokenizer {
             Some(path) => Some(Tokenizer::from_file(path)?),
             None => None,
         };
-        let spec = match (&args.data, args.task) {
+        let spec = match (&self.data, self.task) {
             (Some(path), _) => DataSpec::File(path.clone()),
             (None, Some(task)) => DataSpec::Task(task),
             (None, None) => bail!("--data or --task is needed"),
         };
-        let options = args.options(&config);
-        let dtype: DType = args.dtype.parse().context("--dtype")?;
-        let trainer = Trainer::new(init, tokenizer, spec, options, &args.out, dtype, &device)?;
-        clear_logs(&args.out, 0)?;
-        trainer
-    };
-    run(&mut trainer)
-}
+        let options = self.options(config);
+        let dtype: DType = self.dtype.parse().context("--dtype")?;
+        let trainer = Trainer::new(init, tokenizer, spec, options, out, dtype, device)?;
+        clear_logs(out, 0)?;
+        Ok(trainer)
+    }
 
-impl TrainArgs {
     /// Whether `--steps` was typed (it replaces the saved run's on `--resume`).
     fn steps_given(&self) -> bool {
         std::env::args().any(|a| a == "--steps" || a.starts_with("--steps="))
@@ -259,8 +328,16 @@ fn keep_freed_memory() {
     }
 }
 
-/// The loop: steps, evaluations, saves, the progress line; Ctrl-C saves and stops (exit 130).
-fn run(trainer: &mut Trainer) -> Result<()> {
+/// How a run ended: its last step and evaluation, and the seconds spent in steps.
+struct Outcome {
+    last: StepStats,
+    eval: Option<Evaluation>,
+    seconds: f64,
+}
+
+/// The loop: steps, evaluations, saves, the progress line; Ctrl-C saves and stops (exit 130,
+/// and `None`).
+fn run(trainer: &mut Trainer) -> Result<Option<Outcome>> {
     let o = trainer.options().clone();
     let config = trainer.config();
     eprintln!(
@@ -283,13 +360,18 @@ fn run(trainer: &mut Trainer) -> Result<()> {
     let start = Instant::now();
     let first = trainer.steps_done();
     let mut last: Option<StepStats> = None;
+    let mut last_eval = None;
     let mut heads = String::new();
+    // Time in `Trainer::step` alone: what scripts/bench_train.sh compares with torch.
+    let mut stepping = 0.0;
     let mut log = open_log(trainer.out(), STEPS_LOG)?;
     while trainer.steps_done() < o.steps {
         if gpt2::interrupt::requested() {
             return stop(trainer, &bar);
         }
+        let started = Instant::now();
         let stats = trainer.step()?;
+        stepping += started.elapsed().as_secs_f64();
         last = Some(stats);
         use std::io::Write;
         writeln!(log, "{}", serde_json::to_string(&stats)?).context(STEPS_LOG)?;
@@ -305,6 +387,7 @@ fn run(trainer: &mut Trainer) -> Result<()> {
             if bar.is_none() {
                 eprintln!("{}", eval_line(&stats, &eval));
             }
+            last_eval = Some(eval);
         }
         if o.save_every > 0 && s % o.save_every == 0 || s == o.steps {
             trainer.save()?;
@@ -319,12 +402,13 @@ fn run(trainer: &mut Trainer) -> Result<()> {
     }
     let seconds = start.elapsed().as_secs_f64();
     let done = trainer.steps_done() - first;
-    match last {
+    match &last {
         Some(st) => println!(
-            "step {}: loss {:.4}{heads}; {done} steps in {seconds:.1} s ({:.2} steps/s); saved in {}",
+            "step {}: loss {:.4}{heads}; {done} steps in {seconds:.1} s ({:.2} steps/s training, \
+             evaluations and saves aside); saved in {}",
             st.step,
             st.loss,
-            done as f64 / seconds.max(1e-9),
+            done as f64 / stepping.max(1e-9),
             trainer.out().display()
         ),
         None => println!(
@@ -333,11 +417,15 @@ fn run(trainer: &mut Trainer) -> Result<()> {
             o.steps
         ),
     }
-    Ok(())
+    Ok(last.map(|last| Outcome {
+        last,
+        eval: last_eval,
+        seconds: stepping,
+    }))
 }
 
 /// Saves at Ctrl-C; the binary exits 130 after an interrupted command.
-fn stop(trainer: &Trainer, bar: &Option<indicatif::ProgressBar>) -> Result<()> {
+fn stop(trainer: &Trainer, bar: &Option<indicatif::ProgressBar>) -> Result<Option<Outcome>> {
     if let Some(b) = bar {
         b.abandon();
     }
@@ -347,7 +435,7 @@ fn stop(trainer: &Trainer, bar: &Option<indicatif::ProgressBar>) -> Result<()> {
         trainer.steps_done(),
         trainer.out().display()
     );
-    Ok(())
+    Ok(None)
 }
 
 fn progress(pos: u64, len: u64) -> Option<indicatif::ProgressBar> {

@@ -13,6 +13,7 @@
 //! (for the built-in tasks, the weighted mean over the positions the task scores); gradients
 //! clipped by their global norm.
 
+pub mod compare;
 pub mod data;
 pub mod eval;
 mod model;
