@@ -62,6 +62,9 @@ pub(super) struct TrainArgs {
     /// Override the layout's key/value heads (grouped-query attention; 1 is multi-query).
     #[arg(long, requires = "config")]
     n_kv_head: Option<usize>,
+    /// Override the layout's MLP width (n_inner; default 4 × n_embd).
+    #[arg(long, requires = "config")]
+    n_inner: Option<usize>,
     /// Override the layout's context (n_positions).
     #[arg(long, requires = "config")]
     n_positions: Option<usize>,
@@ -268,6 +271,9 @@ impl TrainArgs {
             set(&mut c.n_positions, self.n_positions);
             if self.n_kv_head.is_some() {
                 c.n_kv_head = self.n_kv_head;
+            }
+            if self.n_inner.is_some() {
+                c.n_inner = self.n_inner;
             }
             if let Some(v) = self.vocab {
                 c.vocab_size = v;

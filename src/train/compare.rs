@@ -14,7 +14,7 @@ use crate::rng::SplitMix64;
 /// `config` with `heads` query heads of `n_embd / heads` dimensions; a `n_kv_head` that no
 /// longer divides them is dropped (plain multi-head attention).
 pub fn with_heads(config: &Config, heads: usize) -> Result<Config> {
-    if heads == 0 || config.n_embd % heads != 0 {
+    if heads == 0 || !config.n_embd.is_multiple_of(heads) {
         return Err(Error::param(
             "compare-heads",
             format!("{heads} heads do not divide n_embd {}", config.n_embd),
@@ -22,7 +22,7 @@ pub fn with_heads(config: &Config, heads: usize) -> Result<Config> {
     }
     let mut c = config.clone();
     c.n_head = heads;
-    if c.n_kv_head.is_some_and(|kv| kv > heads || heads % kv != 0) {
+    if c.n_kv_head.is_some_and(|kv| kv > heads || !heads.is_multiple_of(kv)) {
         c.n_kv_head = None;
     }
     c.validate()?;
@@ -90,7 +90,7 @@ pub fn time_heads(
                 Ok(best)
             };
             let forward_ms = best(&|| loss().map(drop))?;
-            let forward_backward_ms = best(&|| Ok(drop(loss()?.backward()?)))?;
+            let forward_backward_ms = best(&|| loss()?.backward().map(drop).map_err(Into::into))?;
             Ok(HeadTiming {
                 heads: h,
                 kv_heads: c.kv_heads(),
