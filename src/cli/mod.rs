@@ -7,6 +7,7 @@ mod analyses;
 mod commands;
 mod escape;
 mod patch;
+mod patch_report;
 #[cfg(feature = "serve")]
 mod serve;
 mod shared;
@@ -81,7 +82,9 @@ enum Command {
     /// Direct logit attribution: a target token's logit split into embeddings, heads and MLPs.
     Attribute(AttributeArgs),
     /// Activation patching: the corrupted prompt run with one activation (per layer, position
-    /// or head) taken from the clean run, as TransformerLens' get_act_patch_* functions.
+    /// or head) taken from the clean run, as TransformerLens' get_act_patch_* functions; or,
+    /// with --path-to, path patching (Wang et al. 2022): each sender's direct path to the
+    /// logits or to --receivers' q, k or v.
     Patch(patch::PatchArgs),
     /// An OpenAI-compatible HTTP server (completions, streaming, attention), batching requests.
     #[cfg(feature = "serve")]

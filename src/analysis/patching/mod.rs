@@ -31,6 +31,7 @@ pub use cache::{run_with_cache, ActivationCache};
 pub use dataset::{activation_patch_mean, Pair, PairRun};
 pub use path::{path_patch, path_patch_mean, PathPatching};
 pub use spec::{Act, Axis, By, Metric, PathTo, Receivers, Senders, What};
+pub use table::Table;
 
 /// The result of patching: TransformerLens' `get_act_patch_*` tensor, flattened in its order.
 #[derive(Debug, Clone, Serialize)]
