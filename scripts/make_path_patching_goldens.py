@@ -94,7 +94,7 @@ def sender_hooks(sender, orig_cache, new_cache):
     return hooks
 
 
-def path_patch(model, clean, corrupted, kind, to, metric):
+def path_patch(model, clean, corrupted, kind, to, metric, receivers=None):
     _, orig_cache = model.run_with_cache(clean)
     _, new_cache = model.run_with_cache(corrupted)
     out = []
@@ -103,7 +103,7 @@ def path_patch(model, clean, corrupted, kind, to, metric):
         if to == "logits":
             out.append(float(metric(model.run_with_hooks(clean, fwd_hooks=hooks))))
             continue
-        receivers = RECEIVERS[to]
+        receivers = receivers or RECEIVERS[to]
         names = {f"blocks.{l}.attn.hook_{to}" for l, _ in receivers}
         kept = {}
 

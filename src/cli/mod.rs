@@ -6,6 +6,7 @@
 mod analyses;
 mod commands;
 mod escape;
+mod ioi;
 mod patch;
 mod patch_report;
 #[cfg(feature = "serve")]
@@ -45,6 +46,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::LogitLens(args) => analyses::cmd_logit_lens(args),
         Command::Attribute(args) => analyses::cmd_attribute(args),
         Command::Patch(args) => patch::cmd_patch(args),
+        Command::Ioi(args) => ioi::cmd_ioi(args),
         #[cfg(feature = "serve")]
         Command::Serve(args) => serve::cmd_serve(args),
     }
@@ -86,6 +88,9 @@ enum Command {
     /// with --path-to, path patching (Wang et al. 2022): each sender's direct path to the
     /// logits or to --receivers' q, k or v.
     Patch(patch::PatchArgs),
+    /// The IOI paper's dataset (templates, names, ABBA/BABA, seeded; ABC corruption) and its
+    /// experiments: logit difference, head patching, path patching, mean ablation.
+    Ioi(ioi::IoiArgs),
     /// An OpenAI-compatible HTTP server (completions, streaming, attention), batching requests.
     #[cfg(feature = "serve")]
     Serve(serve::ServeArgs),
