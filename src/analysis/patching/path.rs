@@ -208,16 +208,28 @@ pub fn path_patch(
     let corrupted_cache = run(corrupted, &corrupted_names)?;
     let clean_metric = measure(model, clean_cache.need(&last)?, position, metric)?[0];
     let corrupted_metric = measure(model, corrupted_cache.need(&last)?, position, metric)?[0];
+    // To the logits, every head frozen: each position's stream depends on that position alone
+    // (layer norms, MLPs and the frozen attention outputs are per position), so only the
+    // measured position is run, a 1-token pass (its own attention is computed and overwritten).
+    let to_logits = receivers.to == PathTo::Logits;
+    let cut = |t: Tensor| -> Result<Tensor> {
+        Ok(if to_logits {
+            t.narrow(1, position, 1)?
+        } else {
+            t
+        })
+    };
+    let cut_all = |v: Vec<Tensor>| v.into_iter().map(cut).collect::<Result<Vec<_>>>();
     let frozen = Clean {
-        z: need_all(&clean_cache, &z_names)?,
-        resid: need_all(&clean_cache, &resid_names)?,
+        z: cut_all(need_all(&clean_cache, &z_names)?)?,
+        resid: cut_all(need_all(&clean_cache, &resid_names)?)?,
     };
     // The sender groups, in the result's order.
-    let step = rows_per_pass(t);
+    let step = rows_per_pass(if to_logits { 1 } else { t });
     let mut groups = Vec::new();
     match senders {
         Senders::Heads => {
-            let z = need_all(&corrupted_cache, &z_names)?;
+            let z = cut_all(need_all(&corrupted_cache, &z_names)?)?;
             for (layer, z) in z.iter().enumerate() {
                 for h0 in (0..n_head).step_by(step) {
                     let rows = step.min(n_head - h0);
@@ -238,7 +250,7 @@ pub fn path_patch(
             }
         }
         Senders::Mlps => {
-            let mlp = need_all(&corrupted_cache, &mlp_names)?;
+            let mlp = cut_all(need_all(&corrupted_cache, &mlp_names)?)?;
             for (layer, out) in mlp.iter().enumerate() {
                 // (1, 1, 1): one row, this layer's MLP.
                 let mix = Mix::new(out.clone(), vec![1.0], vec![1, 1, 1])?;
@@ -254,7 +266,9 @@ pub fn path_patch(
         Senders::Embed => groups.push(Group {
             start: 0,
             rows: 1,
-            input: Some(corrupted_cache.need("blocks.0.hook_resid_pre")?.clone()),
+            input: Some(cut(corrupted_cache
+                .need("blocks.0.hook_resid_pre")?
+                .clone())?),
             patch: None,
             reach: 0,
         }),
@@ -323,7 +337,8 @@ fn run_group(
         kept: BTreeMap::new(),
     };
     if receivers.to == PathTo::Logits {
-        let x = pass(model, g.start, x, &mut step2, position)?;
+        // The stream is the measured position's alone (see `path_patch`).
+        let x = pass(model, g.start, x, &mut step2, 0)?;
         return measure_at(model, &x, metric);
     }
     // Receivers a sender can reach: at or after the group's reach.
