@@ -151,6 +151,12 @@ def main():
             for kind in ["heads", "mlps", "embed"]:
                 out[f"{to}.{kind}"] = path_patch(model, clean, corrupted, kind, to, logit_diff)
         out["prob.logits.heads"] = path_patch(model, clean, corrupted, "heads", "logits", prob)
+        # At an earlier position (--position 5).
+        at5 = lambda logits: logits[0, 5, target] - logits[0, 5, against]  # noqa: E731
+        out["pos5.clean"] = at5(model(clean)).reshape(1)
+        for kind in ["heads", "embed"]:
+            out[f"pos5.logits.{kind}"] = path_patch(model, clean, corrupted, kind, "logits", at5)
+        out["pos5.q.heads"] = path_patch(model, clean, corrupted, "heads", "q", at5)
         # A dataset: each pair on its own, the metric averaged over the pairs.
         sums = {}
         for c, k, t, a in DATASET:

@@ -136,6 +136,24 @@ fn probability_metric_equals_transformer_lens_hooks() -> Result {
     check(&c, "prob.logits.heads", &p.shape, &p.patched)
 }
 
+#[test]
+fn another_position_equals_transformer_lens_hooks() -> Result {
+    let c = case()?;
+    let m = loaded()?.model;
+    for (senders, to) in [
+        (Senders::Heads, PathTo::Logits),
+        (Senders::Embed, PathTo::Logits),
+        (Senders::Heads, PathTo::Q),
+    ] {
+        let r = receivers(&c, to)?;
+        let p = path_patch(&m, &c.clean, &c.corrupted, senders, &r, c.metric, Some(5))?;
+        assert_eq!(p.position, 5);
+        check(&c, "pos5.clean", &[1], &[p.clean])?;
+        check(&c, &format!("pos5.{to}.{senders}"), &p.shape, &p.patched)?;
+    }
+    Ok(())
+}
+
 /// The golden's dataset, tokenised.
 fn dataset(c: &Case, l: &Loaded) -> Result<Vec<Pair>> {
     let mut pairs = Vec::new();
