@@ -77,8 +77,9 @@ def senders(kind, cfg):
     return [("embed",)]
 
 
-def sender_hooks(sender, orig_cache, new_cache):
-    """Step 2: every head's output frozen at the clean run, the sender from the corrupted."""
+def sender_hooks(sender, orig_cache, new_cache, freeze_mlps=False):
+    """Step 2: every head's output frozen at the clean run, the sender from the corrupted (and,
+    for the direct path alone, every MLP's output frozen too)."""
     def z_hook(z, hook):
         z[...] = orig_cache[hook.name]
         if sender[0] == "head" and hook.layer() == sender[1]:
@@ -86,6 +87,9 @@ def sender_hooks(sender, orig_cache, new_cache):
         return z
 
     hooks = [(lambda name: name.endswith("attn.hook_z"), z_hook)]
+    if freeze_mlps:
+        hooks.append((lambda name: name.endswith("hook_mlp_out"),
+                      lambda act, hook: orig_cache[hook.name].clone()))
     if sender[0] == "mlp":
         hooks.append((f"blocks.{sender[1]}.hook_mlp_out",
                       lambda act, hook: new_cache[hook.name].clone()))
@@ -94,12 +98,12 @@ def sender_hooks(sender, orig_cache, new_cache):
     return hooks
 
 
-def path_patch(model, clean, corrupted, kind, to, metric, receivers=None):
+def path_patch(model, clean, corrupted, kind, to, metric, receivers=None, freeze_mlps=False):
     _, orig_cache = model.run_with_cache(clean)
     _, new_cache = model.run_with_cache(corrupted)
     out = []
     for sender in senders(kind, model.cfg):
-        hooks = sender_hooks(sender, orig_cache, new_cache)
+        hooks = sender_hooks(sender, orig_cache, new_cache, freeze_mlps)
         if to == "logits":
             out.append(float(metric(model.run_with_hooks(clean, fwd_hooks=hooks))))
             continue
@@ -151,6 +155,11 @@ def main():
             for kind in ["heads", "mlps", "embed"]:
                 out[f"{to}.{kind}"] = path_patch(model, clean, corrupted, kind, to, logit_diff)
         out["prob.logits.heads"] = path_patch(model, clean, corrupted, "heads", "logits", prob)
+        # The direct path alone (MLPs frozen too).
+        for to in ["logits", "q"]:
+            for kind in ["heads", "mlps"]:
+                out[f"direct.{to}.{kind}"] = path_patch(model, clean, corrupted, kind, to,
+                                                        logit_diff, freeze_mlps=True)
         # At an earlier position (--position 5).
         at5 = lambda logits: logits[0, 5, target] - logits[0, 5, against]  # noqa: E731
         out["pos5.clean"] = at5(model(clean)).reshape(1)

@@ -154,6 +154,69 @@ fn another_position_equals_transformer_lens_hooks() -> Result {
     Ok(())
 }
 
+#[test]
+fn the_direct_path_alone_freezes_the_mlps_as_transformer_lens_hooks() -> Result {
+    let c = case()?;
+    let m = loaded()?.model;
+    for to in [PathTo::Logits, PathTo::Q] {
+        let r = receivers(&c, to)?.freezing_mlps(true);
+        for senders in [Senders::Heads, Senders::Mlps] {
+            let p = path_patch(&m, &c.clean, &c.corrupted, senders, &r, c.metric, None)?;
+            check(&c, &format!("direct.{to}.{senders}"), &p.shape, &p.patched)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_direct_path_to_one_head_equals_transformer_lens_4_direct_path_patching() -> Result {
+    // TransformerLens 4.3's get_act_patch_direct_path_all_sources (its own function, on a
+    // TransformerBridge): [src layer, src head, dst layer, dst head], its run our clean prompt.
+    let c = case()?;
+    let tl4 = common::fixture_tensors("tiny-b", "direct_path.safetensors")?;
+    let m = loaded()?.model;
+    let (n_layer, n_head) = (m.config().n_layer, m.config().n_head);
+    let mut compared = 0;
+    for to in [PathTo::Q, PathTo::K, PathTo::V] {
+        let want: Vec<f32> = tl4[to.name()].flatten_all()?.to_vec1()?;
+        for dl in 1..n_layer {
+            for dh in 0..n_head {
+                let r = Receivers::heads(
+                    to,
+                    &[HeadId {
+                        layer: dl,
+                        head: dh,
+                    }],
+                )
+                .freezing_mlps(true);
+                let p = path_patch(
+                    &m,
+                    &c.clean,
+                    &c.corrupted,
+                    Senders::Heads,
+                    &r,
+                    c.metric,
+                    None,
+                )?;
+                for sl in 0..dl {
+                    for sh in 0..n_head {
+                        let w = want[((sl * n_head + sh) * n_layer + dl) * n_head + dh] as f64;
+                        let got = p.patched[sl * n_head + sh];
+                        assert!(
+                            (got - w).abs() < 1e-4,
+                            "{to} {sl}.{sh} -> {dl}.{dh}: {got} {w}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+    }
+    // 3 components x (4 + 8 sources) x 4 destinations per layer.
+    assert_eq!(compared, 3 * (4 * 4 + 8 * 4));
+    Ok(())
+}
+
 /// The golden's dataset, tokenised.
 fn dataset(c: &Case, l: &Loaded) -> Result<Vec<Pair>> {
     let mut pairs = Vec::new();
@@ -231,10 +294,7 @@ fn bad_receivers_are_errors_naming_the_parameter() -> Result {
         (Receivers::heads(PathTo::K, &[head(3, 0)]), "3 layers"),
         (Receivers::heads(PathTo::V, &[head(1, 4)]), "4 v heads"),
         (
-            Receivers {
-                to: PathTo::Logits,
-                heads: vec![head(1, 1)],
-            },
+            Receivers::heads(PathTo::Logits, &[head(1, 1)]),
             "the logits need none",
         ),
     ] {
@@ -322,6 +382,23 @@ fn gpt2_patch_path_to_prints_transformer_lens_numbers() -> Result {
         check(&c, "clean", &[1], &[v["clean"].as_f64().ok_or("clean")?])?;
         assert_eq!(v["receivers"]["to"], to);
     }
+    // The direct path alone.
+    let out = patch(
+        &c,
+        &[
+            "--path-to",
+            "q",
+            "--receivers",
+            "2.1,1.3",
+            "--freeze-mlps",
+            "--format",
+            "json",
+        ],
+    )?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    check(&c, "direct.q.heads", &[3, 4], &json_values(&v, "patched")?)?;
+    assert_eq!(v["receivers"]["freeze_mlps"], true);
     // Text: the receivers and the normalisation said; senders after them at 0.
     let out = patch(&c, &["--path-to", "q", "--receivers", "1.3"])?;
     let text = String::from_utf8(out.stdout)?;
@@ -424,6 +501,10 @@ fn gpt2_patch_path_bad_input_is_one_error_line_naming_the_option() -> Result {
         (
             &["--what", "head_out", "--senders", "mlps"],
             &["--senders", "--path-to"],
+        ),
+        (
+            &["--what", "head_out", "--freeze-mlps"],
+            &["--freeze-mlps", "--path-to"],
         ),
         (
             &["--what", "head_out", "--path-to", "q"],

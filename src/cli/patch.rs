@@ -79,6 +79,11 @@ pub(super) struct PatchArgs {
     /// What --path-to sweeps, one at a time [default: heads].
     #[arg(long, value_parser = choice::<Senders>())]
     senders: Option<Senders>,
+    /// Only the direct path: freeze the MLPs at the clean run too, so a sender reaches the
+    /// receivers through the residual stream alone (TransformerLens 4's
+    /// get_act_patch_direct_path, with --clean as its corrupted_tokens).
+    #[arg(long)]
+    freeze_mlps: bool,
     /// Put <|endoftext|> before both prompts, as TransformerLens does.
     #[arg(long)]
     bos: bool,
@@ -288,6 +293,12 @@ pub(super) fn cmd_patch(args: PatchArgs) -> Result<()> {
                 "is for path patching: add --path-to",
             ))?;
         }
+        if args.freeze_mlps {
+            Err(gpt2::Error::param(
+                "freeze-mlps",
+                "is for path patching: add --path-to",
+            ))?;
+        }
     }
     // Before any work: the inputs are protected, the outputs checked.
     args.model.source.source().protect_files()?;
@@ -349,7 +360,7 @@ pub(super) fn cmd_patch(args: PatchArgs) -> Result<()> {
         (Some(to), _) => {
             let heads = args.receivers.as_ref().map_or(&[][..], |h| &h.0[..]);
             // Receivers with the logits, or none with q|k|v, are errors the library names.
-            let receivers = Receivers::heads(to, heads);
+            let receivers = Receivers::heads(to, heads).freezing_mlps(args.freeze_mlps);
             let senders = args.senders.unwrap_or(Senders::Heads);
             Outcome::Path(match pairs.as_slice() {
                 [one] if !dataset => path_patch(

@@ -62,9 +62,14 @@ impl Outcome {
         match self {
             Self::Act(p) => format!("patching {} by {}", p.what, p.by),
             Self::Path(p) => format!(
-                "path patching from {} to {}",
+                "path patching from {} to {}{}",
                 p.senders,
-                p.receivers.describe()
+                p.receivers.describe(),
+                if p.receivers.freeze_mlps {
+                    " by the direct path alone (MLPs frozen)"
+                } else {
+                    ""
+                }
             ),
         }
     }
@@ -86,6 +91,7 @@ impl Outcome {
                 "path_to": p.receivers.to,
                 "receivers": p.receivers.heads.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "senders": p.senders,
+                "freeze_mlps": p.receivers.freeze_mlps,
                 "axes": p.axes,
                 "values": "the metric with each sender's path patched (Wang et al. 2022, as \
                            ARENA's get_path_patch_head_to_*); normalised = (value - clean) / \

@@ -10,8 +10,9 @@
 //! paper counts them as part of the path). To the logits, that run's final residual stream is
 //! measured. To heads, the receivers' inputs in that run are kept, and the clean prompt is run
 //! again with only those receivers' queries (keys, values) replaced by them, everything after
-//! them recomputed. TransformerLens 4's `get_act_patch_direct_path` is the same edge the other
-//! way round (corrupted run, clean delta) with MLPs frozen, one source head at a time.
+//! them recomputed. With [`Receivers::freeze_mlps`] the MLPs are frozen too: only the direct
+//! path through the residual stream, the edge TransformerLens 4's `get_act_patch_direct_path`
+//! patches (which runs the other prompt: swap clean and corrupted to compare).
 //!
 //! Batched as activation patching is: the senders of a layer are the rows of one pass from that
 //! layer, which starts from the clean run's residual stream (nothing below it changes).
@@ -54,10 +55,12 @@ pub struct PathPatching {
 }
 
 /// The clean run's activations a path patch freezes or starts from, per layer: head outputs
-/// (1, T, H, d) and the residual stream entering each layer (1, T, C).
+/// (1, T, H, d), the residual stream entering each layer (1, T, C) and, to freeze the MLPs
+/// too, their outputs (1, T, C).
 struct Clean {
     z: Vec<Tensor>,
     resid: Vec<Tensor>,
+    mlp: Option<Vec<Tensor>>,
 }
 
 /// A batch of senders: rows of one pass that starts at `start` from the clean residual stream
@@ -102,6 +105,8 @@ impl Mix {
 struct SenderRun<'a> {
     start: usize,
     clean_z: &'a [Tensor],
+    /// The clean run's MLP outputs, to freeze them too (the direct path only), or none.
+    clean_mlp: Option<&'a [Tensor]>,
     patch: Option<&'a (Point, Mix)>,
     keep: BTreeSet<Point>,
     kept: BTreeMap<Point, Tensor>,
@@ -110,16 +115,20 @@ struct SenderRun<'a> {
 impl Hook for SenderRun<'_> {
     fn wants(&self, p: Point) -> bool {
         matches!(p, Point::Z(l) if l >= self.start)
+            || matches!(p, Point::MlpOut(l) if l >= self.start && self.clean_mlp.is_some())
             || self.patch.is_some_and(|(at, _)| *at == p)
             || self.keep.contains(&p)
     }
 
     fn at(&mut self, p: Point, t: &mut Tensor) -> Result<()> {
-        if let Point::Z(l) = p {
-            if l >= self.start {
-                // (1, T, H, d) -> (R, T, H, d): frozen at the clean run.
-                *t = self.clean_z[l].broadcast_as(t.dims())?.contiguous()?;
-            }
+        let frozen = match (p, self.clean_mlp) {
+            (Point::Z(l), _) if l >= self.start => Some(&self.clean_z[l]),
+            (Point::MlpOut(l), Some(mlp)) if l >= self.start => Some(&mlp[l]),
+            _ => None,
+        };
+        if let Some(f) = frozen {
+            // (1, T, ...) -> (R, T, ...): frozen at the clean run.
+            *t = f.broadcast_as(t.dims())?.contiguous()?;
         }
         if let Some((at, mix)) = self.patch {
             if *at == p {
@@ -196,10 +205,15 @@ pub fn path_patch(
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         run_with_cache(model, &ids, &names)
     };
-    let clean_cache = run(clean, &names(&[&z_names, &resid_names]))?;
     let mlp_names: Vec<String> = (0..n_layer)
         .map(|l| format!("blocks.{l}.hook_mlp_out"))
         .collect();
+    let clean_names = if receivers.freeze_mlps {
+        names(&[&z_names, &resid_names, &mlp_names])
+    } else {
+        names(&[&z_names, &resid_names])
+    };
+    let clean_cache = run(clean, &clean_names)?;
     let corrupted_names = match senders {
         Senders::Heads => names(&[&z_names]),
         Senders::Mlps => names(&[&mlp_names]),
@@ -223,6 +237,10 @@ pub fn path_patch(
     let frozen = Clean {
         z: cut_all(need_all(&clean_cache, &z_names)?)?,
         resid: cut_all(need_all(&clean_cache, &resid_names)?)?,
+        mlp: match receivers.freeze_mlps {
+            true => Some(cut_all(need_all(&clean_cache, &mlp_names)?)?),
+            false => None,
+        },
     };
     // The sender groups, in the result's order.
     let step = rows_per_pass(if to_logits { 1 } else { t });
@@ -332,6 +350,7 @@ fn run_group(
     let mut step2 = SenderRun {
         start: g.start,
         clean_z: &clean.z,
+        clean_mlp: clean.mlp.as_deref(),
         patch: g.patch.as_ref(),
         keep: BTreeSet::new(),
         kept: BTreeMap::new(),

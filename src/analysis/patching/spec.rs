@@ -378,6 +378,11 @@ pub struct Receivers {
     pub to: PathTo,
     /// The receiving heads (none for the logits), sorted.
     pub heads: Vec<HeadId>,
+    /// Only the direct path: the MLPs frozen at the clean run too, so a sender reaches the
+    /// receivers through the residual stream alone (TransformerLens 4's
+    /// `get_act_patch_direct_path` edge). Off: MLPs are recomputed, part of the path (the IOI
+    /// paper's path patching).
+    pub freeze_mlps: bool,
 }
 
 impl Receivers {
@@ -385,6 +390,7 @@ impl Receivers {
         Self {
             to: PathTo::Logits,
             heads: Vec::new(),
+            freeze_mlps: false,
         }
     }
 
@@ -394,6 +400,16 @@ impl Receivers {
         Self {
             to,
             heads: heads.into_iter().collect(),
+            freeze_mlps: false,
+        }
+    }
+
+    /// The same receivers, reached by the direct path alone (`freeze` true) or through the
+    /// MLPs too.
+    pub fn freezing_mlps(self, freeze: bool) -> Self {
+        Self {
+            freeze_mlps: freeze,
+            ..self
         }
     }
 
