@@ -253,6 +253,7 @@ fn gpt2_ioi_bad_input_is_one_error_line_naming_the_option() -> Result {
             &["--ablate", "3.1"],
         ),
         (&["--n", "0", "--names", "you,they,who,this,all"], &["--n"]),
+        (&["--n", "18446744073709551615"], &["--n", "1 to 100000"]),
         (&["--order", "abc"], &["--order"]),
     ] {
         let out = gpt2(&[&["ioi", "--model-dir", &dir][..], args].concat())?;

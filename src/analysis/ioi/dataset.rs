@@ -227,6 +227,11 @@ pub struct IoiPrompt {
 /// `n` prompts from `seed`: template, place, object and two distinct names drawn in that order
 /// per prompt, then the three ABC names. `names` (at least 5) are names as they follow a space.
 pub fn generate(n: usize, seed: u64, order: Order, names: &[String]) -> Result<Vec<IoiPrompt>> {
+    // More prompts than any experiment here runs in a day.
+    const MOST: usize = 100_000;
+    if n == 0 || n > MOST {
+        return Err(Error::param("n", format!("{n}: must be 1 to {MOST}")));
+    }
     if names.len() < 5 {
         return Err(Error::param(
             "names",
@@ -236,9 +241,6 @@ pub fn generate(n: usize, seed: u64, order: Order, names: &[String]) -> Result<V
                 names.len()
             ),
         ));
-    }
-    if n == 0 {
-        return Err(Error::param("n", "must be at least 1"));
     }
     let mut rng = SplitMix64::new(seed);
     let mut pick = |len: usize| rng.below(len as u64) as usize;
