@@ -219,6 +219,27 @@ fn gpt2_ioi_prints_transformer_lens_numbers_and_writes_pairs_for_patch() -> Resu
     assert!(out.status.success(), "{}", stderr(&out));
     let p: Value = serde_json::from_slice(&out.stdout)?;
     check(&g, "path_queries", &values(&p["patched"]))?;
+    // --figures: the three maps as PNGs.
+    let figs = dir.join("figures");
+    std::fs::create_dir_all(&figs)?;
+    let out = ioi_cmd(
+        &spec,
+        &[
+            "--figures",
+            figs.to_str().ok_or("path")?,
+            "--experiments",
+            "heads,path-logits",
+        ],
+    )?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (name, drawn) in [
+        ("heads.png", true),
+        ("path_logits.png", true),
+        ("path_queries.png", false),
+    ] {
+        let bytes = std::fs::read(figs.join(name)).unwrap_or_default();
+        assert_eq!(bytes.starts_with(b"\x89PNG"), drawn, "{name}");
+    }
     // Text: each experiment, named.
     let out = ioi_cmd(&spec, &["--experiments", "path-logits,ablate"])?;
     let text = String::from_utf8(out.stdout)?;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use gpt2::analysis::ablation::HeadId;
+use gpt2::analysis::figure::write_heatmap;
 use gpt2::analysis::ioi::{self, Experiments, IoiPrompt, IoiReport, Order, NAMES};
 use gpt2::analysis::patching::Axis;
 use serde_json::json;
@@ -13,6 +14,9 @@ use serde_json::json;
 use super::analyses::write;
 use super::shared::{count, load, note, note_done};
 use super::{choice, parse_heads, Choice, Heads, ModelArgs};
+
+/// The PNGs of `--figures`, in the order of the maps.
+const FIGURES: [&str; 3] = ["heads.png", "path_logits.png", "path_queries.png"];
 
 /// GPT-2 small's name movers (Wang et al. 2022): the default receivers of path-queries.
 const NAME_MOVERS: [HeadId; 3] = [
@@ -53,6 +57,10 @@ pub(super) struct IoiArgs {
     /// Write the report to this file instead of standard output.
     #[arg(long, value_name = "PATH")]
     out: Option<PathBuf>,
+    /// Also draw each layers x heads map (normalised) as a PNG in this folder: heads.png,
+    /// path_logits.png, path_queries.png, the paper's figures.
+    #[arg(long, value_name = "DIR")]
+    figures: Option<PathBuf>,
     /// Also write the dataset as JSON Lines, one {"clean", "corrupted", "target", "against"} a
     /// line: `gpt2 patch --pairs` reads it.
     #[arg(long, value_name = "PATH")]
@@ -91,6 +99,12 @@ pub(super) fn cmd_ioi(args: IoiArgs) -> Result<()> {
     for (param, path) in [("out", &args.out), ("dataset-out", &args.dataset_out)] {
         if let Some(path) = path {
             gpt2::output::reserve(param, path)?;
+        }
+    }
+    let figures = |name: &str| args.figures.as_ref().map(|d| d.join(name));
+    for name in FIGURES {
+        if let Some(path) = figures(name) {
+            gpt2::output::reserve("figures", &path)?;
         }
     }
     let wants = |e: Experiment| args.experiments.as_ref().is_none_or(|x| x.contains(&e));
@@ -155,19 +169,41 @@ pub(super) fn cmd_ioi(args: IoiArgs) -> Result<()> {
             .filter(|_| wants(Experiment::Ablate)),
     };
     let start = std::time::Instant::now();
-    let report = ioi::run(&loaded.model, &prompts, &pairs, &experiments)?;
+    let r = ioi::run(&loaded.model, &prompts, &pairs, &experiments)?;
     let text = match args.format {
         IoiFormat::Json => {
-            let mut v = serde_json::to_value(&report)?;
+            let mut v = serde_json::to_value(&r)?;
             v["model"] = loaded.name.clone().into();
             v["seed"] = args.seed.into();
             v["names"] = json!(usable);
             v["dataset"] = serde_json::to_value(&prompts)?;
             format!("{v}\n")
         }
-        IoiFormat::Text => text(&loaded.name, &args, usable.len(), &report),
+        IoiFormat::Text => text(&loaded.name, &args, usable.len(), &r),
     };
     write(&args.out, &text)?;
+    let maps = [
+        r.head_patching
+            .as_ref()
+            .map(|p| (p.tables(), "head patching")),
+        r.path_to_logits
+            .as_ref()
+            .map(|p| (p.tables(), "path patching to the logits")),
+        r.path_to_queries
+            .as_ref()
+            .map(|p| (p.tables(), "path patching to the name movers' queries")),
+    ];
+    for (name, map) in FIGURES.iter().zip(maps) {
+        if let (Some(path), Some((tables, what))) = (figures(name), map) {
+            for (_, _, normalized) in tables {
+                write_heatmap(
+                    &path,
+                    &format!("IOI, {}: {what}, normalised", count(r.prompts, "prompt")),
+                    &normalized,
+                )?;
+            }
+        }
+    }
     if usable.len() < names.len() {
         note(format_args!(
             "note: {} of the paper's names are one token in this tokenizer; the others were \
