@@ -38,7 +38,7 @@ pub(super) struct IoiArgs {
     /// The order of the names in the first clause.
     #[arg(long, default_value = "mixed", value_parser = choice::<Order>())]
     order: Order,
-    /// Names to draw from instead of the paper's 104, comma-separated; each must be one token
+    /// Names to draw from instead of the paper's 109, comma-separated; each must be one token
     /// after a space in the model's tokenizer (the paper's names that are not are dropped).
     #[arg(long, value_name = "NAME,...")]
     names: Option<String>,

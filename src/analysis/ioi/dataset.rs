@@ -39,9 +39,9 @@ pub const PLACES: [&str; 8] = [
     "restaurant",
     "school",
     "hospital",
-    "station",
     "office",
     "house",
+    "station",
 ];
 pub const OBJECTS: [&str; 8] = [
     "ring",
@@ -161,6 +161,11 @@ pub const NAMES: &[&str] = &[
     "Steven",
     "Sullivan",
     "Taylor",
+    "Thomas",
+    "Tyler",
+    "Victoria",
+    "Warren",
+    "William",
 ];
 
 /// The order of the names in the first clause.
