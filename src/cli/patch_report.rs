@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use gpt2::analysis::figure::write_heatmap;
+use gpt2::analysis::figure::write_map;
 use gpt2::analysis::patching::{Axis, Pair, Patching, PathPatching, Table};
 use gpt2::Loaded;
 use serde_json::{json, Value};
@@ -134,6 +134,11 @@ pub(super) fn report(r: &Report, loaded: &Loaded, p: &Outcome, first: &Pair) -> 
             .map(|(&a, &b)| (text(a), text(b)))
             .collect()
     };
+    let label = |axis: Axis, i: usize| match (axis, tokens.get(i)) {
+        (Axis::Pos, Some((a, b))) if a == b => format!("{i} {a:?}"),
+        (Axis::Pos, Some((a, b))) => format!("{i} {a:?}/{b:?}"),
+        _ => i.to_string(),
+    };
     let source = match r.pairs_file {
         Some(path) => format!("{} from {}", count(n_pairs, "pair"), path.display()),
         None => count(first.clean.len(), "token"),
@@ -152,11 +157,6 @@ pub(super) fn report(r: &Report, loaded: &Loaded, p: &Outcome, first: &Pair) -> 
             write(r.out, &format!("{v}\n"))?;
         }
         PatchFormat::Text => {
-            let label = |axis: Axis, i: usize| match (axis, tokens.get(i)) {
-                (Axis::Pos, Some((a, b))) if a == b => format!("{i} {a:?}"),
-                (Axis::Pos, Some((a, b))) => format!("{i} {a:?}/{b:?}"),
-                _ => i.to_string(),
-            };
             let mean = if dataset { "mean " } else { "" };
             let (how, normalised) = match p {
                 Outcome::Act(_) => (
@@ -192,10 +192,29 @@ pub(super) fn report(r: &Report, loaded: &Loaded, p: &Outcome, first: &Pair) -> 
                      several (use text, json or npy)",
                 )
             })?;
-            write_heatmap(
+            // Positions are labelled by their tokens, as in the text tables.
+            let axes = match p {
+                Outcome::Act(a) => &a.axes,
+                Outcome::Path(a) => &a.axes,
+            };
+            let columns = match axes.last() {
+                Some(Axis::Pos) if axes.len() >= 2 => "position",
+                Some(Axis::Head) => "head",
+                _ => "value",
+            };
+            let width = normalized.first().map_or(0, Vec::len);
+            let labels: Option<Vec<String>> = (columns == "position" && !tokens.is_empty())
+                .then(|| (0..width).map(|i| label(Axis::Pos, i)).collect());
+            write_map(
                 path,
-                &format!("normalised {} {title}: {measured}", p.title()),
+                &format!(
+                    "normalised {}{}{title}: {measured}",
+                    p.title(),
+                    if title.is_empty() { "" } else { " " }
+                ),
                 &normalized,
+                columns,
+                labels.as_deref(),
             )?;
         }
         PatchFormat::Npy => {
