@@ -44,6 +44,7 @@ pub mod rng;
 pub mod serve;
 mod source;
 pub mod tokenizer;
+pub mod train;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use checkpoint::{random_checkpoint, Checkpoint, ModelFiles};

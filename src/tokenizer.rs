@@ -210,13 +210,26 @@ impl Tokenizer {
     /// GPT-2 gives single bytes, plus `<|endoftext|>` at `eos_id`. For random-weight models
     /// (`--config`), which have no tokenizer files.
     pub fn bytes_only(eos_id: u32) -> Result<Self> {
+        Self::bytes_and(eos_id, false)
+    }
+
+    /// [`Tokenizer::bytes_only`] with the ids between the bytes and `<|endoftext|>` named
+    /// `<|unused{id}|>` (never produced: there are no merges), so that its `tokenizer.json` has
+    /// no holes: what `gpt2 train` saves beside a model trained from a layout.
+    pub fn bytes_only_dense(eos_id: u32) -> Result<Self> {
+        Self::bytes_and(eos_id, true)
+    }
+
+    fn bytes_and(eos_id: u32, dense: bool) -> Result<Self> {
         let mut vocab: tokenizers::models::bpe::Vocab = gpt2_byte_chars()
             .into_iter()
             .enumerate()
             .map(|(id, c)| (c.to_string(), id as u32))
             .collect();
         vocab.insert(END_OF_TEXT.to_string(), eos_id.max(256));
-        if vocab.len() != 257 {
+        let unused = if dense { 256..eos_id } else { 0..0 };
+        vocab.extend(unused.clone().map(|id| (format!("<|unused{id}|>"), id)));
+        if vocab.len() != 257 + unused.len() {
             return Err(Error::Tokenizer(format!(
                 "eos id {eos_id} collides with a byte token"
             )));

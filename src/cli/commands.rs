@@ -192,6 +192,41 @@ fn truncate_hint(e: Error) -> anyhow::Error {
 pub(super) fn cmd_bench(args: BenchArgs) -> Result<()> {
     // Check the sizes against the layout before the (possibly long) load.
     let config = args.model.source.source().config()?;
+    if let Some(heads) = &args.compare_heads {
+        let device = args.model.device.open()?;
+        let rows = gpt2::train::compare::time_heads(
+            &config,
+            heads,
+            args.batch,
+            args.prompt_tokens,
+            args.runs,
+            &device,
+        )?;
+        if args.output.json() {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+            return Ok(());
+        }
+        println!(
+            "{} × {} tokens, n_embd {}, {} layers, f32, {} thread(s); fastest of {}:",
+            args.batch,
+            args.prompt_tokens,
+            config.n_embd,
+            config.n_layer,
+            candle_core::utils::get_num_threads(),
+            args.runs
+        );
+        println!(
+            "| heads | K/V heads | head size | parameters | forward ms | forward + backward ms |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|");
+        for r in rows {
+            println!(
+                "| {} | {} | {} | {} | {:.1} | {:.1} |",
+                r.heads, r.kv_heads, r.head_size, r.parameters, r.forward_ms, r.forward_backward_ms
+            );
+        }
+        return Ok(());
+    }
     gpt2::bench::check(
         &config,
         args.prompt_tokens,

@@ -12,6 +12,7 @@ mod patch_report;
 #[cfg(feature = "serve")]
 mod serve;
 mod shared;
+mod train;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::Attribute(args) => analyses::cmd_attribute(args),
         Command::Patch(args) => patch::cmd_patch(args),
         Command::Ioi(args) => ioi::cmd_ioi(args),
+        Command::Train(args) => train::cmd_train(args),
         #[cfg(feature = "serve")]
         Command::Serve(args) => serve::cmd_serve(args),
     }
@@ -91,6 +93,9 @@ enum Command {
     /// The IOI paper's dataset (templates, names, ABBA/BABA, seeded; ABC corruption) and its
     /// experiments: logit difference, head patching, path patching, mean ablation.
     Ioi(ioi::IoiArgs),
+    /// Train a model (a fresh layout or a checkpoint) on a text, token ids or a built-in task,
+    /// watching every head's scores as it learns; saves a Hugging Face folder.
+    Train(train::TrainArgs),
     /// An OpenAI-compatible HTTP server (completions, streaming, attention), batching requests.
     #[cfg(feature = "serve")]
     Serve(serve::ServeArgs),
@@ -505,6 +510,11 @@ struct BenchArgs {
     /// aggregate.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     batch: usize,
+    /// Instead: time a training step's forward, and forward + backward, of --batch sequences of
+    /// --prompt-tokens tokens on the layout with each of these head counts (n_embd fixed), in
+    /// f32 with random weights (e.g. 1,8,16).
+    #[arg(long, value_name = "N,...", value_delimiter = ',')]
+    compare_heads: Option<Vec<usize>>,
     #[command(flatten)]
     output: TextOrJson,
 }

@@ -1,0 +1,454 @@
+//! `gpt2 train`, end to end: exact against torch's GPT2LMHeadModel + AdamW (goldens from
+//! scripts/make_train_goldens.py), resumed runs bit for bit, the folder loadable, bad input.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::*;
+use gpt2::{Device, Tensor};
+use serde_json::Value;
+
+/// `gpt2 train` from tests/fixtures/tiny on its train_ids.npy with `case`'s options, as the
+/// golden script trains it.
+fn train_case(case: &Value, dtype: &str, out: &Path) -> Result {
+    let o = &case["options"];
+    let data = fixture("tiny").join("train_ids.npy");
+    let opt = |k: &str| o[k].to_string().trim_matches('"').to_string();
+    let args: Vec<String> = [
+        "train",
+        "--init",
+        fixture("tiny").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--sequential",
+        "--steps",
+        "20",
+        "--eval-every",
+        "0",
+        "--dtype",
+        dtype,
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(
+        [
+            ("--lr", "lr"),
+            ("--weight-decay", "weight_decay"),
+            ("--grad-clip", "grad_clip"),
+            ("--warmup", "warmup"),
+            ("--lr-schedule", "schedule"),
+            ("--min-lr", "min_lr"),
+            ("--beta1", "beta1"),
+            ("--beta2", "beta2"),
+            ("--eps", "eps"),
+            ("--batch-size", "batch_size"),
+            ("--seq-len", "seq_len"),
+        ]
+        .into_iter()
+        .flat_map(|(flag, key)| [flag.to_string(), opt(key)]),
+    )
+    .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = gpt2(&args)?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    Ok(())
+}
+
+/// The losses of `OUT/steps.jsonl`, step by step.
+fn losses(out: &Path) -> Result<Vec<f64>> {
+    let text = std::fs::read_to_string(out.join("steps.jsonl"))?;
+    text.lines()
+        .map(|l| {
+            Ok(serde_json::from_str::<Value>(l)?["loss"]
+                .as_f64()
+                .ok_or("no loss")?)
+        })
+        .collect()
+}
+
+/// `OUT/model.safetensors` by checkpoint name (the `transformer.` prefix removed), as f64.
+fn weights(out: &Path) -> Result<HashMap<String, Tensor>> {
+    let saved = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)?;
+    saved
+        .into_iter()
+        .map(|(n, t)| {
+            let name = n.strip_prefix("transformer.").unwrap_or(&n).to_string();
+            Ok((name, t.to_dtype(gpt2::DType::F64)?))
+        })
+        .collect()
+}
+
+/// max |a − b| / max |b|.
+fn relative(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    Ok(diff / scale.max(1e-30))
+}
+
+/// Twenty steps equal torch's, for each case (constant; warm-up + cosine + clipping):
+/// - in f64, the arithmetic itself: every loss within 1e-11 and every weight within 1e-9
+///   (relative) of torch's f64 run;
+/// - in f32, every loss within 1e-5 relative, and every weight within 1e-4 relative of torch's
+///   f32 run, or within 3 × the distance between torch's own f32 and f64 runs where that is
+///   larger. Adam divides each gradient by its own running size, so a gradient that is zero in
+///   exact arithmetic (the key bias: softmax ignores a shift of every score of a row) but
+///   rounding noise in f32 takes steps of ±lr in torch as here: torch f32 ends 1e-2 from torch
+///   f64 there (train.json's `torch_f32_vs_f64`), and no f32 implementation can do better.
+#[test]
+fn twenty_steps_equal_torch_adamw() -> Result {
+    let golden = fixture_json("tiny", "train.json")?;
+    for (name, case) in golden["cases"].as_object().ok_or("no cases")? {
+        for dtype in ["f64", "f32"] {
+            let out = scratch("train", &format!("torch-{name}-{dtype}"));
+            train_case(case, dtype, &out)?;
+            let want: Vec<f64> = case[format!("losses_{dtype}")]
+                .as_array()
+                .ok_or("no losses")?
+                .iter()
+                .filter_map(Value::as_f64)
+                .collect();
+            let got = losses(&out)?;
+            assert_eq!(got.len(), want.len(), "{name} {dtype}");
+            let loss_tol = if dtype == "f64" { 1e-11 } else { 1e-5 };
+            for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    ((g - w) / w).abs() < loss_tol,
+                    "{name} {dtype}: step {} loss {g} vs torch {w}",
+                    s + 1
+                );
+            }
+            let reference = fixture_tensors("tiny", &format!("train_{name}_{dtype}.safetensors"))?;
+            let ours = weights(&out)?;
+            assert_eq!(ours.len(), reference.len(), "{name}: {:?}", ours.keys());
+            for (tensor, w) in &reference {
+                let w = w.to_dtype(gpt2::DType::F64)?;
+                let rel = relative(&ours[tensor], &w)?;
+                let tol = if dtype == "f64" {
+                    1e-9
+                } else {
+                    let spread = case["torch_f32_vs_f64"][tensor]
+                        .as_f64()
+                        .ok_or("no spread")?;
+                    f64::max(1e-4, 3.0 * spread)
+                };
+                assert!(
+                    rel <= tol,
+                    "{name} {dtype}: {tensor} off by {rel:e} (allowed {tol:e})"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A short seeded run on the induction task from configs/tiny.json (random windows, dropout on,
+/// so the batches, masks and optimizer state must all come back for a resume to match).
+fn tiny_task_args(out: &Path, steps: u64) -> Vec<String> {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    [
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--task",
+        "induction",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--dropout",
+        "0.1",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "3",
+        "--seed",
+        "5",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "0",
+        "--steps",
+        &steps.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run_args(args: &[String]) -> Result<std::process::Output> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    gpt2(&args)
+}
+
+/// The bytes of a run's weights, optimizer state and logs.
+fn run_files(out: &Path) -> Result<Vec<Vec<u8>>> {
+    ["model.safetensors", "optimizer.safetensors", "steps.jsonl"]
+        .iter()
+        .map(|f| Ok(std::fs::read(out.join(f))?))
+        .collect()
+}
+
+#[test]
+fn a_resumed_run_ends_bit_identical_to_one_that_was_not_stopped() -> Result {
+    let whole = scratch("train", "resume-whole");
+    let run = run_args(&tiny_task_args(&whole, 10))?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let parts = scratch("train", "resume-parts");
+    let run = run_args(&tiny_task_args(&parts, 6))?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let out = parts.to_str().unwrap();
+    let run = gpt2(&["train", "--resume", "--out", out, "--steps", "10"])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        run_files(&whole)? == run_files(&parts)?,
+        "the resumed run differs"
+    );
+    let record = std::fs::read_to_string(parts.join("training.json"))?;
+    assert!(record.contains("\"step\": 10"), "{record}");
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resumes_exactly() -> Result {
+    use std::io::Read;
+    use std::process::Stdio;
+    let stopped = scratch("train", "ctrl-c");
+    let args = tiny_task_args(&stopped, 100_000);
+    let mut child = gpt2_command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Interrupted once a few steps are logged.
+    let log = stopped.join("steps.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(std::time::Instant::now() < deadline, "no steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    let status = child.wait()?;
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .ok_or("stderr")?
+        .read_to_string(&mut err)?;
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted: saved step"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(stopped.join("training.json"))?)?;
+    let step = record["step"].as_u64().ok_or("no step")?;
+    assert!(step >= 3, "{record}");
+    // Resumed to step + 2, it equals a run of step + 2 steps that was never stopped (whose own
+    // options say --steps step + 2; the stopped run's cosine-free schedule does not depend on
+    // the total).
+    let out = stopped.to_str().unwrap();
+    let target = (step + 2).to_string();
+    let run = gpt2(&["train", "--resume", "--out", out, "--steps", &target])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let whole = scratch("train", "ctrl-c-whole");
+    let run = run_args(&tiny_task_args(&whole, step + 2))?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        run_files(&whole)? == run_files(&stopped)?,
+        "the resumed run differs"
+    );
+    Ok(())
+}
+
+/// The folder loads in `gpt2`, whose logits equal the trained graph's (held by the unit tests),
+/// and holds what transformers needs: `model_type`, `save_pretrained`'s names, no lm_head.
+#[test]
+fn the_saved_folder_is_a_model_gpt2_loads() -> Result {
+    let out = scratch("train", "folder");
+    let run = run_args(&tiny_task_args(&out, 2))?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let config = fixture_json_at(&out.join("config.json"))?;
+    assert_eq!(config["model_type"], "gpt2");
+    assert_eq!(config["architectures"][0], "GPT2LMHeadModel");
+    assert_eq!(config["n_head"], 4);
+    let names: Vec<String> =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)?
+            .into_keys()
+            .collect();
+    assert!(
+        names.iter().all(|n| n.starts_with("transformer.")),
+        "{names:?}"
+    );
+    assert!(names.contains(&"transformer.h.1.attn.c_attn.weight".to_string()));
+    let gen = gpt2(&[
+        "generate",
+        "--model-dir",
+        out.to_str().unwrap(),
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0",
+    ])?;
+    assert!(gen.status.success(), "{}", stderr(&gen));
+    // The tokenizer saved with it has no holes (tokenizers prints a warning for those).
+    assert!(!String::from_utf8_lossy(&run.stdout).contains("holes"));
+    Ok(())
+}
+
+fn fixture_json_at(path: &Path) -> Result<Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+#[test]
+fn bad_input_is_one_error_line_and_leaves_no_checkpoint() -> Result {
+    let out = scratch("train", "bad");
+    let o = out.to_str().unwrap();
+    let tiny = fixture("tiny");
+    let tiny = tiny.to_str().unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    let config = config.to_str().unwrap();
+    // Data shorter than one window.
+    let short = out.join("short.txt");
+    std::fs::write(&short, "ab")?;
+    let run = gpt2(&[
+        "train",
+        "--init",
+        tiny,
+        "--data",
+        short.to_str().unwrap(),
+        "--out",
+        o,
+    ])?;
+    assert_error(&run, 1, &["shorter than one window"]);
+    // An id outside the vocabulary.
+    let npy = out.join("ids.npy");
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (300,), }";
+    let header = format!("{header:<117}\n");
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for i in 0..300i32 {
+        bytes.extend_from_slice(&(if i == 77 { 600 } else { i }).to_le_bytes());
+    }
+    std::fs::write(&npy, bytes)?;
+    let run = gpt2(&[
+        "train",
+        "--init",
+        tiny,
+        "--data",
+        npy.to_str().unwrap(),
+        "--out",
+        o,
+    ])?;
+    assert_error(&run, 1, &["token id 600 (at index 77)", "vocab_size 512"]);
+    // A window longer than the context.
+    let run = gpt2(&[
+        "train",
+        "--config",
+        config,
+        "--task",
+        "copy",
+        "--seq-len",
+        "129",
+        "--out",
+        o,
+    ])?;
+    assert_error(&run, 2, &["--seq-len", "n_positions 128"]);
+    // An unknown task.
+    let run = gpt2(&["train", "--config", config, "--task", "sort", "--out", o])?;
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    // Starting from the folder written to.
+    let run = gpt2(&["train", "--init", tiny, "--task", "copy", "--out", tiny])?;
+    assert_error(&run, 2, &["--out", "holds the model it starts from"]);
+    assert!(!out.join("training.json").exists());
+    // Nothing to resume.
+    let run = gpt2(&["train", "--resume", "--out", o])?;
+    assert_error(&run, 2, &["--resume", "no training.json"]);
+    Ok(())
+}
+
+/// A diverging run stops at the first loss that is not finite, naming the step and the learning
+/// rate; the checkpoint saved before it stays whole and loads.
+#[test]
+fn a_diverging_run_stops_with_the_step_and_keeps_the_last_checkpoint() -> Result {
+    let out = scratch("train", "diverge");
+    let mut args = tiny_task_args(&out, 50);
+    let at = args.iter().position(|a| a == "--lr").ok_or("--lr")?;
+    args[at + 1] = "1e6".into();
+    let at = args
+        .iter()
+        .position(|a| a == "--save-every")
+        .ok_or("--save-every")?;
+    args[at + 1] = "1".into();
+    let at = args
+        .iter()
+        .position(|a| a == "--warmup")
+        .ok_or("--warmup")?;
+    args[at + 1] = "0".into();
+    args.extend(["--grad-clip".to_string(), "0".to_string()]);
+    let run = run_args(&args)?;
+    // After the run's header and progress lines, one error line.
+    let err = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: the ") && last.contains("training diverged"),
+        "{err}"
+    );
+    assert!(
+        last.contains("at step") && last.contains("learning rate 1e6"),
+        "{err}"
+    );
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let record = fixture_json_at(&out.join("training.json"))?;
+    let step = record["step"].as_u64().ok_or("no step")?;
+    assert!(step >= 1, "{record}");
+    let resumed = gpt2(&[
+        "train",
+        "--resume",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        &step.to_string(),
+    ])?;
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    Ok(())
+}
+
+/// transformers loads the folder (`from_pretrained`, no missing or unexpected keys: checked by
+/// the golden script) and its logits there are gpt2's on the folder, within 1e-4.
+#[test]
+fn transformers_and_gpt2_agree_on_a_trained_folder() -> Result {
+    let golden = fixture_json("tiny", "train.json")?;
+    let folder = &golden["folder"];
+    let out = scratch("train", "transformers");
+    let mut args: Vec<String> = vec!["train".into()];
+    args.extend(
+        folder["args"]
+            .as_array()
+            .ok_or("no args")?
+            .iter()
+            .filter_map(|a| a.as_str().map(String::from)),
+    );
+    args.extend(["--out".to_string(), out.to_str().unwrap().to_string()]);
+    let mut cmd = gpt2_command(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    let run = output_within(&mut cmd, None)?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let loaded = gpt2::ModelSource::dir(&out).load(&gpt2::LoadOptions::default())?;
+    let ids: Vec<u32> = ids(&folder["ids"]);
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let ours = loaded.model.forward(&ids, None)?.squeeze(0)?;
+    let want = &fixture_tensors("tiny", "train_folder_logits.safetensors")?["logits"];
+    let diff = max_abs_diff(&ours, want)?;
+    assert!(diff < 1e-4, "logits differ by {diff}");
+    Ok(())
+}
