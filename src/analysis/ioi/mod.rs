@@ -109,8 +109,15 @@ pub fn run(
     pairs: &[Pair],
     experiments: &Experiments,
 ) -> Result<IoiReport> {
-    if pairs.is_empty() || pairs.len() != prompts.len() {
+    if pairs.is_empty() {
         return Err(Error::param("n", "no IOI prompts to run"));
+    }
+    if pairs.len() != prompts.len() {
+        return Err(Error::Internal(format!(
+            "{} IOI prompts and {} pairs: make the pairs from the prompts",
+            prompts.len(),
+            pairs.len()
+        )));
     }
     let mut clean = Vec::with_capacity(pairs.len());
     let mut corrupted = Vec::with_capacity(pairs.len());
