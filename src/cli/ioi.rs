@@ -52,6 +52,7 @@ pub(super) struct IoiArgs {
     /// Heads to mean-ablate (each replaced by its mean over the ABC prompts of its template).
     #[arg(long, value_name = "L.H,...", value_parser = parse_heads)]
     ablate: Option<Heads>,
+    /// What to write.
     #[arg(long, value_enum, default_value = "text")]
     format: IoiFormat,
     /// Write the report to this file instead of standard output.
