@@ -13,7 +13,7 @@ use crate::hooks::{HeadMask, Hook, Point};
 use crate::model::{Gpt2, Output};
 
 /// A head: layer and head index, 0-based, written `L.H`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct HeadId {
     pub layer: usize,
     pub head: usize,

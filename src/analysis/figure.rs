@@ -34,6 +34,11 @@ impl HeatmapLayout {
     /// The layout for `layers` × `heads` cells under `title`: taller when the title needs more
     /// than two lines.
     pub fn titled(layers: usize, heads: usize, title: &str) -> Self {
+        Self::with_axis(layers, heads, title, AXIS)
+    }
+
+    /// As [`HeatmapLayout::titled`], with `axis` pixels below the cells for the columns' labels.
+    fn with_axis(layers: usize, heads: usize, title: &str, axis: usize) -> Self {
         let cell = (480 / heads.max(layers).max(1)).clamp(6, 32);
         let width = (MARGIN + AXIS + heads * cell + 24 + BAR + 60 + MARGIN).max(2 * MARGIN + 480);
         let title = Title::fit(title, width - 2 * MARGIN)
@@ -45,7 +50,7 @@ impl HeatmapLayout {
             left,
             top,
             width,
-            height: top + layers * cell + AXIS + MARGIN,
+            height: top + layers * cell + axis + MARGIN,
         }
     }
 
@@ -75,9 +80,34 @@ pub fn diverging(v: f32) -> [u8; 3] {
 
 /// Writes `values[layer][head]` as a heatmap titled `title` to `path`.
 pub fn write_heatmap(path: &Path, title: &str, values: &[Vec<f64>]) -> Result<()> {
+    write_map(path, title, values, "head", None)
+}
+
+/// Writes `values[layer][column]` as a heatmap titled `title` to `path`, the columns named
+/// `columns` (`head`, `position`) and, with `labels`, each labelled by its text (positions by
+/// their tokens), written downwards under its column; otherwise numbered.
+pub fn write_map(
+    path: &Path,
+    title: &str,
+    values: &[Vec<f64>],
+    columns: &str,
+    labels: Option<&[String]>,
+) -> Result<()> {
     let layers = values.len();
     let heads = values.iter().map(Vec::len).max().unwrap_or(0);
-    let l = HeatmapLayout::titled(layers, heads, title);
+    // Room under the cells: numbers and the axis name, or the longest label turned on its side.
+    let longest = labels
+        .into_iter()
+        .flatten()
+        .map(|t| text_len(t, 1))
+        .max()
+        .unwrap_or(0);
+    let axis = if labels.is_some() {
+        longest + 8 + 12
+    } else {
+        AXIS
+    };
+    let l = HeatmapLayout::with_axis(layers, heads, title, axis);
     let scale = values
         .iter()
         .flatten()
@@ -107,18 +137,37 @@ pub fn write_heatmap(path: &Path, title: &str, values: &[Vec<f64>]) -> Result<()
             1,
         );
     }
-    let step = (12 / l.cell).max(1);
-    for head in (0..heads).step_by(step) {
-        let label = head.to_string();
-        let x = l.left + head * l.cell + l.cell / 2;
-        c.text(
-            x.saturating_sub(text_len(&label, 1) / 2),
-            l.top + layers * l.cell + 4,
-            &label,
-            1,
-        );
+    let bottom = l.top + layers * l.cell;
+    match labels {
+        Some(labels) => {
+            // Turned: one label per column where a glyph's height (7 px) fits.
+            let step = (8 / l.cell).max(1);
+            for (col, label) in labels.iter().enumerate().take(heads).step_by(step) {
+                let x = l.left + col * l.cell + l.cell / 2;
+                c.text_up(
+                    x.saturating_sub(3),
+                    bottom + 4 + text_len(label, 1),
+                    label,
+                    1,
+                );
+            }
+            c.text(l.left, bottom + longest + 10, columns, 1);
+        }
+        None => {
+            let step = (12 / l.cell).max(1);
+            for head in (0..heads).step_by(step) {
+                let label = head.to_string();
+                let x = l.left + head * l.cell + l.cell / 2;
+                c.text(
+                    x.saturating_sub(text_len(&label, 1) / 2),
+                    bottom + 4,
+                    &label,
+                    1,
+                );
+            }
+            c.text(l.left, bottom + 16, columns, 1);
+        }
     }
-    c.text(l.left, l.top + layers * l.cell + 16, "head", 1);
     c.text_up(MARGIN, l.top + layers * l.cell / 2 + 12, "layer", 1);
     c.frame(l.left, l.top, heads * l.cell, layers * l.cell);
     // The colour bar: +scale at the top, -scale at the bottom.
@@ -220,6 +269,50 @@ mod tests {
                 );
             }
         }
+        std::fs::remove_file(&path)?;
+        Ok(())
+    }
+
+    #[test]
+    fn positions_are_labelled_by_their_tokens_under_their_columns(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let path = std::env::temp_dir().join(format!("gpt2-map-{}.png", std::process::id()));
+        let labels: Vec<String> = ["0 \"The\"", "1 \" cat\"/\" dog\"", "2 \" sat\""]
+            .map(String::from)
+            .to_vec();
+        let values = vec![vec![0.5; 3]; 2];
+        let read = |path: &Path| -> std::result::Result<(usize, usize, Vec<u8>), Box<dyn std::error::Error>> {
+            let mut reader =
+                png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path)?)).read_info()?;
+            let mut rgb = vec![0; reader.output_buffer_size().unwrap_or(0)];
+            let info = reader.next_frame(&mut rgb)?;
+            Ok((info.width as usize, info.height as usize, rgb))
+        };
+        write_map(&path, "t", &values, "position", Some(&labels))?;
+        let (w, h, rgb) = read(&path)?;
+        let longest = labels.iter().map(|t| text_len(t, 1)).max().unwrap_or(0);
+        let l = HeatmapLayout::with_axis(2, 3, "t", longest + 20);
+        assert_eq!((w, h), (l.width, l.height));
+        // Each label's ink, turned, in a band under its column, as long as the label.
+        let bottom = l.top + 2 * l.cell;
+        for (col, label) in labels.iter().enumerate() {
+            let x0 = l.left + col * l.cell + l.cell / 2 - 3;
+            let rows = bottom + 4..bottom + 5 + text_len(label, 1);
+            let mut c = Canvas::new(7, 200);
+            c.text_up(0, text_len(label, 1), label, 1);
+            let want = ink(&c.rgb, 7, 0..200);
+            assert!(want > 0);
+            let got = rows
+                .flat_map(|y| (x0..x0 + 7).map(move |x| (y * w + x) * 3))
+                .filter(|&i| rgb[i..i + 3] == INK)
+                .count();
+            assert_eq!(got, want, "{label}");
+        }
+        // Numbered columns keep the heads' layout.
+        write_map(&path, "t", &values, "head", None)?;
+        let (w, h, _) = read(&path)?;
+        let l = HeatmapLayout::titled(2, 3, "t");
+        assert_eq!((w, h), (l.width, l.height));
         std::fs::remove_file(&path)?;
         Ok(())
     }

@@ -7,11 +7,13 @@
 //! - [`logit_lens`]: the prediction after each layer, each with its own `ln_f` statistics;
 //! - [`attribution`]: a target logit split exactly into embeddings, heads, biases and MLPs;
 //! - [`patching`]: activation patching (TransformerLens' `get_act_patch_*`) and `run_with_cache`;
+//! - [`ioi`]: the IOI paper's dataset and experiments (Wang et al. 2022);
 //! - [`figure`]: layers × heads heatmaps as PNG.
 
 pub mod ablation;
 pub mod attribution;
 pub mod figure;
 pub mod heads_effect;
+pub mod ioi;
 pub mod logit_lens;
 pub mod patching;

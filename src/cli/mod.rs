@@ -6,7 +6,9 @@
 mod analyses;
 mod commands;
 mod escape;
+mod ioi;
 mod patch;
+mod patch_report;
 #[cfg(feature = "serve")]
 mod serve;
 mod shared;
@@ -45,6 +47,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::LogitLens(args) => analyses::cmd_logit_lens(args),
         Command::Attribute(args) => analyses::cmd_attribute(args),
         Command::Patch(args) => patch::cmd_patch(args),
+        Command::Ioi(args) => ioi::cmd_ioi(args),
         Command::Train(args) => train::cmd_train(args),
         #[cfg(feature = "serve")]
         Command::Serve(args) => serve::cmd_serve(args),
@@ -83,8 +86,13 @@ enum Command {
     /// Direct logit attribution: a target token's logit split into embeddings, heads and MLPs.
     Attribute(AttributeArgs),
     /// Activation patching: the corrupted prompt run with one activation (per layer, position
-    /// or head) taken from the clean run, as TransformerLens' get_act_patch_* functions.
+    /// or head) taken from the clean run, as TransformerLens' get_act_patch_* functions; or,
+    /// with --path-to, path patching (Wang et al. 2022): each sender's direct path to the
+    /// logits or to --receivers' q, k or v.
     Patch(patch::PatchArgs),
+    /// The IOI paper's dataset (templates, names, ABBA/BABA, seeded; ABC corruption) and its
+    /// experiments: logit difference, head patching, path patching, mean ablation.
+    Ioi(ioi::IoiArgs),
     /// Train a model (a fresh layout or a checkpoint) on a text, token ids or a built-in task,
     /// watching every head's scores as it learns; saves a Hugging Face folder.
     Train(train::TrainArgs),
@@ -655,6 +663,17 @@ mod tests {
             "logit-lens",
             "attribute",
             "patch",
+            "ioi",
+            "--path-to",
+            "--receivers",
+            "--senders",
+            "--freeze-mlps",
+            "--names",
+            "--name-movers",
+            "--experiments",
+            "--order",
+            "path-queries",
+            "9.9,9.6",
             "--clean",
             "--corrupted",
             "--against",

@@ -1,24 +1,25 @@
-//! `gpt2 patch`: one prompt pair (`--clean`/`--corrupted`, or their `-file`s) or a dataset of
-//! pairs (`--pairs FILE.jsonl`, averaged as TransformerLens users average), written as text,
-//! JSON, a PNG heatmap or an npy array. One library call: `activation_patch` or
-//! `activation_patch_mean`.
+//! `gpt2 patch`'s inputs: one prompt pair (`--clean`/`--corrupted`, or their `-file`s) or a
+//! dataset of pairs (`--pairs FILE.jsonl`, averaged as TransformerLens users average); what is
+//! patched (`--what`/`--by`, or path patching: `--path-to`, `--receivers`, `--senders`). One
+//! library call: `activation_patch`, `path_patch` or their `_mean`; `patch_report` writes it.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use gpt2::analysis::figure::write_heatmap;
+use anyhow::{Context, Result};
 use gpt2::analysis::patching::{
-    activation_patch, activation_patch_mean, Axis, By, Metric, Pair, Patching, What,
+    activation_patch, activation_patch_mean, path_patch, path_patch_mean, By, Metric, Pair, PathTo,
+    Receivers, Senders, What,
 };
 use gpt2::prompt::PromptOptions;
 use gpt2::{Loaded, Prompt};
 use serde::Deserialize;
 
-use super::analyses::{one_token, write};
-use super::shared::{count, load, note_done};
+use super::analyses::one_token;
+use super::patch_report::{report, Outcome, Report};
+use super::shared::{load, note_done};
 use clap::{Args, ValueEnum};
 
-use super::{choice, read_file, Choice, ModelArgs};
+use super::{choice, parse_heads, read_file, Choice, Heads, ModelArgs};
 
 #[derive(Args)]
 #[command(group = clap::ArgGroup::new("clean_input").args(["clean", "clean_file", "pairs"]).required(true))]
@@ -60,12 +61,29 @@ pub(super) struct PatchArgs {
     /// What is measured there [default: logit-diff with --against, else logit].
     #[arg(long, value_enum)]
     metric: Option<PatchMetric>,
-    /// The activation patched.
-    #[arg(long, value_parser = choice::<What>())]
-    what: What,
+    /// The activation patched (activation patching; or --path-to).
+    #[arg(long, value_parser = choice::<What>(), required_unless_present = "path_to")]
+    what: Option<What>,
     /// What one patch covers [default: pos for resid_pre, attn_out, mlp_out; else head].
     #[arg(long, value_parser = choice::<By>())]
     by: Option<By>,
+    /// Path patching (Wang et al. 2022, as ARENA's IOI exercises) instead of activation
+    /// patching: the clean prompt run with each sender from the corrupted run and every other
+    /// head's output frozen at the clean run's (MLPs recomputed), so it reaches only where its
+    /// paths end: the logits, or the --receivers' queries, keys or values.
+    #[arg(long, value_parser = choice::<PathTo>(), conflicts_with_all = ["what", "by"])]
+    path_to: Option<PathTo>,
+    /// The heads whose input --path-to q|k|v patches, as LAYER.HEAD,... (e.g. 9.9,9.6,10.0).
+    #[arg(long, value_name = "L.H,...", value_parser = parse_heads)]
+    receivers: Option<Heads>,
+    /// What --path-to sweeps, one at a time [default: heads].
+    #[arg(long, value_parser = choice::<Senders>())]
+    senders: Option<Senders>,
+    /// Only the direct path: freeze the MLPs at the clean run too, so a sender reaches the
+    /// receivers through the residual stream alone (TransformerLens 4's
+    /// get_act_patch_direct_path, with --clean as its corrupted_tokens).
+    #[arg(long)]
+    freeze_mlps: bool,
     /// Put <|endoftext|> before both prompts, as TransformerLens does.
     #[arg(long)]
     bos: bool,
@@ -78,7 +96,7 @@ pub(super) struct PatchArgs {
 
 /// What `gpt2 patch` writes.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(super) enum PatchFormat {
+pub(crate) enum PatchFormat {
     /// Tables for people, raw and normalised (the default)
     Text,
     /// One JSON object, for programs
@@ -106,6 +124,18 @@ pub(super) enum PatchMetric {
 impl Choice for What {
     fn values() -> Vec<(&'static str, &'static str)> {
         What::ALL.map(|w| (w.name(), w.help())).to_vec()
+    }
+}
+
+impl Choice for PathTo {
+    fn values() -> Vec<(&'static str, &'static str)> {
+        PathTo::ALL.map(|b| (b.name(), b.help())).to_vec()
+    }
+}
+
+impl Choice for Senders {
+    fn values() -> Vec<(&'static str, &'static str)> {
+        Senders::ALL.map(|b| (b.name(), b.help())).to_vec()
     }
 }
 
@@ -250,7 +280,26 @@ pub(super) fn cmd_patch(args: PatchArgs) -> Result<()> {
             format!("{name} needs --out PATH"),
         ))?;
     }
-    let by = args.by.unwrap_or(By::default_for(args.what));
+    if args.path_to.is_none() {
+        if args.receivers.is_some() {
+            Err(gpt2::Error::param(
+                "receivers",
+                "is for path patching: add --path-to q|k|v",
+            ))?;
+        }
+        if args.senders.is_some() {
+            Err(gpt2::Error::param(
+                "senders",
+                "is for path patching: add --path-to",
+            ))?;
+        }
+        if args.freeze_mlps {
+            Err(gpt2::Error::param(
+                "freeze-mlps",
+                "is for path patching: add --path-to",
+            ))?;
+        }
+    }
     // Before any work: the inputs are protected, the outputs checked.
     args.model.source.source().protect_files()?;
     let dataset = args.pairs.is_some();
@@ -306,20 +355,50 @@ pub(super) fn cmd_patch(args: PatchArgs) -> Result<()> {
         .map(|p| tokenise(&loaded, p, kind, opts))
         .collect::<Result<Vec<_>>>()?;
     let start = std::time::Instant::now();
-    let p = match pairs.as_slice() {
-        [one] if !dataset => activation_patch(
-            &loaded.model,
-            &one.clean,
-            &one.corrupted,
-            args.what,
-            by,
-            one.metric,
-            args.position,
-        )?,
-        _ => activation_patch_mean(&loaded.model, &pairs, args.what, by, args.position)?,
+    let model = &loaded.model;
+    let p = match (args.path_to, args.what) {
+        (Some(to), _) => {
+            let heads = args.receivers.as_ref().map_or(&[][..], |h| &h.0[..]);
+            // Receivers with the logits, or none with q|k|v, are errors the library names.
+            let receivers = Receivers::heads(to, heads).freezing_mlps(args.freeze_mlps);
+            let senders = args.senders.unwrap_or(Senders::Heads);
+            Outcome::Path(match pairs.as_slice() {
+                [one] if !dataset => path_patch(
+                    model,
+                    &one.clean,
+                    &one.corrupted,
+                    senders,
+                    &receivers,
+                    one.metric,
+                    args.position,
+                )?,
+                _ => path_patch_mean(model, &pairs, senders, &receivers, args.position)?,
+            })
+        }
+        (None, Some(what)) => {
+            let by = args.by.unwrap_or(By::default_for(what));
+            Outcome::Act(match pairs.as_slice() {
+                [one] if !dataset => activation_patch(
+                    model,
+                    &one.clean,
+                    &one.corrupted,
+                    what,
+                    by,
+                    one.metric,
+                    args.position,
+                )?,
+                _ => activation_patch_mean(model, &pairs, what, by, args.position)?,
+            })
+        }
+        // clap requires one.
+        (None, None) => Err(gpt2::Error::param("what", "is missing (or --path-to)"))?,
     };
-    let first = &pairs[0];
-    report(&args, &loaded, &p, first, dataset)?;
+    let r = Report {
+        format: args.format,
+        out: &args.out,
+        pairs_file: args.pairs.as_ref(),
+    };
+    report(&r, &loaded, &p, &pairs[0])?;
     let tokens = pairs.iter().map(|p| p.clean.len()).sum();
     note_done(&loaded, tokens, start, args.out.as_deref());
     Ok(())
@@ -371,124 +450,4 @@ fn tokenise(loaded: &Loaded, p: &TextPair, kind: PatchMetric, opts: PromptOption
         metric,
         label: p.label.clone().unwrap_or_else(|| "the prompts".into()),
     })
-}
-
-/// Writes the result as `--format` says.
-fn report(
-    args: &PatchArgs,
-    loaded: &Loaded,
-    p: &Patching,
-    first: &Pair,
-    dataset: bool,
-) -> Result<()> {
-    let text = |id: u32| {
-        loaded
-            .tokenizer
-            .decode(&[id])
-            .unwrap_or_else(|_| id.to_string())
-    };
-    let measured = p.describe(text);
-    // Positions are labelled by the tokens of the one pair, clean/corrupted where they differ.
-    let tokens: Vec<(String, String)> = if dataset {
-        Vec::new()
-    } else {
-        first
-            .clean
-            .iter()
-            .zip(&first.corrupted)
-            .map(|(&a, &b)| (text(a), text(b)))
-            .collect()
-    };
-    let source = match &args.pairs {
-        Some(path) => format!("{} from {}", count(p.pairs.len(), "pair"), path.display()),
-        None => count(first.clean.len(), "token"),
-    };
-    match args.format {
-        PatchFormat::Json => {
-            let mut v = serde_json::to_value(p)?;
-            v["model"] = loaded.name.clone().into();
-            if dataset {
-                v["pairs_file"] = args.pairs.as_ref().map(|p| p.display().to_string()).into();
-            } else {
-                v["clean_ids"] = serde_json::json!(first.clean);
-                v["corrupted_ids"] = serde_json::json!(first.corrupted);
-            }
-            v["measured"] = measured.into();
-            write(&args.out, &format!("{v}\n"))?;
-        }
-        PatchFormat::Text => {
-            let label = |axis: Axis, i: usize| match (axis, tokens.get(i)) {
-                (Axis::Pos, Some((a, b))) if a == b => format!("{i} {a:?}"),
-                (Axis::Pos, Some((a, b))) => format!("{i} {a:?}/{b:?}"),
-                _ => i.to_string(),
-            };
-            let mean = if dataset { "mean " } else { "" };
-            write(
-                &args.out,
-                &format!(
-                    "{}: patching {} by {} from the clean run into the corrupted one ({source}); \
-                     measured: {measured}\n{mean}clean = {:.4}, {mean}corrupted = {:.4}; \
-                     normalised = (patched - corrupted) / (clean - corrupted)\n\n{}",
-                    loaded.name,
-                    p.what,
-                    p.by,
-                    p.clean,
-                    p.corrupted,
-                    p.table(&label)
-                ),
-            )?;
-        }
-        PatchFormat::Png => {
-            let Some(path) = &args.out else {
-                bail!("png needs --out")
-            };
-            let [(title, _, normalized)] = <[_; 1]>::try_from(p.tables()).map_err(|_| {
-                gpt2::Error::param(
-                    "format",
-                    "png draws one layers x heads or layers x positions map: this result has \
-                     several (use text, json or npy)",
-                )
-            })?;
-            write_heatmap(
-                path,
-                &format!(
-                    "normalised patching of {} by {} {title}: {measured}",
-                    p.what, p.by
-                ),
-                &normalized,
-            )?;
-        }
-        PatchFormat::Npy => {
-            let Some(path) = &args.out else {
-                bail!("npy needs --out")
-            };
-            let data: Vec<f32> = p.patched.iter().map(|&v| v as f32).collect();
-            let mut meta = serde_json::json!({
-                "model": loaded.name,
-                "what": p.what,
-                "by": p.by,
-                "axes": p.axes,
-                "acts": p.acts,
-                "values": "the patched metric, as TransformerLens' get_act_patch_* returns it; \
-                           normalised = (value - corrupted) / (clean - corrupted)",
-                "metric": p.metric,
-                "measured": measured,
-                "position": p.position,
-                "clean": p.clean,
-                "corrupted": p.corrupted,
-            });
-            if dataset {
-                meta["pairs"] = serde_json::to_value(&p.pairs)?;
-                meta["pairs_file"] = args.pairs.as_ref().map(|p| p.display().to_string()).into();
-            } else {
-                let (clean, corrupted): (Vec<String>, Vec<String>) = tokens.iter().cloned().unzip();
-                meta["clean_tokens"] = clean.into();
-                meta["corrupted_tokens"] = corrupted.into();
-                meta["clean_ids"] = serde_json::json!(first.clean);
-                meta["corrupted_ids"] = serde_json::json!(first.corrupted);
-            }
-            gpt2::inspect::write_npy(path, &p.shape, &data, meta)?;
-        }
-    }
-    Ok(())
 }

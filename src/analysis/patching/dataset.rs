@@ -42,7 +42,12 @@ fn has_pos_axis(by: By) -> bool {
 
 /// Checks every pair before any pass: the same length within a pair, in range, and (for a
 /// result with a position axis) the same length as the first pair.
-fn check_pairs(model: &Gpt2, pairs: &[Pair], by: By, position: Option<usize>) -> Result<()> {
+pub(super) fn check_pairs(
+    model: &Gpt2,
+    pairs: &[Pair],
+    by: By,
+    position: Option<usize>,
+) -> Result<()> {
     let Some(first) = pairs.first() else {
         return Err(Error::param("pairs", "holds no pair: nothing to average"));
     };

@@ -14,6 +14,7 @@
 
 mod cache;
 mod dataset;
+mod path;
 mod spec;
 mod table;
 
@@ -28,7 +29,9 @@ use crate::model::{Gpt2, Output};
 
 pub use cache::{run_with_cache, ActivationCache};
 pub use dataset::{activation_patch_mean, Pair, PairRun};
-pub use spec::{Act, Axis, By, Metric, What};
+pub use path::{path_patch, path_patch_mean, PathPatching};
+pub use spec::{Act, Axis, By, Metric, PathTo, Receivers, Senders, What};
+pub use table::Table;
 
 /// The result of patching: TransformerLens' `get_act_patch_*` tensor, flattened in its order.
 #[derive(Debug, Clone, Serialize)]
@@ -239,10 +242,16 @@ impl Patcher<'_> {
                 let x = resid.repeat((rows, 1, 1))?;
                 let x = match act.point(layer) {
                     // resid_pre is the layer's input: patched before the pass.
-                    None => self.pass(layer, patch.apply(&x)?, &mut NoHook)?,
+                    None => pass(
+                        self.model,
+                        layer,
+                        patch.apply(&x)?,
+                        &mut NoHook,
+                        self.position,
+                    )?,
                     Some(_) => {
                         let mut patch = patch;
-                        self.pass(layer, x, &mut patch)?
+                        pass(self.model, layer, x, &mut patch, self.position)?
                     }
                 };
                 out.extend(measure_at(self.model, &x, self.metric)?);
@@ -251,52 +260,74 @@ impl Patcher<'_> {
         }
         Ok((out, axes))
     }
+}
 
-    /// Layers `layer..` on `x` (R, T, C) with `hook` (at points of `layer` only): the last
-    /// block's output at the position measured (R, 1, C). Below the last layer, the last block
-    /// runs at that position alone ([`Gpt2::block_at`]): nothing else of it is measured, and for
-    /// a patch below it the hook does not touch it.
-    fn pass(&self, layer: usize, x: Tensor, hook: &mut dyn Hook) -> Result<Tensor> {
-        let last = self.model.config().n_layer - 1;
-        if layer < last && self.model.head_mask().is_none() {
-            let x = self.pass_to(layer, last - 1, x, hook)?;
-            return self.model.block_at(last, &x, self.position);
-        }
-        let x = self.pass_to(layer, last, x, hook)?;
-        Ok(x.narrow(1, self.position, 1)?)
+/// Layers `layer..` on `x` (R, T, C) with `hook`: the last block's output at `position`
+/// (R, 1, C). When the hook wants nothing of the last layer, that block runs at the position
+/// alone ([`Gpt2::block_at`]): nothing else of it is measured.
+fn pass(
+    model: &Gpt2,
+    layer: usize,
+    x: Tensor,
+    hook: &mut dyn Hook,
+    position: usize,
+) -> Result<Tensor> {
+    let last = model.config().n_layer - 1;
+    let touches_last = [
+        Point::Q(last),
+        Point::K(last),
+        Point::V(last),
+        Point::Pattern(last),
+        Point::Z(last),
+        Point::AttnOut(last),
+        Point::MlpOut(last),
+        Point::ResidPost(last),
+    ]
+    .into_iter()
+    .any(|p| hook.wants(p));
+    if layer < last && !touches_last && model.head_mask().is_none() {
+        let x = pass_to(model, layer, last - 1, x, hook)?;
+        return model.block_at(last, &x, position);
     }
+    let x = pass_to(model, layer, last, x, hook)?;
+    Ok(x.narrow(1, position, 1)?)
+}
 
-    /// Layers `layer..=to` on `x` (R, T, C) with `hook`: block `to`'s output (R, T, C).
-    fn pass_to(&self, layer: usize, to: usize, x: Tensor, hook: &mut dyn Hook) -> Result<Tensor> {
-        struct Seen<'a, 'b> {
-            hook: &'a mut (dyn Hook + 'b),
-            last: Option<Tensor>,
-            layer: usize,
-        }
-        impl Hook for Seen<'_, '_> {
-            fn wants(&self, p: Point) -> bool {
-                p == Point::ResidPost(self.layer) || self.hook.wants(p)
-            }
-            fn at(&mut self, p: Point, t: &mut Tensor) -> Result<()> {
-                if self.hook.wants(p) {
-                    self.hook.at(p, t)?;
-                }
-                if p == Point::ResidPost(self.layer) {
-                    self.last = Some(t.clone());
-                }
-                Ok(())
-            }
-        }
-        let mut seen = Seen {
-            hook,
-            last: None,
-            layer: to,
-        };
-        self.model
-            .run_from(layer, x, None, Some(&mut seen), Output::StopAfter(to))?;
-        seen.last
-            .ok_or_else(|| Error::Internal("the residual stream was not seen".into()))
+/// Layers `layer..=to` on `x` (R, T, C) with `hook`: block `to`'s output (R, T, C).
+fn pass_to(
+    model: &Gpt2,
+    layer: usize,
+    to: usize,
+    x: Tensor,
+    hook: &mut dyn Hook,
+) -> Result<Tensor> {
+    struct Seen<'a, 'b> {
+        hook: &'a mut (dyn Hook + 'b),
+        last: Option<Tensor>,
+        layer: usize,
     }
+    impl Hook for Seen<'_, '_> {
+        fn wants(&self, p: Point) -> bool {
+            p == Point::ResidPost(self.layer) || self.hook.wants(p)
+        }
+        fn at(&mut self, p: Point, t: &mut Tensor) -> Result<()> {
+            if self.hook.wants(p) {
+                self.hook.at(p, t)?;
+            }
+            if p == Point::ResidPost(self.layer) {
+                self.last = Some(t.clone());
+            }
+            Ok(())
+        }
+    }
+    let mut seen = Seen {
+        hook,
+        last: None,
+        layer: to,
+    };
+    model.run_from(layer, x, None, Some(&mut seen), Output::StopAfter(to))?;
+    seen.last
+        .ok_or_else(|| Error::Internal("the residual stream was not seen".into()))
 }
 
 /// Activation patching of `model`: the corrupted prompt run with `what` replaced by the clean

@@ -1,13 +1,18 @@
-//! What is patched ([`Act`], [`What`], [`By`]), the result's axes ([`Axis`]) and what a run is
-//! measured by ([`Metric`]): the library's names for `gpt2 patch`'s options.
+//! What is patched ([`Act`], [`What`], [`By`]; for path patching [`Senders`] and [`Receivers`]),
+//! the result's axes ([`Axis`]) and what a run is measured by ([`Metric`]): the library's names
+//! for `gpt2 patch`'s options.
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::Serialize;
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::analysis::ablation::HeadId;
 use crate::error::{Error, Result};
 use crate::hooks::Point;
+use crate::model::Gpt2;
 use crate::perplexity::log_softmax_at;
 
 /// The activation a patch replaces.
@@ -250,6 +255,231 @@ pub enum Axis {
     Layer,
     Pos,
     Head,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Path patching: senders and receivers
+
+/// The senders swept: each one patched on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Senders {
+    /// Every head (`hook_z`): a `[layer, head]` result.
+    Heads,
+    /// Every MLP (`hook_mlp_out`): a `[layer]` result.
+    Mlps,
+    /// The token embeddings (`hook_embed`; the positions' are the same in both runs): one value.
+    Embed,
+}
+
+impl Senders {
+    pub const ALL: [Self; 3] = [Self::Heads, Self::Mlps, Self::Embed];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Heads => "heads",
+            Self::Mlps => "mlps",
+            Self::Embed => "embed",
+        }
+    }
+
+    pub fn help(self) -> &'static str {
+        match self {
+            Self::Heads => "Each head, one at a time: a layers x heads map",
+            Self::Mlps => "Each MLP, one at a time: one value per layer",
+            Self::Embed => "The token embeddings: one value",
+        }
+    }
+}
+
+impl fmt::Display for Senders {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Senders {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| Error::param("senders", format!("`{s}`: expected heads, mlps or embed")))
+    }
+}
+
+/// Where the paths end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathTo {
+    /// The final residual stream, read by the logits.
+    Logits,
+    /// The receivers' queries (`attn.hook_q`).
+    Q,
+    /// The receivers' keys (`attn.hook_k`).
+    K,
+    /// The receivers' values (`attn.hook_v`).
+    V,
+}
+
+impl PathTo {
+    pub const ALL: [Self; 4] = [Self::Logits, Self::Q, Self::K, Self::V];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Logits => "logits",
+            Self::Q => "q",
+            Self::K => "k",
+            Self::V => "v",
+        }
+    }
+
+    pub fn help(self) -> &'static str {
+        match self {
+            Self::Logits => "The logits: each sender's direct effect (IOI's name movers)",
+            Self::Q => "The --receivers' queries (IOI's S-inhibition heads, to the name movers)",
+            Self::K => "The --receivers' keys",
+            Self::V => "The --receivers' values",
+        }
+    }
+
+    /// The receivers' input point at `layer` (the logits: none).
+    pub(super) fn point(self, layer: usize) -> Option<Point> {
+        match self {
+            Self::Logits => None,
+            Self::Q => Some(Point::Q(layer)),
+            Self::K => Some(Point::K(layer)),
+            Self::V => Some(Point::V(layer)),
+        }
+    }
+}
+
+impl fmt::Display for PathTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for PathTo {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| Error::param("path-to", format!("`{s}`: expected logits, q, k or v")))
+    }
+}
+
+/// The receivers: the logits, or heads' queries, keys or values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Receivers {
+    pub to: PathTo,
+    /// The receiving heads (none for the logits), sorted.
+    pub heads: Vec<HeadId>,
+    /// Only the direct path: the MLPs frozen at the clean run too, so a sender reaches the
+    /// receivers through the residual stream alone (TransformerLens 4's
+    /// `get_act_patch_direct_path` edge). Off: MLPs are recomputed, part of the path (the IOI
+    /// paper's path patching).
+    pub freeze_mlps: bool,
+}
+
+impl Receivers {
+    pub fn logits() -> Self {
+        Self {
+            to: PathTo::Logits,
+            heads: Vec::new(),
+            freeze_mlps: false,
+        }
+    }
+
+    /// `heads`' input `to` (q, k or v).
+    pub fn heads(to: PathTo, heads: &[HeadId]) -> Self {
+        let heads: BTreeSet<HeadId> = heads.iter().copied().collect();
+        Self {
+            to,
+            heads: heads.into_iter().collect(),
+            freeze_mlps: false,
+        }
+    }
+
+    /// The same receivers, reached by the direct path alone (`freeze` true) or through the
+    /// MLPs too.
+    pub fn freezing_mlps(self, freeze: bool) -> Self {
+        Self {
+            freeze_mlps: freeze,
+            ..self
+        }
+    }
+
+    /// The receivers as words: `the logits`, `the queries of 9.9, 9.6`.
+    pub fn describe(&self) -> String {
+        let input = match self.to {
+            PathTo::Logits => return "the logits".into(),
+            PathTo::Q => "queries",
+            PathTo::K => "keys",
+            PathTo::V => "values",
+        };
+        let heads: Vec<String> = self.heads.iter().map(HeadId::to_string).collect();
+        format!("the {input} of {}", heads.join(", "))
+    }
+
+    pub(super) fn check(&self, model: &Gpt2) -> Result<()> {
+        let c = model.config();
+        let n = match self.to {
+            PathTo::Logits if self.heads.is_empty() => return Ok(()),
+            PathTo::Logits => {
+                return Err(Error::param(
+                    "receivers",
+                    "are heads, for --path-to q, k or v: the logits need none",
+                ))
+            }
+            PathTo::Q => c.n_head,
+            PathTo::K | PathTo::V => c.kv_heads(),
+        };
+        if self.heads.is_empty() {
+            return Err(Error::param(
+                "receivers",
+                format!(
+                    "are needed for --path-to {}: the heads whose input is patched, as L.H,...",
+                    self.to
+                ),
+            ));
+        }
+        for h in &self.heads {
+            if h.layer >= c.n_layer {
+                return Err(Error::param(
+                    "receivers",
+                    format!(
+                        "{h}: the model has {} layers (0..={})",
+                        c.n_layer,
+                        c.n_layer - 1
+                    ),
+                ));
+            }
+            if h.head >= n {
+                return Err(Error::param(
+                    "receivers",
+                    format!(
+                        "{h}: the model has {n} {} heads per layer (0..={})",
+                        self.to,
+                        n - 1
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The receiving heads by layer.
+    pub(super) fn by_layer(&self) -> BTreeMap<usize, Vec<usize>> {
+        let mut m: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for h in &self.heads {
+            m.entry(h.layer).or_default().push(h.head);
+        }
+        m
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,43 +1,111 @@
-//! A [`Patching`] result as text tables: the last two axes are rows × columns, the leading ones
-//! one table each.
+//! A [`Patching`] or [`PathPatching`] result as text tables: the last two axes are rows ×
+//! columns, the leading ones one table each.
 
-use super::{Axis, Metric, Patching};
+use super::{Act, Axis, Metric, PairRun, Patching, PathPatching};
 
 /// One table of a result: its title (the leading indices), the patched metric and the
 /// normalised one, rows × columns.
 pub type Table = (String, Vec<Vec<f64>>, Vec<Vec<f64>>);
 
+/// A result's values on its axes: what the tables lay out.
+struct Grid<'a> {
+    axes: &'a [Axis],
+    shape: &'a [usize],
+    acts: &'a [Act],
+    patched: &'a [f64],
+    normalized: &'a [f64],
+}
+
 impl Patching {
     /// The metric in words, `tokens` the text of each token id (for the report).
     pub fn describe(&self, text: impl Fn(u32) -> String) -> String {
-        let mut at = format!("at position {}", self.position);
-        if self.pairs.len() > 1 {
-            if self.pairs.iter().any(|p| p.position != self.position) {
-                at = "at each pair's last position".into();
-            }
-            let what = match self.metric {
-                Metric::LogitDiff { .. } => "logit(target) - logit(against)",
-                Metric::Logit { .. } => "logit(target)",
-                Metric::Prob { .. } => "p(target)",
-                Metric::Loss { .. } => "-log p(target)",
-            };
-            return format!("the mean over {} pairs of {what} {at}", self.pairs.len());
-        }
-        match self.metric {
-            Metric::LogitDiff { target, against } => format!(
-                "logit({:?}) - logit({:?}) {at}",
-                text(target),
-                text(against)
-            ),
-            Metric::Logit { target } => format!("logit({:?}) {at}", text(target)),
-            Metric::Prob { target } => format!("p({:?}) {at}", text(target)),
-            Metric::Loss { target } => format!("-log p({:?}) {at}", text(target)),
-        }
+        describe(self.metric, self.position, &self.pairs, text)
     }
 
     /// The tables [`Patching::table`] prints: the last two axes are rows × columns, the
     /// leading ones (act, and layer when there are three) one table each, with its title.
     pub fn tables(&self) -> Vec<Table> {
+        self.grid().tables()
+    }
+
+    /// Text tables of the patched metric and the normalised one, rows and columns labelled by
+    /// `label(axis, index)` (e.g. positions by their tokens).
+    pub fn table(&self, label: &dyn Fn(Axis, usize) -> String) -> String {
+        self.grid().table(label)
+    }
+
+    fn grid(&self) -> Grid<'_> {
+        Grid {
+            axes: &self.axes,
+            shape: &self.shape,
+            acts: &self.acts,
+            patched: &self.patched,
+            normalized: &self.normalized,
+        }
+    }
+}
+
+impl PathPatching {
+    /// The metric in words, as [`Patching::describe`].
+    pub fn describe(&self, text: impl Fn(u32) -> String) -> String {
+        describe(self.metric, self.position, &self.pairs, text)
+    }
+
+    /// The tables: one layers × heads map (heads), one column by layer (MLPs), one value.
+    pub fn tables(&self) -> Vec<Table> {
+        self.grid().tables()
+    }
+
+    /// Text tables of the patched metric and the normalised one.
+    pub fn table(&self, label: &dyn Fn(Axis, usize) -> String) -> String {
+        self.grid().table(label)
+    }
+
+    fn grid(&self) -> Grid<'_> {
+        Grid {
+            axes: &self.axes,
+            shape: &self.shape,
+            acts: &[],
+            patched: &self.patched,
+            normalized: &self.normalized,
+        }
+    }
+}
+
+/// The metric at `position` in words (a dataset's `pairs`: their mean).
+fn describe(
+    metric: Metric,
+    position: usize,
+    pairs: &[PairRun],
+    text: impl Fn(u32) -> String,
+) -> String {
+    let mut at = format!("at position {position}");
+    if pairs.len() > 1 {
+        if pairs.iter().any(|p| p.position != position) {
+            at = "at each pair's last position".into();
+        }
+        let what = match metric {
+            Metric::LogitDiff { .. } => "logit(target) - logit(against)",
+            Metric::Logit { .. } => "logit(target)",
+            Metric::Prob { .. } => "p(target)",
+            Metric::Loss { .. } => "-log p(target)",
+        };
+        return format!("the mean over {} pairs of {what} {at}", pairs.len());
+    }
+    match metric {
+        Metric::LogitDiff { target, against } => format!(
+            "logit({:?}) - logit({:?}) {at}",
+            text(target),
+            text(against)
+        ),
+        Metric::Logit { target } => format!("logit({:?}) {at}", text(target)),
+        Metric::Prob { target } => format!("p({:?}) {at}", text(target)),
+        Metric::Loss { target } => format!("-log p({:?}) {at}", text(target)),
+    }
+}
+
+impl Grid<'_> {
+    fn tables(&self) -> Vec<Table> {
         let n = self.shape.len();
         let (rows, cols) = match n {
             0 => (1, 1),
@@ -76,9 +144,7 @@ impl Patching {
             .collect()
     }
 
-    /// Text tables of the patched metric and the normalised one, rows and columns labelled by
-    /// `label(axis, index)` (e.g. positions by their tokens).
-    pub fn table(&self, label: &dyn Fn(Axis, usize) -> String) -> String {
+    fn table(&self, label: &dyn Fn(Axis, usize) -> String) -> String {
         use std::fmt::Write;
         let n = self.axes.len();
         let (row_axis, col_axis) = match n {
@@ -87,6 +153,15 @@ impl Patching {
             _ => (self.axes[n - 2], Some(self.axes[n - 1])),
         };
         let mut s = String::new();
+        if n == 0 {
+            // One value (path patching from the embeddings).
+            for (what, v) in [("patched", self.patched), ("normalised", self.normalized)] {
+                for v in v {
+                    let _ = writeln!(s, "{what}: {v:+.4}");
+                }
+            }
+            return s;
+        }
         for (title, patched, normalized) in self.tables() {
             for (what, m) in [("patched", &patched), ("normalised", &normalized)] {
                 let _ = writeln!(
