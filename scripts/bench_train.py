@@ -22,7 +22,8 @@ def main():
     for kv in sys.argv[6:]:
         k, v = kv.split("=")
         fields[k] = int(v)
-    cfg = GPT2Config(**fields, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    fields.update(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    cfg = GPT2Config(**fields)
     model = GPT2LMHeadModel(cfg).train()
     params = list(model.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
