@@ -452,3 +452,42 @@ fn transformers_and_gpt2_agree_on_a_trained_folder() -> Result {
     assert!(diff < 1e-4, "logits differ by {diff}");
     Ok(())
 }
+
+/// The head scores `metrics.jsonl` records are `inspect-heads --scores`' (the library's
+/// `head_scores`) on the saved model and the recorded prompt: what a learner sees while training
+/// is what they find afterwards.
+#[test]
+fn metrics_hold_the_head_scores_of_the_saved_model() -> Result {
+    use gpt2::inspect::scores::head_scores;
+    use gpt2::inspect::{LayerChoice, Selection, Tokens};
+    let out = scratch("train", "metrics");
+    let run = run_args(&tiny_task_args(&out, 4))?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    let last: Value = serde_json::from_str(text.lines().last().ok_or("no metrics")?)?;
+    assert_eq!(last["step"], 4);
+    let loaded = gpt2::ModelSource::dir(&out).load(&gpt2::LoadOptions::default())?;
+    let config = loaded.model.config().clone();
+    let ids = ids(&last["prompt_ids"]);
+    let tokens = Tokens {
+        bos: ids[0] == config.eos_token_id,
+        text: vec![String::new(); ids.len()],
+        ids,
+    };
+    let selection = Selection::new(&config, LayerChoice::All, None)?;
+    let table = head_scores(&loaded.model, &tokens, &selection)?;
+    let recorded = last["heads"].as_array().ok_or("no heads")?;
+    assert_eq!(recorded.len(), table.heads.len());
+    for (r, h) in recorded.iter().zip(&table.heads) {
+        for (key, ours) in [
+            ("previous_token", h.previous_token),
+            ("induction", h.induction),
+            ("duplicate_token", h.duplicate_token),
+            ("first_token", h.first_token),
+        ] {
+            let theirs = r[key].as_f64().map(|v| v as f32);
+            assert_eq!(theirs, ours, "head {}.{} {key}", h.layer, h.head);
+        }
+    }
+    Ok(())
+}

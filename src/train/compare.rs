@@ -22,7 +22,9 @@ pub fn with_heads(config: &Config, heads: usize) -> Result<Config> {
     }
     let mut c = config.clone();
     c.n_head = heads;
-    if c.n_kv_head.is_some_and(|kv| kv > heads || !heads.is_multiple_of(kv)) {
+    if c.n_kv_head
+        .is_some_and(|kv| kv > heads || !heads.is_multiple_of(kv))
+    {
         c.n_kv_head = None;
     }
     c.validate()?;

@@ -42,6 +42,9 @@ pub struct Evaluation {
     /// The copy task: the fraction of the second copy's tokens predicted (arg max).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy_accuracy: Option<f64>,
+    /// The prompt the heads' prompt-measured scores (previous-token, first-token) come from:
+    /// the first held-out row (or the first repeated row).
+    pub prompt_ids: Vec<u32>,
     pub heads: Vec<HeadSummary>,
 }
 
@@ -95,7 +98,7 @@ impl Trainer {
                 .iter()
                 .map(|&id| self.tokenizer.decode(&[id]).unwrap_or_default())
                 .collect(),
-            ids,
+            ids: ids.clone(),
         };
         let selection = Selection::new(&config, LayerChoice::All, None)?;
         let table = head_scores(&model, &tokens, &selection)?;
@@ -117,6 +120,7 @@ impl Trainer {
             held_out_loss,
             icl_loss,
             copy_accuracy,
+            prompt_ids: ids,
             heads,
         })
     }
