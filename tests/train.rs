@@ -491,3 +491,131 @@ fn metrics_hold_the_head_scores_of_the_saved_model() -> Result {
     }
     Ok(())
 }
+
+/// The tutorial's exercises: 1 head against 8 on the copy task (same budget, seed and data), and
+/// a grouped-query layout trains and loads like any other.
+#[test]
+fn compare_heads_trains_each_head_count_and_tabulates_them() -> Result {
+    let out = scratch("train", "compare");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    let run = gpt2(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--task",
+        "copy",
+        "--compare-heads",
+        "1,8",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let table = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        table.contains("| heads | head size | parameters"),
+        "{table}"
+    );
+    let rows: Value = serde_json::from_str(&std::fs::read_to_string(out.join("compare.json"))?)?;
+    let rows = rows.as_array().ok_or("not a list")?;
+    assert_eq!(rows.len(), 2);
+    for (row, (heads, size)) in rows.iter().zip([(1, 64), (8, 8)]) {
+        assert_eq!(row["heads"], heads);
+        assert_eq!(row["head_size"], size);
+        assert!(row["copy_accuracy"]
+            .as_f64()
+            .is_some_and(|a| (0.0..=1.0).contains(&a)));
+        let saved = fixture_json_at(&out.join(format!("heads-{heads}/config.json")))?;
+        assert_eq!(saved["n_head"], heads);
+    }
+    // 12 heads do not divide n_embd 64.
+    let bad = gpt2(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--task",
+        "copy",
+        "--compare-heads",
+        "12",
+        "--out",
+        out.to_str().unwrap(),
+    ])?;
+    assert_error(
+        &bad,
+        2,
+        &["--compare-heads", "12 heads do not divide n_embd 64"],
+    );
+    // Grouped-query attention: 4 query heads sharing 2 K/V heads.
+    let gqa = scratch("train", "gqa");
+    let run = gpt2(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--n-kv-head",
+        "2",
+        "--task",
+        "copy",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        gqa.to_str().unwrap(),
+    ])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(fixture_json_at(&gqa.join("config.json"))?["n_kv_head"], 2);
+    let gen = gpt2(&[
+        "generate",
+        "--model-dir",
+        gqa.to_str().unwrap(),
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "2",
+    ])?;
+    assert!(gen.status.success(), "{}", stderr(&gen));
+    Ok(())
+}
+
+#[test]
+fn bench_compare_heads_times_each_head_count() -> Result {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    let run = gpt2(&[
+        "bench",
+        "--config",
+        config.to_str().unwrap(),
+        "--compare-heads",
+        "1,4",
+        "--batch",
+        "2",
+        "--prompt-tokens",
+        "16",
+        "--runs",
+        "1",
+        "--format",
+        "json",
+    ])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let rows: Value = serde_json::from_slice(&run.stdout)?;
+    let rows = rows.as_array().ok_or("not a list")?;
+    assert_eq!(rows.len(), 2);
+    for (row, heads) in rows.iter().zip([1, 4]) {
+        assert_eq!(row["heads"], heads);
+        let (f, fb) = (
+            row["forward_ms"].as_f64(),
+            row["forward_backward_ms"].as_f64(),
+        );
+        assert!(
+            f.is_some_and(|f| f > 0.0) && fb.is_some_and(|fb| fb > 0.0),
+            "{row}"
+        );
+    }
+    Ok(())
+}
