@@ -79,10 +79,13 @@ impl Conv1D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let d_out = self.weight.dim(1)?;
-        // (B, T, in) -> (B·T, in) · (in, out) -> (B, T, out)
-        let y = x.reshape((b * t, d_in))?.matmul(self.weight.as_tensor())?;
-        Ok(y.broadcast_add(self.bias.as_tensor())?
-            .reshape((b, t, d_out))?)
+        // (B, T, in) -> (B·T, in) · (in, out) + b -> (B, T, out)
+        let y = super::ops::conv1d(
+            &x.reshape((b * t, d_in))?,
+            self.weight.as_tensor(),
+            self.bias.as_tensor(),
+        )?;
+        Ok(y.reshape((b, t, d_out))?)
     }
 }
 
