@@ -41,8 +41,8 @@ impl Choice for Schedule {
 }
 
 #[derive(Args)]
-#[command(group = clap::ArgGroup::new("model").args(["config", "init", "resume"]).required(true))]
-#[command(group = clap::ArgGroup::new("input").args(["data", "task", "resume"]).required(true))]
+#[command(group = clap::ArgGroup::new("model").args(["config", "init", "resume", "report_only"]).required(true))]
+#[command(group = clap::ArgGroup::new("input").args(["data", "task", "resume", "report_only"]).required(true))]
 pub(super) struct TrainArgs {
     /// A fresh model of this layout (e.g. configs/tiny.json), GPT-2's initialisation from --seed.
     #[arg(long, value_name = "FILE")]
@@ -149,9 +149,22 @@ pub(super) struct TrainArgs {
     /// seed and data, each into OUT/heads-N, and print a table of their results.
     #[arg(long, value_name = "N,...", value_delimiter = ',', requires = "config")]
     compare_heads: Option<Vec<usize>>,
+    /// Also draw the curves (loss, every head's scores, the phase change) as a PNG here.
+    /// OUT/report.html is written at the end of every run.
+    #[arg(long, value_name = "PNG", conflicts_with = "compare_heads")]
+    plot: Option<PathBuf>,
+    /// Train nothing: write OUT/report.html (and --plot) again from the run saved in --out.
+    #[arg(long, conflicts_with_all = ["resume", "overwrite", "config", "init", "data", "task", "compare_heads"])]
+    report_only: bool,
 }
 
 pub(super) fn cmd_train(args: TrainArgs) -> Result<()> {
+    if let Some(plot) = &args.plot {
+        gpt2::output::reserve("plot", plot)?;
+    }
+    if args.report_only {
+        return report(&args.out, args.plot.as_deref());
+    }
     keep_freed_memory();
     let device = args.device.open()?;
     if let Some(heads) = &args.compare_heads {
@@ -166,7 +179,11 @@ pub(super) fn cmd_train(args: TrainArgs) -> Result<()> {
         let (init, config) = args.init()?;
         args.start(init, &config, &args.out, &device)?
     };
-    run(&mut trainer).map(drop)
+    run(&mut trainer)?;
+    if gpt2::interrupt::requested() {
+        return Ok(()); // saved; the report waits for the run's end
+    }
+    report(trainer.out(), args.plot.as_deref())
 }
 
 /// `--compare-heads`: the same run (options, seed, data) once per head count, each in
@@ -428,6 +445,20 @@ fn run(trainer: &mut Trainer) -> Result<Option<Outcome>> {
         eval: last_eval,
         seconds: stepping,
     }))
+}
+
+/// Writes OUT/report.html (and the --plot PNG) from the run's logs and its saved model.
+fn report(out: &Path, plot: Option<&Path>) -> Result<()> {
+    let report = gpt2::train::report::write_report(out)?;
+    if let Some(path) = plot {
+        gpt2::train::report::plot_curves(out, &report.logs, path)?;
+    }
+    match &report.phase {
+        Some(p) => println!("{p}"),
+        None => println!("no phase change found"),
+    }
+    println!("report: {}", report.path.display());
+    Ok(())
 }
 
 /// Saves at Ctrl-C; the binary exits 130 after an interrupted command.

@@ -29,7 +29,7 @@ mod font;
 
 pub use export::write_npy;
 pub mod generated;
-mod html;
+pub(crate) mod html;
 pub mod image;
 pub mod scores;
 mod text;

@@ -6,7 +6,8 @@
 //! clipping, one AdamW update at the schedule's learning rate. [`Trainer::evaluate`] measures the
 //! held-out loss, the in-context loss and every head's scores ([`eval`]); [`Trainer::save`]
 //! writes a Hugging Face folder and the optimizer state beside it ([`save`]), from which
-//! [`Trainer::resume`] continues bit for bit.
+//! [`Trainer::resume`] continues bit for bit. [`report`] turns the run's logs and its final
+//! model into `OUT/report.html` and the `--plot` PNG, and finds the phase change.
 //!
 //! Conventions (as `torch.optim.AdamW`, nanoGPT and transformers' `Trainer`): decoupled weight
 //! decay on matrices and embeddings only; the loss is the mean over every position of the batch
@@ -19,6 +20,7 @@ pub mod eval;
 mod model;
 mod ops;
 pub mod optim;
+pub mod report;
 mod save;
 
 use std::path::{Path, PathBuf};
