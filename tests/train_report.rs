@@ -108,6 +108,11 @@ fn a_run_writes_a_self_contained_report_with_every_chart_and_head() -> Result {
     // The folder's name is text.
     assert!(!html.contains("<img src=x"));
     assert!(html.contains("Training report: run&lt;img src=x onerror=alert(1)&gt;"));
+    // What the run was asked to do, from training.json.
+    assert!(
+        html.contains("Trained from a fresh layout on the induction task: 30 of 30 steps of 4 × 64 tokens, lr 1e-3 (constant)"),
+        "{html}"
+    );
     // The loss: every step, and the three evaluations of each loss.
     assert_eq!(polylines(&html, "loss")?, [30, 3, 3]);
     // Each score over the steps: one curve per head, three evaluations each.

@@ -149,8 +149,9 @@ pub(super) struct TrainArgs {
     /// seed and data, each into OUT/heads-N, and print a table of their results.
     #[arg(long, value_name = "N,...", value_delimiter = ',', requires = "config")]
     compare_heads: Option<Vec<usize>>,
-    /// Also draw the curves (loss, every head's scores, the phase change) as a PNG here.
-    /// OUT/report.html is written at the end of every run.
+    /// Also draw the curves (loss, every head's scores, the phase change) as a PNG here at the
+    /// end of the run. OUT/report.html is written at the end of every run (not after Ctrl-C:
+    /// --report-only writes both from the saved run).
     #[arg(long, value_name = "PNG", conflicts_with = "compare_heads")]
     plot: Option<PathBuf>,
     /// Train nothing: write OUT/report.html (and --plot) again from the run saved in --out.

@@ -36,16 +36,26 @@ use crate::output::PendingFile;
 use crate::source::ModelSource;
 use crate::tokenizer::Tokenizer;
 
+use super::save::RunRecord;
+use super::DataSpec;
+
 /// The report's file in the run's folder.
 pub const REPORT: &str = "report.html";
 /// The logs the report reads.
 pub const STEPS_LOG: &str = "steps.jsonl";
 pub const METRICS_LOG: &str = "metrics.jsonl";
 
+/// A number JSON may hold as `null`: serde_json writes a NaN or an infinity so. Read as NaN,
+/// which the charts leave out, rather than failing the whole report on one value.
+fn number<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 /// A line of `steps.jsonl`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct StepLine {
     pub step: u64,
+    #[serde(deserialize_with = "number")]
     pub loss: f64,
     #[serde(default)]
     pub lr: Option<f64>,
@@ -76,6 +86,7 @@ pub struct EvalLine {
     pub step: u64,
     #[serde(default)]
     pub held_out_loss: Option<f64>,
+    #[serde(deserialize_with = "number")]
     pub icl_loss: f64,
     #[serde(default)]
     pub copy_accuracy: Option<f64>,
@@ -272,6 +283,10 @@ pub fn write_report(out: &Path) -> Result<Report> {
             ))
             .unwrap_or_default()
     );
+    let summary = match run_details(out) {
+        Some(run) => format!("{run}. {summary}"),
+        None => summary,
+    };
     let loss = chart::loss_panel(&logs, phase.as_ref());
     let scores = chart::score_panels(&logs, phase.as_ref());
     let page = html::page(&html::Page {
@@ -313,6 +328,37 @@ pub fn plot_curves(out: &Path, logs: &RunLogs, path: &Path) -> Result<()> {
     plot::write_plot(path, &title, &loss, &scores)
 }
 
+/// What the run was asked to do, from `OUT/training.json` (`None` without one).
+fn run_details(out: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(out.join("training.json")).ok()?;
+    let r: RunRecord = serde_json::from_str(&text).ok()?;
+    let o = &r.options;
+    let data = match &r.data {
+        DataSpec::Task(t) => format!("the {t} task"),
+        DataSpec::File(p) => p.display().to_string(),
+    };
+    let warmup = if o.warmup > 0 {
+        format!(" after {} warm-up steps", o.warmup)
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "Trained from {} on {data}: {} of {} steps of {} × {} tokens, lr {:e} ({}{warmup}),          weight decay {}, gradient clip {}, dropout {}, seed {}, {}",
+        r.init,
+        r.step,
+        o.steps,
+        o.batch_size,
+        o.seq_len,
+        o.lr,
+        o.schedule,
+        o.adam.weight_decay,
+        o.grad_clip,
+        o.dropout,
+        o.seed,
+        r.dtype
+    ))
+}
+
 /// The run's folder as titles name it: its last component.
 fn run_name(out: &Path) -> String {
     out.file_name()
@@ -342,6 +388,9 @@ mod tests {
             .map_err(|e| Error::io(dir.path(), e))?;
         let err = RunLogs::read(dir.path()).err().map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.contains("steps.jsonl:1:")));
+        // A loss that was not finite (written as null) is read as NaN.
+        w(STEPS_LOG, "{\"step\":1,\"loss\":null}\n").map_err(|e| Error::io(dir.path(), e))?;
+        assert!(RunLogs::read(dir.path())?.steps[0].loss.is_nan());
         Ok(())
     }
 }
