@@ -9,7 +9,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
 use super::chart::{tick_label, ticks, Frame, Panel};
-use super::phase::PhaseChange;
+use super::phase::{PhaseChange, ICL_DROP, INDUCTION_RISE};
 use super::Thumbnails;
 use crate::inspect::html::escape_html;
 
@@ -113,11 +113,14 @@ pub(super) fn page(p: &Page<'_>) -> String {
 
 fn phase_section(phase: Option<&PhaseChange>) -> String {
     let Some(p) = phase else {
-        return "<section id=\"phase-change\" class=\"none\"><h2>Phase change</h2>\
-                <p>No phase change found: the best head's induction score never jumped \
-                while the in-context loss dropped (the rule is in the documentation of \
-                <code>gpt2::train::report</code>).</p></section>\n"
-            .into();
+        return format!(
+            "<section id=\"phase-change\" class=\"none\"><h2>Phase change</h2>\
+             <p>No phase change found: the best head's induction score never jumped (a rise of \
+             {INDUCTION_RISE} or more within at most half of the evaluated steps) while the \
+             in-context loss fell by {:.0}% or more. The rule is in the documentation of \
+             <code>gpt2::train::report::phase</code>.</p></section>\n",
+            ICL_DROP * 100.0
+        );
     };
     let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
     let g = |v: Option<f32>| v.map_or("–".to_string(), |v| format!("{v:.2}"));

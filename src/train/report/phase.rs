@@ -333,6 +333,20 @@ mod tests {
     }
 
     #[test]
+    fn a_noisy_jump_over_several_evaluations_is_measured_whole() {
+        // Noise of a few hundredths before and after; the formation spans steps 80 to 110.
+        let ind = [
+            0.02f32, 0.05, 0.03, 0.06, 0.04, 0.05, 0.03, 0.06, 0.2, 0.5, 0.75, 0.82, 0.8, 0.84,
+            0.81, 0.83, 0.85, 0.82, 0.84, 0.85,
+        ];
+        let mut icl = vec![6.2; 8];
+        icl.extend([5.5, 3.0, 1.5, 1.2, 1.1, 1.1, 1.0, 1.05, 1.0, 1.0, 0.98, 1.0]);
+        let p = phase_change(&run(&ind, &ind, &icl)).expect("a phase change");
+        assert_eq!((p.step, p.from_step, p.to_step), (100, 80, 110));
+        assert_eq!((p.icl_loss_before, p.icl_loss_after), (6.2, 1.5));
+    }
+
+    #[test]
     fn a_jump_at_the_first_interval_and_at_the_last_is_found() {
         let early = [0.02f32, 0.7, 0.8, 0.8, 0.82];
         let icl = [6.0, 1.5, 1.0, 1.0, 0.9];
