@@ -9,6 +9,12 @@ use super::{EvalLine, HeadLine, RunLogs};
 /// wider than the chart needs no more, and a page of a million points would crawl.
 pub(super) const MAX_POINTS: usize = 1000;
 
+/// Per-evaluation curves of heads are averaged down to this many points: a model of 144 heads
+/// evaluated a thousand times stays a page of a few megabytes.
+pub(super) const MAX_HEAD_POINTS: usize = 300;
+/// Curves of more points than this get no dot at each point (the dots would merge).
+pub(super) const MAX_MARKERS: usize = 60;
+
 /// Colours for series, in order (matplotlib's tab10): heads take them by index, layer-major.
 pub(super) const PALETTE: [[u8; 3]; 10] = [
     [31, 119, 180],
@@ -64,25 +70,28 @@ pub(super) fn loss_panel(logs: &RunLogs, phase: Option<&PhaseChange>) -> Panel {
         Series {
             name: "training loss (per step)".into(),
             colour: [150, 150, 150],
-            points: finite(downsample(&train, MAX_POINTS)),
+            points: downsample(&finite(train), MAX_POINTS),
             markers: false,
             head: None,
         },
         Series {
             name: "held-out loss".into(),
             colour: PALETTE[0],
-            points: finite(per_eval(|e| e.held_out_loss)),
+            points: downsample(&finite(per_eval(|e| e.held_out_loss)), MAX_POINTS),
             markers: true,
             head: None,
         },
         Series {
             name: "in-context loss (second copy of a repeated sequence)".into(),
             colour: PALETTE[3],
-            points: finite(per_eval(|e| Some(e.icl_loss))),
+            points: downsample(&finite(per_eval(|e| Some(e.icl_loss))), MAX_POINTS),
             markers: true,
             head: None,
         },
     ];
+    for s in &mut series {
+        s.markers &= s.points.len() <= MAX_MARKERS;
+    }
     series.retain(|s| !s.points.is_empty());
     let top = max_y(&series).unwrap_or(1.0);
     Panel {
@@ -124,20 +133,23 @@ pub(super) fn score_panels(logs: &RunLogs, phase: Option<&PhaseChange>) -> Vec<P
             let series: Vec<Series> = heads
                 .iter()
                 .enumerate()
-                .map(|(i, &(layer, head))| Series {
-                    name: format!("{layer}.{head}"),
-                    colour: PALETTE[i % PALETTE.len()],
-                    points: finite(
-                        logs.evals
-                            .iter()
-                            .filter_map(|e| {
-                                let h = e.heads.iter().find(|h| (h.layer, h.head) == (layer, head));
-                                h.and_then(score).map(|v| (e.step as f64, f64::from(v)))
-                            })
-                            .collect(),
-                    ),
-                    markers: true,
-                    head: Some(format!("{layer}.{head}")),
+                .map(|(i, &(layer, head))| {
+                    let points: Vec<(f64, f64)> = logs
+                        .evals
+                        .iter()
+                        .filter_map(|e| {
+                            let h = e.heads.iter().find(|h| (h.layer, h.head) == (layer, head));
+                            h.and_then(score).map(|v| (e.step as f64, f64::from(v)))
+                        })
+                        .collect();
+                    let points = downsample(&finite(points), MAX_HEAD_POINTS);
+                    Series {
+                        name: format!("{layer}.{head}"),
+                        colour: PALETTE[i % PALETTE.len()],
+                        markers: points.len() <= MAX_MARKERS,
+                        points,
+                        head: Some(format!("{layer}.{head}")),
+                    }
                 })
                 .collect();
             // Scores are attention mass: 0 to 1 (more only if a log says so).
@@ -289,6 +301,46 @@ mod tests {
         assert_eq!(nice_ceiling(1.0), 1.0);
         assert_eq!(nice_ceiling(0.0), 1.0);
         assert_eq!(nice_ceiling(f64::NAN), 1.0);
+    }
+
+    #[test]
+    fn long_runs_make_light_charts() {
+        let head = |layer, head| HeadLine {
+            layer,
+            head,
+            previous_token: Some(0.5),
+            induction: Some(0.25),
+            duplicate_token: None,
+            first_token: None,
+            label: String::new(),
+        };
+        let logs = RunLogs {
+            steps: Vec::new(),
+            evals: (1..=1000)
+                .map(|s| EvalLine {
+                    step: s,
+                    held_out_loss: None,
+                    icl_loss: if s == 7 { f64::NAN } else { 1.0 },
+                    copy_accuracy: None,
+                    heads: vec![head(0, 0), head(0, 1)],
+                    train_loss: None,
+                })
+                .collect(),
+        };
+        let loss = loss_panel(&logs, None);
+        assert_eq!(loss.series.len(), 1, "only the in-context loss was logged");
+        assert_eq!(loss.series[0].points.len(), 999, "the NaN left out");
+        assert!(!loss.series[0].markers);
+        let panels = score_panels(&logs, None);
+        let ids: Vec<&str> = panels.iter().map(|p| p.id).collect();
+        assert_eq!(ids, ["induction", "previous-token", "duplicate-token"]);
+        let ind = &panels[0].series;
+        assert_eq!(ind.len(), 2);
+        assert_eq!(ind[1].head.as_deref(), Some("0.1"));
+        assert!(ind[0].points.len() <= MAX_HEAD_POINTS && !ind[0].markers);
+        assert!(ind[0].points.iter().all(|p| p.1 == 0.25));
+        assert!(panels[2].series.iter().all(|s| s.points.is_empty()));
+        assert_eq!(panels[0].x, (0.0, 1000.0));
     }
 
     #[test]
