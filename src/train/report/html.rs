@@ -315,9 +315,11 @@ fn thumbnail_section(t: &Thumbnails) -> String {
         "<p class=\"note\">Each head's attention (rows: queries, columns: keys; brighter is \
          more) on the sequence <code>inspect-heads --scores</code> measures induction on: {} \
          random tokens, then the same tokens again. A previous-token head draws the diagonal \
-         just below the main one; an induction head, a second diagonal {} columns left of it in \
-         the second half. Labels and scores are the last evaluation's.</p>",
-        t.repeat_len, t.repeat_len
+         just below the main one; an induction head, in the second half, a diagonal {} columns \
+         left of the main one (the token after the same token's first copy). Labels and scores \
+         are the last evaluation's.</p>",
+        t.repeat_len,
+        t.repeat_len.saturating_sub(1)
     );
     let per_row = t.n_head.clamp(1, 8);
     let _ = writeln!(
