@@ -1,7 +1,8 @@
 //! `gpt2 train`'s report: `OUT/report.html` after a short run, read as text (self-contained,
 //! every chart and thumbnail there, the folder's name escaped), the `--plot` PNG,
-//! `--report-only` on a finished run (and on logs with a phase change in them), and the page in
-//! headless Chromium (ignored: `cargo test -- --ignored`).
+//! `--report-only` on a finished run (and on logs with a phase change in them), the thumbnails of
+//! the trained fixture showing its known heads, and the page in headless Chromium (ignored:
+//! `cargo test -- --ignored`).
 
 mod common;
 
@@ -289,5 +290,51 @@ fn report_opens_in_chromium_without_errors() -> Result {
     assert_eq!(dom.matches("<svg class=\"chart\"").count(), 4, "{dom}");
     assert_eq!(dom.matches("<figure class=\"thumb\"").count(), 8);
     assert!(!dom.contains("<img src=\"x\""));
+    Ok(())
+}
+
+/// The mean weight a thumbnail shows at the cells `keys(q)` picks, read back through the
+/// colour map (the nearest of its colours for 0, 1/255, ..., 1).
+fn mean_weight(png: &[u8], keys: impl Fn(usize) -> Option<usize>) -> Result<f32> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(png)).read_info()?;
+    let mut rgb = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    let info = reader.next_frame(&mut rgb)?;
+    let t = info.width as usize;
+    let scale: Vec<[u8; 3]> = (0..=255)
+        .map(|i| gpt2::inspect::image::colormap(i as f32 / 255.0))
+        .collect();
+    let weight = |p: &[u8]| {
+        let d = |c: &[u8; 3]| {
+            (0..3)
+                .map(|i| (c[i] as i32 - p[i] as i32).pow(2))
+                .sum::<i32>()
+        };
+        (0..=255).min_by_key(|&i| d(&scale[i])).unwrap_or(0) as f32 / 255.0
+    };
+    let cells: Vec<f32> = (0..t)
+        .filter_map(|q| keys(q).map(|k| weight(&rgb[(q * t + k) * 3..][..3])))
+        .collect();
+    Ok(cells.iter().sum::<f32>() / cells.len().max(1) as f32)
+}
+
+#[test]
+fn thumbnails_show_the_trained_fixtures_heads() -> Result {
+    // tests/fixtures/induction: previous-token heads 0.0 and 0.1, induction head 1.1.
+    let loaded = gpt2::ModelSource::dir(fixture("induction")).load(&gpt2::LoadOptions::default())?;
+    let t = gpt2::train::report::thumbnails(&loaded.model, &loaded.tokenizer, None)?;
+    assert_eq!((t.repeat_len, t.tokens.len(), t.heads.len()), (50, 100, 4));
+    let png = |l: usize, h: usize| -> Result<&[u8]> {
+        let th = t.heads.iter().find(|x| (x.layer, x.head) == (l, h));
+        Ok(&th.ok_or("no thumbnail")?.png)
+    };
+    let previous = |q: usize| q.checked_sub(1);
+    let induction = |q: usize| (q >= 50).then(|| q - 49);
+    for (l, h) in [(0, 0), (0, 1)] {
+        let w = mean_weight(png(l, h)?, previous)?;
+        assert!(w > 0.5, "head {l}.{h}: {w} on the previous token");
+    }
+    let w = mean_weight(png(1, 1)?, induction)?;
+    assert!(w > 0.5, "head 1.1: {w} on the token after the first copy");
+    assert!(mean_weight(png(1, 1)?, previous)? < 0.2);
     Ok(())
 }
