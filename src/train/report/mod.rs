@@ -4,7 +4,7 @@
 //! found by a fixed rule ([`phase`]).
 //!
 //! ```no_run
-//! use gpt2::train::report::{self, RunLogs};
+//! use gpt2::train::report;
 //! let out = std::path::Path::new("runs/induction");
 //! let report = report::write_report(out)?; // OUT/report.html
 //! if let Some(p) = &report.phase {
