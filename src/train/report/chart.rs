@@ -93,13 +93,12 @@ pub(super) fn loss_panel(logs: &RunLogs, phase: Option<&PhaseChange>) -> Panel {
         s.markers &= s.points.len() <= MAX_MARKERS;
     }
     series.retain(|s| !s.points.is_empty());
-    let top = max_y(&series).unwrap_or(1.0);
     Panel {
         id: "loss",
         title: "Loss (nats per token)".into(),
         y_label: "loss",
         x: x_range(logs),
-        y: (0.0, nice_ceiling(top)),
+        y: loss_range(&series),
         series,
         band: band(phase),
     }
@@ -165,6 +164,28 @@ pub(super) fn score_panels(logs: &RunLogs, phase: Option<&PhaseChange>) -> Vec<P
             }
         })
         .collect()
+}
+
+/// From 0 to a round number above the highest loss; when every loss is above half the highest
+/// (a run that has not learnt much yet), from a round number below the lowest instead, so that
+/// a small drop or a bump stays visible.
+fn loss_range(series: &[Series]) -> (f64, f64) {
+    let values = || series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+    let (Some(lo), Some(hi)) = (
+        values().min_by(f64::total_cmp),
+        values().max_by(f64::total_cmp),
+    ) else {
+        return (0.0, 1.0);
+    };
+    if lo <= hi / 2.0 || hi - lo < 1e-9 {
+        return (0.0, nice_ceiling(hi));
+    }
+    let t = ticks(lo, hi, 5);
+    let step = match t.as_slice() {
+        [a, b, ..] => b - a,
+        _ => (hi - lo).max(1e-3),
+    };
+    ((lo / step).floor() * step, (hi / step).ceil() * step)
 }
 
 fn band(phase: Option<&PhaseChange>) -> Option<(f64, f64)> {
@@ -341,6 +362,32 @@ mod tests {
         assert!(ind[0].points.iter().all(|p| p.1 == 0.25));
         assert!(panels[2].series.iter().all(|s| s.points.is_empty()));
         assert_eq!(panels[0].x, (0.0, 1000.0));
+    }
+
+    #[test]
+    fn the_loss_axis_shows_small_changes() {
+        let series = |points: Vec<(f64, f64)>| {
+            vec![Series {
+                name: String::new(),
+                colour: [0; 3],
+                points,
+                markers: false,
+                head: None,
+            }]
+        };
+        // A run that learnt: from 0.
+        assert_eq!(
+            loss_range(&series(vec![(1.0, 6.2), (2.0, 0.5)])),
+            (0.0, 8.0)
+        );
+        // One that has not yet: around its values.
+        let (lo, hi) = loss_range(&series(vec![(1.0, 6.26), (2.0, 6.11)]));
+        assert!(
+            (lo - 6.1).abs() < 1e-9 && (hi - 6.3).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+        assert_eq!(loss_range(&series(vec![(1.0, 2.0)])), (0.0, 2.0));
+        assert_eq!(loss_range(&[]), (0.0, 1.0));
     }
 
     #[test]
