@@ -202,6 +202,7 @@ fn compare_heads(args: &TrainArgs, heads: &[usize], device: &gpt2::Device) -> Re
         let Some(done) = run(&mut trainer)? else {
             return Ok(()); // interrupted: saved, exit 130
         };
+        gpt2::train::report::write_report(&out)?;
         let eval = done.eval.as_ref();
         rows.push(serde_json::json!({
             "heads": h,
@@ -521,10 +522,9 @@ fn eval_line(st: &StepStats, e: &Evaluation) -> String {
     )
 }
 
-/// One line per step: `{"step", "loss", "lr", "grad_norm"}`.
-const STEPS_LOG: &str = "steps.jsonl";
-/// One line per evaluation: [`Evaluation`] plus the step's numbers.
-const METRICS_LOG: &str = "metrics.jsonl";
+// One line per step (`{"step", "loss", "lr", "grad_norm"}`), and one per evaluation
+// ([`Evaluation`] plus the step's numbers): the report reads them back.
+use gpt2::train::report::{METRICS_LOG, STEPS_LOG};
 
 /// `OUT/name`, opened to append (the folder made if missing).
 fn open_log(out: &Path, name: &str) -> Result<std::fs::File> {
