@@ -1,0 +1,309 @@
+//! The training graph's fused host ops, each with its exact backward: GPT-2's GELU, the causal
+//! softmax, layer norm's normalisation and the per-row cross-entropy. Built from candle's ops,
+//! each would be five to ten passes over its tensor, an allocation per pass, kept for the
+//! backward; fused, one pass forward and one back, as torch's kernels do. On other devices the
+//! same formulas are built from candle's ops and differentiated by autograd (also what the unit
+//! tests compare the fused ops with).
+//!
+//! GELU: candle's `gelu` backward also uses constants rounded to six digits (`0.797885` for
+//! √(2/π)): gradients off by 5e-7 relative, which twenty AdamW steps carry to 1e-6 in the
+//! weights (measured against torch in f64).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+use crate::error::Result;
+
+/// The element types the fused ops run on.
+pub(super) trait Float:
+    Copy
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+{
+    const ZERO: Self;
+    fn of(s: &CpuStorage) -> Option<&[Self]>;
+    fn store(v: Vec<Self>) -> CpuStorage;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn from_f64(v: f64) -> Self;
+}
+
+macro_rules! float {
+    ($t:ty, $variant:ident) => {
+        impl Float for $t {
+            const ZERO: Self = 0.0;
+            fn of(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn store(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+        }
+    };
+}
+float!(f32, F32);
+float!(f64, F64);
+
+/// The contiguous elements of `s` under `l`, as `T`.
+fn elems<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    match (T::of(s), l.contiguous_offsets()) {
+        (Some(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("a fused training op needs a contiguous f32 or f64 tensor"),
+    }
+}
+
+/// Runs `f` on the contiguous host elements of every tensor of `ts` (all of type `T`); `None`
+/// when one is not there (another device, dtype or layout).
+pub(super) fn with_host<T: Float, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> R) -> Option<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (s, l) in &guards {
+        match &**s {
+            candle_core::Storage::Cpu(c) => slices.push(elems::<T>(c, l).ok()?),
+            _ => return None,
+        }
+    }
+    Some(f(&slices))
+}
+
+/// Runs `f32` or `f64` code on the dtype of `s`.
+macro_rules! by_dtype {
+    ($s:expr, $f:ident ( $($arg:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => $f::<f32>($($arg),*),
+            CpuStorage::F64(_) => $f::<f64>($($arg),*),
+            _ => candle_core::bail!("the training ops run in f32 or f64"),
+        }
+    };
+}
+
+mod conv1d;
+mod rows;
+
+pub(crate) use conv1d::conv1d;
+pub(crate) use rows::{causal_softmax, normalize, row_nll};
+
+// ----------------------------------------------------------------------------- GELU
+
+/// √(2/π) and the cubic's coefficient of `gelu_new`.
+const K: f64 = 0.797_884_560_802_865_4;
+const A: f64 = 0.044_715;
+
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, transformers' `NewGELUActivation`.
+pub(crate) fn gelu_new(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return Ok(x.contiguous()?.apply_op1(Elementwise::Value)?);
+    }
+    let inner = ((x + (x.powf(3.0)? * A)?)? * K)?;
+    Ok(((x * 0.5)? * (inner.tanh()? + 1.0)?)?)
+}
+
+/// The function (with its backward) or its derivative, element by element on the host.
+#[derive(Clone, Copy)]
+enum Elementwise {
+    Value,
+    Slope,
+}
+
+/// `tanh(u)` as `1 − 2/(e^{2u} + 1)`: one `exp` (libm's `tanh` was a fifth of a training step).
+fn tanh<T: Float>(u: T) -> T {
+    let one = T::from_f64(1.0);
+    one - T::from_f64(2.0) / ((u + u).exp() + one)
+}
+
+fn value<T: Float>(x: T) -> T {
+    let c = T::from_f64;
+    c(0.5) * x * (c(1.0) + tanh(c(K) * (x + c(A) * x * x * x)))
+}
+
+/// d/dx: `0.5·(1 + t) + 0.5·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²)`, `t` the tanh above.
+fn slope<T: Float>(x: T) -> T {
+    let c = T::from_f64;
+    let t = tanh(c(K) * (x + c(A) * x * x * x));
+    c(0.5) * (c(1.0) + t) + c(0.5) * x * (c(1.0) - t * t) * c(K) * (c(1.0) + c(3.0 * A) * x * x)
+}
+
+impl CustomOp1 for Elementwise {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Value => "gelu-new",
+            Self::Slope => "gelu-new-slope",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        // In the tensor's own precision, as torch computes it.
+        fn run<T: Float>(
+            op: Elementwise,
+            s: &CpuStorage,
+            l: &Layout,
+        ) -> candle_core::Result<CpuStorage> {
+            let x = elems::<T>(s, l)?;
+            Ok(T::store(match op {
+                Elementwise::Value => x.iter().map(|&x| value(x)).collect(),
+                Elementwise::Slope => x.iter().map(|&x| slope(x)).collect(),
+            }))
+        }
+        Ok((by_dtype!(s, run(*self, s, l))?, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        match self {
+            Self::Value => Ok(Some(grad.mul(&arg.contiguous()?.apply_op1(Self::Slope)?)?)),
+            Self::Slope => candle_core::bail!("gelu_new has no second derivative here"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// `f` on the host (fused) and through the composed formula, with the gradients of
+    /// `Σ w·f(x)` for a fixed random `w`: equal to 1e-12 in f64.
+    fn same_as_composed(
+        x: &[f64],
+        shape: &[usize],
+        fused: impl Fn(&Tensor) -> Result<Tensor>,
+        composed: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<(Vec<f64>, Vec<f64>)> {
+            let v = Var::from_tensor(&Tensor::from_slice(x, shape, &Device::Cpu)?)?;
+            let y = f(v.as_tensor())?;
+            let n = y.elem_count();
+            let w: Vec<f64> = (0..n)
+                .map(|i| ((i * 7919 % 13) as f64 - 6.0) / 5.0)
+                .collect();
+            let w = Tensor::from_vec(w, y.shape(), &Device::Cpu)?;
+            let grads = (&y * &w)?.sum_all()?.backward()?;
+            let g = grads
+                .get(v.as_tensor())
+                .ok_or_else(|| crate::Error::Internal("no grad".into()))?;
+            Ok((y.flatten_all()?.to_vec1()?, g.flatten_all()?.to_vec1()?))
+        };
+        let (a, ga) = run(&fused)?;
+        let (b, gb) = run(&composed)?;
+        for (u, v) in a.iter().zip(&b).chain(ga.iter().zip(&gb)) {
+            assert!((u - v).abs() < 1e-12, "{u} vs {v}");
+        }
+        Ok(())
+    }
+
+    fn numbers(n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|i| ((i * 37 % 23) as f64 - 11.0) / 4.0)
+            .collect()
+    }
+
+    #[test]
+    fn fused_ops_equal_their_composed_formulas_and_gradients() -> Result<()> {
+        // Causal softmax over (2, 3, 5, 5) scores, scaled.
+        same_as_composed(
+            &numbers(150),
+            &[2, 3, 5, 5],
+            |x| causal_softmax(x, 0.37),
+            |x| {
+                let t = 5;
+                let mask: Vec<f64> = (0..t * t)
+                    .map(|i| {
+                        if i % t > i / t {
+                            f64::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?;
+                let x = (x * 0.37)?.broadcast_add(&mask)?;
+                let e = x
+                    .broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?
+                    .exp()?;
+                Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+            },
+        )?;
+        // Layer norm's normalisation over rows of 6.
+        same_as_composed(
+            &numbers(24),
+            &[4, 6],
+            |x| normalize(x, 1e-5),
+            |x| {
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let centred = x.broadcast_sub(&mean)?;
+                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+                Ok(centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?)
+            },
+        )?;
+        // Conv1D against matmul + bias, for the input's gradient; the weight's and the bias's
+        // are checked by the training goldens.
+        let w = Tensor::from_vec(numbers(12), (4, 3), &Device::Cpu)?;
+        let b = Tensor::new(&[0.5f64, -1.0, 2.0], &Device::Cpu)?;
+        same_as_composed(
+            &numbers(20),
+            &[5, 4],
+            |x| conv1d(x, &w, &b),
+            |x| Ok(x.matmul(&w)?.broadcast_add(&b)?),
+        )?;
+        // Cross-entropy rows.
+        let targets = Tensor::new(&[3u32, 0, 6, 2], &Device::Cpu)?;
+        same_as_composed(
+            &numbers(28),
+            &[4, 7],
+            |x| row_nll(x, &targets),
+            |x| {
+                let logp = candle_nn::ops::log_softmax(x, D::Minus1)?;
+                Ok(logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?)
+            },
+        )?;
+        Ok(())
+    }
+
+    #[test]
+    fn the_derivative_is_the_exact_one() -> Result<()> {
+        let xs = [-3.0f64, -1.2, -0.3, 0.0, 0.4, 1.1, 2.5];
+        let x = Var::from_tensor(&Tensor::new(&xs, &Device::Cpu)?)?;
+        let y = gelu_new(x.as_tensor())?;
+        let grads = y.sum_all()?.backward()?;
+        let g: Vec<f64> = grads
+            .get(x.as_tensor())
+            .ok_or("no grad")
+            .map_err(|e| crate::Error::Internal(e.into()))?
+            .to_vec1()?;
+        let v: Vec<f64> = y.to_vec1()?;
+        for (i, &x) in xs.iter().enumerate() {
+            let h = 1e-6;
+            let numeric = (value(x + h) - value(x - h)) / (2.0 * h);
+            assert!(
+                (g[i] - numeric).abs() < 1e-9,
+                "at {x}: {} vs {numeric}",
+                g[i]
+            );
+            let exact = 0.5 * x * (1.0 + (K * (x + A * x * x * x)).tanh());
+            assert!((v[i] - exact).abs() < 1e-15, "at {x}: {} vs {exact}", v[i]);
+        }
+        Ok(())
+    }
+}
