@@ -196,21 +196,43 @@ fn run_files(out: &Path) -> Result<Vec<Vec<u8>>> {
 
 #[test]
 fn a_resumed_run_ends_bit_identical_to_one_that_was_not_stopped() -> Result {
-    let whole = scratch("train", "resume-whole");
-    let run = run_args(&tiny_task_args(&whole, 10))?;
+    // In f64 too: its weights must come back unrounded.
+    for dtype in ["f32", "f64"] {
+        let with = |out: &Path, steps| {
+            let mut args = tiny_task_args(out, steps);
+            args.extend(["--dtype".to_string(), dtype.to_string()]);
+            args
+        };
+        let whole = scratch("train", &format!("resume-whole-{dtype}"));
+        let run = run_args(&with(&whole, 10))?;
+        assert!(run.status.success(), "{}", stderr(&run));
+        let parts = scratch("train", &format!("resume-parts-{dtype}"));
+        let run = run_args(&with(&parts, 6))?;
+        assert!(run.status.success(), "{}", stderr(&run));
+        let out = parts.to_str().unwrap();
+        let run = gpt2(&["train", "--resume", "--out", out, "--steps", "10"])?;
+        assert!(run.status.success(), "{}", stderr(&run));
+        assert!(
+            run_files(&whole)? == run_files(&parts)?,
+            "{dtype}: the resumed run differs"
+        );
+        let record = std::fs::read_to_string(parts.join("training.json"))?;
+        assert!(record.contains("\"step\": 10"), "{record}");
+    }
+    // A folder whose weights and record come from two saves is refused, not resumed.
+    let b = scratch("train", "mixed");
+    let run = run_args(&tiny_task_args(&b, 4))?;
     assert!(run.status.success(), "{}", stderr(&run));
-    let parts = scratch("train", "resume-parts");
-    let run = run_args(&tiny_task_args(&parts, 6))?;
+    let later = scratch("train", "mixed-later");
+    let run = run_args(&tiny_task_args(&later, 5))?;
     assert!(run.status.success(), "{}", stderr(&run));
-    let out = parts.to_str().unwrap();
-    let run = gpt2(&["train", "--resume", "--out", out, "--steps", "10"])?;
-    assert!(run.status.success(), "{}", stderr(&run));
-    assert!(
-        run_files(&whole)? == run_files(&parts)?,
-        "the resumed run differs"
+    std::fs::copy(later.join("model.safetensors"), b.join("model.safetensors"))?;
+    let run = gpt2(&["train", "--resume", "--out", b.to_str().unwrap()])?;
+    assert_error(
+        &run,
+        1,
+        &["the weights are from step 5", "training.json from step 4"],
     );
-    let record = std::fs::read_to_string(parts.join("training.json"))?;
-    assert!(record.contains("\"step\": 10"), "{record}");
     Ok(())
 }
 
@@ -361,6 +383,19 @@ fn bad_input_is_one_error_line_and_leaves_no_checkpoint() -> Result {
         o,
     ])?;
     assert_error(&run, 2, &["--seq-len", "n_positions 128"]);
+    // A window too short for the tasks and the in-context evaluation.
+    let run = gpt2(&[
+        "train",
+        "--config",
+        config,
+        "--task",
+        "copy",
+        "--seq-len",
+        "3",
+        "--out",
+        o,
+    ])?;
+    assert_error(&run, 2, &["--seq-len", "at least 4"]);
     // An unknown task.
     let run = gpt2(&["train", "--config", config, "--task", "sort", "--out", o])?;
     assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));

@@ -84,15 +84,16 @@ pub(super) struct TrainArgs {
     /// The folder the run writes: a Hugging Face model folder plus its optimizer state.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Continue the run saved in --out (its options, data and optimizer state).
+    /// Continue the run saved in --out with its own options, data and optimizer state (only
+    /// --steps may change: a longer run).
     #[arg(long)]
     resume: bool,
     /// Replace a run already saved in --out instead of refusing.
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 1000)]
-    steps: u64,
+    /// Optimizer steps [default: 1000; with --resume, the saved run's].
+    #[arg(long)]
+    steps: Option<u64>,
     /// Sequences per step.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -172,8 +173,7 @@ pub(super) fn cmd_train(args: TrainArgs) -> Result<()> {
         return compare_heads(&args, heads, &device);
     }
     let mut trainer = if args.resume {
-        let steps = args.steps_given().then_some(args.steps);
-        let trainer = Trainer::resume(&args.out, steps, &device)?;
+        let trainer = Trainer::resume(&args.out, args.steps, &device)?;
         clear_logs(&args.out, trainer.steps_done())?;
         trainer
     } else {
@@ -270,11 +270,6 @@ impl TrainArgs {
         Ok(trainer)
     }
 
-    /// Whether `--steps` was typed (it replaces the saved run's on `--resume`).
-    fn steps_given(&self) -> bool {
-        std::env::args().any(|a| a == "--steps" || a.starts_with("--steps="))
-    }
-
     /// The model to start from, and its config (for the options' defaults).
     fn init(&self) -> Result<(Init, Config)> {
         if let Some(path) = &self.config {
@@ -317,7 +312,7 @@ impl TrainArgs {
 
     fn options(&self, config: &Config) -> TrainOptions {
         TrainOptions {
-            steps: self.steps,
+            steps: self.steps.unwrap_or(1000),
             batch_size: self.batch_size,
             seq_len: self.seq_len.unwrap_or(config.n_positions.min(128)),
             lr: self.lr,

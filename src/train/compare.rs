@@ -87,6 +87,8 @@ pub fn time_heads(
                     crate::interrupt::check()?;
                     let t = Instant::now();
                     f()?;
+                    // A GPU's kernels are queued: wait for them before reading the clock.
+                    device.synchronize()?;
                     best = best.min(t.elapsed().as_secs_f64() * 1e3);
                 }
                 Ok(best)

@@ -156,13 +156,13 @@ impl Data {
         sequential: bool,
         seed: u64,
     ) -> Batch {
-        let mut rng = SplitMix64::new(seed ^ hash_name("batch") ^ step.wrapping_mul(0x9E37));
+        let mut rng = stream(seed, "batch", step);
         match self {
             Self::Tokens { train, .. } => {
                 let windows = ((train.len() - 1) / len) as u64;
                 let starts = (0..rows as u64).map(|r| {
                     if sequential {
-                        ((step * rows as u64 + r) % windows) as usize * len
+                        (step.wrapping_mul(rows as u64).wrapping_add(r) % windows) as usize * len
                     } else {
                         rng.below((train.len() - len) as u64) as usize
                     }
@@ -198,6 +198,14 @@ impl Data {
             Self::Tokens { .. } => None,
         }
     }
+}
+
+/// The generator of `what` (the batches, dropout's masks) at `step` of a run seeded `seed`: the
+/// seed and the name mixed first, then the step, then mixed again, so that no two (seed, step)
+/// pairs share a stream (a plain `seed ^ step` gives seed 0 step 1 the stream of seed 1 step 0).
+pub(crate) fn stream(seed: u64, what: &str, step: u64) -> SplitMix64 {
+    let base = SplitMix64::new(seed ^ hash_name(what)).next_u64();
+    SplitMix64::new(SplitMix64::new(base ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64())
 }
 
 /// Windows of `len` inputs (and their targets, one further) starting at `starts`.
@@ -307,7 +315,7 @@ fn induction_row(vocab: usize, eos: u32, n: usize, rng: &mut SplitMix64) -> (Vec
     row[s1..s1 + seg_len].copy_from_slice(&seg);
     row[s2..s2 + seg_len].copy_from_slice(&seg);
     // The second copy's first token cannot be predicted; the rest can.
-    weight[s2 + 1..s2 + seg_len].fill(1.0);
+    weight[(s2 + 1).min(s2 + seg_len)..s2 + seg_len].fill(1.0);
     (row, weight)
 }
 
@@ -325,7 +333,8 @@ pub(crate) fn repeated_rows(vocab: usize, eos: u32, rows: usize, len: usize, see
         row.extend_from_slice(&s);
         row.resize(len + 1, eos);
         let mut w = vec![0.0f32; len + 1];
-        w[seg + 2..(2 * seg + 1).min(len + 1)].fill(1.0);
+        let end = (2 * seg + 1).min(len + 1);
+        w[(seg + 2).min(end)..end].fill(1.0);
         inputs.extend_from_slice(&row[..len]);
         targets.extend_from_slice(&row[1..]);
         weights.extend_from_slice(&w[1..]);

@@ -69,18 +69,21 @@ impl Default for TrainOptions {
         Self {
             steps: 1000,
             batch_size: 8,
-            seq_len: 64,
+            seq_len: 128,
             lr: 1e-3,
             warmup: 0,
             schedule: Schedule::Constant,
-            min_lr: 0.0,
-            adam: AdamWParams::default(),
+            min_lr: 1e-4,
+            adam: AdamWParams {
+                weight_decay: 0.01,
+                ..AdamWParams::default()
+            },
             grad_clip: 1.0,
             dropout: 0.0,
             seed: 0,
             sequential: false,
             eval_every: 100,
-            save_every: 0,
+            save_every: 500,
         }
     }
 }
@@ -95,6 +98,13 @@ impl TrainOptions {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(Error::param(name, "must be at least 1"));
+        }
+        if self.seq_len < 4 {
+            // The tasks and the in-context evaluation need room for a repeated segment.
+            return Err(Error::param(
+                "seq-len",
+                format!("{} is too short: at least 4 tokens", self.seq_len),
+            ));
         }
         if self.seq_len > config.n_positions {
             return Err(Error::param(
@@ -184,15 +194,20 @@ impl Trainer {
                 format!("training runs in f32 (or f64), not {}", dtype.as_str()),
             ));
         }
-        let (config, tensors, model_tokenizer, init_name) = match init {
+        // The layout and the options first: a mistake costs nothing to report, and the memory
+        // a step needs is known before any weight is made or read.
+        let config = match &init {
             Init::Layout(config) => {
                 config.validate()?;
-                let tensors = model::init_tensors(&config, options.seed)?;
-                (config, tensors, None, "a fresh layout".to_string())
+                config.clone()
             }
             Init::Model(source) => {
-                let (config, tensors, tokenizer) = save::read_model(&source)?;
-                if source.local_files().iter().any(|f| f.starts_with(out)) {
+                // By file identity: `./run` and `/abs/run` are one folder.
+                let out_abs = out.canonicalize().unwrap_or_else(|_| out.to_path_buf());
+                let inside = |f: &std::path::PathBuf| {
+                    f.canonicalize().is_ok_and(|f| f.starts_with(&out_abs))
+                };
+                if source.local_files().iter().any(inside) {
                     return Err(Error::param(
                         "out",
                         format!(
@@ -201,10 +216,22 @@ impl Trainer {
                         ),
                     ));
                 }
-                (config, tensors, Some(tokenizer), source.name())
+                source.config()?
             }
         };
         options.validate(&config)?;
+        check_memory(&config, &options, dtype)?;
+        let (tensors, model_tokenizer, init_name) = match init {
+            Init::Layout(_) => (
+                model::init_tensors(&config, options.seed)?,
+                None,
+                "a fresh layout".to_string(),
+            ),
+            Init::Model(source) => {
+                let (_, tensors, tokenizer) = save::read_model(&source)?;
+                (tensors, Some(tokenizer), source.name())
+            }
+        };
         let tokenizer = match tokenizer.or(model_tokenizer) {
             Some(t) => t,
             None if config.vocab_size > 256 => Tokenizer::bytes_only_dense(config.eos_token_id)?,
@@ -262,6 +289,7 @@ impl Trainer {
                 saved.record.dtype
             ))
         })?;
+        check_memory(&saved.config, &options, dtype)?;
         let model = TrainModel::from_tensors(&saved.config, saved.tensors, dtype, device)?;
         let mut optim = AdamW::new(owned(&model), options.adam)?;
         optim.restore(saved.moments, saved.record.step)?;
@@ -318,7 +346,7 @@ impl Trainer {
             .batch(s, o.batch_size, o.seq_len, o.sequential, o.seed);
         let mut dropout = Dropout {
             p: o.dropout,
-            rng: crate::rng::SplitMix64::new(o.seed ^ crate::rng::hash_name("dropout") ^ s),
+            rng: data::stream(o.seed, "dropout", s),
         };
         let loss = self.loss(&batch, (o.dropout > 0.0).then_some(&mut dropout))?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -407,6 +435,35 @@ impl Trainer {
             &record,
         )
     }
+}
+
+/// Refuses a run whose step would not fit in memory, before anything is allocated: the weights,
+/// their gradients and AdamW's two moments (4 copies), and the activations a step keeps for its
+/// backward, about `B·T·(n_layer·(16·C + 2·inner + 3·heads·T) + 3·vocab)` elements (each layer's
+/// normalised inputs, Q, K, V, the probabilities, the MLP's hidden layer, the residuals; the
+/// logits and their gradient), counted generously.
+fn check_memory(config: &Config, options: &TrainOptions, dtype: DType) -> Result<()> {
+    use crate::memory::product;
+    let params = crate::checkpoint::layout_elements(config, config.n_layer);
+    let (c, inner, heads) = (config.n_embd, config.inner_size(), config.n_head);
+    let per_token = product(&[config.n_layer, 16 * c + 2 * inner])
+        + product(&[config.n_layer, 3 * heads, options.seq_len])
+        + product(&[3, config.vocab_size]);
+    let activations = product(&[options.batch_size, options.seq_len]).saturating_mul(per_token);
+    let needed = params
+        .saturating_mul(4)
+        .saturating_add(activations)
+        .saturating_mul(dtype.size_in_bytes() as u128);
+    crate::memory::check_or(
+        needed,
+        || {
+            format!(
+                "training {} parameters on batches of {} × {} tokens",
+                params, options.batch_size, options.seq_len
+            )
+        },
+        "lower --batch-size or --seq-len",
+    )
 }
 
 /// The error that stops a run whose `what` became `value` at `step`.

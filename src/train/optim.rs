@@ -88,9 +88,9 @@ impl AdamW {
             weight_decay,
         } = self.params;
         self.step += 1;
-        let t = self.step as i32;
-        let bias1 = 1.0 - beta1.powi(t);
-        let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+        let t = self.step as f64;
+        let bias1 = 1.0 - beta1.powf(t);
+        let bias2_sqrt = (1.0 - beta2.powf(t)).sqrt();
         let step_size = lr / bias1;
         let k = Coefs {
             beta1,

@@ -16,7 +16,7 @@ use crate::checkpoint::{checkpoint_layout, Checkpoint, Weights};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::output::{commit_together, PendingFile};
-use crate::source::{files_in, ModelSource};
+use crate::source::ModelSource;
 use crate::tokenizer::Tokenizer;
 
 /// `training.json`.
@@ -101,10 +101,11 @@ pub(crate) fn write_run(
         .iter()
         .map(|(n, t)| (format!("transformer.{n}"), t))
         .collect();
-    let weights = safetensors_bytes(named, &[("format", "pt")])?;
+    let step = record.step.to_string();
+    let weights = safetensors_bytes(named, &[("format", "pt"), ("step", &step)])?;
     let optimizer = safetensors_bytes(
         moments.iter().map(|(n, t)| (n.clone(), t)).collect(),
-        &[("step", &record.step.to_string())],
+        &[("step", &step)],
     )?;
     let tokenizer_tmp = tempfile::NamedTempFile::new_in(out).map_err(|e| Error::io(out, e))?;
     tokenizer.save(tokenizer_tmp.path())?;
@@ -140,8 +141,52 @@ fn safetensors_bytes(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    safetensors::tensor::serialize(tensors, Some(info))
-        .map_err(|e| Error::Internal(format!("cannot serialize the weights: {e}")))
+    let bytes = safetensors::tensor::serialize(tensors, Some(info))
+        .map_err(|e| Error::Internal(format!("cannot serialize the weights: {e}")))?;
+    sorted_header(bytes)
+}
+
+/// `bytes` with its JSON header's keys in sorted order: safetensors writes the metadata from a
+/// `HashMap`, whose order changes from process to process, and a resumed run must write the
+/// same bytes as one that was never stopped. The header keeps its 8-byte padding; the data
+/// offsets are relative to its end, so nothing else moves.
+fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = || Error::Internal("safetensors wrote a header we cannot read".into());
+    let len = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(bad)? as usize;
+    let header = bytes.get(8..8 + len).ok_or_else(bad)?;
+    let value: serde_json::Value = serde_json::from_slice(header).map_err(|_| bad())?;
+    // serde_json's maps are ordered by key.
+    let mut sorted = serde_json::to_vec(&value).map_err(|_| bad())?;
+    sorted.resize(sorted.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + sorted.len() + bytes.len() - 8 - len);
+    out.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
+    out.extend_from_slice(&sorted);
+    out.extend_from_slice(&bytes[8 + len..]);
+    Ok(out)
+}
+
+/// The tensors of a safetensors file we wrote, and the `step` of its metadata.
+fn read_tensors(path: &Path) -> Result<(HashMap<String, Tensor>, u64)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |msg: String| Error::BadCheckpoint {
+        file: path.to_path_buf(),
+        msg,
+    };
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let step: u64 = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("step"))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no step in its metadata".into()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((tensors, step))
 }
 
 /// Reads the run saved in `out`.
@@ -161,32 +206,41 @@ pub(crate) fn read_run(out: &Path) -> Result<SavedRun> {
         path: record_path.clone(),
         msg: e.to_string(),
     })?;
-    let (config, tensors, tokenizer) = read_model(&ModelSource::dir(out))?;
-    // The folder's files, so a shard index or a stray file cannot go unnoticed.
-    files_in(out)?;
-    let optimizer_path = out.join(OPTIMIZER);
-    let bytes = std::fs::read(&optimizer_path).map_err(|e| Error::io(&optimizer_path, e))?;
-    let bad = |msg: String| Error::BadCheckpoint {
-        file: optimizer_path.clone(),
-        msg,
-    };
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let step: u64 = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("step"))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no step in its metadata".into()))?;
-    let moments = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .map_err(|e| bad(e.to_string()))?;
-    if step != record.step {
-        return Err(Error::Input(format!(
-            "{}: the optimizer state is from step {step}, {RECORD} from step {}; the folder \
-             mixes two saves",
-            out.display(),
-            record.step
-        )));
+    let config = Config::from_file(out.join(CONFIG))?;
+    let tokenizer = Tokenizer::from_file(out.join(TOKENIZER))?;
+    tokenizer.check_vocab_size(config.vocab_size)?;
+    // Both tensor files as written, in the run's dtype (through `Weights` an f64 run would
+    // come back rounded to f32), each with the step it was saved at.
+    let (weights, weights_step) = read_tensors(&out.join(WEIGHTS))?;
+    let (moments, step) = read_tensors(&out.join(OPTIMIZER))?;
+    for (what, s) in [("weights", weights_step), ("optimizer state", step)] {
+        if s != record.step {
+            return Err(Error::Input(format!(
+                "{}: the {what} are from step {s}, {RECORD} from step {}; the folder mixes two \
+                 saves",
+                out.display(),
+                record.step
+            )));
+        }
+    }
+    let mut tensors = HashMap::new();
+    for (name, shape) in checkpoint_layout(&config) {
+        let t =
+            weights
+                .get(&format!("transformer.{name}"))
+                .ok_or_else(|| Error::MissingTensor {
+                    name: format!("transformer.{name}"),
+                    file: out.join(WEIGHTS),
+                })?;
+        if t.dims() != shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                name,
+                expected: shape,
+                found: t.dims().to_vec(),
+                file: out.join(WEIGHTS),
+            });
+        }
+        tensors.insert(name, t.clone());
     }
     Ok(SavedRun {
         config,
