@@ -11,7 +11,13 @@ use gpt2::{Loaded, Prompt};
 
 use super::shared::{count, guard, load, note, note_done};
 
-use super::{AnalysisFormat, AttributeArgs, HeadsEffectArgs, LogitLensArgs, PromptArgs};
+use clap::{Args, ValueEnum};
+
+use std::path::PathBuf;
+
+use gpt2::analysis::ablation::AblateMode;
+
+use super::{choice, AblateArgs, ModelArgs, PromptArgs, TextOrJson};
 
 /// The prompt of an analysis (`text`, read before loading): tokenised for `loaded`'s model,
 /// `<|endoftext|>` first with `bos`.
@@ -175,4 +181,129 @@ pub(super) fn one_token(loaded: &Loaded, param: &'static str, text: &str) -> Res
             format!("{text:?} is {} tokens ({ids:?}), not one", ids.len()),
         ))?,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Their clap types
+
+/// A token to measure: its text (one token, e.g. " Mary") or its id.
+#[derive(Args)]
+struct TargetArgs {
+    /// The target token as text; it must be a single token of the tokenizer (mind the leading
+    /// space GPT-2 tokens carry: " Mary").
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        allow_hyphen_values = true,
+        conflicts_with = "target_id"
+    )]
+    target: Option<String>,
+    /// The target token by id.
+    #[arg(long, value_name = "ID", allow_negative_numbers = true)]
+    target_id: Option<u32>,
+}
+
+impl TargetArgs {
+    fn id(&self, loaded: &gpt2::Loaded) -> Result<Option<u32>> {
+        let tokenizer = &loaded.tokenizer;
+        let vocab = loaded.model.config().vocab_size;
+        match (&self.target, self.target_id) {
+            (_, Some(id)) if id as usize >= vocab => Err(gpt2::Error::param(
+                "target_id",
+                format!("{id} is outside the vocabulary (0..{vocab})"),
+            ))?,
+            (_, Some(id)) => Ok(Some(id)),
+            (Some(text), None) => match tokenizer.encode(text)?.as_slice() {
+                [id] => Ok(Some(*id)),
+                ids => Err(gpt2::Error::param(
+                    "target",
+                    format!(
+                        "{text:?} is {} tokens ({ids:?}), not one; use --target-id",
+                        ids.len()
+                    ),
+                ))?,
+            },
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// How an analysis is written.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AnalysisFormat {
+    /// A table for people (the default)
+    Text,
+    /// One JSON object, for programs
+    Json,
+    /// A layers x heads heatmap (needs --out)
+    Png,
+}
+
+#[derive(Args)]
+pub(super) struct HeadsEffectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Put <|endoftext|> before the prompt, as TransformerLens does.
+    #[arg(long)]
+    bos: bool,
+    /// How each head is removed.
+    #[arg(long, default_value = "zero", value_parser = choice::<AblateMode>())]
+    ablate_mode: AblateMode,
+    #[arg(long, value_enum, default_value = "text")]
+    format: AnalysisFormat,
+    /// Write to this file instead of standard output (needed for png).
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub(super) struct LogitLensArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[command(flatten)]
+    ablate: AblateArgs,
+    /// Put <|endoftext|> before the prompt, as TransformerLens does.
+    #[arg(long)]
+    bos: bool,
+    /// Tokens shown per layer and position [default: 5].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    top: Option<usize>,
+    /// The old name of --top (deprecated: --top-k samples in generate).
+    #[arg(
+        long,
+        hide = true,
+        conflicts_with = "top",
+        allow_negative_numbers = true
+    )]
+    top_k: Option<usize>,
+    #[command(flatten)]
+    output: TextOrJson,
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("target_required").args(["target", "target_id"]).required(true))]
+pub(super) struct AttributeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// The position whose logit is taken apart (0-based); default: the last.
+    #[arg(long, allow_negative_numbers = true)]
+    position: Option<usize>,
+    /// Put <|endoftext|> before the prompt, as TransformerLens does.
+    #[arg(long)]
+    bos: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    format: AnalysisFormat,
+    /// Write to this file instead of standard output (needed for png: the heads' heatmap).
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
 }

@@ -80,11 +80,11 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Every head's importance: the change in the prompt's loss (or a target logit) when it alone
     /// is ablated.
-    HeadsEffect(HeadsEffectArgs),
+    HeadsEffect(analyses::HeadsEffectArgs),
     /// The logit lens: the most likely next tokens after each layer, at every position.
-    LogitLens(LogitLensArgs),
+    LogitLens(analyses::LogitLensArgs),
     /// Direct logit attribution: a target token's logit split into embeddings, heads and MLPs.
-    Attribute(AttributeArgs),
+    Attribute(analyses::AttributeArgs),
     /// Activation patching: the corrupted prompt run with one activation (per layer, position
     /// or head) taken from the clean run, as TransformerLens' get_act_patch_* functions; or,
     /// with --path-to, path patching (Wang et al. 2022): each sender's direct path to the
@@ -143,59 +143,6 @@ fn value_error(e: gpt2::Error) -> String {
     }
 }
 
-/// A token to measure: its text (one token, e.g. " Mary") or its id.
-#[derive(Args)]
-struct TargetArgs {
-    /// The target token as text; it must be a single token of the tokenizer (mind the leading
-    /// space GPT-2 tokens carry: " Mary").
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        allow_hyphen_values = true,
-        conflicts_with = "target_id"
-    )]
-    target: Option<String>,
-    /// The target token by id.
-    #[arg(long, value_name = "ID", allow_negative_numbers = true)]
-    target_id: Option<u32>,
-}
-
-impl TargetArgs {
-    fn id(&self, loaded: &gpt2::Loaded) -> Result<Option<u32>> {
-        let tokenizer = &loaded.tokenizer;
-        let vocab = loaded.model.config().vocab_size;
-        match (&self.target, self.target_id) {
-            (_, Some(id)) if id as usize >= vocab => Err(gpt2::Error::param(
-                "target_id",
-                format!("{id} is outside the vocabulary (0..{vocab})"),
-            ))?,
-            (_, Some(id)) => Ok(Some(id)),
-            (Some(text), None) => match tokenizer.encode(text)?.as_slice() {
-                [id] => Ok(Some(*id)),
-                ids => Err(gpt2::Error::param(
-                    "target",
-                    format!(
-                        "{text:?} is {} tokens ({ids:?}), not one; use --target-id",
-                        ids.len()
-                    ),
-                ))?,
-            },
-            (None, None) => Ok(None),
-        }
-    }
-}
-
-/// How an analysis is written.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum AnalysisFormat {
-    /// A table for people (the default)
-    Text,
-    /// One JSON object, for programs
-    Json,
-    /// A layers x heads heatmap (needs --out)
-    Png,
-}
-
 /// How a command that writes text or JSON writes its result: `--format`, as every command
 /// spells it; `--json` is its old spelling, kept so that scripts keep working.
 #[derive(Args)]
@@ -222,76 +169,6 @@ enum TextFormat {
     /// JSON for programs: one object per line (generate: a line per sample)
     Json,
 }
-
-#[derive(Args)]
-struct HeadsEffectArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    prompt: PromptArgs,
-    #[command(flatten)]
-    target: TargetArgs,
-    /// Put <|endoftext|> before the prompt, as TransformerLens does.
-    #[arg(long)]
-    bos: bool,
-    /// How each head is removed.
-    #[arg(long, default_value = "zero", value_parser = choice::<AblateMode>())]
-    ablate_mode: AblateMode,
-    #[arg(long, value_enum, default_value = "text")]
-    format: AnalysisFormat,
-    /// Write to this file instead of standard output (needed for png).
-    #[arg(long, value_name = "PATH")]
-    out: Option<PathBuf>,
-}
-
-#[derive(Args)]
-struct LogitLensArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    prompt: PromptArgs,
-    #[command(flatten)]
-    ablate: AblateArgs,
-    /// Put <|endoftext|> before the prompt, as TransformerLens does.
-    #[arg(long)]
-    bos: bool,
-    /// Tokens shown per layer and position [default: 5].
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    top: Option<usize>,
-    /// The old name of --top (deprecated: --top-k samples in generate).
-    #[arg(
-        long,
-        hide = true,
-        conflicts_with = "top",
-        allow_negative_numbers = true
-    )]
-    top_k: Option<usize>,
-    #[command(flatten)]
-    output: TextOrJson,
-}
-
-#[derive(Args)]
-#[command(group = clap::ArgGroup::new("target_required").args(["target", "target_id"]).required(true))]
-struct AttributeArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    prompt: PromptArgs,
-    #[command(flatten)]
-    target: TargetArgs,
-    /// The position whose logit is taken apart (0-based); default: the last.
-    #[arg(long, allow_negative_numbers = true)]
-    position: Option<usize>,
-    /// Put <|endoftext|> before the prompt, as TransformerLens does.
-    #[arg(long)]
-    bos: bool,
-    #[arg(long, value_enum, default_value = "text")]
-    format: AnalysisFormat,
-    /// Write to this file instead of standard output (needed for png: the heads' heatmap).
-    #[arg(long, value_name = "PATH")]
-    out: Option<PathBuf>,
-}
-
 /// The command-line name of a library parameter: `max_new_tokens` is `--max-new-tokens`.
 pub(crate) fn flag(param: &str) -> String {
     format!("--{}", param.replace('_', "-"))
