@@ -386,11 +386,7 @@ impl Trainer {
     }
 
     fn model_device(&self) -> Device {
-        self.model
-            .parameters()
-            .first()
-            .map(|(_, v)| v.device().clone())
-            .unwrap_or(Device::Cpu)
+        self.model.device().clone()
     }
 
     /// The current weights by checkpoint name (no prefix; Conv1D (in, out)), on the host.
@@ -402,12 +398,7 @@ impl Trainer {
     /// `training.json`, all or nothing.
     pub fn save(&self) -> Result<()> {
         let (moments, step) = self.optim.state()?;
-        let dtype = self
-            .model
-            .parameters()
-            .first()
-            .map(|(_, v)| v.dtype())
-            .unwrap_or(DType::F32);
+        let dtype = self.model.dtype();
         let record = save::RunRecord {
             step,
             options: self.options.clone(),

@@ -176,6 +176,15 @@ impl TrainModel {
         &self.config
     }
 
+    /// Where the weights live and their dtype (every parameter shares them).
+    pub(crate) fn device(&self) -> &Device {
+        self.wte.device()
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
     /// Every parameter with its checkpoint name, in [`crate::checkpoint::checkpoint_layout`]'s
     /// order (the tied LM head is `wte`, listed once).
     pub(crate) fn parameters(&self) -> Vec<(String, &Var)> {
