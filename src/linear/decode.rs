@@ -114,8 +114,12 @@ impl Linear {
                         finish(unsafe { out.slice(i * n + j0, len) }, j0);
                     }
                 };
-                // Chunks of ≥ 16 rows, ~8 per thread, so a slow thread's share can be taken.
-                let chunk = n.div_ceil(pool::threads() * 8).max(16);
+                // Chunks of ≥ 16 rows, ~8 per thread, so a slow thread's share can be taken;
+                // whole tiles of quantized rows.
+                let chunk = n
+                    .div_ceil(pool::threads() * 8)
+                    .max(16)
+                    .next_multiple_of(quant::ROWS);
                 run(parallel, n.div_ceil(chunk), &|c| {
                     rows_of(c * chunk..n.min((c + 1) * chunk))
                 })

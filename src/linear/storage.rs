@@ -285,7 +285,8 @@ impl Loader {
                     out.copy_from_slice(&rows[j * k..(j + 1) * k])
                 });
                 // A block whose absmax overflows its f16 scale dequantizes to NaN (inf · 0).
-                if let Some(b) = first_non_finite_half(&q.d, DType::F16) {
+                if let Some(i) = first_non_finite_half(&q.d, DType::F16) {
+                    let b = q.block_of_scale(i);
                     let block = &rows[b * BLOCK..(b + 1) * BLOCK];
                     let i = (0..BLOCK)
                         .max_by(|&x, &y| block[x].abs().total_cmp(&block[y].abs()))

@@ -1,0 +1,272 @@
+//! x86 kernels over the tiles: AVX2 (+ FMA, F16C), and AVX-512 VNNI + VL on 256-bit vectors.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::{Q8Acts, QuantKind, QuantMatrix, BLOCK, ROWS};
+
+/// Whether the VNNI kernel may run: `vpdpbusd` on 256-bit vectors (AVX-512 VNNI + VL: Zen 4,
+/// Ice Lake and later). One instruction does the u8 × i8 products of 4 bytes and their sum into
+/// an i32 lane, which takes maddubs and madd on plain AVX2.
+pub(in crate::linear) fn vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C (and AVX-512 VNNI + VL when `vnni`); `x` and `rows`
+/// passed [`QuantMatrix::check`].
+pub(super) unsafe fn dot_rows(
+    q: &QuantMatrix,
+    x: &Q8Acts,
+    rows: Range<usize>,
+    vnni: bool,
+    put: impl FnMut(usize, &[f32]),
+) {
+    macro_rules! pick {
+        ($kernel:ident) => {
+            match (q.kind, x.m) {
+                (QuantKind::Q8_0, 1) => $kernel::<Q8, 1>(q, x, rows, put),
+                (QuantKind::Q8_0, 2) => $kernel::<Q8, 2>(q, x, rows, put),
+                (QuantKind::Q8_0, 3) => $kernel::<Q8, 3>(q, x, rows, put),
+                (QuantKind::Q8_0, 4) => $kernel::<Q8, 4>(q, x, rows, put),
+                (QuantKind::Q8_0, _) => $kernel::<Q8, 8>(q, x, rows, put),
+                (QuantKind::Q4_0, 1) => $kernel::<Q4, 1>(q, x, rows, put),
+                (QuantKind::Q4_0, 2) => $kernel::<Q4, 2>(q, x, rows, put),
+                (QuantKind::Q4_0, 3) => $kernel::<Q4, 3>(q, x, rows, put),
+                (QuantKind::Q4_0, 4) => $kernel::<Q4, 4>(q, x, rows, put),
+                (QuantKind::Q4_0, _) => $kernel::<Q4, 8>(q, x, rows, put),
+                (QuantKind::Q6, 1) => $kernel::<Q6, 1>(q, x, rows, put),
+                (QuantKind::Q6, 2) => $kernel::<Q6, 2>(q, x, rows, put),
+                (QuantKind::Q6, 3) => $kernel::<Q6, 3>(q, x, rows, put),
+                (QuantKind::Q6, 4) => $kernel::<Q6, 4>(q, x, rows, put),
+                (QuantKind::Q6, _) => $kernel::<Q6, 8>(q, x, rows, put),
+            }
+        };
+    }
+    // SAFETY: the caller's promise.
+    unsafe {
+        if vnni {
+            pick!(kernel_vnni)
+        } else {
+            pick!(kernel_avx2)
+        }
+    }
+}
+
+/// The formats, as const generics.
+const Q8: u8 = 0;
+const Q4: u8 = 1;
+const Q6: u8 = 2;
+
+/// A tile's 8 vectors of levels, as bytes: vector `v` is elements `4v .. 4v + 4` of its rows.
+///
+/// # Safety
+/// The tile's bytes are readable at `p`; AVX2 is enabled in the kernel this is inlined into.
+#[inline(always)]
+unsafe fn levels<const F: u8>(p: *const u8) -> [__m256i; 8] {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let load = |v: usize| _mm256_loadu_si256(p.add(32 * v).cast());
+        if F == Q8 {
+            return std::array::from_fn(load);
+        }
+        let low = _mm256_set1_epi8(0x0F);
+        let mut l = [_mm256_setzero_si256(); 8];
+        for v in 0..4 {
+            let bytes = load(v);
+            l[v] = _mm256_and_si256(bytes, low);
+            l[v + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low);
+        }
+        if F == Q6 {
+            // Bit pairs ≤ 3 moved to bits 4-5: no bit crosses into the next byte.
+            let three = _mm256_set1_epi8(3);
+            let pair = |h: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(h, three));
+            for h in 0..2 {
+                let hp = load(4 + h);
+                let l = &mut l[4 * h..4 * h + 4];
+                l[0] = _mm256_or_si256(l[0], pair(hp));
+                l[1] = _mm256_or_si256(l[1], pair(_mm256_srli_epi16::<2>(hp)));
+                l[2] = _mm256_or_si256(l[2], pair(_mm256_srli_epi16::<4>(hp)));
+                l[3] = _mm256_or_si256(l[3], pair(_mm256_srli_epi16::<6>(hp)));
+            }
+        }
+        l
+    }
+}
+
+/// `acc + Σ` over each lane's 4 bytes of level × x, and what the sum still owes for the
+/// offset (a multiple of Σx).
+trait Ops {
+    /// # Safety
+    /// The kernel this is inlined into enables the instructions.
+    unsafe fn dot<const F: u8>(acc: __m256i, l: __m256i, x: __m256i) -> __m256i;
+    /// The multiple of Σx to take off a block's sum.
+    fn offset<const F: u8>() -> i32;
+}
+
+/// Plain AVX2: maddubs (u8 × i8 pairs into i16) then madd into i32 lanes. Q4_0 and Q6 levels
+/// are small enough (≤ 63: 2·63·127 < 2¹⁵) not to saturate the pairs; Q8_0's are not, so its
+/// signed weights `l - 128` go in as |w| times x with w's sign, which owes no offset.
+struct Avx2;
+
+impl Ops for Avx2 {
+    #[inline(always)]
+    unsafe fn dot<const F: u8>(acc: __m256i, l: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: AVX2 is enabled in the kernel this is inlined into.
+        unsafe {
+            let pairs = if F == Q8 {
+                let w = _mm256_xor_si256(l, _mm256_set1_epi8(-128));
+                _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w))
+            } else {
+                _mm256_maddubs_epi16(l, x)
+            };
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    }
+
+    fn offset<const F: u8>() -> i32 {
+        match F {
+            Q8 => 0,
+            Q4 => 8,
+            _ => 32,
+        }
+    }
+}
+
+/// AVX-512 VNNI + VL: one `vpdpbusd` per vector, unsigned levels straight in.
+struct Vnni;
+
+impl Ops for Vnni {
+    #[inline(always)]
+    unsafe fn dot<const F: u8>(acc: __m256i, l: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: AVX-512 VNNI + VL are enabled in the kernel this is inlined into.
+        unsafe { _mm256_dpbusd_epi32(acc, l, x) }
+    }
+
+    fn offset<const F: u8>() -> i32 {
+        match F {
+            Q8 => 128,
+            Q4 => 8,
+            _ => 32,
+        }
+    }
+}
+
+/// For each tile of rows: per block, its levels unpacked once and dotted with the block of each
+/// of the M rows of x (broadcast 4 bytes at a time), two chains of integer sums per row; then
+/// each row's 8 sums are scaled by `d_w · d_x` into its 8 lanes of f32 accumulators. One body,
+/// compiled for each instruction set (`$ops`: [`Avx2`] or [`Vnni`]).
+macro_rules! kernel {
+    ($name:ident, $features:literal, $ops:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const F: u8, const M: usize>(
+            q: &QuantMatrix,
+            x: &Q8Acts,
+            rows: Range<usize>,
+            mut put: impl FnMut(usize, &[f32]),
+        ) {
+            let (bpr, tb) = (q.k / BLOCK, q.kind.tile_bytes());
+            let m = x.m.min(M);
+            let off = $ops::offset::<F>();
+            let (qs, ds) = (q.qs.as_ptr(), q.d.as_ptr());
+            let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+            for t in rows.start / ROWS..rows.end.div_ceil(ROWS) {
+                let mut acc = [_mm256_setzero_ps(); M];
+                // SAFETY: tile t has bpr blocks of levels and scales (t·8 < N, checked); x
+                // rows have bpr blocks (and sums) each; 4-byte reads of x are unaligned.
+                unsafe {
+                    for b in 0..bpr {
+                        let tile = t * bpr + b;
+                        let l = levels::<F>(qs.add(tile * tb));
+                        let dw = _mm256_cvtph_ps(_mm_loadu_si128(ds.add(tile * ROWS).cast()));
+                        for (i, acc) in acc.iter_mut().enumerate().take(m) {
+                            let at = i * bpr + b;
+                            let xb = xq.add(at * BLOCK).cast::<i32>();
+                            let mut s = [_mm256_setzero_si256(); 2];
+                            for (v, l) in l.iter().enumerate() {
+                                let xv = _mm256_set1_epi32(xb.add(v).read_unaligned());
+                                s[v % 2] = $ops::dot::<F>(s[v % 2], *l, xv);
+                            }
+                            let mut sum = _mm256_add_epi32(s[0], s[1]);
+                            if off != 0 {
+                                sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(off * *xs.add(at)));
+                            }
+                            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(at)));
+                            *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), *acc);
+                        }
+                    }
+                }
+                let mut lanes = [[0f32; ROWS]; M];
+                for (lanes, acc) in lanes.iter_mut().zip(acc).take(m) {
+                    // SAFETY: 8 floats to a [f32; 8].
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+                }
+                for r in 0..ROWS {
+                    let j = t * ROWS + r;
+                    if j >= rows.end {
+                        break;
+                    }
+                    let dots: [f32; M] = std::array::from_fn(|i| lanes[i][r]);
+                    put(j - rows.start, &dots[..m]);
+                }
+            }
+        }
+    };
+}
+
+kernel!(kernel_avx2, "avx2,fma,f16c", Avx2);
+kernel!(kernel_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", Vnni);
+
+/// Blocks `b0 ..` of row `j` (as many as `out` holds) as f32 weights: the row's levels gathered
+/// from its tiles (a 4-byte group per vector), less the offset, widened 8 at a time and scaled.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `j < q.n`, `out.len()` is a multiple of 32 and
+/// `b0·32 + out.len() <= q.k`.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn dequantize_part(q: &QuantMatrix, j: usize, b0: usize, out: &mut [f32]) {
+    let (bpr, tb) = (q.k / BLOCK, q.kind.tile_bytes());
+    let (t, r) = (j / ROWS, j % ROWS);
+    let off = _mm256_set1_epi8(q.kind.offset() as u8 as i8);
+    // Dword v of a row's levels sits at byte 32·v + 4·r of the tile.
+    let every_vector = _mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56);
+    // SAFETY: row j's blocks b0.. exist (the caller's promise), and `out` holds whole blocks.
+    unsafe {
+        let o = out.as_mut_ptr();
+        for b in 0..out.len() / BLOCK {
+            let tile = t * bpr + b0 + b;
+            let p = q.qs.as_ptr().add(tile * tb + 4 * r).cast::<i32>();
+            let levels = match q.kind {
+                QuantKind::Q8_0 => _mm256_i32gather_epi32::<4>(p, every_vector),
+                _ => {
+                    // Vectors 0-3 in the low nibbles, 4-7 in the high ones.
+                    let low = _mm_i32gather_epi32::<4>(p, _mm256_castsi256_si128(every_vector));
+                    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(low), low);
+                    let mut l = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+                    if q.kind == QuantKind::Q6 {
+                        // Vector v's bit pairs: dword h = v / 4 of the pair vectors, shifted by
+                        // 2·(v % 4).
+                        let h0 = p.add(32).read_unaligned();
+                        let h1 = p.add(40).read_unaligned();
+                        let h = _mm256_setr_epi32(h0, h0, h0, h0, h1, h1, h1, h1);
+                        let h = _mm256_srlv_epi32(h, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+                        let h = _mm256_and_si256(h, _mm256_set1_epi8(3));
+                        l = _mm256_or_si256(l, _mm256_slli_epi16::<4>(h));
+                    }
+                    l
+                }
+            };
+            let w = _mm256_sub_epi8(levels, off);
+            let d =
+                _mm256_set1_ps(half::f16::from_bits(*q.d.as_ptr().add(tile * ROWS + r)).to_f32());
+            let halves = [_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w)];
+            for (h, part) in halves.into_iter().enumerate() {
+                let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part));
+                let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(part)));
+                let at = o.add(b * BLOCK + h * 16);
+                _mm256_storeu_ps(at, _mm256_mul_ps(lo, d));
+                _mm256_storeu_ps(at.add(8), _mm256_mul_ps(hi, d));
+            }
+        }
+    }
+}
