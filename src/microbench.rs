@@ -148,7 +148,7 @@ pub fn quant_dot(kind: &str, cold: bool) -> Result<Case> {
         bytes,
         run: Box::new(move || {
             i = (i + 1) % copies;
-            qs[i].dot_rows(&xq, 0..n, |_, d| sink += d[0]);
+            qs[i].dot_rows(&xq.all(), 0..n, |_, d| sink += d[0]);
             std::hint::black_box(sink);
             Ok(())
         }),

@@ -1,5 +1,7 @@
 //! Few rows of `x` (decode: one per sample): every weight is read once, in memory order, on
-//! the pool, so memory bandwidth sets the speed.
+//! the pool, so memory bandwidth sets the speed. More rows (a batched decode step; quantized
+//! prefill) go 8 at a time over each chunk of weight rows while it is in cache, each row
+//! through the same kernel as alone.
 
 use std::ops::Range;
 
@@ -7,9 +9,13 @@ use candle_core::Result;
 
 use super::activation::activate_slice;
 use super::storage::Matrix;
-use super::{kernels, quant, run, Linear, MIN_PARALLEL_WORK};
+use super::{kernels, quant, run, Linear, MAX_FAST_ROWS, MIN_PARALLEL_WORK};
 use crate::config::Activation;
 use crate::pool::{self, SharedOut};
+
+/// Most bytes of weights a chunk takes when more than 8 rows of x pass over it (L2 is 256 KB
+/// to 2 MB a core).
+const CHUNK_BYTES: usize = 192 << 10;
 
 /// Weight rows per block of the (in, out) kernels: the threads take blocks, and each block's
 /// partial sums are added in block order, so the result does not depend on the thread count.
@@ -30,6 +36,16 @@ impl Linear {
         y: &mut [f32],
     ) -> Result<()> {
         let (k, n) = (self.k, self.n);
+        if m > MAX_FAST_ROWS && matches!(self.w, Matrix::InOut(_)) {
+            // (in, out) kernels keep partial sums for each row: 8 rows at a time.
+            for (x, y) in x
+                .chunks(MAX_FAST_ROWS * k)
+                .zip(y.chunks_mut(MAX_FAST_ROWS * n))
+            {
+                self.decode(x, x.len() / k, act, y)?;
+            }
+            return Ok(());
+        }
         let bias = self.bias_host.as_deref();
         // Bias and activation over a run of outputs j0.., after their dots: in a loop the
         // compiler vectorises, not one call per output from inside the kernels.
@@ -93,21 +109,29 @@ impl Linear {
                 let xq = matches!(self.w, Matrix::Quant(_)).then(|| quant::Q8Acts::new(x, m, k));
                 let rows_of = |rows: Range<usize>| {
                     let (j0, len) = (rows.start, rows.len());
-                    let put = |r: usize, dots: &[f32]| {
-                        for (i, d) in dots.iter().enumerate() {
-                            // SAFETY: i < M and j0 + r < N; column j0 + r belongs to this
-                            // call's `rows` alone, and y outlives the run.
-                            unsafe { out.write(i * n + j0 + r, *d) };
-                        }
-                    };
-                    match &self.w {
-                        Matrix::OutIn(e) => kernels::dot_rows(e.elems(), x, m, k, rows, put),
-                        Matrix::Quant(q) => {
-                            if let Some(xq) = &xq {
-                                q.dot_rows(xq, rows, put)
+                    // Every 8 rows of x over this chunk of weight rows: past the first 8 the
+                    // chunk comes from cache, and each row is what it gets alone.
+                    for i0 in (0..m).step_by(MAX_FAST_ROWS) {
+                        let group = i0..m.min(i0 + MAX_FAST_ROWS);
+                        let put = |r: usize, dots: &[f32]| {
+                            for (i, d) in dots.iter().enumerate() {
+                                // SAFETY: i0 + i < M and j0 + r < N; column j0 + r belongs to
+                                // this call's `rows` alone, and y outlives the run.
+                                unsafe { out.write((i0 + i) * n + j0 + r, *d) };
                             }
+                        };
+                        match &self.w {
+                            Matrix::OutIn(e) => {
+                                let x = &x[group.start * k..group.end * k];
+                                kernels::dot_rows(e.elems(), x, group.len(), k, rows.clone(), put)
+                            }
+                            Matrix::Quant(q) => {
+                                if let Some(xq) = &xq {
+                                    q.dot_rows(&xq.rows(group), rows.clone(), put)
+                                }
+                            }
+                            _ => {}
                         }
-                        _ => {}
                     }
                     for i in 0..m {
                         // SAFETY: as for `put`: these columns of row i are this call's alone.
@@ -115,11 +139,13 @@ impl Linear {
                     }
                 };
                 // Chunks of ≥ 16 rows, ~8 per thread, so a slow thread's share can be taken;
-                // whole tiles of quantized rows.
-                let chunk = n
-                    .div_ceil(pool::threads() * 8)
-                    .max(16)
-                    .next_multiple_of(quant::ROWS);
+                // whole tiles of quantized rows; past 8 rows of x, small enough to stay in L2
+                // while the next 8 pass.
+                let mut chunk = n.div_ceil(pool::threads() * 8).max(16);
+                if m > MAX_FAST_ROWS {
+                    chunk = chunk.min((CHUNK_BYTES * n / self.weight_bytes().max(1)).max(16));
+                }
+                let chunk = chunk.next_multiple_of(quant::ROWS);
                 run(parallel, n.div_ceil(chunk), &|c| {
                     rows_of(c * chunk..n.min((c + 1) * chunk))
                 })

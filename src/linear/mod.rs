@@ -175,16 +175,11 @@ impl Linear {
                 (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
                 _ => candle_core::bail!("linear layer: input not on the host"),
             };
-            if m <= MAX_FAST_ROWS {
+            // Quantized weights multiply in integers at every M where the SIMD kernels run,
+            // as llama.cpp's do: quantized prefill is the decode kernels, 8 rows at a time.
+            let int8 = matches!(self.w, Matrix::Quant(_)) && panel::available();
+            if m <= MAX_FAST_ROWS || by_rows || int8 {
                 self.decode(xs, m, act, &mut y)?;
-            } else if by_rows {
-                let (k, n) = (self.k, self.n);
-                for (x, y) in xs
-                    .chunks(MAX_FAST_ROWS * k)
-                    .zip(y.chunks_mut(MAX_FAST_ROWS * n))
-                {
-                    self.decode(x, x.len() / k, act, y)?;
-                }
             } else {
                 self.prefill(xs, m, &mut y, panel::available(), MAX_WIDENED)?;
                 if let Some(a) = act {
@@ -230,9 +225,9 @@ pub(crate) fn kernel_choices() -> (Vec<&'static str>, Vec<(&'static str, &'stati
         let simd = kernels::simd::available();
         let pick = |yes: &'static str, no: &'static str| if simd { yes } else { no };
         let quant = if simd && quant::simd::vnni() {
-            "AVX-512 VNNI int8 dots"
+            "AVX-512 VNNI int8 dots, 8 rows interleaved"
         } else {
-            pick("AVX2 int8 dots", "portable int8 dots")
+            pick("AVX2 int8 dots, 8 rows interleaved", "portable int8 dots")
         };
         let gemm = if has("avx512f") {
             "gemm crate, AVX-512"
@@ -244,8 +239,12 @@ pub(crate) fn kernel_choices() -> (Vec<&'static str>, Vec<(&'static str, &'stati
             ("decode q8_0/q4_0", quant),
             ("prefill f32", gemm),
             (
-                "prefill f16/bf16/q8_0/q4_0",
+                "prefill f16/bf16",
                 pick("panel 16x6 FMA (AVX2)", "widened to f32, then gemm"),
+            ),
+            (
+                "prefill q8_0/q4_0",
+                pick(quant, "widened to f32, then gemm"),
             ),
         ];
         (features, kernels)
@@ -258,7 +257,8 @@ pub(crate) fn kernel_choices() -> (Vec<&'static str>, Vec<(&'static str, &'stati
                 ("decode f32/f16/bf16", "portable"),
                 ("decode q8_0/q4_0", "portable int8 dots"),
                 ("prefill f32", "gemm crate"),
-                ("prefill f16/bf16/q8_0/q4_0", "widened to f32, then gemm"),
+                ("prefill f16/bf16", "widened to f32, then gemm"),
+                ("prefill q8_0/q4_0", "widened to f32, then gemm"),
             ],
         )
     }
@@ -435,9 +435,13 @@ mod tests {
             for m in ROWS {
                 let x = rand(&[m, k], 7 + m as u64)?;
                 let err = rel_err(&layer.forward(&x, None)?, &x.matmul(&w_deq)?)?;
-                // Decode (m <= 8) quantizes the activations too, as llama.cpp does; prefill
-                // multiplies f32 activations by the dequantized weights.
-                let tol = if m <= MAX_FAST_ROWS { 1e-2 } else { 1e-5 };
+                // The activations are quantized too, as llama.cpp does (prefill without AVX2
+                // multiplies f32 activations by the dequantized weights).
+                let tol = if m <= MAX_FAST_ROWS || panel::available() {
+                    1e-2
+                } else {
+                    1e-5
+                };
                 assert!(err <= tol, "{kind:?} m={m}: {err}");
             }
         }
@@ -500,6 +504,41 @@ mod tests {
                         .flatten_all()?
                         .max(0)?;
                     assert_eq!(diff.to_scalar::<f32>()?, 0.0, "{name} m={m} k={k} n={n}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Quantized prefill (where the SIMD kernels run) is integer products on the decode
+    /// kernels: each row of a prompt bit for bit the row alone, weight chunks shared by 8 rows
+    /// at a time, at sizes whose chunks hold a partial tile.
+    #[test]
+    fn quantized_prefill_rows_equal_each_row_alone() -> Result<()> {
+        if !panel::available() {
+            return Ok(());
+        }
+        for (k, n) in [(64, 37), (96, 600), (32, 2053)] {
+            let w = rand(&[k, n], 21)?;
+            let nk = host(&w.t()?.contiguous()?)?;
+            for kind in [
+                quant::QuantKind::Q8_0,
+                quant::QuantKind::Q4_0,
+                quant::QuantKind::Q6,
+            ] {
+                let q = QuantMatrix::quantize(kind, n, k, |j, out| {
+                    out.copy_from_slice(&nk[j * k..][..k])
+                });
+                let layer = Linear::new(Matrix::Quant(Arc::new(q)), Some(rand(&[n], 22)?), k, n)?;
+                for m in [9, 17, 40] {
+                    let x = rand(&[m, k], 23 + m as u64)?;
+                    let all = layer.forward(&x, Some(Activation::GeluNew))?;
+                    for i in 0..m {
+                        let one = layer.forward(&x.narrow(0, i, 1)?, Some(Activation::GeluNew))?;
+                        let same = one.flatten_all()?.to_vec1::<f32>()?
+                            == all.narrow(0, i, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                        assert!(same, "{kind:?} ({k}, {n}) m={m} row {i}");
+                    }
                 }
             }
         }

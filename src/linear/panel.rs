@@ -159,33 +159,6 @@ fn pack_elems_one(a: Elems<'_>, k: usize, n0: usize, ks: Range<usize>, panel: &m
     }
 }
 
-/// [`Pack`] from rows widened by `row(j, k0, out)` (weights `k0 .. k0 + out.len()` of output
-/// `j`): staged on the stack, then transposed. `n` outputs in all.
-pub(crate) fn pack_rows(
-    n: usize,
-    n0: usize,
-    ks: Range<usize>,
-    panels: &mut [f32],
-    row: impl Fn(usize, usize, &mut [f32]),
-) {
-    let kc = ks.len();
-    assert!(kc <= KC);
-    let mut stage = [0f32; MR * KC];
-    for (p, panel) in panels.chunks_exact_mut(kc * MR).enumerate() {
-        let n0 = n0 + p * MR;
-        let outputs = MR.min(n - n0);
-        for i in 0..MR {
-            let s = &mut stage[i * kc..(i + 1) * kc];
-            if i < outputs {
-                row(n0 + i, ks.start, s);
-            } else {
-                s.fill(0.0);
-            }
-        }
-        pack_elems_one(Elems::F32(&stage[..MR * kc]), kc, 0, 0..kc, panel);
-    }
-}
-
 thread_local! {
     /// One unit's packed panels, on each thread of the pool (reused: a fresh 192 KiB per unit
     /// is an allocation and page faults).
@@ -295,20 +268,10 @@ mod tests {
                             .sum::<f64>()
                 })
                 .collect();
-            let packers: [(&str, Box<Pack<'_>>); 2] = [
-                (
-                    "elems",
-                    Box::new(|n0, ks, p: &mut [f32]| pack_elems(Elems::F32(&w), k, n0, ks, p)),
-                ),
-                (
-                    "rows",
-                    Box::new(|n0, ks, p: &mut [f32]| {
-                        pack_rows(n, n0, ks, p, |j, k0, out| {
-                            out.copy_from_slice(&w[j * k + k0..][..out.len()])
-                        })
-                    }),
-                ),
-            ];
+            let packers: [(&str, Box<Pack<'_>>); 1] = [(
+                "elems",
+                Box::new(|n0, ks, p: &mut [f32]| pack_elems(Elems::F32(&w), k, n0, ks, p)),
+            )];
             for (name, pack) in &packers {
                 for threads in [1, 3] {
                     let mut y = y0.clone();

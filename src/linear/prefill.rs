@@ -1,6 +1,8 @@
 //! Many rows of `x` (prefill): gemm, which reuses each weight it loads across rows. f32
-//! weights go to the `gemm` crate as they lie; halves and blocks to [`super::panel`]'s driver,
-//! which widens them into the panels its microkernel reads (without AVX2: widened for gemm).
+//! weights go to the `gemm` crate as they lie; halves to [`super::panel`]'s driver, which widens
+//! them into the panels its microkernel reads (without AVX2: widened for gemm). Quantized
+//! blocks come here only without AVX2 (widened for gemm): with it, they multiply in integers at
+//! every M, on the decode kernels.
 
 use std::ops::Range;
 
@@ -41,13 +43,6 @@ impl Linear {
                 let pack =
                     |n0: usize, ks: Range<usize>, p: &mut [f32]| panel::pack_elems(w, k, n0, ks, p);
                 // SAFETY: the caller's promise that panels are available; y is (M, N), ours.
-                unsafe { panel::gemm_nk(x, m, k, n, out, &pack, pool::threads(), &on_pool)? };
-            }
-            Matrix::Quant(q) if panels => {
-                let pack = |n0: usize, ks: Range<usize>, p: &mut [f32]| {
-                    panel::pack_rows(n, n0, ks, p, |j, k0, o| q.dequantize_part(j, k0, o))
-                };
-                // SAFETY: as above.
                 unsafe { panel::gemm_nk(x, m, k, n, out, &pack, pool::threads(), &on_pool)? };
             }
             Matrix::InOut(HostElems::F32(w)) => {

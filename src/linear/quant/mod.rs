@@ -198,7 +198,7 @@ impl QuantMatrix {
 
     /// For each row `j` in `rows`, its dots with the M rows of `x`, handed over as
     /// `put(j - rows.start, dots)`; `rows` starts on a tile (a multiple of [`ROWS`]).
-    pub(crate) fn dot_rows(&self, x: &Q8Acts, rows: Range<usize>, put: impl FnMut(usize, &[f32])) {
+    pub(crate) fn dot_rows(&self, x: &Q8Rows, rows: Range<usize>, put: impl FnMut(usize, &[f32])) {
         self.check(x, &rows);
         #[cfg(target_arch = "x86_64")]
         if super::kernels::simd::available() {
@@ -210,7 +210,7 @@ impl QuantMatrix {
         self.dot_rows_portable(x, rows, put)
     }
 
-    fn check(&self, x: &Q8Acts, rows: &Range<usize>) {
+    fn check(&self, x: &Q8Rows, rows: &Range<usize>) {
         assert!(x.m <= super::MAX_FAST_ROWS && x.k == self.k);
         assert!(rows.start.is_multiple_of(ROWS) && rows.start <= rows.end && rows.end <= self.n);
         assert!(x.q.len() == x.m * x.k && x.d.len() == x.m * x.k / BLOCK && x.s.len() == x.d.len());
@@ -220,7 +220,7 @@ impl QuantMatrix {
     #[cfg(all(test, target_arch = "x86_64"))]
     pub(crate) fn dot_rows_avx2(
         &self,
-        x: &Q8Acts,
+        x: &Q8Rows,
         rows: Range<usize>,
         put: impl FnMut(usize, &[f32]),
     ) {
@@ -233,7 +233,7 @@ impl QuantMatrix {
     /// [`QuantMatrix::dot_rows`] in plain Rust: the same integer sums and f32 operations.
     pub(crate) fn dot_rows_portable(
         &self,
-        x: &Q8Acts,
+        x: &Q8Rows,
         rows: Range<usize>,
         mut put: impl FnMut(usize, &[f32]),
     ) {
@@ -299,6 +299,33 @@ impl Q8Acts {
         }
         Self { m, k, q, d, s }
     }
+
+    /// Every row.
+    pub(crate) fn all(&self) -> Q8Rows<'_> {
+        self.rows(0..self.m)
+    }
+
+    /// Rows `r` (at most [`super::MAX_FAST_ROWS`] go through a kernel together).
+    pub(crate) fn rows(&self, r: Range<usize>) -> Q8Rows<'_> {
+        let bpr = self.k / BLOCK;
+        Q8Rows {
+            m: r.len(),
+            k: self.k,
+            q: &self.q[r.start * self.k..r.end * self.k],
+            d: &self.d[r.start * bpr..r.end * bpr],
+            s: &self.s[r.start * bpr..r.end * bpr],
+        }
+    }
+}
+
+/// Some rows of [`Q8Acts`]: (M, K) quants, (M, K/32) scales and sums.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Q8Rows<'a> {
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    pub(crate) q: &'a [i8],
+    pub(crate) d: &'a [f32],
+    pub(crate) s: &'a [i32],
 }
 
 /// Stores one row's 32 levels in its place `r` of a tile.
@@ -469,6 +496,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one range is a split too
     fn dequantized_rows_are_close_and_dots_equal_them() {
         let (n, k) = (37, 96);
         let w = rand(n * k, 1);
@@ -515,7 +543,7 @@ mod tests {
                 let xd: Vec<f64> = (0..m * k)
                     .map(|c| xq.q[c] as f64 * xq.d[c / BLOCK] as f64)
                     .collect();
-                let run = |path: &str, xq: &Q8Acts, rows: &[Range<usize>]| {
+                let run = |path: &str, xq: &Q8Rows, rows: &[Range<usize>]| {
                     let mut y = vec![0f32; xq.m * n];
                     for rows in rows {
                         let j0 = rows.start;
@@ -534,7 +562,7 @@ mod tests {
                     }
                     y
                 };
-                let portable = run("portable", &xq, &[0..n]);
+                let portable = run("portable", &xq.all(), &[0..n]);
                 let paths: &[&str] =
                     if cfg!(target_arch = "x86_64") && crate::linear::kernels::simd::available() {
                         &["simd", "avx2"]
@@ -544,7 +572,7 @@ mod tests {
                 for path in paths {
                     // Bit for bit the portable sums, however the rows are split.
                     for split in [vec![0..n], vec![0..8, 8..n], vec![0..16, 16..21, 24..n]] {
-                        let y = run(path, &xq, &split);
+                        let y = run(path, &xq.all(), &split);
                         for rows in &split {
                             for i in 0..m {
                                 let at = i * n;
@@ -561,7 +589,7 @@ mod tests {
                 for i in 0..m {
                     let one = Q8Acts::new(&x[i * k..(i + 1) * k], 1, k);
                     assert_eq!(
-                        run("portable", &one, &[0..n]),
+                        run("portable", &one.all(), &[0..n]),
                         portable[i * n..(i + 1) * n],
                         "{kind:?} m={m} row {i}"
                     );

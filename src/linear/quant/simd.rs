@@ -3,7 +3,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{Q8Acts, QuantKind, QuantMatrix, BLOCK, ROWS};
+use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, ROWS};
 
 /// Whether the VNNI kernel may run: `vpdpbusd` on 256-bit vectors (AVX-512 VNNI + VL: Zen 4,
 /// Ice Lake and later). One instruction does the u8 × i8 products of 4 bytes and their sum into
@@ -17,7 +17,7 @@ pub(in crate::linear) fn vnni() -> bool {
 /// passed [`QuantMatrix::check`].
 pub(super) unsafe fn dot_rows(
     q: &QuantMatrix,
-    x: &Q8Acts,
+    x: &Q8Rows,
     rows: Range<usize>,
     vnni: bool,
     put: impl FnMut(usize, &[f32]),
@@ -161,7 +161,7 @@ macro_rules! kernel {
         #[target_feature(enable = $features)]
         unsafe fn $name<const F: u8, const M: usize>(
             q: &QuantMatrix,
-            x: &Q8Acts,
+            x: &Q8Rows,
             rows: Range<usize>,
             mut put: impl FnMut(usize, &[f32]),
         ) {
