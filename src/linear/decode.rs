@@ -27,7 +27,8 @@ thread_local! {
 }
 
 impl Linear {
-    /// Few rows: every weight read once, on the pool.
+    /// Few rows: every weight read once, on the pool (more than 8: once from memory, then
+    /// from cache for every further 8).
     pub(super) fn decode(
         &self,
         x: &[f32],
@@ -36,16 +37,6 @@ impl Linear {
         y: &mut [f32],
     ) -> Result<()> {
         let (k, n) = (self.k, self.n);
-        if m > MAX_FAST_ROWS && matches!(self.w, Matrix::InOut(_)) {
-            // (in, out) kernels keep partial sums for each row: 8 rows at a time.
-            for (x, y) in x
-                .chunks(MAX_FAST_ROWS * k)
-                .zip(y.chunks_mut(MAX_FAST_ROWS * n))
-            {
-                self.decode(x, x.len() / k, act, y)?;
-            }
-            return Ok(());
-        }
         let bias = self.bias_host.as_deref();
         // Bias and activation over a run of outputs j0.., after their dots: in a loop the
         // compiler vectorises, not one call per output from inside the kernels.
@@ -75,7 +66,13 @@ impl Linear {
                         // pool's run; no other call touches it.
                         let p = unsafe { part.slice(c * m * n, m * n) };
                         p.fill(0.0);
-                        kernels::axpy_rows(w, x, m, k, n, ks, p);
+                        // Every 8 rows of x over the block (from L2 past the first 8).
+                        for (x, p) in x
+                            .chunks(MAX_FAST_ROWS * k)
+                            .zip(p.chunks_mut(MAX_FAST_ROWS * n))
+                        {
+                            kernels::axpy_rows(w, x, x.len() / k, k, n, ks.clone(), p);
+                        }
                     };
                     run(parallel, blocks, &block)?;
                     let partial = &partial[..blocks * m * n];
