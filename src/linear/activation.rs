@@ -2,7 +2,9 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{kernels, run};
+#[cfg(target_arch = "x86_64")]
+use super::kernels;
+use super::run;
 use crate::config::Activation;
 use crate::pool::{self, SharedOut};
 

@@ -177,7 +177,7 @@ impl Linear {
             };
             // Quantized weights multiply in integers at every M where the SIMD kernels run,
             // as llama.cpp's do: quantized prefill is the decode kernels, 8 rows at a time.
-            let int8 = matches!(self.w, Matrix::Quant(_)) && panel::available();
+            let int8 = matches!(self.w, Matrix::Quant(_)) && quant::simd_kernels();
             if m <= MAX_FAST_ROWS || by_rows || int8 {
                 self.decode(xs, m, act, &mut y)?;
             } else {
@@ -224,11 +224,7 @@ pub(crate) fn kernel_choices() -> (Vec<&'static str>, Vec<(&'static str, &'stati
         .collect();
         let simd = kernels::simd::available();
         let pick = |yes: &'static str, no: &'static str| if simd { yes } else { no };
-        let quant = if simd && quant::simd::vnni() {
-            "AVX-512 VNNI int8 dots, 8 rows interleaved"
-        } else {
-            pick("AVX2 int8 dots, 8 rows interleaved", "portable int8 dots")
-        };
+        let quant = quant::kernel_name();
         let gemm = if has("avx512f") {
             "gemm crate, AVX-512"
         } else {
@@ -255,10 +251,17 @@ pub(crate) fn kernel_choices() -> (Vec<&'static str>, Vec<(&'static str, &'stati
             Vec::new(),
             vec![
                 ("decode f32/f16/bf16", "portable"),
-                ("decode q8_0/q4_0", "portable int8 dots"),
+                ("decode q8_0/q4_0", quant::kernel_name()),
                 ("prefill f32", "gemm crate"),
                 ("prefill f16/bf16", "widened to f32, then gemm"),
-                ("prefill q8_0/q4_0", "widened to f32, then gemm"),
+                (
+                    "prefill q8_0/q4_0",
+                    if quant::simd_kernels() {
+                        quant::kernel_name()
+                    } else {
+                        "widened to f32, then gemm"
+                    },
+                ),
             ],
         )
     }
@@ -437,11 +440,7 @@ mod tests {
                 let err = rel_err(&layer.forward(&x, None)?, &x.matmul(&w_deq)?)?;
                 // The activations are quantized too, as llama.cpp does (prefill without AVX2
                 // multiplies f32 activations by the dequantized weights).
-                let tol = if m <= MAX_FAST_ROWS || panel::available() {
-                    1e-2
-                } else {
-                    1e-5
-                };
+                let tol = if m <= MAX_FAST_ROWS || quant::simd_kernels() { 1e-2 } else { 1e-5 };
                 assert!(err <= tol, "{kind:?} m={m}: {err}");
             }
         }
@@ -515,7 +514,7 @@ mod tests {
     /// at a time, at sizes whose chunks hold a partial tile.
     #[test]
     fn quantized_prefill_rows_equal_each_row_alone() -> Result<()> {
-        if !panel::available() {
+        if !quant::simd_kernels() {
             return Ok(());
         }
         for (k, n) in [(64, 37), (96, 600), (32, 2053)] {

@@ -37,8 +37,42 @@ pub(crate) const BLOCK: usize = 32;
 /// Rows interleaved in a tile.
 pub(crate) const ROWS: usize = 8;
 
+#[cfg(target_arch = "aarch64")]
+mod neon;
 #[cfg(target_arch = "x86_64")]
 pub(super) mod simd;
+
+/// Whether the integer products have SIMD kernels here (AVX2 on x86-64, NEON on aarch64): then
+/// quantized prefill multiplies in integers too; elsewhere the portable loop would be slower than
+/// gemm on widened weights.
+pub(crate) fn simd_kernels() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::kernels::simd::available();
+    #[cfg(target_arch = "aarch64")]
+    return true;
+    #[allow(unreachable_code)]
+    false
+}
+
+/// The kernel the integer products run on, for `gpt2 bench`.
+pub(crate) fn kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::simd::available() {
+        return if simd::vnni() {
+            "AVX-512 VNNI int8 dots, 8 rows interleaved"
+        } else {
+            "AVX2 int8 dots, 8 rows interleaved"
+        };
+    }
+    #[cfg(target_arch = "aarch64")]
+    return if neon::dotprod() {
+        "NEON sdot int8 dots, 8 rows interleaved"
+    } else {
+        "NEON int8 dots, 8 rows interleaved"
+    };
+    #[allow(unreachable_code)]
+    "portable int8 dots"
+}
 
 /// How a quantized matrix stores its blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,7 +241,26 @@ impl QuantMatrix {
             unsafe { simd::dot_rows(self, x, rows, simd::vnni(), put) };
             return;
         }
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: the sizes are checked; `sdot` only where the CPU has it.
+        return unsafe { neon::dot_rows(self, x, rows, neon::dotprod(), put) };
+        #[allow(unreachable_code)]
         self.dot_rows_portable(x, rows, put)
+    }
+
+    /// [`QuantMatrix::dot_rows`] on NEON, with or without `sdot` (for the tests).
+    #[cfg(all(test, target_arch = "aarch64"))]
+    pub(crate) fn dot_rows_neon(
+        &self,
+        x: &Q8Rows,
+        rows: Range<usize>,
+        sdot: bool,
+        put: impl FnMut(usize, &[f32]),
+    ) {
+        self.check(x, &rows);
+        assert!(!sdot || neon::dotprod());
+        // SAFETY: as in `dot_rows`.
+        unsafe { neon::dot_rows(self, x, rows, sdot, put) };
     }
 
     fn check(&self, x: &Q8Rows, rows: &Range<usize>) {
@@ -557,18 +610,22 @@ mod tests {
                             "simd" => q.dot_rows(xq, rows.clone(), put),
                             #[cfg(target_arch = "x86_64")]
                             "avx2" => q.dot_rows_avx2(xq, rows.clone(), put),
+                            #[cfg(target_arch = "aarch64")]
+                            "neon" => q.dot_rows_neon(xq, rows.clone(), false, put),
                             _ => q.dot_rows_portable(xq, rows.clone(), put),
                         }
                     }
                     y
                 };
                 let portable = run("portable", &xq.all(), &[0..n]);
-                let paths: &[&str] =
-                    if cfg!(target_arch = "x86_64") && crate::linear::kernels::simd::available() {
-                        &["simd", "avx2"]
-                    } else {
-                        &[]
-                    };
+                // The dispatched kernel (VNNI, sdot, ...) and the one below it.
+                let paths: &[&str] = if cfg!(target_arch = "aarch64") {
+                    &["simd", "neon"]
+                } else if simd_kernels() {
+                    &["simd", "avx2"]
+                } else {
+                    &[]
+                };
                 for path in paths {
                     // Bit for bit the portable sums, however the rows are split.
                     for split in [vec![0..n], vec![0..8, 8..n], vec![0..16, 16..21, 24..n]] {
