@@ -440,7 +440,11 @@ mod tests {
                 let err = rel_err(&layer.forward(&x, None)?, &x.matmul(&w_deq)?)?;
                 // The activations are quantized too, as llama.cpp does (prefill without AVX2
                 // multiplies f32 activations by the dequantized weights).
-                let tol = if m <= MAX_FAST_ROWS || quant::simd_kernels() { 1e-2 } else { 1e-5 };
+                let tol = if m <= MAX_FAST_ROWS || quant::simd_kernels() {
+                    1e-2
+                } else {
+                    1e-5
+                };
                 assert!(err <= tol, "{kind:?} m={m}: {err}");
             }
         }

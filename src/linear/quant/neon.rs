@@ -90,7 +90,12 @@ unsafe fn weights<const F: u8>(p: *const u8) -> [[int8x16_t; 2]; 8] {
                 for g in 0..2 {
                     for h in 0..2 {
                         let hp = load(128 + 32 * g + 16 * h);
-                        let pairs = [hp, vshrq_n_u8::<2>(hp), vshrq_n_u8::<4>(hp), vshrq_n_u8::<6>(hp)];
+                        let pairs = [
+                            hp,
+                            vshrq_n_u8::<2>(hp),
+                            vshrq_n_u8::<4>(hp),
+                            vshrq_n_u8::<6>(hp),
+                        ];
                         for (s, pair) in pairs.into_iter().enumerate() {
                             let v = 4 * g + s;
                             let high = vshlq_n_u8::<4>(vandq_u8(pair, three));
