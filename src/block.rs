@@ -63,6 +63,21 @@ impl Block {
         Ok(x)
     }
 
+    /// Q, K, V of the stream `x` (B, T, C) entering the block (`ln_1`, then `c_attn`).
+    pub(crate) fn qkv(&self, x: &Tensor) -> Result<[Tensor; 3]> {
+        self.attn.qkv(&self.ln_1.forward(x)?)
+    }
+
+    /// The attention output (B, T, C) of the heads' outputs `z` (B, T, n_head, hs).
+    pub(crate) fn attention_out(&self, z: &Tensor) -> Result<Tensor> {
+        self.attn.project(z)
+    }
+
+    /// The MLP's output (B, T, C) on the stream `x` after the attention (`ln_2`, then the MLP).
+    pub(crate) fn mlp_out(&self, x: &Tensor) -> Result<Tensor> {
+        self.mlp.forward(&self.ln_2.forward(x)?)
+    }
+
     /// The block's output at `position` alone: `x` (B, T, C) from position 0, T > `position`
     /// -> (B, 1, C), what [`Block::forward`] gives there. Causal attention makes later positions
     /// irrelevant and earlier ones matter only through their keys and values, so those are all

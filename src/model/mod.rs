@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hooks::{HeadMask, Hook, HookPair, LayerHook, MaskRef, Patterns, Point};
 
+mod parts;
 mod step;
 
 use crate::layer_norm::LayerNorm;

@@ -11,7 +11,9 @@
 
 use serde::Serialize;
 
-use super::{activation_patch, Axis, By, Metric, Patching, What};
+use std::collections::BTreeMap;
+
+use super::{acts_of, patch_batch, Axis, By, Ids, Metric, Patching, What};
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
 
@@ -113,11 +115,35 @@ pub(super) fn check_pairs(
     Ok(())
 }
 
+/// Pairs per batch: about 1024 tokens of each kind of prompt, at least one pair.
+fn pairs_per_batch(t: usize) -> usize {
+    (1024 / t.max(1)).max(1)
+}
+
+/// `pairs` in batches of one length, each with the position measured (`position`, else the
+/// last): every pair in exactly one, by length, in order within a length.
+pub(super) fn batches(pairs: &[Pair], position: Option<usize>) -> Vec<(usize, Vec<usize>)> {
+    let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, p) in pairs.iter().enumerate() {
+        by_len.entry(p.clean.len()).or_default().push(i);
+    }
+    by_len
+        .into_iter()
+        .flat_map(|(t, idx)| {
+            let at = position.unwrap_or(t.saturating_sub(1));
+            idx.chunks(pairs_per_batch(t))
+                .map(|c| (at, c.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Activation patching averaged over `pairs` (see the module's words): each pair patched as
-/// [`activation_patch`] patches one, measured at `position` (default: each pair's last), the
+/// [`activation_patch`](super::activation_patch) patches one, measured at `position` (default: each pair's last), the
 /// metric averaged over the pairs at every index, then normalised by the averaged baselines.
 /// The result's `metric` and `position` are the first pair's, `pairs` each one's; for one pair
-/// it is [`activation_patch`]'s result with `pairs` of one.
+/// it is [`activation_patch`](super::activation_patch)'s result with `pairs` of one. Pairs of one length run as batches
+/// ([`patch_batch`]); the sums are taken in the pairs' order all the same.
 pub fn activation_patch_mean(
     model: &Gpt2,
     pairs: &[Pair],
@@ -126,42 +152,56 @@ pub fn activation_patch_mean(
     position: Option<usize>,
 ) -> Result<Patching> {
     check_pairs(model, pairs, by, position)?;
-    let mut mean: Option<Patching> = None;
-    let mut runs = Vec::with_capacity(pairs.len());
-    for p in pairs {
-        let r = activation_patch(model, &p.clean, &p.corrupted, what, by, p.metric, position)?;
-        runs.push(PairRun {
-            metric: p.metric,
-            position: r.position,
-            clean: r.clean,
-            corrupted: r.corrupted,
-        });
-        match &mut mean {
-            None => mean = Some(r),
-            Some(m) => {
-                if m.shape != r.shape {
-                    // Only a position axis can differ, and check_pairs ruled that out.
-                    return Err(Error::Internal(format!(
-                        "{}: result of shape {:?} against {:?}",
-                        p.label, r.shape, m.shape
-                    )));
-                }
-                m.patched
-                    .iter_mut()
-                    .zip(&r.patched)
-                    .for_each(|(a, b)| *a += b);
-                m.clean += r.clean;
-                m.corrupted += r.corrupted;
-            }
+    let acts = acts_of(what, by)?;
+    let mut runs: Vec<Option<PairRun>> = vec![None; pairs.len()];
+    let mut values: Vec<Vec<f64>> = vec![Vec::new(); pairs.len()];
+    // The batch of the first pair: the result's axes.
+    let mut first = None;
+    for (at, idx) in batches(pairs, position) {
+        let ids: Vec<Ids> = idx.iter().map(|&i| Ids::from(&pairs[i])).collect();
+        let mut r = patch_batch(model, &ids, &acts, what, by, at)?;
+        for (k, &i) in idx.iter().enumerate() {
+            runs[i] = Some(PairRun {
+                metric: pairs[i].metric,
+                position: at,
+                clean: r.clean[k],
+                corrupted: r.corrupted[k],
+            });
+            values[i] = std::mem::take(&mut r.patched[k]);
+        }
+        if idx.first() == Some(&0) {
+            first = Some(r);
         }
     }
-    let mut m = mean.ok_or_else(|| Error::param("pairs", "holds no pair"))?;
+    let runs: Vec<PairRun> = runs.into_iter().flatten().collect();
+    let (Some(first), Some(base)) = (first, runs.first()) else {
+        return Err(Error::param("pairs", "holds no pair"));
+    };
+    if runs.len() != pairs.len() {
+        return Err(Error::Internal("a pair was in no batch".into()));
+    }
+    let mut sum = values[0].clone();
+    for (p, v) in pairs.iter().zip(&values).skip(1) {
+        if v.len() != sum.len() {
+            // Only a position axis can differ, and check_pairs ruled that out.
+            return Err(Error::Internal(format!(
+                "{}: {} values against {}",
+                p.label,
+                v.len(),
+                sum.len()
+            )));
+        }
+        sum.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+    }
     let n = pairs.len() as f64;
-    m.patched.iter_mut().for_each(|v| *v /= n);
-    m.clean /= n;
-    m.corrupted /= n;
-    let span = m.clean - m.corrupted;
-    m.normalized = m.patched.iter().map(|p| (p - m.corrupted) / span).collect();
+    let mean = PairRun {
+        metric: base.metric,
+        position: base.position,
+        clean: runs.iter().map(|r| r.clean).sum::<f64>() / n,
+        corrupted: runs.iter().map(|r| r.corrupted).sum::<f64>() / n,
+    };
+    sum.iter_mut().for_each(|v| *v /= n);
+    let mut m = first.result(model, what, by, &mean, sum);
     m.pairs = runs;
     debug_assert!(m.axes.contains(&Axis::Layer));
     Ok(m)

@@ -110,16 +110,44 @@ fn check(model: &Gpt2, clean: &[u32], corrupted: &[u32], position: Option<usize>
     }
 }
 
-/// The metric at `position` of each row of final residual streams `x` (R, T, C).
-fn measure(model: &Gpt2, x: &Tensor, position: usize, metric: Metric) -> Result<Vec<f64>> {
-    measure_at(model, &x.narrow(1, position, 1)?, metric)
+/// The metric at `position` of each row of final residual streams `x` (R, T, C), row `r`
+/// measured by `metrics[r % metrics.len()]`.
+fn measure(model: &Gpt2, x: &Tensor, position: usize, metrics: &[Metric]) -> Result<Vec<f64>> {
+    measure_at(model, &x.narrow(1, position, 1)?, metrics)
 }
 
-/// The metric of each row of final residual streams at the position measured, `x` (R, 1, C).
-fn measure_at(model: &Gpt2, x: &Tensor, metric: Metric) -> Result<Vec<f64>> {
-    // (R, 1, C) -> (R, 1, vocab) -> (R, vocab)
-    let logits = model.unembed(x)?.squeeze(1)?.to_vec2::<f32>()?;
-    logits.iter().map(|row| metric.of(row)).collect()
+/// The metric of each row of final residual streams at the position measured, `x` (R, 1, C),
+/// row `r` measured by `metrics[r % metrics.len()]` (rows are patches × pairs, pair-minor).
+/// Logit differences and logits read their tokens' columns of the LM head alone.
+fn measure_at(model: &Gpt2, x: &Tensor, metrics: &[Metric]) -> Result<Vec<f64>> {
+    if metrics.is_empty() {
+        return Err(Error::Internal("rows measured by no metric".into()));
+    }
+    let metric = |r: usize| metrics[r % metrics.len()];
+    if !metrics.iter().all(|m| m.token_logits_only()) {
+        // (R, 1, C) -> (R, 1, vocab) -> (R, vocab)
+        let logits = model.unembed(x)?.squeeze(1)?.to_vec2::<f32>()?;
+        return logits
+            .iter()
+            .enumerate()
+            .map(|(r, row)| metric(r).of(row))
+            .collect();
+    }
+    let mut tokens: Vec<u32> = metrics.iter().flat_map(|m| m.tokens()).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    // (R, 1, C) -> (R, 1, k) -> (R, k): column j is tokens[j]'s logit.
+    let logits = model.token_logits(x, &tokens)?.squeeze(1)?.to_vec2::<f32>()?;
+    logits
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let logit = |t: u32| tokens.binary_search(&t).ok().map(|j| row[j] as f64);
+            metric(r)
+                .of_tokens(logit)
+                .ok_or_else(|| Error::Internal("a token's logit was not computed".into()))
+        })
+        .collect()
 }
 
 /// A hook that wants nothing.
@@ -136,7 +164,7 @@ impl Hook for NoHook {
 }
 
 /// Row `r` of a batch takes the clean activation where its mask is 1: `t · keep + clean · take`,
-/// `take` (R, ...) 0 or 1 broadcast against `t` (R, ...) and `clean` (1, ...), `keep = 1 − take`.
+/// `take` (R, ...) 0 or 1 broadcast against `t` and `clean` (R, ...), `keep = 1 − take`.
 struct PatchRows {
     /// `None`: the layer's input, patched before the pass ([`Act::ResidPre`]).
     point: Option<Point>,
@@ -170,29 +198,69 @@ impl Hook for PatchRows {
 /// The axes of a result after `layer`, with their sizes.
 type Axes = Vec<(Axis, usize)>;
 
-/// Rows per batched pass: about 4096 token rows, at least one patch.
+/// Rows per batched pass: about 4096 token rows, at least one.
 fn rows_per_pass(t: usize) -> usize {
     (4096 / t.max(1)).max(1)
 }
 
-/// One activation patched at every index `by` names, every layer: the metric of each patched
-/// run, in TransformerLens' order, and the axes after `layer`.
+/// One prompt pair as a batch takes it.
+#[derive(Clone, Copy)]
+pub(super) struct Ids<'a> {
+    pub clean: &'a [u32],
+    pub corrupted: &'a [u32],
+    pub metric: Metric,
+}
+
+impl<'a> From<&'a Pair> for Ids<'a> {
+    fn from(p: &'a Pair) -> Self {
+        Self {
+            clean: &p.clean,
+            corrupted: &p.corrupted,
+            metric: p.metric,
+        }
+    }
+}
+
+/// Pairs of one length as a (B, T) batch of ids on `model`'s device: the clean or the corrupted
+/// prompts.
+fn batch_ids(model: &Gpt2, pairs: &[Ids], clean: bool) -> Result<Tensor> {
+    let t = pairs.first().map_or(0, |p| p.clean.len());
+    let ids: Vec<u32> = pairs
+        .iter()
+        .flat_map(|p| if clean { p.clean } else { p.corrupted })
+        .copied()
+        .collect();
+    Ok(Tensor::from_vec(ids, (pairs.len(), t), model.device())?)
+}
+
+/// `t` (B, ...) repeated `k` times along the batch axis: (k·B, ...), row `i·B + j` = row `j`.
+fn tile(t: &Tensor, k: usize) -> Result<Tensor> {
+    let mut times = vec![1; t.rank()];
+    times[0] = k;
+    Ok(t.repeat(times)?)
+}
+
+/// One activation patched at every index `by` names, every layer, for a batch of B pairs of one
+/// length: each pair's metric of each patched run, in TransformerLens' order, and the axes after
+/// `layer`. A pass's rows are patches × pairs, pair-minor (row `i·B + j`: patch `i`, pair `j`).
 struct Patcher<'a> {
     model: &'a Gpt2,
-    /// The corrupted run's residual stream entering each layer, (1, T, C).
+    /// The corrupted runs' residual stream entering each layer, (B, T, C).
     resid: Vec<Tensor>,
-    /// The clean run's activations the patches need.
+    /// The clean runs' activations the patches need, (B, ...).
     clean: ActivationCache,
-    metric: Metric,
+    /// Each pair's metric.
+    metrics: Vec<Metric>,
     position: usize,
     t: usize,
 }
 
 impl Patcher<'_> {
-    /// `act` patched by `by` at every layer: values `[layer, ...]` and the axes after `layer`.
-    fn run(&self, act: Act, by: By) -> Result<(Vec<f64>, Axes)> {
+    /// `act` patched by `by` at every layer: per pair, values `[layer, ...]`; the axes after
+    /// `layer`.
+    fn run(&self, act: Act, by: By) -> Result<(Vec<Vec<f64>>, Axes)> {
         let c = self.model.config();
-        let (n_layer, t) = (c.n_layer, self.t);
+        let (n_layer, t, b) = (c.n_layer, self.t, self.metrics.len());
         let heads = match act {
             Act::HeadK | Act::HeadV => c.kv_heads(),
             _ => c.n_head,
@@ -215,31 +283,34 @@ impl Patcher<'_> {
             (a, b) => return Err(by_error(a, b)),
         };
         let patches: usize = mask.iter().product();
-        let mut out = Vec::with_capacity(n_layer * patches);
+        // Patches per pass: about rows_per_pass(t) rows, every pair of each patch.
+        let step = (rows_per_pass(t) / b).max(1);
+        let mut out = vec![Vec::with_capacity(n_layer * patches); b];
         for layer in 0..n_layer {
             let clean = self.clean.need(&act.hook_name(layer))?;
             let resid = &self.resid[layer];
             let mut start = 0;
             while start < patches {
                 crate::interrupt::check()?;
-                let rows = rows_per_pass(t).min(patches - start);
-                // (R, ...mask): row r has a 1 at flat index start + r.
-                let mut take = vec![0f32; rows * patches];
-                for r in 0..rows {
-                    take[r * patches + start + r] = 1.0;
+                let k = step.min(patches - start);
+                // (k·B, ...mask): row i·B + j has a 1 at flat index start + i.
+                let mut take = vec![0f32; k * b * patches];
+                for r in 0..k * b {
+                    take[r * patches + start + r / b] = 1.0;
                 }
-                let mut shape = vec![rows];
+                let mut shape = vec![k * b];
                 shape.extend(&mask);
                 let take = Tensor::from_vec(take, shape, resid.device())?;
                 let keep = take.affine(-1.0, 1.0)?;
                 let patch = PatchRows {
                     point: act.point(layer),
-                    clean: clean.clone(),
+                    clean: tile(clean, k)?,
                     keep,
                     take,
                 };
-                // (1, T, C) -> (R, T, C): the corrupted stream entering `layer`, once per patch.
-                let x = resid.repeat((rows, 1, 1))?;
+                // (B, T, C) -> (k·B, T, C): the corrupted streams entering `layer`, once per
+                // patch.
+                let x = tile(resid, k)?;
                 let x = match act.point(layer) {
                     // resid_pre is the layer's input: patched before the pass.
                     None => pass(
@@ -254,8 +325,13 @@ impl Patcher<'_> {
                         pass(self.model, layer, x, &mut patch, self.position)?
                     }
                 };
-                out.extend(measure_at(self.model, &x, self.metric)?);
-                start += rows;
+                for (r, v) in measure_at(self.model, &x, &self.metrics)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    out[r % b].push(v);
+                }
+                start += k;
             }
         }
         Ok((out, axes))
@@ -354,6 +430,25 @@ pub fn activation_patch(
             format!("token id {bad} is outside the vocabulary (0..{vocab})"),
         ));
     }
+    let acts = acts_of(what, by)?;
+    let pair = Ids {
+        clean,
+        corrupted,
+        metric,
+    };
+    let mut run = patch_batch(model, &[pair], &acts, what, by, position)?;
+    let base = PairRun {
+        metric,
+        position,
+        clean: run.clean[0],
+        corrupted: run.corrupted[0],
+    };
+    let patched = run.patched.pop().unwrap_or_default();
+    Ok(run.result(model, what, by, &base, patched))
+}
+
+/// The activations `what` names for `by`, checked to fit it.
+pub(super) fn acts_of(what: What, by: By) -> Result<Vec<Act>> {
     let acts: Vec<Act> = match what {
         What::One(a) => vec![a],
         What::Every if by.per_head() => Act::HEAD.to_vec(),
@@ -362,56 +457,132 @@ pub fn activation_patch(
     if let Some(&a) = acts.iter().find(|a| a.per_head() != by.per_head()) {
         return Err(by_error(a, by));
     }
-    let n_layer = model.config().n_layer;
-    let t = clean.len();
-    let device = model.device();
+    Ok(acts)
+}
+
+/// What patching a batch of pairs gives: each pair's baselines and patched values (flattened in
+/// the result's order), the activations and the axes after the first (`act`, `layer`).
+pub(super) struct BatchRun {
+    pub clean: Vec<f64>,
+    pub corrupted: Vec<f64>,
+    pub patched: Vec<Vec<f64>>,
+    acts: Vec<Act>,
+    inner: Axes,
+}
+
+impl BatchRun {
+    /// The result of `patched` values (one pair's or the mean's) measured as `base` says.
+    pub(super) fn result(
+        &self,
+        model: &Gpt2,
+        what: What,
+        by: By,
+        base: &PairRun,
+        patched: Vec<f64>,
+    ) -> Patching {
+        let (clean, corrupted) = (base.clean, base.corrupted);
+        let mut axes = Vec::new();
+        let mut shape = Vec::new();
+        if what == What::Every {
+            axes.push(Axis::Act);
+            shape.push(self.acts.len());
+        }
+        axes.push(Axis::Layer);
+        shape.push(model.config().n_layer);
+        for &(a, n) in &self.inner {
+            axes.push(a);
+            shape.push(n);
+        }
+        let span = clean - corrupted;
+        let normalized = patched.iter().map(|p| (p - corrupted) / span).collect();
+        Patching {
+            what,
+            by,
+            metric: base.metric,
+            position: base.position,
+            clean,
+            corrupted,
+            acts: self.acts.clone(),
+            axes,
+            shape,
+            patched,
+            normalized,
+            pairs: Vec::new(),
+        }
+    }
+}
+
+/// Activation patching of `pairs`, all of one length, measured at `position`, as one batch: the
+/// clean and corrupted runs are one pass each, and every pass from a layer holds every pair of
+/// its patches (rows of different prompts never mix: each pair's numbers are its own).
+pub(super) fn patch_batch(
+    model: &Gpt2,
+    pairs: &[Ids],
+    acts: &[Act],
+    what: What,
+    by: By,
+    position: usize,
+) -> Result<BatchRun> {
+    let c = model.config();
+    let (n_layer, n_head) = (c.n_layer, c.n_head);
+    let t = pairs.first().map_or(0, |p| p.clean.len());
+    let metrics: Vec<Metric> = pairs.iter().map(|p| p.metric).collect();
     let last = format!("blocks.{}.hook_resid_post", n_layer - 1);
-    // The corrupted run: each layer's input and the output.
+    // The corrupted runs: each layer's input and the output.
     let resid_names: Vec<String> = (0..n_layer).map(|l| Act::ResidPre.hook_name(l)).collect();
     let mut names: Vec<&str> = resid_names.iter().map(String::as_str).collect();
     names.push(&last);
-    let corrupted_ids = Tensor::new(corrupted, device)?.unsqueeze(0)?;
-    let run = run_with_cache(model, &corrupted_ids, &names)?;
+    let run = run_with_cache(model, &batch_ids(model, pairs, false)?, &names)?;
     let resid = resid_names
         .iter()
         .map(|n| run.need(n).cloned())
         .collect::<Result<Vec<_>>>()?;
-    let corrupted_metric = measure(model, run.need(&last)?, position, metric)?[0];
-    // The clean run: the activations patched in, and the output.
+    let corrupted = measure(model, run.need(&last)?, position, &metrics)?;
+    // The clean runs: the activations patched in, and the output.
     let clean_names: BTreeSet<String> = acts
         .iter()
         .flat_map(|a| (0..n_layer).map(|l| a.hook_name(l)))
         .chain([last.clone()])
         .collect();
     let names: Vec<&str> = clean_names.iter().map(String::as_str).collect();
-    let clean_ids = Tensor::new(clean, device)?.unsqueeze(0)?;
-    let clean_cache = run_with_cache(model, &clean_ids, &names)?;
-    let clean_metric = measure(model, clean_cache.need(&last)?, position, metric)?[0];
+    let clean_cache = run_with_cache(model, &batch_ids(model, pairs, true)?, &names)?;
+    let clean = measure(model, clean_cache.need(&last)?, position, &metrics)?;
     let patcher = Patcher {
         model,
         resid,
         clean: clean_cache,
-        metric,
+        metrics,
         position,
         t,
     };
-    let n_head = model.config().n_head;
-    let mut patched = Vec::new();
+    let mut patched = vec![Vec::new(); pairs.len()];
     let mut inner = Vec::new();
-    for &act in &acts {
-        let (mut values, mut axes) = patcher.run(act, by)?;
+    for &act in acts {
+        let (values, mut axes) = patcher.run(act, by)?;
+        for (all, mut values) in patched.iter_mut().zip(values) {
+            if what == What::Every {
+                // TransformerLens stacks the five head results on one shape: k and v of a model
+                // with fewer K/V heads are padded with zeros to n_head, and the pattern by
+                // position is rearranged from [layer, head, pos] to [layer, pos, head].
+                match (act, by) {
+                    (Act::HeadPattern, By::HeadPos) => {
+                        values = swap_last_two(&values, n_layer, n_head, t);
+                    }
+                    (Act::HeadK | Act::HeadV, _) => {
+                        let have = axes.last().map_or(1, |a| a.1);
+                        values = pad_last(&values, have, n_head);
+                    }
+                    _ => {}
+                }
+            }
+            all.extend(values);
+        }
         if what == What::Every {
-            // TransformerLens stacks the five head results on one shape: k and v of a model
-            // with fewer K/V heads are padded with zeros to n_head, and the pattern by position
-            // is rearranged from [layer, head, pos] to [layer, pos, head].
             match (act, by) {
                 (Act::HeadPattern, By::HeadPos) => {
-                    values = swap_last_two(&values, n_layer, n_head, t);
                     axes = vec![(Axis::Pos, t), (Axis::Head, n_head)];
                 }
                 (Act::HeadK | Act::HeadV, _) => {
-                    let have = axes.last().map_or(1, |a| a.1);
-                    values = pad_last(&values, have, n_head);
                     if let Some(a) = axes.last_mut() {
                         a.1 = n_head;
                     }
@@ -419,39 +590,14 @@ pub fn activation_patch(
                 _ => {}
             }
         }
-        patched.extend(values);
         inner = axes;
     }
-    let mut axes = Vec::new();
-    let mut shape = Vec::new();
-    if what == What::Every {
-        axes.push(Axis::Act);
-        shape.push(acts.len());
-    }
-    axes.push(Axis::Layer);
-    shape.push(n_layer);
-    for (a, n) in inner {
-        axes.push(a);
-        shape.push(n);
-    }
-    let span = clean_metric - corrupted_metric;
-    let normalized = patched
-        .iter()
-        .map(|p| (p - corrupted_metric) / span)
-        .collect();
-    Ok(Patching {
-        what,
-        by,
-        metric,
-        position,
-        clean: clean_metric,
-        corrupted: corrupted_metric,
-        acts,
-        axes,
-        shape,
+    Ok(BatchRun {
+        clean,
+        corrupted,
         patched,
-        normalized,
-        pairs: Vec::new(),
+        acts: acts.to_vec(),
+        inner,
     })
 }
 
