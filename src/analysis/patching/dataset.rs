@@ -120,21 +120,33 @@ fn pairs_per_batch(t: usize) -> usize {
     (1024 / t.max(1)).max(1)
 }
 
-/// `pairs` in batches of one length, each with the position measured (`position`, else the
-/// last): every pair in exactly one, by length, in order within a length.
-pub(super) fn batches(pairs: &[Pair], position: Option<usize>) -> Vec<(usize, Vec<usize>)> {
-    let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, p) in pairs.iter().enumerate() {
-        by_len.entry(p.clean.len()).or_default().push(i);
+/// The indices of `keys` grouped by key (prompts of one key have one length, `tokens(key)`),
+/// in order within a key, each group cut into batches of [`pairs_per_batch`].
+pub(crate) fn batches_by<K: Ord + Clone>(
+    keys: &[K],
+    tokens: impl Fn(&K) -> usize,
+) -> Vec<(K, Vec<usize>)> {
+    let mut groups: BTreeMap<K, Vec<usize>> = BTreeMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        groups.entry(k.clone()).or_default().push(i);
     }
-    by_len
+    groups
         .into_iter()
-        .flat_map(|(t, idx)| {
-            let at = position.unwrap_or(t.saturating_sub(1));
-            idx.chunks(pairs_per_batch(t))
-                .map(|c| (at, c.to_vec()))
+        .flat_map(|(k, idx)| {
+            idx.chunks(pairs_per_batch(tokens(&k)))
+                .map(|c| (k.clone(), c.to_vec()))
                 .collect::<Vec<_>>()
         })
+        .collect()
+}
+
+/// `pairs` in batches of one length, each with the position measured (`position`, else the
+/// last).
+pub(super) fn batches(pairs: &[Pair], position: Option<usize>) -> Vec<(usize, Vec<usize>)> {
+    let lengths: Vec<usize> = pairs.iter().map(|p| p.clean.len()).collect();
+    batches_by(&lengths, |&t| t)
+        .into_iter()
+        .map(|(t, idx)| (position.unwrap_or(t.saturating_sub(1)), idx))
         .collect()
 }
 

@@ -29,6 +29,7 @@ use crate::model::{Gpt2, Output};
 
 pub use cache::{run_with_cache, ActivationCache};
 pub use dataset::{activation_patch_mean, Pair, PairRun};
+pub(crate) use dataset::batches_by;
 pub use path::{path_patch, path_patch_mean, PathPatching};
 pub use spec::{Act, Axis, By, Metric, PathTo, Receivers, Senders, What};
 pub use table::Table;
