@@ -650,6 +650,57 @@ fn pairs_of_other_lengths_average_by_head_and_not_by_position() -> Result {
     Ok(())
 }
 
+/// Four pairs of the fixture's length: its pair with another first token, measured each by its
+/// own order of the two tokens.
+fn pairs_of_one_length(c: &Case, vocab: u32) -> Vec<Pair> {
+    (0..4u32)
+        .map(|k| {
+            let (mut clean, mut corrupted) = (c.clean.clone(), c.corrupted.clone());
+            clean[0] = (clean[0] + 7 * k) % vocab;
+            corrupted[0] = clean[0];
+            let (target, against) = match k % 2 {
+                0 => (c.target, c.against),
+                _ => (c.against, c.target),
+            };
+            Pair {
+                clean,
+                corrupted,
+                metric: Metric::LogitDiff { target, against },
+                label: format!("pair {k}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn pairs_of_one_length_patched_as_one_batch_equal_each_pair_alone() -> Result {
+    let c = case()?;
+    let m = model()?;
+    let pairs = pairs_of_one_length(&c, m.config().vocab_size as u32);
+    for (what, by, position) in [
+        (What::One(Act::HeadOut), By::Head, None),
+        (What::One(Act::ResidPre), By::Pos, Some(5)),
+        (What::Every, By::HeadPos, None),
+    ] {
+        let mean = activation_patch_mean(&m, &pairs, what, by, position)?;
+        let ones = pairs
+            .iter()
+            .map(|p| activation_patch(&m, &p.clean, &p.corrupted, what, by, p.metric, position))
+            .collect::<gpt2::Result<Vec<_>>>()?;
+        assert_eq!(mean.shape, ones[0].shape);
+        for (i, v) in mean.patched.iter().enumerate() {
+            let want = ones.iter().map(|o| o.patched[i]).sum::<f64>() / 4.0;
+            assert!((v - want).abs() < 1e-5, "{what} by {by} [{i}]: {v} {want}");
+        }
+        for (got, one) in mean.pairs.iter().zip(&ones) {
+            assert!((got.clean - one.clean).abs() < 1e-5, "{what}");
+            assert!((got.corrupted - one.corrupted).abs() < 1e-5, "{what}");
+            assert_eq!(got.position, one.position);
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn gpt2_patch_bad_pairs_are_one_error_line_naming_the_line() -> Result {
     let dir = common::scratch("patching", "bad_pairs");

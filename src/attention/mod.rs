@@ -130,7 +130,11 @@ impl Attention {
         let part = |start: usize, n: usize| -> Result<Tensor> {
             Ok(qkv.narrow(2, start, n * hs)?.reshape((b, t, n, hs))?)
         };
-        Ok([part(0, nh)?, part(nh * hs, nkv)?, part((nh + nkv) * hs, nkv)?])
+        Ok([
+            part(0, nh)?,
+            part(nh * hs, nkv)?,
+            part((nh + nkv) * hs, nkv)?,
+        ])
     }
 
     /// The heads' outputs `z` (B, T, n_head, hs) through `c_proj`: (B, T, C), the attention's

@@ -201,7 +201,9 @@ impl Hook for MeanAblate {
     fn at(&mut self, p: Point, z: &mut Tensor) -> Result<()> {
         if let Point::Z(l) = p {
             if let Some((mean, keep, take)) = self.layers.get(&l) {
-                *z = z.broadcast_mul(keep)?.broadcast_add(&mean.broadcast_mul(take)?)?;
+                *z = z
+                    .broadcast_mul(keep)?
+                    .broadcast_add(&mean.broadcast_mul(take)?)?;
             }
         }
         Ok(())

@@ -10,15 +10,18 @@
 //! applied as `corrupted · (1 − m) + clean · m`, so a patched value is the clean value exactly,
 //! as TransformerLens' assignment makes it.
 //!
-//! [`cache`]: [`run_with_cache`]; [`spec`]: the options' types; [`table`]: the text report.
+//! Pairs of one length are patched as one batch ([`batch`]); a dataset's pairs are batched by
+//! length ([`dataset`]).
+//!
+//! [`batch`]: pairs of one length at once; [`cache`]: [`run_with_cache`]; [`dataset`]: the mean
+//! over pairs; [`path`]: path patching; [`spec`]: the options' types; [`table`]: the text report.
 
+mod batch;
 mod cache;
 mod dataset;
 mod path;
 mod spec;
 mod table;
-
-use std::collections::BTreeSet;
 
 use candle_core::Tensor;
 use serde::Serialize;
@@ -27,9 +30,10 @@ use crate::error::{Error, Result};
 use crate::hooks::{Hook, Point};
 use crate::model::{Gpt2, Output};
 
+use batch::{batch_ids, patch_batch, tile, Ids};
 pub use cache::{run_with_cache, ActivationCache};
-pub use dataset::{activation_patch_mean, Pair, PairRun};
 pub(crate) use dataset::batches_by;
+pub use dataset::{activation_patch_mean, Pair, PairRun};
 pub use path::{path_patch, path_patch_mean, PathPatching};
 pub use spec::{Act, Axis, By, Metric, PathTo, Receivers, Senders, What};
 pub use table::Table;
@@ -138,7 +142,10 @@ fn measure_at(model: &Gpt2, x: &Tensor, metrics: &[Metric]) -> Result<Vec<f64>> 
     tokens.sort_unstable();
     tokens.dedup();
     // (R, 1, C) -> (R, 1, k) -> (R, k): column j is tokens[j]'s logit.
-    let logits = model.token_logits(x, &tokens)?.squeeze(1)?.to_vec2::<f32>()?;
+    let logits = model
+        .token_logits(x, &tokens)?
+        .squeeze(1)?
+        .to_vec2::<f32>()?;
     logits
         .iter()
         .enumerate()
@@ -164,179 +171,12 @@ impl Hook for NoHook {
     }
 }
 
-/// Row `r` of a batch takes the clean activation where its mask is 1: `t · keep + clean · take`,
-/// `take` (R, ...) 0 or 1 broadcast against `t` and `clean` (R, ...), `keep = 1 − take`.
-struct PatchRows {
-    /// `None`: the layer's input, patched before the pass ([`Act::ResidPre`]).
-    point: Option<Point>,
-    clean: Tensor,
-    keep: Tensor,
-    take: Tensor,
-}
-
-impl PatchRows {
-    fn apply(&self, t: &Tensor) -> Result<Tensor> {
-        let dtype = t.dtype();
-        Ok((t.broadcast_mul(&self.keep.to_dtype(dtype)?)?
-            + self
-                .clean
-                .to_dtype(dtype)?
-                .broadcast_mul(&self.take.to_dtype(dtype)?)?)?)
-    }
-}
-
-impl Hook for PatchRows {
-    fn wants(&self, p: Point) -> bool {
-        self.point == Some(p)
-    }
-
-    fn at(&mut self, _: Point, t: &mut Tensor) -> Result<()> {
-        *t = self.apply(t)?;
-        Ok(())
-    }
-}
-
 /// The axes of a result after `layer`, with their sizes.
 type Axes = Vec<(Axis, usize)>;
 
 /// Rows per batched pass: about 4096 token rows, at least one.
 fn rows_per_pass(t: usize) -> usize {
     (4096 / t.max(1)).max(1)
-}
-
-/// One prompt pair as a batch takes it.
-#[derive(Clone, Copy)]
-pub(super) struct Ids<'a> {
-    pub clean: &'a [u32],
-    pub corrupted: &'a [u32],
-    pub metric: Metric,
-}
-
-impl<'a> From<&'a Pair> for Ids<'a> {
-    fn from(p: &'a Pair) -> Self {
-        Self {
-            clean: &p.clean,
-            corrupted: &p.corrupted,
-            metric: p.metric,
-        }
-    }
-}
-
-/// Pairs of one length as a (B, T) batch of ids on `model`'s device: the clean or the corrupted
-/// prompts.
-fn batch_ids(model: &Gpt2, pairs: &[Ids], clean: bool) -> Result<Tensor> {
-    let t = pairs.first().map_or(0, |p| p.clean.len());
-    let ids: Vec<u32> = pairs
-        .iter()
-        .flat_map(|p| if clean { p.clean } else { p.corrupted })
-        .copied()
-        .collect();
-    Ok(Tensor::from_vec(ids, (pairs.len(), t), model.device())?)
-}
-
-/// `t` (B, ...) repeated `k` times along the batch axis: (k·B, ...), row `i·B + j` = row `j`.
-fn tile(t: &Tensor, k: usize) -> Result<Tensor> {
-    let mut times = vec![1; t.rank()];
-    times[0] = k;
-    Ok(t.repeat(times)?)
-}
-
-/// One activation patched at every index `by` names, every layer, for a batch of B pairs of one
-/// length: each pair's metric of each patched run, in TransformerLens' order, and the axes after
-/// `layer`. A pass's rows are patches × pairs, pair-minor (row `i·B + j`: patch `i`, pair `j`).
-struct Patcher<'a> {
-    model: &'a Gpt2,
-    /// The corrupted runs' residual stream entering each layer, (B, T, C).
-    resid: Vec<Tensor>,
-    /// The clean runs' activations the patches need, (B, ...).
-    clean: ActivationCache,
-    /// Each pair's metric.
-    metrics: Vec<Metric>,
-    position: usize,
-    t: usize,
-}
-
-impl Patcher<'_> {
-    /// `act` patched by `by` at every layer: per pair, values `[layer, ...]`; the axes after
-    /// `layer`.
-    fn run(&self, act: Act, by: By) -> Result<(Vec<Vec<f64>>, Axes)> {
-        let c = self.model.config();
-        let (n_layer, t, b) = (c.n_layer, self.t, self.metrics.len());
-        let heads = match act {
-            Act::HeadK | Act::HeadV => c.kv_heads(),
-            _ => c.n_head,
-        };
-        // Each patch's mask, as a shape broadcast over the activation without its batch axis
-        // (block (T, C); head vectors (T, heads, d_head); patterns (heads, T, T_k)), and the axes
-        // its index runs over: patch `r` is the mask with flat element `r` set, so patches come
-        // in TransformerLens' order.
-        let (mask, axes): (Vec<usize>, Axes) = match (act, by) {
-            (Act::ResidPre | Act::AttnOut | Act::MlpOut, By::Layer) => (vec![1, 1], vec![]),
-            (Act::ResidPre | Act::AttnOut | Act::MlpOut, By::Pos) => {
-                (vec![t, 1], vec![(Axis::Pos, t)])
-            }
-            (Act::HeadPattern, By::Head) => (vec![heads, 1, 1], vec![(Axis::Head, heads)]),
-            (Act::HeadPattern, By::HeadPos) => {
-                (vec![heads, t, 1], vec![(Axis::Head, heads), (Axis::Pos, t)])
-            }
-            (_, By::Head) => (vec![1, heads, 1], vec![(Axis::Head, heads)]),
-            (_, By::HeadPos) => (vec![t, heads, 1], vec![(Axis::Pos, t), (Axis::Head, heads)]),
-            (a, b) => return Err(by_error(a, b)),
-        };
-        let patches: usize = mask.iter().product();
-        // Patches per pass: about rows_per_pass(t) rows, every pair of each patch.
-        let step = (rows_per_pass(t) / b).max(1);
-        let mut out = vec![Vec::with_capacity(n_layer * patches); b];
-        for layer in 0..n_layer {
-            let clean = self.clean.need(&act.hook_name(layer))?;
-            let resid = &self.resid[layer];
-            let mut start = 0;
-            while start < patches {
-                crate::interrupt::check()?;
-                let k = step.min(patches - start);
-                // (k·B, ...mask): row i·B + j has a 1 at flat index start + i.
-                let mut take = vec![0f32; k * b * patches];
-                for r in 0..k * b {
-                    take[r * patches + start + r / b] = 1.0;
-                }
-                let mut shape = vec![k * b];
-                shape.extend(&mask);
-                let take = Tensor::from_vec(take, shape, resid.device())?;
-                let keep = take.affine(-1.0, 1.0)?;
-                let patch = PatchRows {
-                    point: act.point(layer),
-                    clean: tile(clean, k)?,
-                    keep,
-                    take,
-                };
-                // (B, T, C) -> (k·B, T, C): the corrupted streams entering `layer`, once per
-                // patch.
-                let x = tile(resid, k)?;
-                let x = match act.point(layer) {
-                    // resid_pre is the layer's input: patched before the pass.
-                    None => pass(
-                        self.model,
-                        layer,
-                        patch.apply(&x)?,
-                        &mut NoHook,
-                        self.position,
-                    )?,
-                    Some(_) => {
-                        let mut patch = patch;
-                        pass(self.model, layer, x, &mut patch, self.position)?
-                    }
-                };
-                for (r, v) in measure_at(self.model, &x, &self.metrics)?
-                    .into_iter()
-                    .enumerate()
-                {
-                    out[r % b].push(v);
-                }
-                start += k;
-            }
-        }
-        Ok((out, axes))
-    }
 }
 
 /// Layers `layer..` on `x` (R, T, C) with `hook`: the last block's output at `position`
@@ -459,187 +299,4 @@ pub(super) fn acts_of(what: What, by: By) -> Result<Vec<Act>> {
         return Err(by_error(a, by));
     }
     Ok(acts)
-}
-
-/// What patching a batch of pairs gives: each pair's baselines and patched values (flattened in
-/// the result's order), the activations and the axes after the first (`act`, `layer`).
-pub(super) struct BatchRun {
-    pub clean: Vec<f64>,
-    pub corrupted: Vec<f64>,
-    pub patched: Vec<Vec<f64>>,
-    acts: Vec<Act>,
-    inner: Axes,
-}
-
-impl BatchRun {
-    /// The result of `patched` values (one pair's or the mean's) measured as `base` says.
-    pub(super) fn result(
-        &self,
-        model: &Gpt2,
-        what: What,
-        by: By,
-        base: &PairRun,
-        patched: Vec<f64>,
-    ) -> Patching {
-        let (clean, corrupted) = (base.clean, base.corrupted);
-        let mut axes = Vec::new();
-        let mut shape = Vec::new();
-        if what == What::Every {
-            axes.push(Axis::Act);
-            shape.push(self.acts.len());
-        }
-        axes.push(Axis::Layer);
-        shape.push(model.config().n_layer);
-        for &(a, n) in &self.inner {
-            axes.push(a);
-            shape.push(n);
-        }
-        let span = clean - corrupted;
-        let normalized = patched.iter().map(|p| (p - corrupted) / span).collect();
-        Patching {
-            what,
-            by,
-            metric: base.metric,
-            position: base.position,
-            clean,
-            corrupted,
-            acts: self.acts.clone(),
-            axes,
-            shape,
-            patched,
-            normalized,
-            pairs: Vec::new(),
-        }
-    }
-}
-
-/// Activation patching of `pairs`, all of one length, measured at `position`, as one batch: the
-/// clean and corrupted runs are one pass each, and every pass from a layer holds every pair of
-/// its patches (rows of different prompts never mix: each pair's numbers are its own).
-pub(super) fn patch_batch(
-    model: &Gpt2,
-    pairs: &[Ids],
-    acts: &[Act],
-    what: What,
-    by: By,
-    position: usize,
-) -> Result<BatchRun> {
-    let c = model.config();
-    let (n_layer, n_head) = (c.n_layer, c.n_head);
-    let t = pairs.first().map_or(0, |p| p.clean.len());
-    let metrics: Vec<Metric> = pairs.iter().map(|p| p.metric).collect();
-    let last = format!("blocks.{}.hook_resid_post", n_layer - 1);
-    // The corrupted runs: each layer's input and the output.
-    let resid_names: Vec<String> = (0..n_layer).map(|l| Act::ResidPre.hook_name(l)).collect();
-    let mut names: Vec<&str> = resid_names.iter().map(String::as_str).collect();
-    names.push(&last);
-    let run = run_with_cache(model, &batch_ids(model, pairs, false)?, &names)?;
-    let resid = resid_names
-        .iter()
-        .map(|n| run.need(n).cloned())
-        .collect::<Result<Vec<_>>>()?;
-    let corrupted = measure(model, run.need(&last)?, position, &metrics)?;
-    // The clean runs: the activations patched in, and the output.
-    let clean_names: BTreeSet<String> = acts
-        .iter()
-        .flat_map(|a| (0..n_layer).map(|l| a.hook_name(l)))
-        .chain([last.clone()])
-        .collect();
-    let names: Vec<&str> = clean_names.iter().map(String::as_str).collect();
-    let clean_cache = run_with_cache(model, &batch_ids(model, pairs, true)?, &names)?;
-    let clean = measure(model, clean_cache.need(&last)?, position, &metrics)?;
-    let patcher = Patcher {
-        model,
-        resid,
-        clean: clean_cache,
-        metrics,
-        position,
-        t,
-    };
-    let mut patched = vec![Vec::new(); pairs.len()];
-    let mut inner = Vec::new();
-    for &act in acts {
-        let (values, mut axes) = patcher.run(act, by)?;
-        for (all, mut values) in patched.iter_mut().zip(values) {
-            if what == What::Every {
-                // TransformerLens stacks the five head results on one shape: k and v of a model
-                // with fewer K/V heads are padded with zeros to n_head, and the pattern by
-                // position is rearranged from [layer, head, pos] to [layer, pos, head].
-                match (act, by) {
-                    (Act::HeadPattern, By::HeadPos) => {
-                        values = swap_last_two(&values, n_layer, n_head, t);
-                    }
-                    (Act::HeadK | Act::HeadV, _) => {
-                        let have = axes.last().map_or(1, |a| a.1);
-                        values = pad_last(&values, have, n_head);
-                    }
-                    _ => {}
-                }
-            }
-            all.extend(values);
-        }
-        if what == What::Every {
-            match (act, by) {
-                (Act::HeadPattern, By::HeadPos) => {
-                    axes = vec![(Axis::Pos, t), (Axis::Head, n_head)];
-                }
-                (Act::HeadK | Act::HeadV, _) => {
-                    if let Some(a) = axes.last_mut() {
-                        a.1 = n_head;
-                    }
-                }
-                _ => {}
-            }
-        }
-        inner = axes;
-    }
-    Ok(BatchRun {
-        clean,
-        corrupted,
-        patched,
-        acts: acts.to_vec(),
-        inner,
-    })
-}
-
-/// `[n, a, b]` row-major -> `[n, b, a]`.
-fn swap_last_two(v: &[f64], n: usize, a: usize, b: usize) -> Vec<f64> {
-    let mut out = vec![0.0; v.len()];
-    for i in 0..n {
-        for x in 0..a {
-            for y in 0..b {
-                out[i * a * b + y * a + x] = v[i * a * b + x * b + y];
-            }
-        }
-    }
-    out
-}
-
-/// Rows of `have` values, each padded with zeros to `want`.
-fn pad_last(v: &[f64], have: usize, want: usize) -> Vec<f64> {
-    if have >= want {
-        return v.to_vec();
-    }
-    v.chunks(have.max(1))
-        .flat_map(|row| {
-            row.iter()
-                .copied()
-                .chain(std::iter::repeat_n(0.0, want - have))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_reshapes_as_transformer_lens_stacks() {
-        // [1, 2, 3] -> [1, 3, 2]: TransformerLens' "layer head pos -> layer pos head".
-        let v: Vec<f64> = (0..6).map(f64::from).collect();
-        assert_eq!(swap_last_two(&v, 1, 2, 3), [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
-        // K/V heads padded with zeros to n_head.
-        assert_eq!(pad_last(&[1.0, 2.0], 1, 3), [1.0, 0.0, 0.0, 2.0, 0.0, 0.0]);
-        assert_eq!(pad_last(&[1.0, 2.0], 2, 2), [1.0, 2.0]);
-    }
 }

@@ -59,7 +59,6 @@ pub struct PathPatching {
     pub pairs: Vec<PairRun>,
 }
 
-
 /// The clean runs' activations a path patch freezes or starts from, per layer, (B, T', ...)
 /// (T' = 1 to the logits: the measured position): head outputs (B, T', H, d), attention outputs
 /// and the residual stream entering each layer (B, T', C) and, to freeze the MLPs too, their
@@ -429,7 +428,9 @@ fn run_group(
     let Some(&first) = layers.keys().next() else {
         // No path: the clean runs, unchanged.
         let rows = g.senders * clean_metric.len();
-        return Ok((0..rows).map(|r| clean_metric[r % clean_metric.len()]).collect());
+        return Ok((0..rows)
+            .map(|r| clean_metric[r % clean_metric.len()])
+            .collect());
     };
     // Step 2: the senders' run, up to the last receiver, keeping the receivers' inputs.
     let keep: BTreeSet<usize> = layers.keys().copied().collect();
@@ -508,4 +509,50 @@ pub fn path_patch_mean(
     let mut m = result(model, senders, receivers, &mean, sum);
     m.pairs = runs;
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::batch::tests::{assert_close, ids, pairs};
+    use super::*;
+    use crate::analysis::ablation::HeadId;
+    use crate::model::{tiny_config, tiny_model};
+
+    #[test]
+    fn a_batch_gives_each_pair_what_it_gets_alone() -> Result<()> {
+        let m = tiny_model(tiny_config(40, 64, 3), 5)?;
+        let head = |layer, head| HeadId { layer, head };
+        let receivers = [head(1, 0), head(2, 1), head(2, 3)];
+        for loss in [false, true] {
+            let p = pairs(40, 9, 3, loss);
+            let ids = ids(&p);
+            for to in PathTo::ALL {
+                let r = match to {
+                    PathTo::Logits => Receivers::logits(),
+                    _ => Receivers::heads(to, &receivers),
+                };
+                for (senders, freeze) in Senders::ALL
+                    .into_iter()
+                    .flat_map(|s| [(s, false), (s, true)])
+                {
+                    let r = r.clone().freezing_mlps(freeze);
+                    let all = path_batch(&m, &ids, senders, &r, 6)?;
+                    let label = format!("{senders} to {}, freeze {freeze}", r.describe());
+                    for (j, one) in ids.iter().enumerate() {
+                        let alone = path_batch(&m, &[*one], senders, &r, 6)?;
+                        assert_close(&all.patched[j], &alone.patched[0], &label);
+                        assert_close(&[all.clean[j]], &alone.clean, &label);
+                        assert_close(&[all.corrupted[j]], &alone.corrupted, &label);
+                    }
+                    let d = all.patched[0]
+                        .iter()
+                        .zip(&all.patched[1])
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0, f64::max);
+                    assert!(d > 1e-3, "{label}: pairs alike");
+                }
+            }
+        }
+        Ok(())
+    }
 }
