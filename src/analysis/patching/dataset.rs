@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use std::collections::BTreeMap;
 
-use super::{acts_of, patch_batch, Axis, By, Ids, Metric, Patching, What};
+use super::{acts_of, patch_batch, resolve, Axis, By, Ids, Metric, Patching, What};
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
 
@@ -48,7 +48,7 @@ pub(super) fn check_pairs(
     model: &Gpt2,
     pairs: &[Pair],
     by: By,
-    position: Option<usize>,
+    position: Option<isize>,
 ) -> Result<()> {
     let Some(first) = pairs.first() else {
         return Err(Error::param("pairs", "holds no pair: nothing to average"));
@@ -73,15 +73,7 @@ pub(super) fn check_pairs(
                 ),
             ));
         }
-        if let Some(pos) = position.filter(|&pos| pos >= t) {
-            return Err(Error::param(
-                "position",
-                format!(
-                    "{pos} is out of range for {label}: its prompts have {t} tokens (0..={})",
-                    t - 1
-                ),
-            ));
-        }
+        resolve(position, t, Some(label))?;
         if let Some(bad) = p.metric.tokens().into_iter().find(|&x| x as usize >= vocab) {
             return Err(Error::param(
                 "pairs",
@@ -140,28 +132,29 @@ pub(crate) fn batches_by<K: Ord + Clone>(
         .collect()
 }
 
-/// `pairs` in batches of one length, each with the position measured (`position`, else the
-/// last).
-pub(super) fn batches(pairs: &[Pair], position: Option<usize>) -> Vec<(usize, Vec<usize>)> {
+/// `pairs` in batches of one length, each with the position measured there ([`resolve`]d:
+/// `-1` is each length's last).
+pub(super) fn batches(pairs: &[Pair], position: Option<isize>) -> Result<Vec<(usize, Vec<usize>)>> {
     let lengths: Vec<usize> = pairs.iter().map(|p| p.clean.len()).collect();
     batches_by(&lengths, |&t| t)
         .into_iter()
-        .map(|(t, idx)| (position.unwrap_or(t.saturating_sub(1)), idx))
+        .map(|(t, idx)| Ok((resolve(position, t, None)?, idx)))
         .collect()
 }
 
 /// Activation patching averaged over `pairs` (see the module's words): each pair patched as
-/// [`activation_patch`](super::activation_patch) patches one, measured at `position` (default: each pair's last), the
-/// metric averaged over the pairs at every index, then normalised by the averaged baselines.
-/// The result's `metric` and `position` are the first pair's, `pairs` each one's; for one pair
-/// it is [`activation_patch`](super::activation_patch)'s result with `pairs` of one. Pairs of one length run as batches
-/// ([`patch_batch`]); the sums are taken in the pairs' order all the same.
+/// [`activation_patch`](super::activation_patch) patches one, measured at `position` (default:
+/// each pair's last; negative counts from each pair's end), the metric averaged over the pairs
+/// at every index, then normalised by the averaged baselines. The result's `metric` and
+/// `position` are the first pair's, `pairs` each one's; for one pair it is
+/// [`activation_patch`](super::activation_patch)'s result with `pairs` of one. Pairs of one
+/// length run as batches ([`patch_batch`]); the sums are taken in the pairs' order all the same.
 pub fn activation_patch_mean(
     model: &Gpt2,
     pairs: &[Pair],
     what: What,
     by: By,
-    position: Option<usize>,
+    position: Option<isize>,
 ) -> Result<Patching> {
     check_pairs(model, pairs, by, position)?;
     let acts = acts_of(what, by)?;
@@ -169,7 +162,7 @@ pub fn activation_patch_mean(
     let mut values: Vec<Vec<f64>> = vec![Vec::new(); pairs.len()];
     // The batch of the first pair: the result's axes.
     let mut first = None;
-    for (at, idx) in batches(pairs, position) {
+    for (at, idx) in batches(pairs, position)? {
         let ids: Vec<Ids> = idx.iter().map(|&i| Ids::from(&pairs[i])).collect();
         let mut r = patch_batch(model, &ids, &acts, what, by, at)?;
         for (k, &i) in idx.iter().enumerate() {

@@ -80,8 +80,36 @@ fn by_error(act: Act, by: By) -> Error {
     )
 }
 
+/// `position` in prompts of `t` tokens (`label` names them in the error: a dataset's pair): 0 or
+/// more counts from the start, negative from the end as Python indexes (-1 the last, -t the
+/// first); `None` is the last.
+fn resolve(position: Option<isize>, t: usize, label: Option<&str>) -> Result<usize> {
+    let Some(p) = position else {
+        return Ok(t.saturating_sub(1));
+    };
+    let at = match usize::try_from(p) {
+        Ok(p) => Some(p).filter(|&p| p < t),
+        Err(_) => t.checked_sub(p.unsigned_abs()),
+    };
+    at.ok_or_else(|| {
+        let (of, whose) = match label {
+            Some(l) => (format!(" for {l}"), "its"),
+            None => (String::new(), "the"),
+        };
+        Error::param(
+            "position",
+            format!(
+                "{p} is out of range{of}: {whose} prompts have {t} tokens ({}..={}; negative \
+                 counts from the end)",
+                -(t as i128),
+                t as i128 - 1
+            ),
+        )
+    })
+}
+
 /// Checks the inputs of a patching run and returns the position measured.
-fn check(model: &Gpt2, clean: &[u32], corrupted: &[u32], position: Option<usize>) -> Result<usize> {
+fn check(model: &Gpt2, clean: &[u32], corrupted: &[u32], position: Option<isize>) -> Result<usize> {
     if clean.len() != corrupted.len() {
         return Err(Error::param(
             "corrupted",
@@ -102,17 +130,7 @@ fn check(model: &Gpt2, clean: &[u32], corrupted: &[u32], position: Option<usize>
             "activation patching needs every layer and the LM head loaded".into(),
         ));
     }
-    match position {
-        Some(p) if p >= t => Err(Error::param(
-            "position",
-            format!(
-                "{p} is out of range: the prompts have {t} tokens (0..={})",
-                t - 1
-            ),
-        )),
-        Some(p) => Ok(p),
-        None => Ok(t - 1),
-    }
+    resolve(position, t, None)
 }
 
 /// The metric at `position` of each row of final residual streams `x` (R, T, C), row `r`
@@ -249,7 +267,7 @@ fn pass_to(
 
 /// Activation patching of `model`: the corrupted prompt run with `what` replaced by the clean
 /// run's at each layer and each index `by` names, measured by `metric` at `position` (default:
-/// the last). Equal to TransformerLens' `get_act_patch_*` (see the README's table):
+/// the last; negative counts from the end, -1 the last). Equal to TransformerLens' `get_act_patch_*` (see the README's table):
 /// `resid_pre`/`attn_out`/`mlp_out` by pos `[layer, pos]`, by layer `[layer]`; `head_*` by head
 /// `[layer, head]`, by head_pos `[layer, pos, head]` (`head_pattern`: `[layer, head, pos]`, its
 /// destination positions); `every` by head `[5, layer, head]`, by head_pos
@@ -261,7 +279,7 @@ pub fn activation_patch(
     what: What,
     by: By,
     metric: Metric,
-    position: Option<usize>,
+    position: Option<isize>,
 ) -> Result<Patching> {
     let position = check(model, clean, corrupted, position)?;
     let vocab = model.config().vocab_size;
@@ -299,4 +317,35 @@ pub(super) fn acts_of(what: What, by: By) -> Result<Vec<Act>> {
         return Err(by_error(a, by));
     }
     Ok(acts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_count_from_the_start_or_the_end() -> Result<()> {
+        for (p, want) in [
+            (None, 4),
+            (Some(0), 0),
+            (Some(4), 4),
+            (Some(-1), 4),
+            (Some(-5), 0),
+        ] {
+            assert_eq!(resolve(p, 5, None)?, want, "{p:?}");
+        }
+        for p in [5, -6, isize::MIN, isize::MAX] {
+            let e = resolve(Some(p), 5, Some("line 2"))
+                .err()
+                .map(|e| e.to_string());
+            let e = e.unwrap_or_default();
+            assert!(
+                e.contains(&format!("{p} is out of range for line 2")),
+                "{e}"
+            );
+            assert!(e.contains("(-5..=4"), "{e}");
+        }
+        assert_eq!(resolve(Some(-1), 1, None)?, 0);
+        Ok(())
+    }
 }

@@ -195,7 +195,7 @@ impl Hook for ReceiverRun {
 
 /// Path patching of one prompt pair: the clean prompt run with each sender's direct path to
 /// `receivers` carrying the corrupted run's value (see the module's words), measured by
-/// `metric` at `position` (default: the last). Heads give `[layer, head]`, as ARENA's
+/// `metric` at `position` (default: the last; negative counts from the end). Heads give `[layer, head]`, as ARENA's
 /// `get_path_patch_head_to_final_resid_post` / `get_path_patch_head_to_heads` (whose rows stop
 /// below the last receiver's layer; here later senders are the clean metric).
 pub fn path_patch(
@@ -205,7 +205,7 @@ pub fn path_patch(
     senders: Senders,
     receivers: &Receivers,
     metric: Metric,
-    position: Option<usize>,
+    position: Option<isize>,
 ) -> Result<PathPatching> {
     let position = check(model, clean, corrupted, position)?;
     receivers.check(model)?;
@@ -468,13 +468,13 @@ pub fn path_patch_mean(
     pairs: &[Pair],
     senders: Senders,
     receivers: &Receivers,
-    position: Option<usize>,
+    position: Option<isize>,
 ) -> Result<PathPatching> {
     check_pairs(model, pairs, By::Head, position)?;
     receivers.check(model)?;
     let mut runs: Vec<Option<PairRun>> = vec![None; pairs.len()];
     let mut values: Vec<Vec<f64>> = vec![Vec::new(); pairs.len()];
-    for (at, idx) in batches(pairs, position) {
+    for (at, idx) in batches(pairs, position)? {
         let ids: Vec<Ids> = idx.iter().map(|&i| Ids::from(&pairs[i])).collect();
         let mut r = path_batch(model, &ids, senders, receivers, at)?;
         for (k, &i) in idx.iter().enumerate() {
