@@ -84,13 +84,32 @@ impl Block {
     /// that is computed of them; the query, the attention output and the MLP are computed at
     /// `position` only (a decode step over a cache of the positions before it).
     pub(crate) fn forward_at(&self, x: &Tensor, position: usize) -> Result<Tensor> {
+        self.forward_at_after(x, None, position)
+    }
+
+    /// [`Block::forward_at`] for `x` (B, T, C) at positions `past..past + T`, after the `past`
+    /// positions whose keys and values `prefix` holds: -> (B, 1, C) at `position`
+    /// (`past..past + T`).
+    pub(crate) fn forward_at_after(
+        &self,
+        x: &Tensor,
+        prefix: Option<&KvCache>,
+        position: usize,
+    ) -> Result<Tensor> {
+        let past = prefix.map_or(0, |c| c.k_cache().current_seq_len());
         let mut cache = KvCache::new(2, position + 1);
-        if position > 0 {
-            let before = self.ln_1.forward(&x.narrow(1, 0, position)?)?;
+        if let Some(p) = prefix {
+            // The prefix's (B, nkv, past, hs) views, copied into this position's own cache.
+            if let (Some(k), Some(v)) = (p.k()?, p.v()?) {
+                cache.append(&k.contiguous()?, &v.contiguous()?)?;
+            }
+        }
+        if position > past {
+            let before = self.ln_1.forward(&x.narrow(1, 0, position - past)?)?;
             self.attn.append_kv(&before, &mut cache)?;
         }
         self.forward(
-            &x.narrow(1, position, 1)?,
+            &x.narrow(1, position - past, 1)?,
             None,
             Some(&mut cache),
             position,

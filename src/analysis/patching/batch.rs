@@ -14,7 +14,7 @@ use super::{
 };
 use crate::error::Result;
 use crate::hooks::{Hook, Point};
-use crate::model::Gpt2;
+use crate::model::{Cache, Gpt2};
 
 /// Row `r` of a batch takes the clean activation where its mask is 1: `t · keep + clean · take`,
 /// `take` (R, ...) 0 or 1 broadcast against `t` and `clean` (R, ...), `keep = 1 − take`.
@@ -85,6 +85,85 @@ pub(super) fn tile(t: &Tensor, k: usize) -> Result<Tensor> {
     Ok(t.repeat(times)?)
 }
 
+/// The first positions a batch's runs share with the run they start from (a corrupted prompt and
+/// its clean one, alike up to their first differing token): nothing changes there, so a patched
+/// pass computes only the positions after them, and of those it needs only the keys and values
+/// of every layer, (B, nkv, len, hs) each.
+#[derive(Clone)]
+pub(super) struct Prefix {
+    len: usize,
+    kv: Vec<(Tensor, Tensor)>,
+}
+
+impl Prefix {
+    /// The positions before every pair's first differing token, and before `position` (the one
+    /// measured, which must be run). None when a cache would change the numbers (one holding
+    /// keys and values in another dtype than the activations, f16 under f32 ones): 0.
+    pub(super) fn len(model: &Gpt2, pairs: &[Ids], position: usize) -> usize {
+        if model.kv_dtype() != model.act_dtype() {
+            return 0;
+        }
+        let alike = |p: &Ids| {
+            p.clean
+                .iter()
+                .zip(p.corrupted)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        pairs.iter().map(alike).min().unwrap_or(0).min(position)
+    }
+
+    /// The `len` first positions' keys and values of every layer, from a run's `hook_k`/`hook_v`
+    /// (B, T, nkv, hs) in `cache`.
+    pub(super) fn new(cache: &ActivationCache, n_layer: usize, len: usize) -> Result<Self> {
+        if len == 0 {
+            return Ok(Self {
+                len,
+                kv: Vec::new(),
+            });
+        }
+        let kv = (0..n_layer)
+            .map(|l| {
+                // (B, T, nkv, hs) -> (B, nkv, len, hs), as the KV cache lays them out.
+                let first = |hook: &str| -> Result<Tensor> {
+                    let t = cache.need(&format!("blocks.{l}.attn.{hook}"))?;
+                    Ok(t.narrow(1, 0, len)?.transpose(1, 2)?.contiguous()?)
+                };
+                Ok((first("hook_k")?, first("hook_v")?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { len, kv })
+    }
+
+    /// The hook names [`Prefix::new`] reads.
+    pub(super) fn names(n_layer: usize) -> Vec<String> {
+        (0..n_layer)
+            .flat_map(|l| ["k", "v"].map(|x| format!("blocks.{l}.attn.hook_{x}")))
+            .collect()
+    }
+
+    /// The KV cache of a pass from `layer` over `k` tiles of the batch (k·B rows) of prompts of
+    /// `t` tokens: the prefix's keys and values at layers `layer..`; none for an empty prefix.
+    pub(super) fn cache(&self, layer: usize, k: usize, t: usize) -> Result<Option<Cache>> {
+        if self.len == 0 {
+            return Ok(None);
+        }
+        let kv = self.kv[layer..]
+            .iter()
+            .map(|(key, v)| Ok((tile(key, k)?, tile(v, k)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Cache::prefilled(self.kv.len(), layer, &kv, t)?))
+    }
+
+    /// `x`'s positions after the prefix, along `axis` when it has the prompts' `t` positions.
+    pub(super) fn after(&self, x: Tensor, axis: usize, t: usize) -> Result<Tensor> {
+        if self.len == 0 || x.dim(axis)? != t {
+            return Ok(x);
+        }
+        Ok(x.narrow(axis, self.len, t - self.len)?.contiguous()?)
+    }
+}
+
 /// One activation patched at every index `by` names, every layer, for a batch of B pairs of one
 /// length: each pair's metric of each patched run, in TransformerLens' order, and the axes after
 /// `layer`. A pass's rows are patches × pairs, pair-minor (row `i·B + j`: patch `i`, pair `j`).
@@ -98,6 +177,8 @@ struct Patcher<'a> {
     metrics: Vec<Metric>,
     position: usize,
     t: usize,
+    /// The positions every pair's prompts share: only those after it are run.
+    prefix: Prefix,
 }
 
 impl Patcher<'_> {
@@ -145,17 +226,22 @@ impl Patcher<'_> {
                 }
                 let mut shape = vec![k * b];
                 shape.extend(&mask);
-                let take = Tensor::from_vec(take, shape, resid.device())?;
+                // Of the activation's positions (patterns: query rows) only those after the
+                // prefix are run: the mask and the clean values narrowed to them.
+                let axis = if act == Act::HeadPattern { 2 } else { 1 };
+                let after = |x: Tensor| self.prefix.after(x, axis, t);
+                let take = after(Tensor::from_vec(take, shape, resid.device())?)?;
                 let keep = take.affine(-1.0, 1.0)?;
                 let patch = PatchRows {
                     point: act.point(layer),
-                    clean: tile(clean, k)?,
+                    clean: after(tile(clean, k)?)?,
                     keep,
                     take,
                 };
-                // (B, T, C) -> (k·B, T, C): the corrupted streams entering `layer`, once per
-                // patch.
-                let x = tile(resid, k)?;
+                // (B, T, C) -> (k·B, T', C): the corrupted streams entering `layer`, once per
+                // patch, after the prefix.
+                let x = self.prefix.after(tile(resid, k)?, 1, t)?;
+                let cache = self.prefix.cache(layer, k, t)?;
                 let x = match act.point(layer) {
                     // resid_pre is the layer's input: patched before the pass.
                     None => pass(
@@ -164,10 +250,11 @@ impl Patcher<'_> {
                         patch.apply(&x)?,
                         &mut NoHook,
                         self.position,
+                        cache,
                     )?,
                     Some(_) => {
                         let mut patch = patch;
-                        pass(self.model, layer, x, &mut patch, self.position)?
+                        pass(self.model, layer, x, &mut patch, self.position, cache)?
                     }
                 };
                 for (r, v) in measure_at(self.model, &x, &self.metrics)?
@@ -253,9 +340,17 @@ pub(super) fn patch_batch(
     let last = format!("blocks.{}.hook_resid_post", n_layer - 1);
     // The corrupted runs: each layer's input and the output.
     let resid_names: Vec<String> = (0..n_layer).map(|l| Act::ResidPre.hook_name(l)).collect();
+    let prefix_len = Prefix::len(model, pairs, position);
+    let kv_names = match prefix_len {
+        0 => Vec::new(),
+        _ => Prefix::names(n_layer),
+    };
     let mut names: Vec<&str> = resid_names.iter().map(String::as_str).collect();
+    names.extend(kv_names.iter().map(String::as_str));
     names.push(&last);
     let run = run_with_cache(model, &batch_ids(model, pairs, false)?, &names)?;
+    // Before the pairs' first differing token every patch leaves the corrupted runs as they are.
+    let prefix = Prefix::new(&run, n_layer, prefix_len)?;
     let resid = resid_names
         .iter()
         .map(|n| run.need(n).cloned())
@@ -277,6 +372,7 @@ pub(super) fn patch_batch(
         metrics,
         position,
         t,
+        prefix,
     };
     let mut patched = vec![Vec::new(); pairs.len()];
     let mut inner = Vec::new();

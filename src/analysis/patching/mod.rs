@@ -28,9 +28,9 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, Point};
-use crate::model::{Gpt2, Output};
+use crate::model::{Cache, Gpt2, Output};
 
-use batch::{batch_ids, patch_batch, tile, Ids};
+use batch::{batch_ids, patch_batch, tile, Ids, Prefix};
 pub use cache::{run_with_cache, ActivationCache};
 pub(crate) use dataset::batches_by;
 pub use dataset::{activation_patch_mean, Pair, PairRun};
@@ -197,16 +197,20 @@ fn rows_per_pass(t: usize) -> usize {
     (4096 / t.max(1)).max(1)
 }
 
-/// Layers `layer..` on `x` (R, T, C) with `hook`: the last block's output at `position`
-/// (R, 1, C). When the hook wants nothing of the last layer, that block runs at the position
-/// alone ([`Gpt2::block_at`]): nothing else of it is measured.
+/// Layers `layer..` on `x` (R, T', C) with `hook`: the last block's output at `position`
+/// (R, 1, C). `x` holds positions `past..T` after the `past` whose keys and values `cache` holds
+/// ([`Prefix::cache`]; none: T' = T from position 0). When the hook wants nothing of the last
+/// layer, that block runs at the position alone ([`Gpt2::block_at`]): nothing else of it is
+/// measured.
 fn pass(
     model: &Gpt2,
     layer: usize,
     x: Tensor,
     hook: &mut dyn Hook,
     position: usize,
+    mut cache: Option<Cache>,
 ) -> Result<Tensor> {
+    let past = cache.as_ref().map_or(0, Cache::seq_len);
     let last = model.config().n_layer - 1;
     let touches_last = [
         Point::Q(last),
@@ -221,20 +225,25 @@ fn pass(
     .into_iter()
     .any(|p| hook.wants(p));
     if layer < last && !touches_last && model.head_mask().is_none() {
-        let x = pass_to(model, layer, last - 1, x, hook)?;
-        return model.block_at(last, &x, position);
+        let x = pass_to(model, layer, last - 1, x, hook, cache.as_mut())?;
+        return match &cache {
+            Some(cache) => model.block_at_after(last, &x, cache, position),
+            None => model.block_at(last, &x, position),
+        };
     }
-    let x = pass_to(model, layer, last, x, hook)?;
-    Ok(x.narrow(1, position, 1)?)
+    let x = pass_to(model, layer, last, x, hook, cache.as_mut())?;
+    Ok(x.narrow(1, position - past, 1)?)
 }
 
-/// Layers `layer..=to` on `x` (R, T, C) with `hook`: block `to`'s output (R, T, C).
+/// Layers `layer..=to` on `x` (R, T', C) (after `cache`'s positions) with `hook`: block `to`'s
+/// output (R, T', C).
 fn pass_to(
     model: &Gpt2,
     layer: usize,
     to: usize,
     x: Tensor,
     hook: &mut dyn Hook,
+    cache: Option<&mut Cache>,
 ) -> Result<Tensor> {
     struct Seen<'a, 'b> {
         hook: &'a mut (dyn Hook + 'b),
@@ -260,7 +269,7 @@ fn pass_to(
         last: None,
         layer: to,
     };
-    model.run_from(layer, x, None, Some(&mut seen), Output::StopAfter(to))?;
+    model.run_from(layer, x, cache, Some(&mut seen), Output::StopAfter(to))?;
     seen.last
         .ok_or_else(|| Error::Internal("the residual stream was not seen".into()))
 }

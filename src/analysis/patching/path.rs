@@ -28,8 +28,9 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::dataset::{batches, check_pairs};
+use super::Senders;
 use super::{batch_ids, check, measure, measure_at, pass, rows_per_pass, run_with_cache, tile};
-use super::{ActivationCache, Axis, By, Ids, Metric, Pair, PairRun, PathTo, Receivers, Senders};
+use super::{ActivationCache, Axis, By, Ids, Metric, Pair, PairRun, PathTo, Prefix, Receivers};
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, Point};
 use crate::model::Gpt2;
@@ -60,14 +61,19 @@ pub struct PathPatching {
 }
 
 /// The clean runs' activations a path patch freezes or starts from, per layer, (B, T', ...)
-/// (T' = 1 to the logits: the measured position): head outputs (B, T', H, d), attention outputs
-/// and the residual stream entering each layer (B, T', C) and, to freeze the MLPs too, their
-/// outputs (B, T', C).
+/// (T' = 1 to the logits: the measured position; to heads the positions after `prefix`): head
+/// outputs (B, T', H, d), attention outputs and the residual stream entering each layer
+/// (B, T', C) and, to freeze the MLPs too, their outputs (B, T', C).
 struct Clean {
     z: Vec<Tensor>,
     attn: Vec<Tensor>,
     resid: Vec<Tensor>,
     mlp: Option<Vec<Tensor>>,
+    /// The positions the prompts share, and the clean runs' keys and values there.
+    prefix: Prefix,
+    /// The prompts' length, and the position measured.
+    t: usize,
+    position: usize,
 }
 
 /// What the senders of a group change at its first layer.
@@ -299,11 +305,24 @@ fn path_batch(
             .collect();
         run_with_cache(model, &batch_ids(model, pairs, clean)?, &names)
     };
-    let mut clean_names = vec![&z_names, &attn_names, &resid_names];
+    // To the logits only the measured position runs; to heads, only the positions after those
+    // every pair's prompts share (there, nothing changes).
+    let to_logits = receivers.to == PathTo::Logits;
+    let prefix_len = match to_logits {
+        true => 0,
+        false => Prefix::len(model, pairs, position),
+    };
+    let kv_names = match prefix_len {
+        0 => Vec::new(),
+        _ => Prefix::names(n_layer),
+    };
+    let mut clean_names = vec![&z_names, &attn_names, &resid_names, &kv_names];
     if receivers.freeze_mlps {
         clean_names.push(&mlp_names);
     }
     let clean_cache = run(true, &clean_names)?;
+    // Step 3 runs the clean prompts again: its past is theirs.
+    let prefix = Prefix::new(&clean_cache, n_layer, prefix_len)?;
     let embed = vec!["blocks.0.hook_resid_pre".to_string()];
     let corrupted_cache = run(
         false,
@@ -317,14 +336,12 @@ fn path_batch(
     let corrupted_metric = measure(model, corrupted_cache.need(&last)?, position, &metrics)?;
     // To the logits, every head frozen: each position's stream depends on that position alone
     // (layer norms, MLPs and the frozen attention outputs are per position), so only the
-    // measured position is run.
-    let to_logits = receivers.to == PathTo::Logits;
-    let cut = |t: Tensor| -> Result<Tensor> {
-        Ok(if to_logits {
-            t.narrow(1, position, 1)?
-        } else {
-            t
-        })
+    // measured position is run; to heads, the positions after the prefix.
+    let cut = |x: Tensor| -> Result<Tensor> {
+        match to_logits {
+            true => Ok(x.narrow(1, position, 1)?),
+            false => prefix.after(x, 1, t),
+        }
     };
     let need = |cache: &ActivationCache, names: &[String]| -> Result<Vec<Tensor>> {
         names.iter().map(|n| cut(cache.need(n)?.clone())).collect()
@@ -337,6 +354,10 @@ fn path_batch(
             true => Some(need(&clean_cache, &mlp_names)?),
             false => None,
         },
+        // Tensors share their storage: no copy.
+        prefix: prefix.clone(),
+        t,
+        position,
     };
     // The sender groups, in the result's order: senders per pass for about rows_per_pass rows.
     let step = (rows_per_pass(if to_logits { 1 } else { t }) / b).max(1);
@@ -384,15 +405,7 @@ fn path_batch(
     let mut patched = vec![Vec::new(); b];
     for g in &groups {
         crate::interrupt::check()?;
-        let values = run_group(
-            model,
-            &frozen,
-            g,
-            receivers,
-            &metrics,
-            position,
-            &clean_metric,
-        )?;
+        let values = run_group(model, &frozen, g, receivers, &metrics, &clean_metric)?;
         for (r, v) in values.into_iter().enumerate() {
             patched[r % b].push(v);
         }
@@ -411,7 +424,6 @@ fn run_group(
     g: &Group,
     receivers: &Receivers,
     metrics: &[Metric],
-    position: usize,
     clean_metric: &[f64],
 ) -> Result<Vec<f64>> {
     if receivers.to == PathTo::Logits {
@@ -455,7 +467,15 @@ fn run_group(
         at.insert(p, Mix::new(got.clone(), take, vec![1, 1, n, 1])?);
     }
     let x = tile(&clean.resid[first], g.senders)?;
-    let x = pass(model, first, x, &mut ReceiverRun { at }, position)?;
+    let cache = clean.prefix.cache(first, g.senders, clean.t)?;
+    let x = pass(
+        model,
+        first,
+        x,
+        &mut ReceiverRun { at },
+        clean.position,
+        cache,
+    )?;
     measure_at(model, &x, metrics)
 }
 
