@@ -63,19 +63,53 @@ impl Block {
         Ok(x)
     }
 
+    /// Q, K, V of the stream `x` (B, T, C) entering the block (`ln_1`, then `c_attn`).
+    pub(crate) fn qkv(&self, x: &Tensor) -> Result<[Tensor; 3]> {
+        self.attn.qkv(&self.ln_1.forward(x)?)
+    }
+
+    /// The attention output (B, T, C) of the heads' outputs `z` (B, T, n_head, hs).
+    pub(crate) fn attention_out(&self, z: &Tensor) -> Result<Tensor> {
+        self.attn.project(z)
+    }
+
+    /// The MLP's output (B, T, C) on the stream `x` after the attention (`ln_2`, then the MLP).
+    pub(crate) fn mlp_out(&self, x: &Tensor) -> Result<Tensor> {
+        self.mlp.forward(&self.ln_2.forward(x)?)
+    }
+
     /// The block's output at `position` alone: `x` (B, T, C) from position 0, T > `position`
     /// -> (B, 1, C), what [`Block::forward`] gives there. Causal attention makes later positions
     /// irrelevant and earlier ones matter only through their keys and values, so those are all
     /// that is computed of them; the query, the attention output and the MLP are computed at
     /// `position` only (a decode step over a cache of the positions before it).
     pub(crate) fn forward_at(&self, x: &Tensor, position: usize) -> Result<Tensor> {
+        self.forward_at_after(x, None, position)
+    }
+
+    /// [`Block::forward_at`] for `x` (B, T, C) at positions `past..past + T`, after the `past`
+    /// positions whose keys and values `prefix` holds: -> (B, 1, C) at `position`
+    /// (`past..past + T`).
+    pub(crate) fn forward_at_after(
+        &self,
+        x: &Tensor,
+        prefix: Option<&KvCache>,
+        position: usize,
+    ) -> Result<Tensor> {
+        let past = prefix.map_or(0, |c| c.k_cache().current_seq_len());
         let mut cache = KvCache::new(2, position + 1);
-        if position > 0 {
-            let before = self.ln_1.forward(&x.narrow(1, 0, position)?)?;
+        if let Some(p) = prefix {
+            // The prefix's (B, nkv, past, hs) views, copied into this position's own cache.
+            if let (Some(k), Some(v)) = (p.k()?, p.v()?) {
+                cache.append(&k.contiguous()?, &v.contiguous()?)?;
+            }
+        }
+        if position > past {
+            let before = self.ln_1.forward(&x.narrow(1, 0, position - past)?)?;
             self.attn.append_kv(&before, &mut cache)?;
         }
         self.forward(
-            &x.narrow(1, position, 1)?,
+            &x.narrow(1, position - past, 1)?,
             None,
             Some(&mut cache),
             position,

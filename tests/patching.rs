@@ -400,6 +400,94 @@ fn gpt2_patch_bad_input_is_one_error_line_naming_the_option() -> Result {
     Ok(())
 }
 
+#[test]
+fn gpt2_patch_negative_positions_count_from_the_end() -> Result {
+    let c = case()?;
+    let t = c.clean.len() as i64;
+    let against = c.v["against"].as_str().ok_or("against")?;
+    let json = |extra: &[&str]| -> Result<Value> {
+        let mut args = patch_args(&c, &["--against", against, "--format", "json"]);
+        args.extend(extra);
+        let out = gpt2(&args)?;
+        assert!(out.status.success(), "{extra:?}: {}", common::stderr(&out));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    // -1 is the last position (the default), -k is t - k, as Python indexes; path patching too.
+    for what in [
+        &["--what", "head_out"][..],
+        &["--what", "resid_pre", "--by", "pos"],
+        &["--path-to", "logits"],
+    ] {
+        let (minus_3, three_back) = (
+            json(&[what, &["--position", "-3"]].concat())?,
+            json(&[what, &["--position", &(t - 3).to_string()]].concat())?,
+        );
+        assert_eq!(minus_3["position"].as_i64(), Some(t - 3), "{what:?}");
+        assert_eq!(minus_3["patched"], three_back["patched"], "{what:?}");
+        let last = json(&[what, &["--position", "-1"]].concat())?;
+        assert_eq!(last["patched"], json(what)?["patched"], "{what:?}");
+        assert_eq!(last["position"].as_i64(), Some(t - 1));
+    }
+    // Out of range, either sign: one line naming the flag and the range.
+    let range = format!("-{t}..={}", t - 1);
+    for bad in [t.to_string(), format!("-{}", t + 1)] {
+        for what in [&["--what", "head_out"][..], &["--path-to", "logits"]] {
+            let mut args = patch_args(&c, &["--against", against, "--position", &bad]);
+            args.extend(what);
+            assert_error(&gpt2(&args)?, 2, &["--position", &bad, &range]);
+        }
+    }
+    // A dataset: each pair's own end.
+    let dir = common::scratch("patching", "negative_position");
+    let file = dir.join("pairs.jsonl");
+    std::fs::write(
+        &file,
+        "{\"clean\": \"The cat sat on the mat. The cat\", \"corrupted\": \"The dog sat on the mat. The dog\"}\n\
+         {\"clean\": \"The cat sat. The cat\", \"corrupted\": \"The dog sat. The dog\"}\n",
+    )?;
+    let model_dir = fixture("tiny").display().to_string();
+    let file = file.display().to_string();
+    let pairs = |extra: &[&str]| -> Result<std::process::Output> {
+        let base = [
+            "patch",
+            "--model-dir",
+            &model_dir,
+            "--pairs",
+            &file,
+            "--target",
+            " s",
+            "--against",
+            " the",
+            "--what",
+            "head_out",
+            "--format",
+            "json",
+        ];
+        gpt2(&[&base[..], extra].concat())
+    };
+    let out = pairs(&["--position", "-2"])?;
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let last: Value = serde_json::from_slice(&pairs(&[])?.stdout)?;
+    let at = |v: &Value| -> Vec<i64> {
+        v["pairs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["position"].as_i64())
+            .collect()
+    };
+    let ends = at(&last);
+    assert_eq!(ends.len(), 2);
+    assert_ne!(ends[0], ends[1], "pairs of two lengths");
+    assert_eq!(at(&v), ends.iter().map(|e| e - 1).collect::<Vec<_>>());
+    // Out of range for the shorter pair: the error names it.
+    let short = ends.iter().min().copied().unwrap_or(0) + 1;
+    let out = pairs(&["--position", &format!("-{}", short + 1)])?;
+    assert_error(&out, 2, &["--position", "line 2", &format!("-{short}..=")]);
+    Ok(())
+}
+
 /// The patched values of a `gpt2 patch --format json` run, and its shape.
 fn json_result(v: &Value, key: &str) -> Result<(Vec<usize>, Vec<f64>)> {
     let shape = ids(&v["shape"]).iter().map(|&x| x as usize).collect();
@@ -647,6 +735,57 @@ fn pairs_of_other_lengths_average_by_head_and_not_by_position() -> Result {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(e.contains("13 is out of range for first"), "{e}");
+    Ok(())
+}
+
+/// Four pairs of the fixture's length: its pair with another first token, measured each by its
+/// own order of the two tokens.
+fn pairs_of_one_length(c: &Case, vocab: u32) -> Vec<Pair> {
+    (0..4u32)
+        .map(|k| {
+            let (mut clean, mut corrupted) = (c.clean.clone(), c.corrupted.clone());
+            clean[0] = (clean[0] + 7 * k) % vocab;
+            corrupted[0] = clean[0];
+            let (target, against) = match k % 2 {
+                0 => (c.target, c.against),
+                _ => (c.against, c.target),
+            };
+            Pair {
+                clean,
+                corrupted,
+                metric: Metric::LogitDiff { target, against },
+                label: format!("pair {k}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn pairs_of_one_length_patched_as_one_batch_equal_each_pair_alone() -> Result {
+    let c = case()?;
+    let m = model()?;
+    let pairs = pairs_of_one_length(&c, m.config().vocab_size as u32);
+    for (what, by, position) in [
+        (What::One(Act::HeadOut), By::Head, None),
+        (What::One(Act::ResidPre), By::Pos, Some(5)),
+        (What::Every, By::HeadPos, None),
+    ] {
+        let mean = activation_patch_mean(&m, &pairs, what, by, position)?;
+        let ones = pairs
+            .iter()
+            .map(|p| activation_patch(&m, &p.clean, &p.corrupted, what, by, p.metric, position))
+            .collect::<gpt2::Result<Vec<_>>>()?;
+        assert_eq!(mean.shape, ones[0].shape);
+        for (i, v) in mean.patched.iter().enumerate() {
+            let want = ones.iter().map(|o| o.patched[i]).sum::<f64>() / 4.0;
+            assert!((v - want).abs() < 1e-5, "{what} by {by} [{i}]: {v} {want}");
+        }
+        for (got, one) in mean.pairs.iter().zip(&ones) {
+            assert!((got.clean - one.clean).abs() < 1e-5, "{what}");
+            assert!((got.corrupted - one.corrupted).abs() < 1e-5, "{what}");
+            assert_eq!(got.position, one.position);
+        }
+    }
     Ok(())
 }
 

@@ -271,6 +271,70 @@ fn a_dataset_averages_then_normalises_as_transformer_lens_hooks() -> Result {
 }
 
 #[test]
+fn pairs_of_one_length_patched_as_one_batch_equal_each_pair_alone() -> Result {
+    let c = case()?;
+    let l = loaded()?;
+    let vocab = l.model.config().vocab_size as u32;
+    // Four pairs of the golden's length: its pair with another first token, each measured by
+    // its own order of the two tokens.
+    let Metric::LogitDiff { target, against } = c.metric else {
+        return Err("a logit difference".into());
+    };
+    let pairs: Vec<Pair> = (0..4u32)
+        .map(|k| {
+            let (mut clean, mut corrupted) = (c.clean.clone(), c.corrupted.clone());
+            clean[0] = (clean[0] + 7 * k) % vocab;
+            corrupted[0] = clean[0];
+            let metric = match k % 2 {
+                0 => Metric::LogitDiff { target, against },
+                _ => Metric::LogitDiff {
+                    target: against,
+                    against: target,
+                },
+            };
+            Pair {
+                clean,
+                corrupted,
+                metric,
+                label: format!("pair {k}"),
+            }
+        })
+        .collect();
+    for to in PathTo::ALL {
+        for senders in Senders::ALL {
+            let r = receivers(&c, to)?;
+            let mean = path_patch_mean(&l.model, &pairs, senders, &r, None)?;
+            let ones = pairs
+                .iter()
+                .map(|p| {
+                    path_patch(
+                        &l.model,
+                        &p.clean,
+                        &p.corrupted,
+                        senders,
+                        &r,
+                        p.metric,
+                        None,
+                    )
+                })
+                .collect::<gpt2::Result<Vec<_>>>()?;
+            for (i, v) in mean.patched.iter().enumerate() {
+                let want = ones.iter().map(|o| o.patched[i]).sum::<f64>() / 4.0;
+                assert!(
+                    (v - want).abs() < 1e-5,
+                    "{senders} to {to} [{i}]: {v} {want}"
+                );
+            }
+            for (got, one) in mean.pairs.iter().zip(&ones) {
+                assert!((got.clean - one.clean).abs() < 1e-5);
+                assert!((got.corrupted - one.corrupted).abs() < 1e-5);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn bad_receivers_are_errors_naming_the_parameter() -> Result {
     let c = case()?;
     let m = loaded()?.model;

@@ -120,6 +120,30 @@ impl Attention {
         Ok(out)
     }
 
+    /// Q, K, V of `x` (B, T, C, after `ln_1`): (B, T, n_head, hs), (B, T, n_kv_head, hs) twice,
+    /// the tensors the hook points `Q`, `K`, `V` see in [`Attention::forward`].
+    pub(crate) fn qkv(&self, x: &Tensor) -> Result<[Tensor; 3]> {
+        let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_size);
+        // (B, T, C) -> (B, T, C + 2·nkv·hs)
+        let qkv = self.c_attn.forward(x, None)?;
+        let (b, t, _) = qkv.dims3()?;
+        let part = |start: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(2, start, n * hs)?.reshape((b, t, n, hs))?)
+        };
+        Ok([
+            part(0, nh)?,
+            part(nh * hs, nkv)?,
+            part((nh + nkv) * hs, nkv)?,
+        ])
+    }
+
+    /// The heads' outputs `z` (B, T, n_head, hs) through `c_proj`: (B, T, C), the attention's
+    /// output as [`Attention::forward`] makes it from the `Z` point on.
+    pub(crate) fn project(&self, z: &Tensor) -> Result<Tensor> {
+        let (b, t, nh, hs) = z.dims4()?;
+        Ok(self.c_proj.forward(&z.reshape((b, t, nh * hs))?, None)?)
+    }
+
     /// Appends the keys and values of `x` (B, T, C, after `ln_1`) to `cache`, as [`forward`]
     /// with that cache would, without the queries' attention or the output projection: the
     /// context a later position attends to ([`crate::block::Block::forward_at`]).

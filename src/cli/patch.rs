@@ -55,9 +55,10 @@ pub(super) struct PatchArgs {
     /// The token the target is measured against (--metric logit-diff: target minus this).
     #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
     against: Option<String>,
-    /// The position whose logits are measured (0-based); default: the last.
+    /// The position whose logits are measured: 0-based, or negative from the end as Python
+    /// indexes (-1 the last, each pair's own with --pairs); default: the last.
     #[arg(long, allow_negative_numbers = true)]
-    position: Option<usize>,
+    position: Option<isize>,
     /// What is measured there [default: logit-diff with --against, else logit].
     #[arg(long, value_enum)]
     metric: Option<PatchMetric>,

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hooks::{HeadMask, Hook, HookPair, LayerHook, MaskRef, Patterns, Point};
 
+mod parts;
 mod step;
 
 use crate::layer_norm::LayerNorm;
@@ -73,9 +74,14 @@ impl Cache {
         Self { layers }
     }
 
-    /// Tokens already in the cache; the next token goes at this position.
+    /// Tokens already in the cache; the next token goes at this position. (The most of any
+    /// layer: a pass that stops early fills the first layers, a prefilled one the last.)
     pub fn seq_len(&self) -> usize {
-        self.layers.first().map_or(0, KvCache::current_seq_len)
+        self.layers
+            .iter()
+            .map(KvCache::current_seq_len)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Empties the cache, releasing its buffers.

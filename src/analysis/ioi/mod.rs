@@ -15,13 +15,13 @@ pub mod dataset;
 
 use std::collections::BTreeMap;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::ablation::HeadId;
 use super::patching::{
-    activation_patch_mean, path_patch_mean, run_with_cache, Act, By, Metric, Pair, Patching,
-    PathPatching, PathTo, Receivers, Senders, What,
+    activation_patch_mean, batches_by, path_patch_mean, run_with_cache, Act, By, Metric, Pair,
+    Patching, PathPatching, PathTo, Receivers, Senders, What,
 };
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, Point};
@@ -86,19 +86,36 @@ pub struct IoiReport {
     pub ablation: Option<Ablation>,
 }
 
-/// The metric at the last position of one pass of `ids` with `hook`.
-fn last_metric(
+/// The metric at the last position of each row of one pass of `ids` (prompts of one length)
+/// with `hook`, row `j` measured by `metrics[j]`.
+fn last_metrics(
     model: &Gpt2,
-    ids: &[u32],
-    metric: Metric,
+    ids: &[&[u32]],
+    metrics: &[Metric],
     hook: Option<&mut dyn Hook>,
-) -> Result<f64> {
-    let x = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+) -> Result<Vec<f64>> {
+    let t = ids.first().map_or(0, |x| x.len());
+    let flat: Vec<u32> = ids.iter().flat_map(|x| x.iter().copied()).collect();
+    let x = Tensor::from_vec(flat, (ids.len(), t), model.device())?;
     let logits = model
         .run(&x, None, hook, Output::Last)?
         .ok_or_else(|| Error::Internal("no logits".into()))?;
-    // (1, vocab) -> (vocab)
-    metric.of(&logits.squeeze(0)?.to_vec1::<f32>()?)
+    // (B, vocab)
+    logits
+        .to_vec2::<f32>()?
+        .iter()
+        .zip(metrics)
+        .map(|(row, m)| m.of(row))
+        .collect()
+}
+
+/// The prompts of `pairs` as batches of one length: the indices of each.
+fn by_length(pairs: &[Pair]) -> Vec<Vec<usize>> {
+    let lengths: Vec<usize> = pairs.iter().map(|p| p.clean.len()).collect();
+    batches_by(&lengths, |&t| t)
+        .into_iter()
+        .map(|(_, idx)| idx)
+        .collect()
 }
 
 /// The IOI experiments on `pairs` (from [`pairs`]; `prompts` the same prompts, for mean
@@ -119,12 +136,23 @@ pub fn run(
             pairs.len()
         )));
     }
-    let mut clean = Vec::with_capacity(pairs.len());
-    let mut corrupted = Vec::with_capacity(pairs.len());
-    for p in pairs {
+    let mut clean = vec![0.0; pairs.len()];
+    let mut corrupted = vec![0.0; pairs.len()];
+    for idx in by_length(pairs) {
         crate::interrupt::check()?;
-        clean.push(last_metric(model, &p.clean, p.metric, None)?);
-        corrupted.push(last_metric(model, &p.corrupted, p.metric, None)?);
+        let metrics: Vec<Metric> = idx.iter().map(|&i| pairs[i].metric).collect();
+        for (out, is_clean) in [(&mut clean, true), (&mut corrupted, false)] {
+            let ids: Vec<&[u32]> = idx
+                .iter()
+                .map(|&i| match is_clean {
+                    true => pairs[i].clean.as_slice(),
+                    false => pairs[i].corrupted.as_slice(),
+                })
+                .collect();
+            for (&i, v) in idx.iter().zip(last_metrics(model, &ids, &metrics, None)?) {
+                out[i] = v;
+            }
+        }
     }
     let head_patching = experiments
         .heads
@@ -160,7 +188,7 @@ pub fn run(
 }
 
 /// Replaces heads' outputs (`hook_z`) by their means: per layer, the mean (1, T, H, d) and the
-/// (1, 1, H, 1) mask of the heads ablated.
+/// (1, 1, H, 1) mask of the heads ablated, broadcast over a batch of prompts of one group.
 struct MeanAblate {
     layers: BTreeMap<usize, (Tensor, Tensor, Tensor)>,
 }
@@ -173,7 +201,9 @@ impl Hook for MeanAblate {
     fn at(&mut self, p: Point, z: &mut Tensor) -> Result<()> {
         if let Point::Z(l) = p {
             if let Some((mean, keep, take)) = self.layers.get(&l) {
-                *z = (z.broadcast_mul(keep)? + mean.broadcast_mul(take)?)?;
+                *z = z
+                    .broadcast_mul(keep)?
+                    .broadcast_add(&mean.broadcast_mul(take)?)?;
             }
         }
         Ok(())
@@ -210,39 +240,56 @@ pub fn mean_ablate(
         .map(|l| format!("blocks.{l}.attn.hook_z"))
         .collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    // The ABC prompts' z summed per group (template, length), then divided.
-    let mut groups: BTreeMap<(usize, usize), (usize, Vec<Tensor>)> = BTreeMap::new();
+    // The prompts by (template, length), in batches.
+    let mut keys = Vec::with_capacity(pairs.len());
     for (q, p) in prompts.iter().zip(pairs) {
+        if p.clean.len() != p.corrupted.len() {
+            return Err(Error::Internal(format!(
+                "{}: IOI and ABC prompts of other lengths",
+                p.label
+            )));
+        }
+        keys.push((q.template, p.clean.len()));
+    }
+    let batches = batches_by(&keys, |k| k.1);
+    let ids = |idx: &[usize], clean: bool| -> Vec<&[u32]> {
+        idx.iter()
+            .map(|&i| match clean {
+                true => pairs[i].clean.as_slice(),
+                false => pairs[i].corrupted.as_slice(),
+            })
+            .collect()
+    };
+    // The ABC prompts' z summed per group, (1, T, H, d) f32 per layer, then divided.
+    let mut groups: BTreeMap<(usize, usize), (usize, Vec<Tensor>)> = BTreeMap::new();
+    for (key, idx) in &batches {
         crate::interrupt::check()?;
-        let ids = Tensor::new(p.corrupted.as_slice(), model.device())?.unsqueeze(0)?;
-        let cache = run_with_cache(model, &ids, &name_refs)?;
+        let abc = ids(idx, false);
+        let flat: Vec<u32> = abc.iter().flat_map(|x| x.iter().copied()).collect();
+        let x = Tensor::from_vec(flat, (abc.len(), key.1), model.device())?;
+        let cache = run_with_cache(model, &x, &name_refs)?;
+        // (B, T, H, d) -> (1, T, H, d)
         let zs = names
             .iter()
-            .map(|n| {
-                cache
-                    .need(n)?
-                    .to_dtype(candle_core::DType::F32)
-                    .map_err(Error::from)
-            })
+            .map(|n| Ok(cache.need(n)?.to_dtype(DType::F32)?.sum_keepdim(0)?))
             .collect::<Result<Vec<_>>>()?;
-        match groups.entry((q.template, p.corrupted.len())) {
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert((1, zs));
+        match groups.get_mut(key) {
+            None => {
+                groups.insert(*key, (idx.len(), zs));
             }
-            std::collections::btree_map::Entry::Occupied(mut e) => {
-                let (n, sums) = e.get_mut();
-                *n += 1;
+            Some((n, sums)) => {
+                *n += idx.len();
                 for (s, z) in sums.iter_mut().zip(zs) {
                     *s = (&*s + z)?;
                 }
             }
         }
     }
-    let mut diffs = Vec::with_capacity(pairs.len());
-    for (q, p) in prompts.iter().zip(pairs) {
+    let mut diffs = vec![0.0; pairs.len()];
+    for (key, idx) in &batches {
         crate::interrupt::check()?;
         let (n, sums) = groups
-            .get(&(q.template, p.clean.len()))
+            .get(key)
             .ok_or_else(|| Error::Internal("no ABC group for a prompt".into()))?;
         let mut layers = BTreeMap::new();
         for ((&l, hs), sum) in by_layer.iter().zip(sums) {
@@ -259,7 +306,11 @@ pub fn mean_ablate(
             layers.insert(l, (mean, keep, take));
         }
         let mut hook = MeanAblate { layers };
-        diffs.push(last_metric(model, &p.clean, p.metric, Some(&mut hook))?);
+        let metrics: Vec<Metric> = idx.iter().map(|&i| pairs[i].metric).collect();
+        let got = last_metrics(model, &ids(idx, true), &metrics, Some(&mut hook))?;
+        for (&i, v) in idx.iter().zip(got) {
+            diffs[i] = v;
+        }
     }
     let mut heads = heads.to_vec();
     heads.sort();

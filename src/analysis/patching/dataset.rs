@@ -11,7 +11,9 @@
 
 use serde::Serialize;
 
-use super::{activation_patch, Axis, By, Metric, Patching, What};
+use std::collections::BTreeMap;
+
+use super::{acts_of, patch_batch, resolve, Axis, By, Ids, Metric, Patching, What};
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
 
@@ -46,7 +48,7 @@ pub(super) fn check_pairs(
     model: &Gpt2,
     pairs: &[Pair],
     by: By,
-    position: Option<usize>,
+    position: Option<isize>,
 ) -> Result<()> {
     let Some(first) = pairs.first() else {
         return Err(Error::param("pairs", "holds no pair: nothing to average"));
@@ -71,15 +73,7 @@ pub(super) fn check_pairs(
                 ),
             ));
         }
-        if let Some(pos) = position.filter(|&pos| pos >= t) {
-            return Err(Error::param(
-                "position",
-                format!(
-                    "{pos} is out of range for {label}: its prompts have {t} tokens (0..={})",
-                    t - 1
-                ),
-            ));
-        }
+        resolve(position, t, Some(label))?;
         if let Some(bad) = p.metric.tokens().into_iter().find(|&x| x as usize >= vocab) {
             return Err(Error::param(
                 "pairs",
@@ -113,55 +107,106 @@ pub(super) fn check_pairs(
     Ok(())
 }
 
+/// Pairs per batch: about 1024 tokens of each kind of prompt, at least one pair.
+fn pairs_per_batch(t: usize) -> usize {
+    (1024 / t.max(1)).max(1)
+}
+
+/// The indices of `keys` grouped by key (prompts of one key have one length, `tokens(key)`),
+/// in order within a key, each group cut into batches of [`pairs_per_batch`].
+pub(crate) fn batches_by<K: Ord + Clone>(
+    keys: &[K],
+    tokens: impl Fn(&K) -> usize,
+) -> Vec<(K, Vec<usize>)> {
+    let mut groups: BTreeMap<K, Vec<usize>> = BTreeMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        groups.entry(k.clone()).or_default().push(i);
+    }
+    groups
+        .into_iter()
+        .flat_map(|(k, idx)| {
+            idx.chunks(pairs_per_batch(tokens(&k)))
+                .map(|c| (k.clone(), c.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `pairs` in batches of one length, each with the position measured there ([`resolve`]d:
+/// `-1` is each length's last).
+pub(super) fn batches(pairs: &[Pair], position: Option<isize>) -> Result<Vec<(usize, Vec<usize>)>> {
+    let lengths: Vec<usize> = pairs.iter().map(|p| p.clean.len()).collect();
+    batches_by(&lengths, |&t| t)
+        .into_iter()
+        .map(|(t, idx)| Ok((resolve(position, t, None)?, idx)))
+        .collect()
+}
+
 /// Activation patching averaged over `pairs` (see the module's words): each pair patched as
-/// [`activation_patch`] patches one, measured at `position` (default: each pair's last), the
-/// metric averaged over the pairs at every index, then normalised by the averaged baselines.
-/// The result's `metric` and `position` are the first pair's, `pairs` each one's; for one pair
-/// it is [`activation_patch`]'s result with `pairs` of one.
+/// [`activation_patch`](super::activation_patch) patches one, measured at `position` (default:
+/// each pair's last; negative counts from each pair's end), the metric averaged over the pairs
+/// at every index, then normalised by the averaged baselines. The result's `metric` and
+/// `position` are the first pair's, `pairs` each one's; for one pair it is
+/// [`activation_patch`](super::activation_patch)'s result with `pairs` of one. Pairs of one
+/// length run as batches ([`patch_batch`]); the sums are taken in the pairs' order all the same.
 pub fn activation_patch_mean(
     model: &Gpt2,
     pairs: &[Pair],
     what: What,
     by: By,
-    position: Option<usize>,
+    position: Option<isize>,
 ) -> Result<Patching> {
     check_pairs(model, pairs, by, position)?;
-    let mut mean: Option<Patching> = None;
-    let mut runs = Vec::with_capacity(pairs.len());
-    for p in pairs {
-        let r = activation_patch(model, &p.clean, &p.corrupted, what, by, p.metric, position)?;
-        runs.push(PairRun {
-            metric: p.metric,
-            position: r.position,
-            clean: r.clean,
-            corrupted: r.corrupted,
-        });
-        match &mut mean {
-            None => mean = Some(r),
-            Some(m) => {
-                if m.shape != r.shape {
-                    // Only a position axis can differ, and check_pairs ruled that out.
-                    return Err(Error::Internal(format!(
-                        "{}: result of shape {:?} against {:?}",
-                        p.label, r.shape, m.shape
-                    )));
-                }
-                m.patched
-                    .iter_mut()
-                    .zip(&r.patched)
-                    .for_each(|(a, b)| *a += b);
-                m.clean += r.clean;
-                m.corrupted += r.corrupted;
-            }
+    let acts = acts_of(what, by)?;
+    let mut runs: Vec<Option<PairRun>> = vec![None; pairs.len()];
+    let mut values: Vec<Vec<f64>> = vec![Vec::new(); pairs.len()];
+    // The batch of the first pair: the result's axes.
+    let mut first = None;
+    for (at, idx) in batches(pairs, position)? {
+        let ids: Vec<Ids> = idx.iter().map(|&i| Ids::from(&pairs[i])).collect();
+        let mut r = patch_batch(model, &ids, &acts, what, by, at)?;
+        for (k, &i) in idx.iter().enumerate() {
+            runs[i] = Some(PairRun {
+                metric: pairs[i].metric,
+                position: at,
+                clean: r.clean[k],
+                corrupted: r.corrupted[k],
+            });
+            values[i] = std::mem::take(&mut r.patched[k]);
+        }
+        if idx.first() == Some(&0) {
+            first = Some(r);
         }
     }
-    let mut m = mean.ok_or_else(|| Error::param("pairs", "holds no pair"))?;
+    let runs: Vec<PairRun> = runs.into_iter().flatten().collect();
+    let (Some(first), Some(base)) = (first, runs.first()) else {
+        return Err(Error::param("pairs", "holds no pair"));
+    };
+    if runs.len() != pairs.len() {
+        return Err(Error::Internal("a pair was in no batch".into()));
+    }
+    let mut sum = values[0].clone();
+    for (p, v) in pairs.iter().zip(&values).skip(1) {
+        if v.len() != sum.len() {
+            // Only a position axis can differ, and check_pairs ruled that out.
+            return Err(Error::Internal(format!(
+                "{}: {} values against {}",
+                p.label,
+                v.len(),
+                sum.len()
+            )));
+        }
+        sum.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+    }
     let n = pairs.len() as f64;
-    m.patched.iter_mut().for_each(|v| *v /= n);
-    m.clean /= n;
-    m.corrupted /= n;
-    let span = m.clean - m.corrupted;
-    m.normalized = m.patched.iter().map(|p| (p - m.corrupted) / span).collect();
+    let mean = PairRun {
+        metric: base.metric,
+        position: base.position,
+        clean: runs.iter().map(|r| r.clean).sum::<f64>() / n,
+        corrupted: runs.iter().map(|r| r.corrupted).sum::<f64>() / n,
+    };
+    sum.iter_mut().for_each(|v| *v /= n);
+    let mut m = first.result(model, what, by, &mean, sum);
     m.pairs = runs;
     debug_assert!(m.axes.contains(&Axis::Layer));
     Ok(m)

@@ -10,24 +10,29 @@
 //! applied as `corrupted · (1 − m) + clean · m`, so a patched value is the clean value exactly,
 //! as TransformerLens' assignment makes it.
 //!
-//! [`cache`]: [`run_with_cache`]; [`spec`]: the options' types; [`table`]: the text report.
+//! Pairs of one length are patched as one batch ([`batch`]); a dataset's pairs are batched by
+//! length ([`dataset`]).
+//!
+//! [`batch`]: pairs of one length at once; [`cache`]: [`run_with_cache`]; [`dataset`]: the mean
+//! over pairs; [`path`]: path patching; [`spec`]: the options' types; [`table`]: the text report.
 
+mod batch;
 mod cache;
 mod dataset;
 mod path;
 mod spec;
 mod table;
 
-use std::collections::BTreeSet;
-
 use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, Point};
-use crate::model::{Gpt2, Output};
+use crate::model::{Cache, Gpt2, Output};
 
+use batch::{batch_ids, patch_batch, tile, Ids, Prefix};
 pub use cache::{run_with_cache, ActivationCache};
+pub(crate) use dataset::batches_by;
 pub use dataset::{activation_patch_mean, Pair, PairRun};
 pub use path::{path_patch, path_patch_mean, PathPatching};
 pub use spec::{Act, Axis, By, Metric, PathTo, Receivers, Senders, What};
@@ -75,8 +80,36 @@ fn by_error(act: Act, by: By) -> Error {
     )
 }
 
+/// `position` in prompts of `t` tokens (`label` names them in the error: a dataset's pair): 0 or
+/// more counts from the start, negative from the end as Python indexes (-1 the last, -t the
+/// first); `None` is the last.
+fn resolve(position: Option<isize>, t: usize, label: Option<&str>) -> Result<usize> {
+    let Some(p) = position else {
+        return Ok(t.saturating_sub(1));
+    };
+    let at = match usize::try_from(p) {
+        Ok(p) => Some(p).filter(|&p| p < t),
+        Err(_) => t.checked_sub(p.unsigned_abs()),
+    };
+    at.ok_or_else(|| {
+        let (of, whose) = match label {
+            Some(l) => (format!(" for {l}"), "its"),
+            None => (String::new(), "the"),
+        };
+        Error::param(
+            "position",
+            format!(
+                "{p} is out of range{of}: {whose} prompts have {t} tokens ({}..={}; negative \
+                 counts from the end)",
+                -(t as i128),
+                t as i128 - 1
+            ),
+        )
+    })
+}
+
 /// Checks the inputs of a patching run and returns the position measured.
-fn check(model: &Gpt2, clean: &[u32], corrupted: &[u32], position: Option<usize>) -> Result<usize> {
+fn check(model: &Gpt2, clean: &[u32], corrupted: &[u32], position: Option<isize>) -> Result<usize> {
     if clean.len() != corrupted.len() {
         return Err(Error::param(
             "corrupted",
@@ -97,29 +130,50 @@ fn check(model: &Gpt2, clean: &[u32], corrupted: &[u32], position: Option<usize>
             "activation patching needs every layer and the LM head loaded".into(),
         ));
     }
-    match position {
-        Some(p) if p >= t => Err(Error::param(
-            "position",
-            format!(
-                "{p} is out of range: the prompts have {t} tokens (0..={})",
-                t - 1
-            ),
-        )),
-        Some(p) => Ok(p),
-        None => Ok(t - 1),
+    resolve(position, t, None)
+}
+
+/// The metric at `position` of each row of final residual streams `x` (R, T, C), row `r`
+/// measured by `metrics[r % metrics.len()]`.
+fn measure(model: &Gpt2, x: &Tensor, position: usize, metrics: &[Metric]) -> Result<Vec<f64>> {
+    measure_at(model, &x.narrow(1, position, 1)?, metrics)
+}
+
+/// The metric of each row of final residual streams at the position measured, `x` (R, 1, C),
+/// row `r` measured by `metrics[r % metrics.len()]` (rows are patches × pairs, pair-minor).
+/// Logit differences and logits read their tokens' columns of the LM head alone.
+fn measure_at(model: &Gpt2, x: &Tensor, metrics: &[Metric]) -> Result<Vec<f64>> {
+    if metrics.is_empty() {
+        return Err(Error::Internal("rows measured by no metric".into()));
     }
-}
-
-/// The metric at `position` of each row of final residual streams `x` (R, T, C).
-fn measure(model: &Gpt2, x: &Tensor, position: usize, metric: Metric) -> Result<Vec<f64>> {
-    measure_at(model, &x.narrow(1, position, 1)?, metric)
-}
-
-/// The metric of each row of final residual streams at the position measured, `x` (R, 1, C).
-fn measure_at(model: &Gpt2, x: &Tensor, metric: Metric) -> Result<Vec<f64>> {
-    // (R, 1, C) -> (R, 1, vocab) -> (R, vocab)
-    let logits = model.unembed(x)?.squeeze(1)?.to_vec2::<f32>()?;
-    logits.iter().map(|row| metric.of(row)).collect()
+    let metric = |r: usize| metrics[r % metrics.len()];
+    if !metrics.iter().all(|m| m.token_logits_only()) {
+        // (R, 1, C) -> (R, 1, vocab) -> (R, vocab)
+        let logits = model.unembed(x)?.squeeze(1)?.to_vec2::<f32>()?;
+        return logits
+            .iter()
+            .enumerate()
+            .map(|(r, row)| metric(r).of(row))
+            .collect();
+    }
+    let mut tokens: Vec<u32> = metrics.iter().flat_map(|m| m.tokens()).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    // (R, 1, C) -> (R, 1, k) -> (R, k): column j is tokens[j]'s logit.
+    let logits = model
+        .token_logits(x, &tokens)?
+        .squeeze(1)?
+        .to_vec2::<f32>()?;
+    logits
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let logit = |t: u32| tokens.binary_search(&t).ok().map(|j| row[j] as f64);
+            metric(r)
+                .of_tokens(logit)
+                .ok_or_else(|| Error::Internal("a token's logit was not computed".into()))
+        })
+        .collect()
 }
 
 /// A hook that wants nothing.
@@ -135,143 +189,28 @@ impl Hook for NoHook {
     }
 }
 
-/// Row `r` of a batch takes the clean activation where its mask is 1: `t · keep + clean · take`,
-/// `take` (R, ...) 0 or 1 broadcast against `t` (R, ...) and `clean` (1, ...), `keep = 1 − take`.
-struct PatchRows {
-    /// `None`: the layer's input, patched before the pass ([`Act::ResidPre`]).
-    point: Option<Point>,
-    clean: Tensor,
-    keep: Tensor,
-    take: Tensor,
-}
-
-impl PatchRows {
-    fn apply(&self, t: &Tensor) -> Result<Tensor> {
-        let dtype = t.dtype();
-        Ok((t.broadcast_mul(&self.keep.to_dtype(dtype)?)?
-            + self
-                .clean
-                .to_dtype(dtype)?
-                .broadcast_mul(&self.take.to_dtype(dtype)?)?)?)
-    }
-}
-
-impl Hook for PatchRows {
-    fn wants(&self, p: Point) -> bool {
-        self.point == Some(p)
-    }
-
-    fn at(&mut self, _: Point, t: &mut Tensor) -> Result<()> {
-        *t = self.apply(t)?;
-        Ok(())
-    }
-}
-
 /// The axes of a result after `layer`, with their sizes.
 type Axes = Vec<(Axis, usize)>;
 
-/// Rows per batched pass: about 4096 token rows, at least one patch.
+/// Rows per batched pass: about 4096 token rows, at least one.
 fn rows_per_pass(t: usize) -> usize {
     (4096 / t.max(1)).max(1)
 }
 
-/// One activation patched at every index `by` names, every layer: the metric of each patched
-/// run, in TransformerLens' order, and the axes after `layer`.
-struct Patcher<'a> {
-    model: &'a Gpt2,
-    /// The corrupted run's residual stream entering each layer, (1, T, C).
-    resid: Vec<Tensor>,
-    /// The clean run's activations the patches need.
-    clean: ActivationCache,
-    metric: Metric,
-    position: usize,
-    t: usize,
-}
-
-impl Patcher<'_> {
-    /// `act` patched by `by` at every layer: values `[layer, ...]` and the axes after `layer`.
-    fn run(&self, act: Act, by: By) -> Result<(Vec<f64>, Axes)> {
-        let c = self.model.config();
-        let (n_layer, t) = (c.n_layer, self.t);
-        let heads = match act {
-            Act::HeadK | Act::HeadV => c.kv_heads(),
-            _ => c.n_head,
-        };
-        // Each patch's mask, as a shape broadcast over the activation without its batch axis
-        // (block (T, C); head vectors (T, heads, d_head); patterns (heads, T, T_k)), and the axes
-        // its index runs over: patch `r` is the mask with flat element `r` set, so patches come
-        // in TransformerLens' order.
-        let (mask, axes): (Vec<usize>, Axes) = match (act, by) {
-            (Act::ResidPre | Act::AttnOut | Act::MlpOut, By::Layer) => (vec![1, 1], vec![]),
-            (Act::ResidPre | Act::AttnOut | Act::MlpOut, By::Pos) => {
-                (vec![t, 1], vec![(Axis::Pos, t)])
-            }
-            (Act::HeadPattern, By::Head) => (vec![heads, 1, 1], vec![(Axis::Head, heads)]),
-            (Act::HeadPattern, By::HeadPos) => {
-                (vec![heads, t, 1], vec![(Axis::Head, heads), (Axis::Pos, t)])
-            }
-            (_, By::Head) => (vec![1, heads, 1], vec![(Axis::Head, heads)]),
-            (_, By::HeadPos) => (vec![t, heads, 1], vec![(Axis::Pos, t), (Axis::Head, heads)]),
-            (a, b) => return Err(by_error(a, b)),
-        };
-        let patches: usize = mask.iter().product();
-        let mut out = Vec::with_capacity(n_layer * patches);
-        for layer in 0..n_layer {
-            let clean = self.clean.need(&act.hook_name(layer))?;
-            let resid = &self.resid[layer];
-            let mut start = 0;
-            while start < patches {
-                crate::interrupt::check()?;
-                let rows = rows_per_pass(t).min(patches - start);
-                // (R, ...mask): row r has a 1 at flat index start + r.
-                let mut take = vec![0f32; rows * patches];
-                for r in 0..rows {
-                    take[r * patches + start + r] = 1.0;
-                }
-                let mut shape = vec![rows];
-                shape.extend(&mask);
-                let take = Tensor::from_vec(take, shape, resid.device())?;
-                let keep = take.affine(-1.0, 1.0)?;
-                let patch = PatchRows {
-                    point: act.point(layer),
-                    clean: clean.clone(),
-                    keep,
-                    take,
-                };
-                // (1, T, C) -> (R, T, C): the corrupted stream entering `layer`, once per patch.
-                let x = resid.repeat((rows, 1, 1))?;
-                let x = match act.point(layer) {
-                    // resid_pre is the layer's input: patched before the pass.
-                    None => pass(
-                        self.model,
-                        layer,
-                        patch.apply(&x)?,
-                        &mut NoHook,
-                        self.position,
-                    )?,
-                    Some(_) => {
-                        let mut patch = patch;
-                        pass(self.model, layer, x, &mut patch, self.position)?
-                    }
-                };
-                out.extend(measure_at(self.model, &x, self.metric)?);
-                start += rows;
-            }
-        }
-        Ok((out, axes))
-    }
-}
-
-/// Layers `layer..` on `x` (R, T, C) with `hook`: the last block's output at `position`
-/// (R, 1, C). When the hook wants nothing of the last layer, that block runs at the position
-/// alone ([`Gpt2::block_at`]): nothing else of it is measured.
+/// Layers `layer..` on `x` (R, T', C) with `hook`: the last block's output at `position`
+/// (R, 1, C). `x` holds positions `past..T` after the `past` whose keys and values `cache` holds
+/// ([`Prefix::cache`]; none: T' = T from position 0). When the hook wants nothing of the last
+/// layer, that block runs at the position alone ([`Gpt2::block_at`]): nothing else of it is
+/// measured.
 fn pass(
     model: &Gpt2,
     layer: usize,
     x: Tensor,
     hook: &mut dyn Hook,
     position: usize,
+    mut cache: Option<Cache>,
 ) -> Result<Tensor> {
+    let past = cache.as_ref().map_or(0, Cache::seq_len);
     let last = model.config().n_layer - 1;
     let touches_last = [
         Point::Q(last),
@@ -286,20 +225,25 @@ fn pass(
     .into_iter()
     .any(|p| hook.wants(p));
     if layer < last && !touches_last && model.head_mask().is_none() {
-        let x = pass_to(model, layer, last - 1, x, hook)?;
-        return model.block_at(last, &x, position);
+        let x = pass_to(model, layer, last - 1, x, hook, cache.as_mut())?;
+        return match &cache {
+            Some(cache) => model.block_at_after(last, &x, cache, position),
+            None => model.block_at(last, &x, position),
+        };
     }
-    let x = pass_to(model, layer, last, x, hook)?;
-    Ok(x.narrow(1, position, 1)?)
+    let x = pass_to(model, layer, last, x, hook, cache.as_mut())?;
+    Ok(x.narrow(1, position - past, 1)?)
 }
 
-/// Layers `layer..=to` on `x` (R, T, C) with `hook`: block `to`'s output (R, T, C).
+/// Layers `layer..=to` on `x` (R, T', C) (after `cache`'s positions) with `hook`: block `to`'s
+/// output (R, T', C).
 fn pass_to(
     model: &Gpt2,
     layer: usize,
     to: usize,
     x: Tensor,
     hook: &mut dyn Hook,
+    cache: Option<&mut Cache>,
 ) -> Result<Tensor> {
     struct Seen<'a, 'b> {
         hook: &'a mut (dyn Hook + 'b),
@@ -325,14 +269,14 @@ fn pass_to(
         last: None,
         layer: to,
     };
-    model.run_from(layer, x, None, Some(&mut seen), Output::StopAfter(to))?;
+    model.run_from(layer, x, cache, Some(&mut seen), Output::StopAfter(to))?;
     seen.last
         .ok_or_else(|| Error::Internal("the residual stream was not seen".into()))
 }
 
 /// Activation patching of `model`: the corrupted prompt run with `what` replaced by the clean
 /// run's at each layer and each index `by` names, measured by `metric` at `position` (default:
-/// the last). Equal to TransformerLens' `get_act_patch_*` (see the README's table):
+/// the last; negative counts from the end, -1 the last). Equal to TransformerLens' `get_act_patch_*` (see the README's table):
 /// `resid_pre`/`attn_out`/`mlp_out` by pos `[layer, pos]`, by layer `[layer]`; `head_*` by head
 /// `[layer, head]`, by head_pos `[layer, pos, head]` (`head_pattern`: `[layer, head, pos]`, its
 /// destination positions); `every` by head `[5, layer, head]`, by head_pos
@@ -344,7 +288,7 @@ pub fn activation_patch(
     what: What,
     by: By,
     metric: Metric,
-    position: Option<usize>,
+    position: Option<isize>,
 ) -> Result<Patching> {
     let position = check(model, clean, corrupted, position)?;
     let vocab = model.config().vocab_size;
@@ -354,6 +298,25 @@ pub fn activation_patch(
             format!("token id {bad} is outside the vocabulary (0..{vocab})"),
         ));
     }
+    let acts = acts_of(what, by)?;
+    let pair = Ids {
+        clean,
+        corrupted,
+        metric,
+    };
+    let mut run = patch_batch(model, &[pair], &acts, what, by, position)?;
+    let base = PairRun {
+        metric,
+        position,
+        clean: run.clean[0],
+        corrupted: run.corrupted[0],
+    };
+    let patched = run.patched.pop().unwrap_or_default();
+    Ok(run.result(model, what, by, &base, patched))
+}
+
+/// The activations `what` names for `by`, checked to fit it.
+pub(super) fn acts_of(what: What, by: By) -> Result<Vec<Act>> {
     let acts: Vec<Act> = match what {
         What::One(a) => vec![a],
         What::Every if by.per_head() => Act::HEAD.to_vec(),
@@ -362,124 +325,7 @@ pub fn activation_patch(
     if let Some(&a) = acts.iter().find(|a| a.per_head() != by.per_head()) {
         return Err(by_error(a, by));
     }
-    let n_layer = model.config().n_layer;
-    let t = clean.len();
-    let device = model.device();
-    let last = format!("blocks.{}.hook_resid_post", n_layer - 1);
-    // The corrupted run: each layer's input and the output.
-    let resid_names: Vec<String> = (0..n_layer).map(|l| Act::ResidPre.hook_name(l)).collect();
-    let mut names: Vec<&str> = resid_names.iter().map(String::as_str).collect();
-    names.push(&last);
-    let corrupted_ids = Tensor::new(corrupted, device)?.unsqueeze(0)?;
-    let run = run_with_cache(model, &corrupted_ids, &names)?;
-    let resid = resid_names
-        .iter()
-        .map(|n| run.need(n).cloned())
-        .collect::<Result<Vec<_>>>()?;
-    let corrupted_metric = measure(model, run.need(&last)?, position, metric)?[0];
-    // The clean run: the activations patched in, and the output.
-    let clean_names: BTreeSet<String> = acts
-        .iter()
-        .flat_map(|a| (0..n_layer).map(|l| a.hook_name(l)))
-        .chain([last.clone()])
-        .collect();
-    let names: Vec<&str> = clean_names.iter().map(String::as_str).collect();
-    let clean_ids = Tensor::new(clean, device)?.unsqueeze(0)?;
-    let clean_cache = run_with_cache(model, &clean_ids, &names)?;
-    let clean_metric = measure(model, clean_cache.need(&last)?, position, metric)?[0];
-    let patcher = Patcher {
-        model,
-        resid,
-        clean: clean_cache,
-        metric,
-        position,
-        t,
-    };
-    let n_head = model.config().n_head;
-    let mut patched = Vec::new();
-    let mut inner = Vec::new();
-    for &act in &acts {
-        let (mut values, mut axes) = patcher.run(act, by)?;
-        if what == What::Every {
-            // TransformerLens stacks the five head results on one shape: k and v of a model
-            // with fewer K/V heads are padded with zeros to n_head, and the pattern by position
-            // is rearranged from [layer, head, pos] to [layer, pos, head].
-            match (act, by) {
-                (Act::HeadPattern, By::HeadPos) => {
-                    values = swap_last_two(&values, n_layer, n_head, t);
-                    axes = vec![(Axis::Pos, t), (Axis::Head, n_head)];
-                }
-                (Act::HeadK | Act::HeadV, _) => {
-                    let have = axes.last().map_or(1, |a| a.1);
-                    values = pad_last(&values, have, n_head);
-                    if let Some(a) = axes.last_mut() {
-                        a.1 = n_head;
-                    }
-                }
-                _ => {}
-            }
-        }
-        patched.extend(values);
-        inner = axes;
-    }
-    let mut axes = Vec::new();
-    let mut shape = Vec::new();
-    if what == What::Every {
-        axes.push(Axis::Act);
-        shape.push(acts.len());
-    }
-    axes.push(Axis::Layer);
-    shape.push(n_layer);
-    for (a, n) in inner {
-        axes.push(a);
-        shape.push(n);
-    }
-    let span = clean_metric - corrupted_metric;
-    let normalized = patched
-        .iter()
-        .map(|p| (p - corrupted_metric) / span)
-        .collect();
-    Ok(Patching {
-        what,
-        by,
-        metric,
-        position,
-        clean: clean_metric,
-        corrupted: corrupted_metric,
-        acts,
-        axes,
-        shape,
-        patched,
-        normalized,
-        pairs: Vec::new(),
-    })
-}
-
-/// `[n, a, b]` row-major -> `[n, b, a]`.
-fn swap_last_two(v: &[f64], n: usize, a: usize, b: usize) -> Vec<f64> {
-    let mut out = vec![0.0; v.len()];
-    for i in 0..n {
-        for x in 0..a {
-            for y in 0..b {
-                out[i * a * b + y * a + x] = v[i * a * b + x * b + y];
-            }
-        }
-    }
-    out
-}
-
-/// Rows of `have` values, each padded with zeros to `want`.
-fn pad_last(v: &[f64], have: usize, want: usize) -> Vec<f64> {
-    if have >= want {
-        return v.to_vec();
-    }
-    v.chunks(have.max(1))
-        .flat_map(|row| {
-            row.iter()
-                .copied()
-                .chain(std::iter::repeat_n(0.0, want - have))
-        })
-        .collect()
+    Ok(acts)
 }
 
 #[cfg(test)]
@@ -487,12 +333,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_reshapes_as_transformer_lens_stacks() {
-        // [1, 2, 3] -> [1, 3, 2]: TransformerLens' "layer head pos -> layer pos head".
-        let v: Vec<f64> = (0..6).map(f64::from).collect();
-        assert_eq!(swap_last_two(&v, 1, 2, 3), [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
-        // K/V heads padded with zeros to n_head.
-        assert_eq!(pad_last(&[1.0, 2.0], 1, 3), [1.0, 0.0, 0.0, 2.0, 0.0, 0.0]);
-        assert_eq!(pad_last(&[1.0, 2.0], 2, 2), [1.0, 2.0]);
+    fn positions_count_from_the_start_or_the_end() -> Result<()> {
+        for (p, want) in [
+            (None, 4),
+            (Some(0), 0),
+            (Some(4), 4),
+            (Some(-1), 4),
+            (Some(-5), 0),
+        ] {
+            assert_eq!(resolve(p, 5, None)?, want, "{p:?}");
+        }
+        for p in [5, -6, isize::MIN, isize::MAX] {
+            let e = resolve(Some(p), 5, Some("line 2"))
+                .err()
+                .map(|e| e.to_string());
+            let e = e.unwrap_or_default();
+            assert!(
+                e.contains(&format!("{p} is out of range for line 2")),
+                "{e}"
+            );
+            assert!(e.contains("(-5..=4"), "{e}");
+        }
+        assert_eq!(resolve(Some(-1), 1, None)?, 0);
+        Ok(())
     }
 }

@@ -524,6 +524,23 @@ impl Metric {
         })
     }
 
+    /// Whether the metric reads only its tokens' logits (logit-diff, logit), not the whole
+    /// vocabulary's (prob and loss normalise over it).
+    pub(super) fn token_logits_only(self) -> bool {
+        matches!(self, Self::LogitDiff { .. } | Self::Logit { .. })
+    }
+
+    /// The metric from its tokens' logits alone (`logit(t)`), for the kinds that
+    /// [read nothing else](Metric::token_logits_only); `None` for the others or a token not
+    /// given.
+    pub(super) fn of_tokens(self, logit: impl Fn(u32) -> Option<f64>) -> Option<f64> {
+        match self {
+            Self::LogitDiff { target, against } => Some(logit(target)? - logit(against)?),
+            Self::Logit { target } => logit(target),
+            Self::Prob { .. } | Self::Loss { .. } => None,
+        }
+    }
+
     /// `logit-diff`, `logit`, `prob` or `loss`.
     pub fn name(self) -> &'static str {
         match self {
