@@ -353,14 +353,16 @@ impl Trainer {
         if !value.is_finite() {
             return Err(diverged("the loss", value, s + 1, lr));
         }
-        let mut grads = loss.backward()?;
+        let grads = loss.backward()?;
+        // The graph (every activation) goes before the update allocates anything.
+        drop(loss);
         let params = self.model.parameters();
         let vars: Vec<&candle_core::Var> = params.iter().map(|(_, v)| *v).collect();
-        let grad_norm = optim::clip_grad_norm(&mut grads, &vars, o.grad_clip)?;
+        let (grad_norm, clip) = optim::clip_grad_norm(&grads, &vars, o.grad_clip)?;
         if !grad_norm.is_finite() {
             return Err(diverged("the gradients' norm", grad_norm, s + 1, lr));
         }
-        self.optim.step(&grads, lr)?;
+        self.optim.step(&grads, lr, clip.as_ref())?;
         Ok(StepStats {
             step: s + 1,
             loss: value,

@@ -24,6 +24,7 @@ pub(super) trait Float:
 {
     const ZERO: Self;
     fn of(s: &CpuStorage) -> Option<&[Self]>;
+    fn of_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
     fn store(v: Vec<Self>) -> CpuStorage;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
@@ -36,6 +37,12 @@ macro_rules! float {
         impl Float for $t {
             const ZERO: Self = 0.0;
             fn of(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn of_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
                 match s {
                     CpuStorage::$variant(v) => Some(v),
                     _ => None,
@@ -63,25 +70,11 @@ float!(f32, F32);
 float!(f64, F64);
 
 /// The contiguous elements of `s` under `l`, as `T`.
-fn elems<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+pub(super) fn elems<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
     match (T::of(s), l.contiguous_offsets()) {
         (Some(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("a fused training op needs a contiguous f32 or f64 tensor"),
     }
-}
-
-/// Runs `f` on the contiguous host elements of every tensor of `ts` (all of type `T`); `None`
-/// when one is not there (another device, dtype or layout).
-pub(super) fn with_host<T: Float, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> R) -> Option<R> {
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (s, l) in &guards {
-        match &**s {
-            candle_core::Storage::Cpu(c) => slices.push(elems::<T>(c, l).ok()?),
-            _ => return None,
-        }
-    }
-    Some(f(&slices))
 }
 
 /// Runs `f32` or `f64` code on the dtype of `s`.
