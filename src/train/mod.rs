@@ -377,14 +377,11 @@ impl Trainer {
         let (b, t) = (batch.rows, batch.len);
         let ids = Tensor::from_slice(&batch.inputs, (b, t), &device)?;
         let targets = Tensor::from_slice(&batch.targets, b * t, &device)?;
-        let logits = self.model.forward(&ids, dropout)?;
-        // (B, T, vocab) -> (B·T, vocab), in f32 at least.
-        let logits = logits.reshape((b * t, self.config().vocab_size))?;
         let weights = match &batch.weights {
-            Some(w) => Some(Tensor::from_slice(w, b * t, &device)?.to_dtype(logits.dtype())?),
+            Some(w) => Some(Tensor::from_slice(w, b * t, &device)?.to_dtype(self.model.dtype())?),
             None => None,
         };
-        model::cross_entropy(&logits, &targets, weights.as_ref())
+        self.model.loss(&ids, &targets, weights.as_ref(), dropout)
     }
 
     fn model_device(&self) -> Device {

@@ -224,8 +224,30 @@ impl TrainModel {
     pub(crate) fn forward(
         &self,
         ids: &Tensor,
-        mut dropout: Option<&mut Dropout>,
+        dropout: Option<&mut Dropout>,
     ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        // (B·T, C) · (C, vocab): the head tied to wte.
+        let logits = self.hidden(ids, dropout)?.matmul(&self.wte.t()?)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// The mean cross-entropy of the logits of `ids` (B, T) against `targets` (B·T,), or with
+    /// `weights` (B·T,) the weighted mean `Σ wᵢ·nllᵢ / Σ wᵢ`; a scalar. The head and the loss
+    /// are one node (`ops::head_loss`): the logits are not kept.
+    pub(crate) fn loss(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        weights: Option<&Tensor>,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let x = self.hidden(ids, dropout)?;
+        super::ops::head_loss(&x, self.wte.as_tensor(), targets, weights)
+    }
+
+    /// The last layer norm's output (B·T, C) for `ids` (B, T).
+    fn hidden(&self, ids: &Tensor, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let c = self.config.n_embd;
         // (B·T,) rows of wte -> (B, T, C), plus wpe's first T rows (T, C) broadcast over B.
@@ -241,10 +263,7 @@ impl TrainModel {
             let m = self.mlp(&block.mlp, &block.ln_2.forward(&x)?)?;
             x = (x + drop(&mut dropout, m)?)?;
         }
-        let x = self.ln_f.forward(&x)?;
-        // (B·T, C) · (C, vocab): the head tied to wte.
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
-        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+        Ok(self.ln_f.forward(&x)?.reshape((b * t, c))?)
     }
 
     /// `GPT2Attention`'s eager path (with `n_kv_head` < `n_head`, each K/V head repeated for
@@ -314,21 +333,6 @@ impl TrainModel {
         };
         mlp.c_proj.forward(&h)
     }
-}
-
-/// Cross-entropy of `logits` (N, vocab) against `targets` (N,), averaged over the rows, or with
-/// `weights` (N,) the weighted mean `Σ wᵢ·nllᵢ / Σ wᵢ`. A scalar.
-pub(crate) fn cross_entropy(
-    logits: &Tensor,
-    targets: &Tensor,
-    weights: Option<&Tensor>,
-) -> Result<Tensor> {
-    // (N, vocab) -> (N,)
-    let nll = super::ops::row_nll(logits, targets)?;
-    Ok(match weights {
-        None => nll.mean_all()?,
-        Some(w) => (nll * w)?.sum_all()?.broadcast_div(&w.sum_all()?)?,
-    })
 }
 
 /// GPT-2's initialisation (transformers' `GPT2PreTrainedModel._init_weights`): every matrix and

@@ -16,6 +16,7 @@ use crate::error::Result;
 /// The element types the fused ops run on.
 pub(super) trait Float:
     Copy
+    + 'static
     + PartialOrd
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
@@ -89,9 +90,14 @@ macro_rules! by_dtype {
 }
 
 mod conv1d;
+mod gemm;
+mod head;
 mod rows;
 
 pub(crate) use conv1d::conv1d;
+pub(crate) use head::head_loss;
+#[cfg(test)]
+pub(crate) use head::cross_entropy;
 pub(crate) use rows::{causal_softmax, normalize, row_nll};
 
 // ----------------------------------------------------------------------------- GELU
