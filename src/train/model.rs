@@ -63,9 +63,7 @@ struct LayerNorm {
 impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // (B, T, C), normalised over C, then scaled and shifted per channel.
-        Ok(super::ops::normalize(x, self.eps)?
-            .broadcast_mul(self.weight.as_tensor())?
-            .broadcast_add(self.bias.as_tensor())?)
+        super::ops::layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps)
     }
 }
 
@@ -250,13 +248,9 @@ impl TrainModel {
     fn hidden(&self, ids: &Tensor, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let c = self.config.n_embd;
-        // (B·T,) rows of wte -> (B, T, C), plus wpe's first T rows (T, C) broadcast over B.
-        let tok = self
-            .wte
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, c))?;
-        let pos = self.wpe.narrow(0, 0, t)?;
-        let mut x = drop(&mut dropout, tok.broadcast_add(&pos)?)?;
+        // (B, T, C): wte's rows of the ids plus wpe's first T rows.
+        let x = super::ops::embed(ids, self.wte.as_tensor(), self.wpe.as_tensor())?;
+        let mut x = drop(&mut dropout, x)?;
         for (layer, block) in self.h.iter().enumerate() {
             let a = self.attention(block, &block.ln_1.forward(&x)?, layer, &mut dropout)?;
             x = (x + a)?;

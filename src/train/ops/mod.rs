@@ -90,15 +90,19 @@ macro_rules! by_dtype {
 }
 
 mod conv1d;
+mod embed;
 mod gemm;
 mod head;
+mod norm;
 mod rows;
 
 pub(crate) use conv1d::conv1d;
+pub(crate) use embed::embed;
+pub(crate) use norm::layer_norm;
 pub(crate) use head::head_loss;
 #[cfg(test)]
 pub(crate) use head::cross_entropy;
-pub(crate) use rows::{causal_softmax, normalize, row_nll};
+pub(crate) use rows::{causal_softmax, row_nll};
 
 // ----------------------------------------------------------------------------- GELU
 
@@ -182,40 +186,106 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
-    /// `f` on the host (fused) and through the composed formula, with the gradients of
-    /// `Σ w·f(x)` for a fixed random `w`: equal to 1e-12 in f64.
+    /// `f` of one input on the host (fused) and through the composed formula, values and
+    /// gradients (see [`same_as_composed_n`]).
     fn same_as_composed(
         x: &[f64],
         shape: &[usize],
         fused: impl Fn(&Tensor) -> Result<Tensor>,
         composed: impl Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<()> {
-        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<(Vec<f64>, Vec<f64>)> {
-            let v = Var::from_tensor(&Tensor::from_slice(x, shape, &Device::Cpu)?)?;
-            let y = f(v.as_tensor())?;
-            let n = y.elem_count();
-            let w: Vec<f64> = (0..n)
+        same_as_composed_n(
+            &[(x.to_vec(), shape.to_vec())],
+            |t| fused(&t[0]),
+            |t| composed(&t[0]),
+        )
+    }
+
+    /// `fused` and `composed` of the same inputs (each a variable of the given values and
+    /// shape), with the gradients of `Σ w·f(inputs)` for a fixed `w` with respect to every
+    /// input: equal to 1e-12 in f64.
+    pub(super) fn same_as_composed_n(
+        inputs: &[(Vec<f64>, Vec<usize>)],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        composed: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<()> {
+        let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Result<Vec<Vec<f64>>> {
+            let vars = inputs
+                .iter()
+                .map(|(x, shape)| {
+                    Ok(Var::from_tensor(&Tensor::from_slice(
+                        x,
+                        shape.as_slice(),
+                        &Device::Cpu,
+                    )?)?)
+                })
+                .collect::<Result<Vec<Var>>>()?;
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts)?;
+            let w: Vec<f64> = (0..y.elem_count())
                 .map(|i| ((i * 7919 % 13) as f64 - 6.0) / 5.0)
                 .collect();
             let w = Tensor::from_vec(w, y.shape(), &Device::Cpu)?;
             let grads = (&y * &w)?.sum_all()?.backward()?;
-            let g = grads
-                .get(v.as_tensor())
-                .ok_or_else(|| crate::Error::Internal("no grad".into()))?;
-            Ok((y.flatten_all()?.to_vec1()?, g.flatten_all()?.to_vec1()?))
+            let mut out = vec![y.flatten_all()?.to_vec1()?];
+            for t in &ts {
+                let g = grads
+                    .get(t)
+                    .ok_or_else(|| crate::Error::Internal("no grad".into()))?;
+                out.push(g.flatten_all()?.to_vec1()?);
+            }
+            Ok(out)
         };
-        let (a, ga) = run(&fused)?;
-        let (b, gb) = run(&composed)?;
-        for (u, v) in a.iter().zip(&b).chain(ga.iter().zip(&gb)) {
-            assert!((u - v).abs() < 1e-12, "{u} vs {v}");
+        let (a, b) = (run(&fused)?, run(&composed)?);
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(a.len(), b.len(), "output {i}");
+            for (u, v) in a.iter().zip(b) {
+                assert!((u - v).abs() < 1e-12, "{} {i}: {u} vs {v}", if i == 0 { "value" } else { "gradient of input" });
+            }
         }
         Ok(())
     }
 
-    fn numbers(n: usize) -> Vec<f64> {
+    pub(super) fn numbers(n: usize) -> Vec<f64> {
         (0..n)
             .map(|i| ((i * 37 % 23) as f64 - 11.0) / 4.0)
             .collect()
+    }
+
+    #[test]
+    fn layer_norm_and_embedding_equal_their_composed_formulas_and_gradients() -> Result<()> {
+        // Layer norm over rows of 6, with its weight and bias.
+        let weight: Vec<f64> = (0..6).map(|i| 0.5 + i as f64 / 4.0).collect();
+        let bias: Vec<f64> = (0..6).map(|i| i as f64 / 3.0 - 1.0).collect();
+        same_as_composed_n(
+            &[(numbers(24), vec![4, 6]), (weight, vec![6]), (bias, vec![6])],
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            |t| {
+                let mean = t[0].mean_keepdim(D::Minus1)?;
+                let centred = t[0].broadcast_sub(&mean)?;
+                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+                Ok(centred
+                    .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                    .broadcast_mul(&t[1])?
+                    .broadcast_add(&t[2])?)
+            },
+        )?;
+        // Embeddings: 2 × 3 ids (one repeated) into 7 tokens and 4 positions of width 5.
+        let ids = Tensor::new(&[[1u32, 6, 1], [0, 3, 6]], &Device::Cpu)?;
+        same_as_composed_n(
+            &[(numbers(35), vec![7, 5]), (numbers(20), vec![4, 5])],
+            |t| embed(&ids, &t[0], &t[1]),
+            |t| {
+                let tok = t[0].index_select(&ids.flatten_all()?, 0)?.reshape((2, 3, 5))?;
+                Ok(tok.broadcast_add(&t[1].narrow(0, 0, 3)?)?)
+            },
+        )?;
+        // An id outside the table is an error, not a panic.
+        let bad = Tensor::new(&[[7u32]], &Device::Cpu)?;
+        let wte = Tensor::from_vec(numbers(35), (7, 5), &Device::Cpu)?;
+        let wpe = Tensor::from_vec(numbers(20), (4, 5), &Device::Cpu)?;
+        assert!(embed(&bad, &wte, &wpe).is_err());
+        Ok(())
     }
 
     #[test]
@@ -242,18 +312,6 @@ mod tests {
                     .broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?
                     .exp()?;
                 Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-            },
-        )?;
-        // Layer norm's normalisation over rows of 6.
-        same_as_composed(
-            &numbers(24),
-            &[4, 6],
-            |x| normalize(x, 1e-5),
-            |x| {
-                let mean = x.mean_keepdim(D::Minus1)?;
-                let centred = x.broadcast_sub(&mean)?;
-                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-                Ok(centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?)
             },
         )?;
         // Conv1D against matmul + bias, for the input's gradient; the weight's and the bias's

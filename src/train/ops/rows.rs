@@ -1,5 +1,5 @@
-//! The row-wise fused ops: the causal softmax of attention scores, layer norm's
-//! normalisation, and each row's cross-entropy, with their backwards.
+//! The row-wise fused ops: the causal softmax of attention scores and each row's
+//! cross-entropy, with their backwards.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 
@@ -131,118 +131,6 @@ impl CustomOp2 for SoftmaxGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = by_dtype!(p, softmax_grad(p, lp, g, lg, self.scale))?;
         Ok((out, lp.shape().clone()))
-    }
-}
-
-// ----------------------------------------------------------------------------- layer norm
-
-/// `(x − mean)/√(var + eps)` over the last dimension (biased variance, two passes), as
-/// `torch.nn.LayerNorm` before its affine part.
-pub(crate) fn normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        return Ok(x.contiguous()?.apply_op1(Normalize { eps })?);
-    }
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(centred.broadcast_div(&(var + eps)?.sqrt()?)?)
-}
-
-struct Normalize {
-    eps: f64,
-}
-
-/// Each row's mean and 1/σ.
-fn moments<T: Float>(row: &[T], eps: f64) -> (T, T) {
-    let n = T::from_f64(row.len() as f64);
-    let mean = row.iter().fold(T::ZERO, |a, &v| a + v) / n;
-    let var = row
-        .iter()
-        .fold(T::ZERO, |a, &v| a + (v - mean) * (v - mean))
-        / n;
-    (mean, T::from_f64(1.0) / (var + T::from_f64(eps)).sqrt())
-}
-
-fn normalize_rows<T: Float>(
-    s: &CpuStorage,
-    l: &Layout,
-    eps: f64,
-) -> candle_core::Result<CpuStorage> {
-    let x = elems::<T>(s, l)?;
-    let c = l.dims()[l.dims().len() - 1];
-    let mut out = vec![T::ZERO; x.len()];
-    for (row, o) in x.chunks(c).zip(out.chunks_mut(c)) {
-        let (mean, inv) = moments(row, eps);
-        for (o, &v) in o.iter_mut().zip(row) {
-            *o = (v - mean) * inv;
-        }
-    }
-    Ok(T::store(out))
-}
-
-impl CustomOp1 for Normalize {
-    fn name(&self) -> &'static str {
-        "normalize"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((
-            by_dtype!(s, normalize_rows(s, l, self.eps))?,
-            l.shape().clone(),
-        ))
-    }
-
-    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(x.apply_op2(&grad, NormalizeGrad { eps: self.eps })?))
-    }
-}
-
-/// dx = (g − mean(g) − x̂·mean(g·x̂)) / σ, row by row.
-struct NormalizeGrad {
-    eps: f64,
-}
-
-fn normalize_grad<T: Float>(
-    x: &CpuStorage,
-    lx: &Layout,
-    g: &CpuStorage,
-    lg: &Layout,
-    eps: f64,
-) -> candle_core::Result<CpuStorage> {
-    let (x, g) = (elems::<T>(x, lx)?, elems::<T>(g, lg)?);
-    let c = lx.dims()[lx.dims().len() - 1];
-    let n = T::from_f64(c as f64);
-    let mut out = vec![T::ZERO; x.len()];
-    for ((xr, gr), o) in x.chunks(c).zip(g.chunks(c)).zip(out.chunks_mut(c)) {
-        let (mean, inv) = moments(xr, eps);
-        let (mut g_mean, mut gx_mean) = (T::ZERO, T::ZERO);
-        for (&x, &g) in xr.iter().zip(gr) {
-            g_mean = g_mean + g;
-            gx_mean = gx_mean + g * (x - mean) * inv;
-        }
-        let (g_mean, gx_mean) = (g_mean / n, gx_mean / n);
-        for ((o, &x), &g) in o.iter_mut().zip(xr).zip(gr) {
-            *o = (g - g_mean - (x - mean) * inv * gx_mean) * inv;
-        }
-    }
-    Ok(T::store(out))
-}
-
-impl CustomOp2 for NormalizeGrad {
-    fn name(&self) -> &'static str {
-        "normalize-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        g: &CpuStorage,
-        lg: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = by_dtype!(x, normalize_grad(x, lx, g, lg, self.eps))?;
-        Ok((out, lx.shape().clone()))
     }
 }
 
