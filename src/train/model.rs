@@ -26,11 +26,25 @@ impl Dropout {
     /// `torch.nn.Dropout` in training mode. The mask comes from our seeded generator, so a
     /// resumed run draws the masks the uninterrupted one would.
     fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        match self.mask(x.shape(), x.device(), x.dtype())? {
+            Some(mask) => Ok(x.mul(&mask)?),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The multipliers of a tensor of `shape` (0, or 1/(1-p) kept), drawn in its elements'
+    /// order; `None` when the rate is 0 (nothing drawn).
+    fn mask(
+        &mut self,
+        shape: &candle_core::Shape,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Option<Tensor>> {
         if self.p <= 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let keep = 1.0 / (1.0 - self.p);
-        let mask: Vec<f32> = (0..x.elem_count())
+        let mask: Vec<f32> = (0..shape.elem_count())
             .map(|_| {
                 let u = (self.rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
                 if u < self.p {
@@ -40,8 +54,7 @@ impl Dropout {
                 }
             })
             .collect();
-        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
-        Ok(x.mul(&mask)?)
+        Ok(Some(Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?))
     }
 }
 
@@ -270,33 +283,11 @@ impl TrainModel {
         layer: usize,
         dropout: &mut Option<&mut Dropout>,
     ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
+        let (b, t, _) = x.dims3()?;
         let cfg = &self.config;
         let (nh, nkv, hs) = (cfg.n_head, cfg.kv_heads(), cfg.head_size());
         // (B, T, C + 2·nkv·hs)
         let qkv = block.attn.c_attn.forward(x)?;
-        // (B, T, n·hs) -> (B, n, T, hs)
-        let heads = |start: usize, n: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(2, start, n * hs)?
-                .reshape((b, t, n, hs))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = heads(0, nh)?;
-        let (mut k, mut v) = (heads(c, nkv)?, heads(c + nkv * hs, nkv)?);
-        if nkv < nh {
-            // (B, nkv, T, hs) -> (B, nkv, r, T, hs) -> (B, nh, T, hs): query head g·r + j reads
-            // K/V head g.
-            let r = nh / nkv;
-            let repeat = |x: Tensor| -> Result<Tensor> {
-                Ok(x.unsqueeze(2)?
-                    .broadcast_as((b, nkv, r, t, hs))?
-                    .contiguous()?
-                    .reshape((b, nh, t, hs))?)
-            };
-            (k, v) = (repeat(k)?, repeat(v)?);
-        }
         let mut scale = 1.0;
         if cfg.scale_attn_weights {
             scale /= (hs as f64).sqrt();
@@ -304,16 +295,20 @@ impl TrainModel {
         if cfg.scale_attn_by_inverse_layer_idx {
             scale /= (layer + 1) as f64;
         }
-        // (B, nh, T, hs) · (B, nh, hs, T) -> (B, nh, T, T), scaled, softmax over the keys each
-        // query sees.
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        let probs = drop(dropout, super::ops::causal_softmax(&scores, scale)?)?;
-        // (B, nh, T, T) · (B, nh, T, hs) -> (B, nh, T, hs) -> (B, T, C)
-        let y = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, c))?;
+        let heads = super::ops::Heads {
+            n_head: nh,
+            n_kv_head: nkv,
+            head_size: hs,
+            scale,
+        };
+        // Dropout on the probabilities (B, nh, T, T): the mask drawn here, as the composed
+        // graph draws it.
+        let mask = match dropout {
+            Some(d) => d.mask(&(b, nh, t, t).into(), qkv.device(), qkv.dtype())?,
+            None => None,
+        };
+        // (B, T, C)
+        let y = super::ops::attention(&qkv, heads, mask.as_ref())?;
         drop(dropout, block.attn.c_proj.forward(&y)?)
     }
 

@@ -30,14 +30,6 @@ impl<'a, T> Mat<'a, T> {
             cs: self.rs,
         }
     }
-
-    /// The view starting `offset` elements further.
-    pub(super) fn at(self, offset: usize) -> Self {
-        Self {
-            data: self.data.get(offset..).unwrap_or(&[]),
-            ..self
-        }
-    }
 }
 
 /// Whether the (rows, cols) view `m` stays inside its slice.

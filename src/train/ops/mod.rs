@@ -89,20 +89,20 @@ macro_rules! by_dtype {
     };
 }
 
+mod attention;
 mod conv1d;
 mod embed;
 mod gemm;
 mod head;
 mod norm;
-mod rows;
 
+pub(crate) use attention::{attention, Heads};
 pub(crate) use conv1d::conv1d;
 pub(crate) use embed::embed;
-pub(crate) use norm::layer_norm;
-pub(crate) use head::head_loss;
 #[cfg(test)]
 pub(crate) use head::cross_entropy;
-pub(crate) use rows::{causal_softmax, row_nll};
+pub(crate) use head::head_loss;
+pub(crate) use norm::layer_norm;
 
 // ----------------------------------------------------------------------------- GELU
 
@@ -289,51 +289,40 @@ mod tests {
     }
 
     #[test]
-    fn fused_ops_equal_their_composed_formulas_and_gradients() -> Result<()> {
-        // Causal softmax over (2, 3, 5, 5) scores, scaled.
-        same_as_composed(
-            &numbers(150),
-            &[2, 3, 5, 5],
-            |x| causal_softmax(x, 0.37),
-            |x| {
-                let t = 5;
-                let mask: Vec<f64> = (0..t * t)
-                    .map(|i| {
-                        if i % t > i / t {
-                            f64::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?;
-                let x = (x * 0.37)?.broadcast_add(&mask)?;
-                let e = x
-                    .broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?
-                    .exp()?;
-                Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-            },
-        )?;
-        // Conv1D against matmul + bias, for the input's gradient; the weight's and the bias's
-        // are checked by the training goldens.
-        let w = Tensor::from_vec(numbers(12), (4, 3), &Device::Cpu)?;
-        let b = Tensor::new(&[0.5f64, -1.0, 2.0], &Device::Cpu)?;
-        same_as_composed(
-            &numbers(20),
-            &[5, 4],
-            |x| conv1d(x, &w, &b),
-            |x| Ok(x.matmul(&w)?.broadcast_add(&b)?),
-        )?;
-        // Cross-entropy rows.
-        let targets = Tensor::new(&[3u32, 0, 6, 2], &Device::Cpu)?;
-        same_as_composed(
-            &numbers(28),
-            &[4, 7],
-            |x| row_nll(x, &targets),
-            |x| {
-                let logp = candle_nn::ops::log_softmax(x, D::Minus1)?;
-                Ok(logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?)
-            },
+    fn attention_and_conv1d_equal_their_composed_formulas_and_gradients() -> Result<()> {
+        // Attention over 2 sequences of 5 from packed QKV rows: 4 heads of 3 over 4, 2 and 1
+        // K/V heads (multi-head, grouped, multi-query), with and without a dropout mask.
+        for kv in [4, 2, 1] {
+            let heads = Heads {
+                n_head: 4,
+                n_kv_head: kv,
+                head_size: 3,
+                scale: 0.37,
+            };
+            let width = 12 + 2 * kv * 3;
+            let mask: Vec<f64> = (0..2 * 4 * 5 * 5)
+                .map(|i| if i % 7 == 3 { 0.0 } else { 1.25 })
+                .collect();
+            let mask = Tensor::from_vec(mask, (2, 4, 5, 5), &Device::Cpu)?;
+            for m in [None, Some(&mask)] {
+                same_as_composed(
+                    &numbers(2 * 5 * width),
+                    &[2, 5, width],
+                    |x| attention(x, heads, m),
+                    |x| attention::composed(x, heads, m),
+                )?;
+            }
+        }
+        // Conv1D against matmul + bias, for the input, the weight and the bias.
+        let bias = vec![0.5f64, -1.0, 2.0];
+        same_as_composed_n(
+            &[
+                (numbers(20), vec![5, 4]),
+                (numbers(12), vec![4, 3]),
+                (bias, vec![3]),
+            ],
+            |t| conv1d(&t[0], &t[1], &t[2]),
+            |t| Ok(t[0].matmul(&t[1])?.broadcast_add(&t[2])?),
         )?;
         Ok(())
     }
