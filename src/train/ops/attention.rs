@@ -206,7 +206,7 @@ impl Attention {
             gemm((t, t, hs), &mut scores, t, false, view(at.q), view(at.k).t(), one)?;
             let p = &mut probs[at.p..at.p + t * t];
             for (i, (row, out)) in scores.chunks(t).zip(p.chunks_mut(t)).enumerate() {
-                softmax_row(&row[..=i], &mut out[..=i], scale);
+                super::vector::softmax(&row[..=i], &mut out[..=i], scale);
             }
             self.dropped(p, at.p, &mut dropped);
             // Y = P·V (T, hs), into the head's columns of (B, T, C).
@@ -276,7 +276,7 @@ impl Attention {
                 }
             }
             for (((pr, gr), o), i) in p.chunks(t).zip(dp.chunks(t)).zip(ds.chunks_mut(t)).zip(0..) {
-                softmax_grad_row(&pr[..=i], &gr[..=i], &mut o[..=i], scale);
+                super::vector::softmax_grad(&pr[..=i], &gr[..=i], &mut o[..=i], scale);
             }
             // dQ = dS·K (T, hs); dK += dSᵀ·Q (T, hs)
             let dq = dx.get_mut(at.q..).unwrap_or(&mut []);
@@ -285,34 +285,6 @@ impl Attention {
             gemm((t, hs, t), dk, w, true, Mat::rows(&ds, t).t(), view(at.q), one)?;
         }
         Tensor::from_vec(dx, qkv.shape(), qkv.device())
-    }
-}
-
-/// `softmax(scale·row)` into `out`, from the row's maximum (the keys a query sees; the rest of
-/// its row stays 0).
-fn softmax_row<T: Float>(row: &[T], out: &mut [T], scale: T) {
-    let max = row.iter().fold(row[0] * scale, |m, &v| {
-        if v * scale > m {
-            v * scale
-        } else {
-            m
-        }
-    });
-    let mut sum = T::ZERO;
-    for (o, &v) in out.iter_mut().zip(row) {
-        *o = (v * scale - max).exp();
-        sum = sum + *o;
-    }
-    for o in out.iter_mut() {
-        *o = *o / sum;
-    }
-}
-
-/// d scores = scale · p ⊙ (g − Σⱼ pⱼ gⱼ) over one row.
-fn softmax_grad_row<T: Float>(p: &[T], g: &[T], out: &mut [T], scale: T) {
-    let dot = p.iter().zip(g).fold(T::ZERO, |a, (&p, &g)| a + p * g);
-    for ((o, &p), &g) in out.iter_mut().zip(p).zip(g) {
-        *o = scale * p * (g - dot);
     }
 }
 

@@ -105,17 +105,11 @@ fn head_forward<T: Float>(
         .zip(&op.targets)
         .zip(share.iter().zip(0..))
     {
-        let Some(&picked) = row.get(t as usize) else {
+        if t as usize >= v {
             candle_core::bail!("target id {t} is outside the {v} logits");
-        };
-        // log Σ exp from the maximum; the exponentials stay in the row.
-        let max = row.iter().fold(row[0], |m, &x| if x > m { x } else { m });
-        let mut sum = T::ZERO;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum = sum + *x;
         }
-        let nll = max + sum.ln() - picked;
+        // The row becomes d loss / d logits = shareᵢ · (softmax − onehot(target)).
+        let nll = super::vector::nll_and_grad(row, t as usize, share);
         match &op.weights {
             None => loss = loss + nll,
             Some(ws) => {
@@ -124,12 +118,6 @@ fn head_forward<T: Float>(
                 total = total + w;
             }
         }
-        // d/d logits = shareᵢ · (softmax − onehot(target)).
-        let k = share / sum;
-        for x in row.iter_mut() {
-            *x = *x * k;
-        }
-        row[t as usize] = row[t as usize] - share;
     }
     let loss = match op.weights {
         None => loss * T::from_f64(1.0 / n as f64),

@@ -38,17 +38,6 @@ struct LayerNorm {
     stats: Mutex<Option<CpuStorage>>,
 }
 
-/// A row's mean and 1/σ.
-fn moments<T: Float>(row: &[T], eps: f64) -> (T, T) {
-    let n = T::from_f64(row.len() as f64);
-    let mean = row.iter().fold(T::ZERO, |a, &v| a + v) / n;
-    let var = row
-        .iter()
-        .fold(T::ZERO, |a, &v| a + (v - mean) * (v - mean))
-        / n;
-    (mean, T::from_f64(1.0) / (var + T::from_f64(eps)).sqrt())
-}
-
 /// The operands as slices, their width C checked against the weight's and the bias's.
 fn operands<'a, T: Float>(
     x: (&'a CpuStorage, &Layout),
@@ -78,14 +67,7 @@ impl LayerNorm {
         let (xs, ws, bs, c) = operands::<T>(x, w, b)?;
         let mut out = vec![T::ZERO; xs.len()];
         let mut stats = Vec::with_capacity(2 * xs.len() / c);
-        for (row, o) in xs.chunks(c).zip(out.chunks_mut(c)) {
-            let (mean, inv) = moments(row, self.eps);
-            stats.extend([mean, inv]);
-            // The composed graph's roundings: the normalised value, times w, plus b.
-            for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(ws).zip(bs) {
-                *o = (v - mean) * inv * w + b;
-            }
-        }
+        super::vector::layer_norm_rows(xs, ws, bs, self.eps, &mut out, &mut stats);
         *self
             .stats
             .lock()
@@ -124,35 +106,9 @@ impl LayerNorm {
         if c == 0 || xs.len() != gs.len() || stats.len() * c != 2 * xs.len() {
             candle_core::bail!("layer-norm: a gradient of another shape than the input");
         }
-        let n = <T as Float>::from_f64(c as f64);
         let (mut dx, mut dw, mut db) = (vec![T::ZERO; xs.len()], vec![T::ZERO; c], vec![T::ZERO; c]);
         let mut gw = vec![T::ZERO; c];
-        for (((xr, gr), o), st) in xs
-            .chunks(c)
-            .zip(gs.chunks(c))
-            .zip(dx.chunks_mut(c))
-            .zip(stats.chunks(2))
-        {
-            let (mean, inv) = (st[0], st[1]);
-            let (mut g_mean, mut gx_mean) = (T::ZERO, T::ZERO);
-            for (((gw, &g), &w), (&x, (dw, db))) in gw
-                .iter_mut()
-                .zip(gr)
-                .zip(ws)
-                .zip(xr.iter().zip(dw.iter_mut().zip(db.iter_mut())))
-            {
-                let xhat = (x - mean) * inv;
-                *db = *db + g;
-                *dw = *dw + g * xhat;
-                *gw = g * w;
-                g_mean = g_mean + *gw;
-                gx_mean = gx_mean + *gw * xhat;
-            }
-            let (g_mean, gx_mean) = (g_mean / n, gx_mean / n);
-            for ((o, &x), &gw) in o.iter_mut().zip(xr).zip(&gw) {
-                *o = (gw - g_mean - (x - mean) * inv * gx_mean) * inv;
-            }
-        }
+        super::vector::layer_norm_grad_rows(xs, gs, ws, stats, &mut dx, &mut dw, &mut db, &mut gw);
         let dev = x.device();
         Ok([
             Tensor::from_vec(dx, x.shape(), dev)?,
