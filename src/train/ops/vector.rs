@@ -43,8 +43,12 @@ pub(super) fn exp_f32(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     let low = x < -87.3;
     let x = x.clamp(-87.3, 88.7);
-    // Round to nearest by adding 1.5·2²³, which leaves the integer in the low mantissa bits.
-    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    // Round to nearest by adding 1.5·2²³, which leaves n in the low mantissa bits: its bits
+    // give n as an integer without a float-to-int cast (Rust's saturating `as` does not
+    // vectorise).
+    let shifted = x * LOG2E + 12_582_912.0;
+    let n = shifted - 12_582_912.0;
+    let ni = shifted.to_bits() as i32 - 0x4B40_0000;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -54,9 +58,9 @@ pub(super) fn exp_f32(x: f32) -> f32 {
     let p = p * r + 5e-1;
     let p = p * r * r + r + 1.0;
     // n in [−126, 128]: 2ⁿ in two factors, so that 2¹²⁸ is not built directly.
-    let half = (n as i32) >> 1;
+    let half = ni >> 1;
     let two = |k: i32| f32::from_bits(((k + 127) << 23) as u32);
-    let e = p * two(half) * two(n as i32 - half);
+    let e = p * two(half) * two(ni - half);
     if low {
         0.0
     } else {
