@@ -424,7 +424,7 @@ fn run(trainer: &mut Trainer) -> Result<Option<Outcome>> {
     let done = trainer.steps_done() - first;
     match &last {
         Some(st) => println!(
-            "step {}: loss {:.4}{heads}; {done} steps in {seconds:.1} s ({:.2} steps/s training, \
+            "step {}: loss {:.4}{heads}; {done} steps in {seconds:.1} s ({:.3} steps/s training, \
              evaluations and saves aside); saved in {}",
             st.step,
             st.loss,

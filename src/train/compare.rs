@@ -6,7 +6,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::model::{cross_entropy, init_tensors, TrainModel};
+use super::model::{init_tensors, TrainModel};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
@@ -77,8 +77,7 @@ pub fn time_heads(
             let c = with_heads(config, h)?;
             let model = TrainModel::from_tensors(&c, init_tensors(&c, 0)?, DType::F32, device)?;
             let loss = || -> Result<Tensor> {
-                let logits = model.forward(&ids, None)?.reshape((n, c.vocab_size))?;
-                cross_entropy(&logits, &targets, None)
+                model.loss(&ids, &targets, None, None)
             };
             let best = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
                 f()?; // warm-up: first-touch allocations

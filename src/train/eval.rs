@@ -156,7 +156,7 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     // Keeps `cross_entropy` honest against a hand computation.
-    use super::super::model::cross_entropy;
+    use super::super::ops::cross_entropy;
     use super::*;
 
     #[test]

@@ -353,14 +353,16 @@ impl Trainer {
         if !value.is_finite() {
             return Err(diverged("the loss", value, s + 1, lr));
         }
-        let mut grads = loss.backward()?;
+        let grads = loss.backward()?;
+        // The graph (every activation) goes before the update allocates anything.
+        drop(loss);
         let params = self.model.parameters();
         let vars: Vec<&candle_core::Var> = params.iter().map(|(_, v)| *v).collect();
-        let grad_norm = optim::clip_grad_norm(&mut grads, &vars, o.grad_clip)?;
+        let (grad_norm, clip) = optim::clip_grad_norm(&grads, &vars, o.grad_clip)?;
         if !grad_norm.is_finite() {
             return Err(diverged("the gradients' norm", grad_norm, s + 1, lr));
         }
-        self.optim.step(&grads, lr)?;
+        self.optim.step(&grads, lr, clip.as_ref())?;
         Ok(StepStats {
             step: s + 1,
             loss: value,
@@ -375,14 +377,11 @@ impl Trainer {
         let (b, t) = (batch.rows, batch.len);
         let ids = Tensor::from_slice(&batch.inputs, (b, t), &device)?;
         let targets = Tensor::from_slice(&batch.targets, b * t, &device)?;
-        let logits = self.model.forward(&ids, dropout)?;
-        // (B, T, vocab) -> (B·T, vocab), in f32 at least.
-        let logits = logits.reshape((b * t, self.config().vocab_size))?;
         let weights = match &batch.weights {
-            Some(w) => Some(Tensor::from_slice(w, b * t, &device)?.to_dtype(logits.dtype())?),
+            Some(w) => Some(Tensor::from_slice(w, b * t, &device)?.to_dtype(self.model.dtype())?),
             None => None,
         };
-        model::cross_entropy(&logits, &targets, weights.as_ref())
+        self.model.loss(&ids, &targets, weights.as_ref(), dropout)
     }
 
     fn model_device(&self) -> Device {

@@ -26,11 +26,25 @@ impl Dropout {
     /// `torch.nn.Dropout` in training mode. The mask comes from our seeded generator, so a
     /// resumed run draws the masks the uninterrupted one would.
     fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        match self.mask(x.shape(), x.device(), x.dtype())? {
+            Some(mask) => Ok(x.mul(&mask)?),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The multipliers of a tensor of `shape` (0, or 1/(1-p) kept), drawn in its elements'
+    /// order; `None` when the rate is 0 (nothing drawn).
+    fn mask(
+        &mut self,
+        shape: &candle_core::Shape,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Option<Tensor>> {
         if self.p <= 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let keep = 1.0 / (1.0 - self.p);
-        let mask: Vec<f32> = (0..x.elem_count())
+        let mask: Vec<f32> = (0..shape.elem_count())
             .map(|_| {
                 let u = (self.rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
                 if u < self.p {
@@ -40,8 +54,7 @@ impl Dropout {
                 }
             })
             .collect();
-        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
-        Ok(x.mul(&mask)?)
+        Ok(Some(Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?))
     }
 }
 
@@ -63,9 +76,7 @@ struct LayerNorm {
 impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // (B, T, C), normalised over C, then scaled and shifted per channel.
-        Ok(super::ops::normalize(x, self.eps)?
-            .broadcast_mul(self.weight.as_tensor())?
-            .broadcast_add(self.bias.as_tensor())?)
+        super::ops::layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps)
     }
 }
 
@@ -224,27 +235,42 @@ impl TrainModel {
     pub(crate) fn forward(
         &self,
         ids: &Tensor,
-        mut dropout: Option<&mut Dropout>,
+        dropout: Option<&mut Dropout>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        // (B·T, C) · (C, vocab): the head tied to wte.
+        let logits = self.hidden(ids, dropout)?.matmul(&self.wte.t()?)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// The mean cross-entropy of the logits of `ids` (B, T) against `targets` (B·T,), or with
+    /// `weights` (B·T,) the weighted mean `Σ wᵢ·nllᵢ / Σ wᵢ`; a scalar. The head and the loss
+    /// are one node (`ops::head_loss`): the logits are not kept.
+    pub(crate) fn loss(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        weights: Option<&Tensor>,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let x = self.hidden(ids, dropout)?;
+        super::ops::head_loss(&x, self.wte.as_tensor(), targets, weights)
+    }
+
+    /// The last layer norm's output (B·T, C) for `ids` (B, T).
+    fn hidden(&self, ids: &Tensor, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
         let c = self.config.n_embd;
-        // (B·T,) rows of wte -> (B, T, C), plus wpe's first T rows (T, C) broadcast over B.
-        let tok = self
-            .wte
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, c))?;
-        let pos = self.wpe.narrow(0, 0, t)?;
-        let mut x = drop(&mut dropout, tok.broadcast_add(&pos)?)?;
+        // (B, T, C): wte's rows of the ids plus wpe's first T rows.
+        let x = super::ops::embed(ids, self.wte.as_tensor(), self.wpe.as_tensor())?;
+        let mut x = drop(&mut dropout, x)?;
         for (layer, block) in self.h.iter().enumerate() {
             let a = self.attention(block, &block.ln_1.forward(&x)?, layer, &mut dropout)?;
             x = (x + a)?;
             let m = self.mlp(&block.mlp, &block.ln_2.forward(&x)?)?;
             x = (x + drop(&mut dropout, m)?)?;
         }
-        let x = self.ln_f.forward(&x)?;
-        // (B·T, C) · (C, vocab): the head tied to wte.
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
-        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+        Ok(self.ln_f.forward(&x)?.reshape((b * t, c))?)
     }
 
     /// `GPT2Attention`'s eager path (with `n_kv_head` < `n_head`, each K/V head repeated for
@@ -257,33 +283,11 @@ impl TrainModel {
         layer: usize,
         dropout: &mut Option<&mut Dropout>,
     ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
+        let (b, t, _) = x.dims3()?;
         let cfg = &self.config;
         let (nh, nkv, hs) = (cfg.n_head, cfg.kv_heads(), cfg.head_size());
         // (B, T, C + 2·nkv·hs)
         let qkv = block.attn.c_attn.forward(x)?;
-        // (B, T, n·hs) -> (B, n, T, hs)
-        let heads = |start: usize, n: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(2, start, n * hs)?
-                .reshape((b, t, n, hs))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = heads(0, nh)?;
-        let (mut k, mut v) = (heads(c, nkv)?, heads(c + nkv * hs, nkv)?);
-        if nkv < nh {
-            // (B, nkv, T, hs) -> (B, nkv, r, T, hs) -> (B, nh, T, hs): query head g·r + j reads
-            // K/V head g.
-            let r = nh / nkv;
-            let repeat = |x: Tensor| -> Result<Tensor> {
-                Ok(x.unsqueeze(2)?
-                    .broadcast_as((b, nkv, r, t, hs))?
-                    .contiguous()?
-                    .reshape((b, nh, t, hs))?)
-            };
-            (k, v) = (repeat(k)?, repeat(v)?);
-        }
         let mut scale = 1.0;
         if cfg.scale_attn_weights {
             scale /= (hs as f64).sqrt();
@@ -291,16 +295,20 @@ impl TrainModel {
         if cfg.scale_attn_by_inverse_layer_idx {
             scale /= (layer + 1) as f64;
         }
-        // (B, nh, T, hs) · (B, nh, hs, T) -> (B, nh, T, T), scaled, softmax over the keys each
-        // query sees.
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        let probs = drop(dropout, super::ops::causal_softmax(&scores, scale)?)?;
-        // (B, nh, T, T) · (B, nh, T, hs) -> (B, nh, T, hs) -> (B, T, C)
-        let y = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, c))?;
+        let heads = super::ops::Heads {
+            n_head: nh,
+            n_kv_head: nkv,
+            head_size: hs,
+            scale,
+        };
+        // Dropout on the probabilities (B, nh, T, T): the mask drawn here, as the composed
+        // graph draws it.
+        let mask = match dropout {
+            Some(d) => d.mask(&(b, nh, t, t).into(), qkv.device(), qkv.dtype())?,
+            None => None,
+        };
+        // (B, T, C)
+        let y = super::ops::attention(&qkv, heads, mask.as_ref())?;
         drop(dropout, block.attn.c_proj.forward(&y)?)
     }
 
@@ -314,21 +322,6 @@ impl TrainModel {
         };
         mlp.c_proj.forward(&h)
     }
-}
-
-/// Cross-entropy of `logits` (N, vocab) against `targets` (N,), averaged over the rows, or with
-/// `weights` (N,) the weighted mean `Σ wᵢ·nllᵢ / Σ wᵢ`. A scalar.
-pub(crate) fn cross_entropy(
-    logits: &Tensor,
-    targets: &Tensor,
-    weights: Option<&Tensor>,
-) -> Result<Tensor> {
-    // (N, vocab) -> (N,)
-    let nll = super::ops::row_nll(logits, targets)?;
-    Ok(match weights {
-        None => nll.mean_all()?,
-        Some(w) => (nll * w)?.sum_all()?.broadcast_div(&w.sum_all()?)?,
-    })
 }
 
 /// GPT-2's initialisation (transformers' `GPT2PreTrainedModel._init_weights`): every matrix and

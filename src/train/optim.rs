@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
 
 use super::ops::Float;
 use crate::error::{Error, Result};
@@ -34,14 +34,64 @@ impl Default for AdamWParams {
     }
 }
 
-/// One parameter's moments.
+/// One parameter and its moments.
 struct Slot {
     name: String,
     var: Var,
     decay: bool,
-    /// `exp_avg`, `exp_avg_sq`.
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
+}
+
+/// `exp_avg` and `exp_avg_sq` of one parameter.
+enum Moments {
+    /// On the host, in the parameter's dtype: updated in place with the parameter, one pass and
+    /// no allocation (three fresh vectors of the model's size each step were a tenth of a GPT-2
+    /// small step, most of it the kernel zeroing their new pages).
+    F32(Vec<f32>, Vec<f32>),
+    F64(Vec<f64>, Vec<f64>),
+    /// On another device: tensors, updated by candle's ops.
+    Tensors(Tensor, Tensor),
+}
+
+impl Moments {
+    /// Zero moments for `var`.
+    fn zeros(var: &Var) -> Result<Self> {
+        let n = var.elem_count();
+        Ok(match (var.device().is_cpu(), var.dtype()) {
+            (true, DType::F32) => Self::F32(vec![0.0; n], vec![0.0; n]),
+            (true, DType::F64) => Self::F64(vec![0.0; n], vec![0.0; n]),
+            _ => {
+                let zeros = var.as_tensor().zeros_like()?;
+                Self::Tensors(zeros.clone(), zeros)
+            }
+        })
+    }
+
+    /// `m` and `v` from tensors of the parameter's shape (a restored state).
+    fn from_tensors(var: &Var, m: Tensor, v: Tensor) -> Result<Self> {
+        Ok(match Self::zeros(var)? {
+            Self::F32(..) => Self::F32(m.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?),
+            Self::F64(..) => Self::F64(m.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?),
+            Self::Tensors(..) => Self::Tensors(m, v),
+        })
+    }
+
+    /// Both as host tensors shaped as `var`.
+    fn tensors(&self, var: &Var) -> Result<[Tensor; 2]> {
+        let cpu = candle_core::Device::Cpu;
+        let host = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&cpu)?.copy()?) };
+        Ok(match self {
+            Self::F32(m, v) => [
+                Tensor::from_slice(m, var.shape(), &cpu)?,
+                Tensor::from_slice(v, var.shape(), &cpu)?,
+            ],
+            Self::F64(m, v) => [
+                Tensor::from_slice(m, var.shape(), &cpu)?,
+                Tensor::from_slice(v, var.shape(), &cpu)?,
+            ],
+            Self::Tensors(m, v) => [host(m)?, host(v)?],
+        })
+    }
 }
 
 pub(crate) struct AdamW {
@@ -57,11 +107,9 @@ impl AdamW {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
-                let zeros = var.as_tensor().zeros_like()?;
                 Ok(Slot {
                     decay: var.rank() >= 2,
-                    m: zeros.clone(),
-                    v: zeros,
+                    moments: Moments::zeros(&var)?,
                     name,
                     var,
                 })
@@ -78,9 +126,11 @@ impl AdamW {
         self.step
     }
 
-    /// One update with learning rate `lr`; a parameter without a gradient (unused in the
-    /// graph) keeps its value and moments, as torch skips a `None` grad.
-    pub(crate) fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// One update with learning rate `lr`, each gradient first multiplied by `clip` when given
+    /// (the coefficient [`clip_grad_norm`] returns, a scalar in the gradients' dtype, as torch
+    /// scales the gradients in place before the step); a parameter without a gradient (unused
+    /// in the graph) keeps its value and moments, as torch skips a `None` grad.
+    pub(crate) fn step(&mut self, grads: &GradStore, lr: f64, clip: Option<&Tensor>) -> Result<()> {
         let AdamWParams {
             beta1,
             beta2,
@@ -104,30 +154,26 @@ impl AdamW {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            let host = match slot.var.dtype() {
-                DType::F32 => fused::<f32>(slot, g, &k).map(|r| tensors(slot, r)),
-                DType::F64 => fused::<f64>(slot, g, &k).map(|r| tensors(slot, r)),
-                _ => None,
-            };
-            if let Some(done) = host {
-                let [p, m, v] = done?;
-                slot.var.set(&p)?;
-                (slot.m, slot.v) = (m, v);
-                continue;
+            let decay = if slot.decay { k.decay } else { 1.0 };
+            match &mut slot.moments {
+                Moments::F32(m, v) => in_place::<f32>(&slot.var, g, clip, m, v, decay, &k)?,
+                Moments::F64(m, v) => in_place::<f64>(&slot.var, g, clip, m, v, decay, &k)?,
+                Moments::Tensors(m, v) => {
+                    let g = match clip {
+                        Some(c) => g.broadcast_mul(c)?,
+                        None => g.clone(),
+                    };
+                    // param.mul_(1 - lr·wd)
+                    let p = (slot.var.as_tensor() * decay)?;
+                    // exp_avg.lerp_(grad, 1 - β1): m + (1 - β1)·(g - m)
+                    *m = (&*m + ((&g - &*m)? * (1.0 - beta1))?)?;
+                    // exp_avg_sq.mul_(β2).addcmul_(g, g, value = 1 - β2)
+                    *v = ((&*v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                    // denom = sqrt(v)/sqrt(1 - β2ᵗ) + ε;  param -= lr/(1 - β1ᵗ) · m / denom
+                    let denom = ((v.sqrt()? / bias2_sqrt)? + eps)?;
+                    slot.var.set(&(p - ((&*m / denom)? * step_size)?)?)?;
+                }
             }
-            let mut p = slot.var.as_tensor().clone();
-            if slot.decay && weight_decay != 0.0 {
-                // param.mul_(1 - lr·wd)
-                p = (p * (1.0 - lr * weight_decay))?;
-            }
-            // exp_avg.lerp_(grad, 1 - β1): m + (1 - β1)·(g - m)
-            slot.m = (&slot.m + ((g - &slot.m)? * (1.0 - beta1))?)?;
-            // exp_avg_sq.mul_(β2).addcmul_(g, g, value = 1 - β2)
-            slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            // denom = sqrt(v)/sqrt(1 - β2ᵗ) + ε;  param -= lr/(1 - β1ᵗ) · m / denom
-            let denom = ((slot.v.sqrt()? / bias2_sqrt)? + eps)?;
-            p = (p - ((&slot.m / denom)? * step_size)?)?;
-            slot.var.set(&p)?;
         }
         Ok(())
     }
@@ -137,11 +183,9 @@ impl AdamW {
     pub(crate) fn state(&self) -> Result<(HashMap<String, Tensor>, u64)> {
         let mut out = HashMap::new();
         for s in &self.slots {
-            let host = |t: &Tensor| -> Result<Tensor> {
-                Ok(t.to_device(&candle_core::Device::Cpu)?.copy()?)
-            };
-            out.insert(format!("{}.exp_avg", s.name), host(&s.m)?);
-            out.insert(format!("{}.exp_avg_sq", s.name), host(&s.v)?);
+            let [m, v] = s.moments.tensors(&s.var)?;
+            out.insert(format!("{}.exp_avg", s.name), m);
+            out.insert(format!("{}.exp_avg_sq", s.name), v);
         }
         Ok((out, self.step))
     }
@@ -165,8 +209,9 @@ impl AdamW {
                 }
                 Ok(t.to_dtype(dtype)?.to_device(&device)?)
             };
-            s.m = take(format!("{}.exp_avg", s.name))?;
-            s.v = take(format!("{}.exp_avg_sq", s.name))?;
+            let m = take(format!("{}.exp_avg", s.name))?;
+            let v = take(format!("{}.exp_avg_sq", s.name))?;
+            s.moments = Moments::from_tensors(&s.var, m, v)?;
         }
         self.step = step;
         Ok(())
@@ -184,74 +229,109 @@ struct Coefs {
     step_size: f64,
 }
 
-/// The update of one host parameter in one pass (torch's single-tensor AdamW, element by
-/// element, in the parameter's dtype): new parameter, `exp_avg`, `exp_avg_sq`. `None` off the
-/// host.
-fn fused<T: Float>(slot: &Slot, g: &Tensor, k: &Coefs) -> Option<(Vec<T>, Vec<T>, Vec<T>)> {
-    let c = |v: f64| T::from_f64(v);
-    // Parameters that do not decay are multiplied by 1: exact.
-    let decay = c(if slot.decay { k.decay } else { 1.0 });
-    let (b1, b2, b2c) = (c(1.0 - k.beta1), c(k.beta2), c(1.0 - k.beta2));
-    let (sq, eps, step) = (c(k.bias2_sqrt), c(k.eps), c(k.step_size));
-    let tensors = [slot.var.as_tensor(), g, &slot.m, &slot.v];
-    super::ops::with_host::<T, _>(&tensors, |s| {
-        let (p, g, m, v) = (s[0], s[1], s[2], s[3]);
-        let n = p.len();
-        let (mut po, mut mo, mut vo) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for i in 0..n {
-            let m = m[i] + b1 * (g[i] - m[i]);
-            let v = v[i] * b2 + g[i] * g[i] * b2c;
-            let denom = v.sqrt() / sq + eps;
-            po.push(p[i] * decay - step * (m / denom));
-            mo.push(m);
-            vo.push(v);
+/// The update of one host parameter in place, in one pass (torch's single-tensor AdamW, element
+/// by element, in the parameter's dtype): the parameter through candle's in-place op, its
+/// moments `m` and `v` here.
+fn in_place<T: Float + candle_core::WithDType>(
+    var: &Var,
+    g: &Tensor,
+    clip: Option<&Tensor>,
+    m: &mut [T],
+    v: &mut [T],
+    decay: f64,
+    k: &Coefs,
+) -> Result<()> {
+    let clip = match clip {
+        Some(c) => Some(c.to_dtype(var.dtype())?.to_scalar::<T>()?),
+        None => None,
+    };
+    let update = Update {
+        g: g.contiguous()?,
+        clip,
+        moments: std::cell::RefCell::new((m, v)),
+        decay: <T as Float>::from_f64(decay),
+        k,
+    };
+    Ok(var.as_tensor().inplace_op1(&update)?)
+}
+
+/// One parameter's AdamW update as candle's in-place op on the parameter; the gradient is read
+/// from its tensor, the moments are the slot's vectors.
+struct Update<'a, T> {
+    g: Tensor,
+    clip: Option<T>,
+    moments: std::cell::RefCell<(&'a mut [T], &'a mut [T])>,
+    /// `1 - lr·weight_decay`, or 1 (exact) for a parameter that does not decay.
+    decay: T,
+    k: &'a Coefs,
+}
+
+impl<T: Float> candle_core::InplaceOp1 for Update<'_, T> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let c = |v: f64| T::from_f64(v);
+        let k = self.k;
+        let (b1, b2, b2c) = (c(1.0 - k.beta1), c(k.beta2), c(1.0 - k.beta2));
+        let (sq, eps, step, decay) = (c(k.bias2_sqrt), c(k.eps), c(k.step_size), self.decay);
+        let mut moments = self.moments.borrow_mut();
+        let (m, v) = &mut *moments;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("adamw: the parameter is not contiguous");
+        };
+        let p = match T::of_mut(s) {
+            Some(p) => &mut p[a..b],
+            None => candle_core::bail!("adamw: the parameter's dtype changed"),
+        };
+        let (gs, gl) = self.g.storage_and_layout();
+        let g = match &*gs {
+            candle_core::Storage::Cpu(cs) => super::ops::elems::<T>(cs, gl)?,
+            _ => candle_core::bail!("adamw: the gradient is not on the host"),
+        };
+        if [g.len(), m.len(), v.len()] != [p.len(); 3] {
+            candle_core::bail!("adamw: gradient or moments of another size than the parameter");
         }
-        (po, mo, vo)
-    })
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            // clip_grad_norm_'s g·coef, then the step.
+            let g = match self.clip {
+                Some(coef) => g * coef,
+                None => g,
+            };
+            *m = *m + b1 * (g - *m);
+            *v = *v * b2 + g * g * b2c;
+            let denom = v.sqrt() / sq + eps;
+            *p = *p * decay - step * (*m / denom);
+        }
+        Ok(())
+    }
 }
 
-/// The fused update's vectors as tensors shaped as the parameter.
-fn tensors<T: candle_core::WithDType>(
-    slot: &Slot,
-    (p, m, v): (Vec<T>, Vec<T>, Vec<T>),
-) -> Result<[Tensor; 3]> {
-    let (shape, device) = (slot.var.shape(), slot.var.device());
-    Ok([
-        Tensor::from_vec(p, shape, device)?,
-        Tensor::from_vec(m, shape, device)?,
-        Tensor::from_vec(v, shape, device)?,
-    ])
-}
-
-/// The gradients' global L2 norm, and with `max_norm` > 0 the gradients scaled by
-/// `max_norm / (norm + 1e-6)` when that is below 1, as `clip_grad_norm_` (norm of the per-tensor
-/// norms, in f32 when training in f32). Returns the norm before clipping.
-pub(crate) fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Result<f64> {
+/// The gradients' global L2 norm (the norm of the per-tensor norms, in f32 when training in
+/// f32, as `clip_grad_norm_`), and with `max_norm` > 0 the coefficient `max_norm / (norm +
+/// 1e-6)` clamped to 1, a scalar in the gradients' dtype, that [`AdamW::step`] multiplies
+/// them by (torch multiplies by it whether or not it clips: by 1.0 when it does not).
+pub(crate) fn clip_grad_norm(
+    grads: &GradStore,
+    vars: &[&Var],
+    max_norm: f64,
+) -> Result<(f64, Option<Tensor>)> {
     let norms = vars
         .iter()
         .filter_map(|v| grads.get(v.as_tensor()))
         .map(|g| Ok(g.sqr()?.sum_all()?.sqrt()?))
         .collect::<Result<Vec<Tensor>>>()?;
     if norms.is_empty() {
-        return Ok(0.0);
+        return Ok((0.0, None));
     }
     let total = Tensor::stack(&norms, 0)?.sqr()?.sum_all()?.sqrt()?;
     let norm = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if max_norm > 0.0 {
-        // clip_coef = max_norm / (total + 1e-6), clamped to 1, in the gradients' dtype; torch
-        // multiplies by it whether or not it clips (by 1.0 when it does not).
         let coef = ((total + 1e-6)?.recip()? * max_norm)?.clamp(0.0, 1.0)?;
-        for v in vars {
-            if let Some(g) = grads.remove(v.as_tensor()) {
-                grads.insert(v.as_tensor(), g.broadcast_mul(&coef)?);
-            }
-        }
+        return Ok((norm, Some(coef)));
     }
-    Ok(norm)
+    Ok((norm, None))
 }
 
 /// How the learning rate changes over the run.

@@ -16,6 +16,7 @@ use crate::error::Result;
 /// The element types the fused ops run on.
 pub(super) trait Float:
     Copy
+    + 'static
     + PartialOrd
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
@@ -24,6 +25,7 @@ pub(super) trait Float:
 {
     const ZERO: Self;
     fn of(s: &CpuStorage) -> Option<&[Self]>;
+    fn of_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
     fn store(v: Vec<Self>) -> CpuStorage;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
@@ -32,7 +34,7 @@ pub(super) trait Float:
 }
 
 macro_rules! float {
-    ($t:ty, $variant:ident) => {
+    ($t:ty, $variant:ident, $exp:path) => {
         impl Float for $t {
             const ZERO: Self = 0.0;
             fn of(s: &CpuStorage) -> Option<&[Self]> {
@@ -41,11 +43,18 @@ macro_rules! float {
                     _ => None,
                 }
             }
+            fn of_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
             fn store(v: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
             }
+            #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             fn ln(self) -> Self {
                 <$t>::ln(self)
@@ -59,29 +68,17 @@ macro_rules! float {
         }
     };
 }
-float!(f32, F32);
-float!(f64, F64);
+// f32's exp vectorises (a polynomial within 2 ulp, as torch's own vectorised exp); f64's is
+// libm's (f64 runs the checks against references, not the fast path).
+float!(f32, F32, vector::exp_f32);
+float!(f64, F64, f64::exp);
 
 /// The contiguous elements of `s` under `l`, as `T`.
-fn elems<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+pub(super) fn elems<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
     match (T::of(s), l.contiguous_offsets()) {
         (Some(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("a fused training op needs a contiguous f32 or f64 tensor"),
     }
-}
-
-/// Runs `f` on the contiguous host elements of every tensor of `ts` (all of type `T`); `None`
-/// when one is not there (another device, dtype or layout).
-pub(super) fn with_host<T: Float, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> R) -> Option<R> {
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (s, l) in &guards {
-        match &**s {
-            candle_core::Storage::Cpu(c) => slices.push(elems::<T>(c, l).ok()?),
-            _ => return None,
-        }
-    }
-    Some(f(&slices))
 }
 
 /// Runs `f32` or `f64` code on the dtype of `s`.
@@ -95,11 +92,21 @@ macro_rules! by_dtype {
     };
 }
 
+mod attention;
 mod conv1d;
-mod rows;
+mod embed;
+mod gemm;
+mod head;
+mod norm;
+mod vector;
 
+pub(crate) use attention::{attention, Heads};
 pub(crate) use conv1d::conv1d;
-pub(crate) use rows::{causal_softmax, normalize, row_nll};
+pub(crate) use embed::embed;
+#[cfg(test)]
+pub(crate) use head::cross_entropy;
+pub(crate) use head::head_loss;
+pub(crate) use norm::layer_norm;
 
 // ----------------------------------------------------------------------------- GELU
 
@@ -110,59 +117,53 @@ const A: f64 = 0.044_715;
 /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, transformers' `NewGELUActivation`.
 pub(crate) fn gelu_new(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
-        return Ok(x.contiguous()?.apply_op1(Elementwise::Value)?);
+        return Ok(x.contiguous()?.apply_op1(Gelu)?);
     }
     let inner = ((x + (x.powf(3.0)? * A)?)? * K)?;
     Ok(((x * 0.5)? * (inner.tanh()? + 1.0)?)?)
 }
 
-/// The function (with its backward) or its derivative, element by element on the host.
-#[derive(Clone, Copy)]
-enum Elementwise {
-    Value,
-    Slope,
-}
+/// `gelu_new` element by element on the host, with its backward [`GeluGrad`].
+struct Gelu;
+
+/// `g · gelu_new′(x)`: the backward in one pass (not the derivative's tensor, then a product).
+struct GeluGrad;
 
 /// `tanh(u)` as `1 − 2/(e^{2u} + 1)`: one `exp` (libm's `tanh` was a fifth of a training step).
+#[inline(always)]
 fn tanh<T: Float>(u: T) -> T {
     let one = T::from_f64(1.0);
     one - T::from_f64(2.0) / ((u + u).exp() + one)
 }
 
+#[inline(always)]
 fn value<T: Float>(x: T) -> T {
     let c = T::from_f64;
     c(0.5) * x * (c(1.0) + tanh(c(K) * (x + c(A) * x * x * x)))
 }
 
 /// d/dx: `0.5·(1 + t) + 0.5·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²)`, `t` the tanh above.
+#[inline(always)]
 fn slope<T: Float>(x: T) -> T {
     let c = T::from_f64;
     let t = tanh(c(K) * (x + c(A) * x * x * x));
     c(0.5) * (c(1.0) + t) + c(0.5) * x * (c(1.0) - t * t) * c(K) * (c(1.0) + c(3.0 * A) * x * x)
 }
 
-impl CustomOp1 for Elementwise {
+impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
-        match self {
-            Self::Value => "gelu-new",
-            Self::Slope => "gelu-new-slope",
-        }
+        "gelu-new"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         // In the tensor's own precision, as torch computes it.
-        fn run<T: Float>(
-            op: Elementwise,
-            s: &CpuStorage,
-            l: &Layout,
-        ) -> candle_core::Result<CpuStorage> {
+        fn run<T: Float>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
             let x = elems::<T>(s, l)?;
-            Ok(T::store(match op {
-                Elementwise::Value => x.iter().map(|&x| value(x)).collect(),
-                Elementwise::Slope => x.iter().map(|&x| slope(x)).collect(),
-            }))
+            let mut out = vec![T::ZERO; x.len()];
+            vector::gelu(x, &mut out);
+            Ok(T::store(out))
         }
-        Ok((by_dtype!(s, run(*self, s, l))?, l.shape().clone()))
+        Ok((by_dtype!(s, run(s, l))?, l.shape().clone()))
     }
 
     fn bwd(
@@ -171,10 +172,37 @@ impl CustomOp1 for Elementwise {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        match self {
-            Self::Value => Ok(Some(grad.mul(&arg.contiguous()?.apply_op1(Self::Slope)?)?)),
-            Self::Slope => candle_core::bail!("gelu_new has no second derivative here"),
+        Ok(Some(arg.apply_op2(&grad.contiguous()?, GeluGrad)?))
+    }
+}
+
+impl candle_core::CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "gelu-new-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(
+            x: &CpuStorage,
+            lx: &Layout,
+            g: &CpuStorage,
+            lg: &Layout,
+        ) -> candle_core::Result<CpuStorage> {
+            let (x, g) = (elems::<T>(x, lx)?, elems::<T>(g, lg)?);
+            if x.len() != g.len() {
+                candle_core::bail!("gelu-new-grad: {} values, {} gradients", x.len(), g.len());
+            }
+            let mut out = vec![T::ZERO; x.len()];
+            vector::gelu_grad(x, g, &mut out);
+            Ok(T::store(out))
         }
+        Ok((by_dtype!(x, run(x, lx, g, lg))?, lx.shape().clone()))
     }
 }
 
@@ -183,100 +211,143 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
-    /// `f` on the host (fused) and through the composed formula, with the gradients of
-    /// `Σ w·f(x)` for a fixed random `w`: equal to 1e-12 in f64.
+    /// `f` of one input on the host (fused) and through the composed formula, values and
+    /// gradients (see [`same_as_composed_n`]).
     fn same_as_composed(
         x: &[f64],
         shape: &[usize],
         fused: impl Fn(&Tensor) -> Result<Tensor>,
         composed: impl Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<()> {
-        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<(Vec<f64>, Vec<f64>)> {
-            let v = Var::from_tensor(&Tensor::from_slice(x, shape, &Device::Cpu)?)?;
-            let y = f(v.as_tensor())?;
-            let n = y.elem_count();
-            let w: Vec<f64> = (0..n)
+        same_as_composed_n(
+            &[(x.to_vec(), shape.to_vec())],
+            |t| fused(&t[0]),
+            |t| composed(&t[0]),
+        )
+    }
+
+    /// `fused` and `composed` of the same inputs (each a variable of the given values and
+    /// shape), with the gradients of `Σ w·f(inputs)` for a fixed `w` with respect to every
+    /// input: equal to 1e-12 in f64.
+    pub(super) fn same_as_composed_n(
+        inputs: &[(Vec<f64>, Vec<usize>)],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        composed: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<()> {
+        let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Result<Vec<Vec<f64>>> {
+            let vars = inputs
+                .iter()
+                .map(|(x, shape)| {
+                    Ok(Var::from_tensor(&Tensor::from_slice(
+                        x,
+                        shape.as_slice(),
+                        &Device::Cpu,
+                    )?)?)
+                })
+                .collect::<Result<Vec<Var>>>()?;
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts)?;
+            let w: Vec<f64> = (0..y.elem_count())
                 .map(|i| ((i * 7919 % 13) as f64 - 6.0) / 5.0)
                 .collect();
             let w = Tensor::from_vec(w, y.shape(), &Device::Cpu)?;
             let grads = (&y * &w)?.sum_all()?.backward()?;
-            let g = grads
-                .get(v.as_tensor())
-                .ok_or_else(|| crate::Error::Internal("no grad".into()))?;
-            Ok((y.flatten_all()?.to_vec1()?, g.flatten_all()?.to_vec1()?))
+            let mut out = vec![y.flatten_all()?.to_vec1()?];
+            for t in &ts {
+                let g = grads
+                    .get(t)
+                    .ok_or_else(|| crate::Error::Internal("no grad".into()))?;
+                out.push(g.flatten_all()?.to_vec1()?);
+            }
+            Ok(out)
         };
-        let (a, ga) = run(&fused)?;
-        let (b, gb) = run(&composed)?;
-        for (u, v) in a.iter().zip(&b).chain(ga.iter().zip(&gb)) {
-            assert!((u - v).abs() < 1e-12, "{u} vs {v}");
+        let (a, b) = (run(&fused)?, run(&composed)?);
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(a.len(), b.len(), "output {i}");
+            for (u, v) in a.iter().zip(b) {
+                assert!((u - v).abs() < 1e-12, "{} {i}: {u} vs {v}", if i == 0 { "value" } else { "gradient of input" });
+            }
         }
         Ok(())
     }
 
-    fn numbers(n: usize) -> Vec<f64> {
+    pub(super) fn numbers(n: usize) -> Vec<f64> {
         (0..n)
             .map(|i| ((i * 37 % 23) as f64 - 11.0) / 4.0)
             .collect()
     }
 
     #[test]
-    fn fused_ops_equal_their_composed_formulas_and_gradients() -> Result<()> {
-        // Causal softmax over (2, 3, 5, 5) scores, scaled.
-        same_as_composed(
-            &numbers(150),
-            &[2, 3, 5, 5],
-            |x| causal_softmax(x, 0.37),
-            |x| {
-                let t = 5;
-                let mask: Vec<f64> = (0..t * t)
-                    .map(|i| {
-                        if i % t > i / t {
-                            f64::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?;
-                let x = (x * 0.37)?.broadcast_add(&mask)?;
-                let e = x
-                    .broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?
-                    .exp()?;
-                Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-            },
-        )?;
-        // Layer norm's normalisation over rows of 6.
-        same_as_composed(
-            &numbers(24),
-            &[4, 6],
-            |x| normalize(x, 1e-5),
-            |x| {
-                let mean = x.mean_keepdim(D::Minus1)?;
-                let centred = x.broadcast_sub(&mean)?;
+    fn layer_norm_and_embedding_equal_their_composed_formulas_and_gradients() -> Result<()> {
+        // Layer norm over rows of 6, with its weight and bias.
+        let weight: Vec<f64> = (0..6).map(|i| 0.5 + i as f64 / 4.0).collect();
+        let bias: Vec<f64> = (0..6).map(|i| i as f64 / 3.0 - 1.0).collect();
+        same_as_composed_n(
+            &[(numbers(24), vec![4, 6]), (weight, vec![6]), (bias, vec![6])],
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            |t| {
+                let mean = t[0].mean_keepdim(D::Minus1)?;
+                let centred = t[0].broadcast_sub(&mean)?;
                 let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-                Ok(centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?)
+                Ok(centred
+                    .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                    .broadcast_mul(&t[1])?
+                    .broadcast_add(&t[2])?)
             },
         )?;
-        // Conv1D against matmul + bias, for the input's gradient; the weight's and the bias's
-        // are checked by the training goldens.
-        let w = Tensor::from_vec(numbers(12), (4, 3), &Device::Cpu)?;
-        let b = Tensor::new(&[0.5f64, -1.0, 2.0], &Device::Cpu)?;
-        same_as_composed(
-            &numbers(20),
-            &[5, 4],
-            |x| conv1d(x, &w, &b),
-            |x| Ok(x.matmul(&w)?.broadcast_add(&b)?),
-        )?;
-        // Cross-entropy rows.
-        let targets = Tensor::new(&[3u32, 0, 6, 2], &Device::Cpu)?;
-        same_as_composed(
-            &numbers(28),
-            &[4, 7],
-            |x| row_nll(x, &targets),
-            |x| {
-                let logp = candle_nn::ops::log_softmax(x, D::Minus1)?;
-                Ok(logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?)
+        // Embeddings: 2 × 3 ids (one repeated) into 7 tokens and 4 positions of width 5.
+        let ids = Tensor::new(&[[1u32, 6, 1], [0, 3, 6]], &Device::Cpu)?;
+        same_as_composed_n(
+            &[(numbers(35), vec![7, 5]), (numbers(20), vec![4, 5])],
+            |t| embed(&ids, &t[0], &t[1]),
+            |t| {
+                let tok = t[0].index_select(&ids.flatten_all()?, 0)?.reshape((2, 3, 5))?;
+                Ok(tok.broadcast_add(&t[1].narrow(0, 0, 3)?)?)
             },
+        )?;
+        // An id outside the table is an error, not a panic.
+        let bad = Tensor::new(&[[7u32]], &Device::Cpu)?;
+        let wte = Tensor::from_vec(numbers(35), (7, 5), &Device::Cpu)?;
+        let wpe = Tensor::from_vec(numbers(20), (4, 5), &Device::Cpu)?;
+        assert!(embed(&bad, &wte, &wpe).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn attention_and_conv1d_equal_their_composed_formulas_and_gradients() -> Result<()> {
+        // Attention over 2 sequences of 5 from packed QKV rows: 4 heads of 3 over 4, 2 and 1
+        // K/V heads (multi-head, grouped, multi-query), with and without a dropout mask.
+        for kv in [4, 2, 1] {
+            let heads = Heads {
+                n_head: 4,
+                n_kv_head: kv,
+                head_size: 3,
+                scale: 0.37,
+            };
+            let width = 12 + 2 * kv * 3;
+            let mask: Vec<f64> = (0..2 * 4 * 5 * 5)
+                .map(|i| if i % 7 == 3 { 0.0 } else { 1.25 })
+                .collect();
+            let mask = Tensor::from_vec(mask, (2, 4, 5, 5), &Device::Cpu)?;
+            for m in [None, Some(&mask)] {
+                same_as_composed(
+                    &numbers(2 * 5 * width),
+                    &[2, 5, width],
+                    |x| attention(x, heads, m),
+                    |x| attention::composed(x, heads, m),
+                )?;
+            }
+        }
+        // Conv1D against matmul + bias, for the input, the weight and the bias.
+        let bias = vec![0.5f64, -1.0, 2.0];
+        same_as_composed_n(
+            &[
+                (numbers(20), vec![5, 4]),
+                (numbers(12), vec![4, 3]),
+                (bias, vec![3]),
+            ],
+            |t| conv1d(&t[0], &t[1], &t[2]),
+            |t| Ok(t[0].matmul(&t[1])?.broadcast_add(&t[2])?),
         )?;
         Ok(())
     }
