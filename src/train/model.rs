@@ -54,7 +54,9 @@ impl Dropout {
                 }
             })
             .collect();
-        Ok(Some(Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?))
+        Ok(Some(
+            Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?,
+        ))
     }
 }
 
@@ -232,11 +234,7 @@ impl TrainModel {
     }
 
     /// Logits (B, T, vocab) of `ids` (B, T), with `dropout` when training.
-    pub(crate) fn forward(
-        &self,
-        ids: &Tensor,
-        dropout: Option<&mut Dropout>,
-    ) -> Result<Tensor> {
+    pub(crate) fn forward(&self, ids: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         // (B·T, C) · (C, vocab): the head tied to wte.
         let logits = self.hidden(ids, dropout)?.matmul(&self.wte.t()?)?;

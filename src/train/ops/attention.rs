@@ -47,7 +47,11 @@ pub(crate) fn attention(qkv: &Tensor, heads: Heads, mask: Option<&Tensor>) -> Re
     }
     if qkv.device().is_cpu() {
         let mask = match mask {
-            Some(m) => Some(m.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1()?),
+            Some(m) => Some(
+                m.to_dtype(candle_core::DType::F64)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            ),
             None => None,
         };
         let op = Attention {
@@ -203,7 +207,15 @@ impl Attention {
         for at in self.places(b, t) {
             // S = Q·Kᵀ (T, T)
             let one = T::from_f64(1.0);
-            gemm((t, t, hs), &mut scores, t, false, view(at.q), view(at.k).t(), one)?;
+            gemm(
+                (t, t, hs),
+                &mut scores,
+                t,
+                false,
+                view(at.q),
+                view(at.k).t(),
+                one,
+            )?;
             let p = &mut probs[at.p..at.p + t * t];
             for (i, (row, out)) in scores.chunks(t).zip(p.chunks_mut(t)).enumerate() {
                 super::vector::softmax(&row[..=i], &mut out[..=i], scale);
@@ -211,7 +223,15 @@ impl Attention {
             self.dropped(p, at.p, &mut dropped);
             // Y = P·V (T, hs), into the head's columns of (B, T, C).
             let out = y.get_mut(at.y..).unwrap_or(&mut []);
-            gemm((t, hs, t), out, c, false, Mat::rows(&dropped, t), view(at.v), one)?;
+            gemm(
+                (t, hs, t),
+                out,
+                c,
+                false,
+                Mat::rows(&dropped, t),
+                view(at.v),
+                one,
+            )?;
         }
         *self
             .probs
@@ -229,7 +249,10 @@ impl Attention {
         grad: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = self.dims(qkv.layout())?;
-        let (hs, scale) = (self.heads.head_size, <T as Float>::from_f64(self.heads.scale));
+        let (hs, scale) = (
+            self.heads.head_size,
+            <T as Float>::from_f64(self.heads.scale),
+        );
         let one = <T as Float>::from_f64(1.0);
         let (c, w) = self.heads.widths();
         let (qs, ql) = qkv.storage_and_layout();
@@ -251,8 +274,11 @@ impl Attention {
             candle_core::bail!("attention: a gradient of another shape than the output");
         }
         let mut dx = vec![T::ZERO; x.len()];
-        let (mut dp, mut dropped, mut ds) =
-            (vec![T::ZERO; t * t], vec![T::ZERO; t * t], vec![T::ZERO; t * t]);
+        let (mut dp, mut dropped, mut ds) = (
+            vec![T::ZERO; t * t],
+            vec![T::ZERO; t * t],
+            vec![T::ZERO; t * t],
+        );
         let view = |at: usize| Mat {
             data: x.get(at..).unwrap_or(&[]),
             rs: w,
@@ -267,9 +293,25 @@ impl Attention {
             let p = &probs[at.p..at.p + t * t];
             self.dropped(p, at.p, &mut dropped);
             // dP' = dY·Vᵀ (T, T); dV += P'ᵀ·dY (T, hs)
-            gemm((t, t, hs), &mut dp, t, false, dy_view(at.y), view(at.v).t(), one)?;
+            gemm(
+                (t, t, hs),
+                &mut dp,
+                t,
+                false,
+                dy_view(at.y),
+                view(at.v).t(),
+                one,
+            )?;
             let dv = dx.get_mut(at.v..).unwrap_or(&mut []);
-            gemm((t, hs, t), dv, w, true, Mat::rows(&dropped, t).t(), dy_view(at.y), one)?;
+            gemm(
+                (t, hs, t),
+                dv,
+                w,
+                true,
+                Mat::rows(&dropped, t).t(),
+                dy_view(at.y),
+                one,
+            )?;
             if let Some(m) = &self.mask {
                 for (d, &m) in dp.iter_mut().zip(&m[at.p..at.p + t * t]) {
                     *d = *d * <T as Float>::from_f64(m);
@@ -282,7 +324,15 @@ impl Attention {
             let dq = dx.get_mut(at.q..).unwrap_or(&mut []);
             gemm((t, hs, t), dq, w, false, Mat::rows(&ds, t), view(at.k), one)?;
             let dk = dx.get_mut(at.k..).unwrap_or(&mut []);
-            gemm((t, hs, t), dk, w, true, Mat::rows(&ds, t).t(), view(at.q), one)?;
+            gemm(
+                (t, hs, t),
+                dk,
+                w,
+                true,
+                Mat::rows(&ds, t).t(),
+                view(at.q),
+                one,
+            )?;
         }
         Tensor::from_vec(dx, qkv.shape(), qkv.device())
     }

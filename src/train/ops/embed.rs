@@ -20,7 +20,9 @@ pub(crate) fn embed(ids: &Tensor, wte: &Tensor, wpe: &Tensor) -> Result<Tensor> 
         return Ok(wte.contiguous()?.apply_op2(&wpe.contiguous()?, op)?);
     }
     let c = wte.dim(1)?;
-    let tok = wte.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?;
+    let tok = wte
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, c))?;
     Ok(tok.broadcast_add(&wpe.narrow(0, 0, t)?)?)
 }
 
@@ -36,7 +38,13 @@ impl Embed {
     fn check(&self, lte: &Layout, lpe: &Layout) -> candle_core::Result<usize> {
         let ((v, c), (p, cp)) = (lte.shape().dims2()?, lpe.shape().dims2()?);
         if c != cp || p < self.len || self.ids.len() != self.batch * self.len {
-            candle_core::bail!("embed: wte {:?}, wpe {:?}, ids {}×{}", lte.dims(), lpe.dims(), self.batch, self.len);
+            candle_core::bail!(
+                "embed: wte {:?}, wpe {:?}, ids {}×{}",
+                lte.dims(),
+                lpe.dims(),
+                self.batch,
+                self.len
+            );
         }
         if let Some(&id) = self.ids.iter().find(|&&id| id as usize >= v) {
             candle_core::bail!("embed: token id {id} is outside the {v} rows of wte");

@@ -265,7 +265,11 @@ mod tests {
         for (i, (a, b)) in a.iter().zip(&b).enumerate() {
             assert_eq!(a.len(), b.len(), "output {i}");
             for (u, v) in a.iter().zip(b) {
-                assert!((u - v).abs() < 1e-12, "{} {i}: {u} vs {v}", if i == 0 { "value" } else { "gradient of input" });
+                assert!(
+                    (u - v).abs() < 1e-12,
+                    "{} {i}: {u} vs {v}",
+                    if i == 0 { "value" } else { "gradient of input" }
+                );
             }
         }
         Ok(())
@@ -283,7 +287,11 @@ mod tests {
         let weight: Vec<f64> = (0..6).map(|i| 0.5 + i as f64 / 4.0).collect();
         let bias: Vec<f64> = (0..6).map(|i| i as f64 / 3.0 - 1.0).collect();
         same_as_composed_n(
-            &[(numbers(24), vec![4, 6]), (weight, vec![6]), (bias, vec![6])],
+            &[
+                (numbers(24), vec![4, 6]),
+                (weight, vec![6]),
+                (bias, vec![6]),
+            ],
             |t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
             |t| {
                 let mean = t[0].mean_keepdim(D::Minus1)?;
@@ -301,7 +309,9 @@ mod tests {
             &[(numbers(35), vec![7, 5]), (numbers(20), vec![4, 5])],
             |t| embed(&ids, &t[0], &t[1]),
             |t| {
-                let tok = t[0].index_select(&ids.flatten_all()?, 0)?.reshape((2, 3, 5))?;
+                let tok = t[0]
+                    .index_select(&ids.flatten_all()?, 0)?
+                    .reshape((2, 3, 5))?;
                 Ok(tok.broadcast_add(&t[1].narrow(0, 0, 3)?)?)
             },
         )?;
