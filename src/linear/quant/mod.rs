@@ -37,6 +37,39 @@ pub(crate) const BLOCK: usize = 32;
 /// Rows interleaved in a tile.
 pub(crate) const ROWS: usize = 8;
 
+/// The kernels' formats, as const generics.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const Q8: u8 = 0;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const Q4: u8 = 1;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const Q6: u8 = 2;
+
+/// `$kernel::<FORMAT, M>($args)` for the matrix's format and the least compiled M that holds
+/// x's rows (1 to 4, then 8: the kernel runs x.m of them).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! by_format_and_rows {
+    ($kernel:ident, $q:expr, $m:expr, $($arg:expr),*) => {
+        match ($q.kind, $m) {
+            (QuantKind::Q8_0, 1) => $kernel::<Q8, 1>($($arg),*),
+            (QuantKind::Q8_0, 2) => $kernel::<Q8, 2>($($arg),*),
+            (QuantKind::Q8_0, 3) => $kernel::<Q8, 3>($($arg),*),
+            (QuantKind::Q8_0, 4) => $kernel::<Q8, 4>($($arg),*),
+            (QuantKind::Q8_0, _) => $kernel::<Q8, 8>($($arg),*),
+            (QuantKind::Q4_0, 1) => $kernel::<Q4, 1>($($arg),*),
+            (QuantKind::Q4_0, 2) => $kernel::<Q4, 2>($($arg),*),
+            (QuantKind::Q4_0, 3) => $kernel::<Q4, 3>($($arg),*),
+            (QuantKind::Q4_0, 4) => $kernel::<Q4, 4>($($arg),*),
+            (QuantKind::Q4_0, _) => $kernel::<Q4, 8>($($arg),*),
+            (QuantKind::Q6, 1) => $kernel::<Q6, 1>($($arg),*),
+            (QuantKind::Q6, 2) => $kernel::<Q6, 2>($($arg),*),
+            (QuantKind::Q6, 3) => $kernel::<Q6, 3>($($arg),*),
+            (QuantKind::Q6, 4) => $kernel::<Q6, 4>($($arg),*),
+            (QuantKind::Q6, _) => $kernel::<Q6, 8>($($arg),*),
+        }
+    };
+}
+
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(target_arch = "x86_64")]

@@ -10,7 +10,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, ROWS};
+use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS};
 
 /// Whether `sdot` may run.
 pub(super) fn dotprod() -> bool {
@@ -26,40 +26,15 @@ pub(super) unsafe fn dot_rows(
     sdot: bool,
     put: impl FnMut(usize, &[f32]),
 ) {
-    macro_rules! pick {
-        ($kernel:ident) => {
-            match (q.kind, x.m) {
-                (QuantKind::Q8_0, 1) => $kernel::<Q8, 1>(q, x, rows, put),
-                (QuantKind::Q8_0, 2) => $kernel::<Q8, 2>(q, x, rows, put),
-                (QuantKind::Q8_0, 3) => $kernel::<Q8, 3>(q, x, rows, put),
-                (QuantKind::Q8_0, 4) => $kernel::<Q8, 4>(q, x, rows, put),
-                (QuantKind::Q8_0, _) => $kernel::<Q8, 8>(q, x, rows, put),
-                (QuantKind::Q4_0, 1) => $kernel::<Q4, 1>(q, x, rows, put),
-                (QuantKind::Q4_0, 2) => $kernel::<Q4, 2>(q, x, rows, put),
-                (QuantKind::Q4_0, 3) => $kernel::<Q4, 3>(q, x, rows, put),
-                (QuantKind::Q4_0, 4) => $kernel::<Q4, 4>(q, x, rows, put),
-                (QuantKind::Q4_0, _) => $kernel::<Q4, 8>(q, x, rows, put),
-                (QuantKind::Q6, 1) => $kernel::<Q6, 1>(q, x, rows, put),
-                (QuantKind::Q6, 2) => $kernel::<Q6, 2>(q, x, rows, put),
-                (QuantKind::Q6, 3) => $kernel::<Q6, 3>(q, x, rows, put),
-                (QuantKind::Q6, 4) => $kernel::<Q6, 4>(q, x, rows, put),
-                (QuantKind::Q6, _) => $kernel::<Q6, 8>(q, x, rows, put),
-            }
-        };
-    }
     // SAFETY: the caller's promise.
     unsafe {
         if sdot {
-            pick!(kernel_sdot)
+            by_format_and_rows!(kernel_sdot, q, x.m, q, x, rows, put)
         } else {
-            pick!(kernel_neon)
+            by_format_and_rows!(kernel_neon, q, x.m, q, x, rows, put)
         }
     }
 }
-
-const Q8: u8 = 0;
-const Q4: u8 = 1;
-const Q6: u8 = 2;
 
 /// A tile's 8 vectors of signed weights, each as (rows 0-3, rows 4-7): vector `v` is elements
 /// `4v .. 4v + 4` of its rows.

@@ -3,7 +3,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, ROWS};
+use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS};
 
 /// Whether the VNNI kernel may run: `vpdpbusd` on 256-bit vectors (AVX-512 VNNI + VL: Zen 4,
 /// Ice Lake and later). One instruction does the u8 × i8 products of 4 bytes and their sum into
@@ -22,41 +22,15 @@ pub(super) unsafe fn dot_rows(
     vnni: bool,
     put: impl FnMut(usize, &[f32]),
 ) {
-    macro_rules! pick {
-        ($kernel:ident) => {
-            match (q.kind, x.m) {
-                (QuantKind::Q8_0, 1) => $kernel::<Q8, 1>(q, x, rows, put),
-                (QuantKind::Q8_0, 2) => $kernel::<Q8, 2>(q, x, rows, put),
-                (QuantKind::Q8_0, 3) => $kernel::<Q8, 3>(q, x, rows, put),
-                (QuantKind::Q8_0, 4) => $kernel::<Q8, 4>(q, x, rows, put),
-                (QuantKind::Q8_0, _) => $kernel::<Q8, 8>(q, x, rows, put),
-                (QuantKind::Q4_0, 1) => $kernel::<Q4, 1>(q, x, rows, put),
-                (QuantKind::Q4_0, 2) => $kernel::<Q4, 2>(q, x, rows, put),
-                (QuantKind::Q4_0, 3) => $kernel::<Q4, 3>(q, x, rows, put),
-                (QuantKind::Q4_0, 4) => $kernel::<Q4, 4>(q, x, rows, put),
-                (QuantKind::Q4_0, _) => $kernel::<Q4, 8>(q, x, rows, put),
-                (QuantKind::Q6, 1) => $kernel::<Q6, 1>(q, x, rows, put),
-                (QuantKind::Q6, 2) => $kernel::<Q6, 2>(q, x, rows, put),
-                (QuantKind::Q6, 3) => $kernel::<Q6, 3>(q, x, rows, put),
-                (QuantKind::Q6, 4) => $kernel::<Q6, 4>(q, x, rows, put),
-                (QuantKind::Q6, _) => $kernel::<Q6, 8>(q, x, rows, put),
-            }
-        };
-    }
     // SAFETY: the caller's promise.
     unsafe {
         if vnni {
-            pick!(kernel_vnni)
+            by_format_and_rows!(kernel_vnni, q, x.m, q, x, rows, put)
         } else {
-            pick!(kernel_avx2)
+            by_format_and_rows!(kernel_avx2, q, x.m, q, x, rows, put)
         }
     }
 }
-
-/// The formats, as const generics.
-const Q8: u8 = 0;
-const Q4: u8 = 1;
-const Q6: u8 = 2;
 
 /// A tile's 8 vectors of levels, as bytes: vector `v` is elements `4v .. 4v + 4` of its rows.
 ///
