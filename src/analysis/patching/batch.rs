@@ -179,6 +179,8 @@ struct Patcher<'a> {
     t: usize,
     /// The positions every pair's prompts share: only those after it are run.
     prefix: Prefix,
+    /// The corrupted runs' head outputs (B, T, H, d) per layer, when head outputs are patched.
+    corrupted_z: Vec<Tensor>,
 }
 
 impl Patcher<'_> {
@@ -243,6 +245,10 @@ impl Patcher<'_> {
                 let x = self.prefix.after(tile(resid, k)?, 1, t)?;
                 let cache = self.prefix.cache(layer, k, t)?;
                 let x = match act.point(layer) {
+                    Some(Point::Z(_)) if !self.corrupted_z.is_empty() => {
+                        let z = after(tile(&self.corrupted_z[layer], k)?)?;
+                        self.head_out(layer, x, &patch.apply(&z)?, cache)?
+                    }
                     // resid_pre is the layer's input: patched before the pass.
                     None => pass(
                         self.model,
@@ -267,6 +273,40 @@ impl Patcher<'_> {
             }
         }
         Ok((out, axes))
+    }
+}
+
+impl Patcher<'_> {
+    /// The rows of a head-output patch from the layer `layer` patched, whose heads' outputs `z`
+    /// (R, T', H, d) are known (the corrupted runs', some heads the clean runs'): its attention
+    /// output from them (no query, key or value computed), its MLP, then the layers after it
+    /// (`cache` the prefix's from `layer`), measured at the position: (R, 1, C). What the pass
+    /// with the patch at `Z` computes, less the layer's attention, whose output it overwrites.
+    fn head_out(
+        &self,
+        layer: usize,
+        x: Tensor,
+        z: &Tensor,
+        cache: Option<Cache>,
+    ) -> Result<Tensor> {
+        let m = self.model;
+        let past = cache.as_ref().map_or(0, Cache::seq_len);
+        let last = m.config().n_layer - 1;
+        // The last layer is measured at the position alone.
+        let (x, z) = match layer == last {
+            true => {
+                let at = self.position - past;
+                (x.narrow(1, at, 1)?, z.narrow(1, at, 1)?)
+            }
+            false => (x, z.clone()),
+        };
+        let x = (&x + m.attention_out(layer, &z)?)?;
+        let x = (&x + m.mlp_out(layer, &x)?)?;
+        if layer == last {
+            return Ok(x);
+        }
+        // The cache's layers from `layer + 1` hold the prefix: all the pass reads.
+        pass(m, layer + 1, x, &mut NoHook, self.position, cache)
     }
 }
 
@@ -345,10 +385,19 @@ pub(super) fn patch_batch(
         0 => Vec::new(),
         _ => Prefix::names(n_layer),
     };
+    // Head outputs patched: the corrupted runs' too (see `Patcher::head_out`).
+    let z_names: Vec<String> = match acts.contains(&Act::HeadOut) {
+        true => (0..n_layer).map(|l| Act::HeadOut.hook_name(l)).collect(),
+        false => Vec::new(),
+    };
     let mut names: Vec<&str> = resid_names.iter().map(String::as_str).collect();
-    names.extend(kv_names.iter().map(String::as_str));
+    names.extend(kv_names.iter().chain(&z_names).map(String::as_str));
     names.push(&last);
     let run = run_with_cache(model, &batch_ids(model, pairs, false)?, &names)?;
+    let corrupted_z = z_names
+        .iter()
+        .map(|n| run.need(n).cloned())
+        .collect::<Result<Vec<_>>>()?;
     // Before the pairs' first differing token every patch leaves the corrupted runs as they are.
     let prefix = Prefix::new(&run, n_layer, prefix_len)?;
     let resid = resid_names
@@ -373,6 +422,7 @@ pub(super) fn patch_batch(
         position,
         t,
         prefix,
+        corrupted_z,
     };
     let mut patched = vec![Vec::new(); pairs.len()];
     let mut inner = Vec::new();

@@ -133,12 +133,19 @@ pub(crate) fn batches_by<K: Ord + Clone>(
 }
 
 /// `pairs` in batches of one length, each with the position measured there ([`resolve`]d:
-/// `-1` is each length's last).
+/// `-1` is each length's last). Pairs are grouped by where their prompts first differ too: a
+/// batch runs only the positions after those all its pairs share ([`super::batch::Prefix`]).
 pub(super) fn batches(pairs: &[Pair], position: Option<isize>) -> Result<Vec<(usize, Vec<usize>)>> {
-    let lengths: Vec<usize> = pairs.iter().map(|p| p.clean.len()).collect();
-    batches_by(&lengths, |&t| t)
+    let keys: Vec<(usize, usize)> = pairs
+        .iter()
+        .map(|p| {
+            let alike = p.clean.iter().zip(&p.corrupted).take_while(|(a, b)| a == b);
+            (p.clean.len(), alike.count())
+        })
+        .collect();
+    batches_by(&keys, |&(t, _)| t)
         .into_iter()
-        .map(|(t, idx)| Ok((resolve(position, t, None)?, idx)))
+        .map(|((t, _), idx)| Ok((resolve(position, t, None)?, idx)))
         .collect()
 }
 
