@@ -39,7 +39,7 @@ impl Heads {
 /// `0..=i`; `mask` (B, nh, T, T), when given, multiplies the probabilities (dropout: 0 or
 /// 1/(1−p)).
 pub(crate) fn attention(qkv: &Tensor, heads: Heads, mask: Option<&Tensor>) -> Result<Tensor> {
-    if heads.n_kv_head == 0 || heads.n_head % heads.n_kv_head != 0 {
+    if heads.n_kv_head == 0 || !heads.n_head.is_multiple_of(heads.n_kv_head) {
         return Err(crate::Error::Internal(format!(
             "attention: {} heads over {} K/V heads",
             heads.n_head, heads.n_kv_head
@@ -314,7 +314,7 @@ impl Attention {
             )?;
             if let Some(m) = &self.mask {
                 for (d, &m) in dp.iter_mut().zip(&m[at.p..at.p + t * t]) {
-                    *d = *d * <T as Float>::from_f64(m);
+                    *d *= <T as Float>::from_f64(m);
                 }
             }
             for (((pr, gr), o), i) in p.chunks(t).zip(dp.chunks(t)).zip(ds.chunks_mut(t)).zip(0..) {

@@ -94,10 +94,10 @@ impl Embed {
         for (i, (&id, g)) in self.ids.iter().zip(g.chunks(c)).enumerate() {
             let (tok, pos) = (id as usize * c, (i % self.len) * c);
             for (d, &g) in dte[tok..tok + c].iter_mut().zip(g) {
-                *d = *d + g;
+                *d += g;
             }
             for (d, &g) in dpe[pos..pos + c].iter_mut().zip(g) {
-                *d = *d + g;
+                *d += g;
             }
         }
         let dev = wte.device();

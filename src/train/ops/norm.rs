@@ -38,12 +38,15 @@ struct LayerNorm {
     stats: Mutex<Option<CpuStorage>>,
 }
 
+/// x, weight and bias as slices, and the width C.
+type Operands<'a, T> = (&'a [T], &'a [T], &'a [T], usize);
+
 /// The operands as slices, their width C checked against the weight's and the bias's.
 fn operands<'a, T: Float>(
     x: (&'a CpuStorage, &Layout),
     w: (&'a CpuStorage, &Layout),
     b: (&'a CpuStorage, &Layout),
-) -> candle_core::Result<(&'a [T], &'a [T], &'a [T], usize)> {
+) -> candle_core::Result<Operands<'a, T>> {
     let (xs, ws, bs) = (
         elems::<T>(x.0, x.1)?,
         elems::<T>(w.0, w.1)?,
