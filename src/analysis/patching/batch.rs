@@ -97,8 +97,8 @@ pub(super) struct Prefix {
 
 impl Prefix {
     /// The positions before every pair's first differing token, and before `position` (the one
-    /// measured, which must be run). None when a cache would change the numbers (one holding
-    /// keys and values in another dtype than the activations, f16 under f32 ones): 0.
+    /// measured, which must be run); 0 when a cache would change the numbers (one holding keys
+    /// and values in another dtype than the activations, f16 under f32 ones).
     pub(super) fn len(model: &Gpt2, pairs: &[Ids], position: usize) -> usize {
         if model.kv_dtype() != model.act_dtype() {
             return 0;
@@ -114,7 +114,7 @@ impl Prefix {
     }
 
     /// The `len` first positions' keys and values of every layer, from a run's `hook_k`/`hook_v`
-    /// (B, T, nkv, hs) in `cache`.
+    /// (B, T, nkv, hs) in `cache` (none read when `len` is 0).
     pub(super) fn new(cache: &ActivationCache, n_layer: usize, len: usize) -> Result<Self> {
         if len == 0 {
             return Ok(Self {
