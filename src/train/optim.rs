@@ -293,17 +293,10 @@ impl<T: Float> candle_core::InplaceOp1 for Update<'_, T> {
         if [g.len(), m.len(), v.len()] != [p.len(); 3] {
             candle_core::bail!("adamw: gradient or moments of another size than the parameter");
         }
-        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            // clip_grad_norm_'s g·coef, then the step.
-            let g = match self.clip {
-                Some(coef) => g * coef,
-                None => g,
-            };
-            *m = *m + b1 * (g - *m);
-            *v = *v * b2 + g * g * b2c;
-            let denom = v.sqrt() / sq + eps;
-            *p = *p * decay - step * (*m / denom);
-        }
+        // clip_grad_norm_'s g·coef (a product by 1 when it does not clip: exact), then the
+        // step, element by element.
+        let clip = self.clip.unwrap_or(c(1.0));
+        super::ops::adamw(p, g, m, v, clip, [b1, b2, b2c, sq, eps, step, decay]);
         Ok(())
     }
 }

@@ -107,6 +107,7 @@ pub(crate) use embed::embed;
 pub(crate) use head::cross_entropy;
 pub(crate) use head::head_loss;
 pub(crate) use norm::layer_norm;
+pub(super) use vector::adamw;
 
 // ----------------------------------------------------------------------------- GELU
 

@@ -6,13 +6,13 @@
 
 use super::Float;
 
-/// Defines `pub(super) fn $name<T: Float>(..)` that runs its body compiled for AVX2 when the
-/// CPU has it, and as is otherwise.
+/// Defines `fn $name<T: Float>(..)` (visible in `train`) that runs its body compiled for AVX2
+/// when the CPU has it, and as is otherwise.
 macro_rules! vectorised {
     ($(#[$m:meta])* fn $name:ident<T: Float>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
-        pub(super) fn $name<T: Float>($($arg: $ty),*) $(-> $ret)? {
+        pub(in crate::train) fn $name<T: Float>($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             fn body<T: Float>($($arg: $ty),*) $(-> $ret)? $body
@@ -232,6 +232,21 @@ vectorised! {
     fn gelu_grad<T: Float>(x: &[T], g: &[T], out: &mut [T]) {
         for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
             *o = g * super::slope(x);
+        }
+    }
+}
+
+vectorised! {
+    /// AdamW on one parameter, in place (torch's single-tensor AdamW in its order of
+    /// operations): `k` = [1 − β1, β2, 1 − β2, √(1 − β2ᵗ), ε, lr/(1 − β1ᵗ), 1 − lr·wd].
+    fn adamw<T: Float>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], clip: T, k: [T; 7]) {
+        let [b1, b2, b2c, sq, eps, step, decay] = k;
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * clip;
+            *m = *m + b1 * (g - *m);
+            *v = *v * b2 + g * g * b2c;
+            let denom = v.sqrt() / sq + eps;
+            *p = *p * decay - step * (*m / denom);
         }
     }
 }
