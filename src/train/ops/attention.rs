@@ -122,6 +122,16 @@ pub(super) struct Attention {
     pub(super) qkv: Mutex<Option<CpuStorage>>,
 }
 
+/// Queries go through the products in blocks of this many rows, each with only the keys it
+/// sees (causal): 3/4 of the full products' work at T = 128, 5/8 at T = 256, against the cost
+/// of more, smaller calls.
+pub(super) const BLOCK: usize = 64;
+
+/// The query blocks of a sequence of `t`: (first row, end).
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(BLOCK).map(move |i0| (i0, (i0 + BLOCK).min(t)))
+}
+
 /// Where head `h` of sequence `b` reads: the offsets of its Q, K and V in QKV and of its
 /// output columns in (B, T, C).
 struct Place {
@@ -222,18 +232,24 @@ impl Attention {
             rs: w,
             cs: 1,
         };
+        let one = T::from_f64(1.0);
         for at in self.places(b, t) {
-            // S = Q·Kᵀ (T, T)
-            let one = T::from_f64(1.0);
-            gemm((t, t, hs), &mut scores, t, false, view(at.q), view(at.k).t(), one)?;
+            // S = Q·Kᵀ (T, T), by blocks of queries and only the keys they see.
+            for (i0, i1) in blocks(t) {
+                let s = &mut scores[i0 * t..];
+                gemm((i1 - i0, i1, hs), s, t, false, view(at.q + i0 * w), view(at.k).t(), one)?;
+            }
             let p = &mut probs[at.p..at.p + t * t];
             for (i, (row, out)) in scores.chunks(t).zip(p.chunks_mut(t)).enumerate() {
                 super::vector::softmax(&row[..=i], &mut out[..=i], scale);
             }
             let dropped = self.dropped(p, at.p, &mut dropped);
             // Y = P·V (T, hs), into the head's columns of (B, T, C).
-            let out = y.get_mut(at.y..).unwrap_or(&mut []);
-            gemm((t, hs, t), out, c, false, Mat::rows(dropped, t), view(at.v), one)?;
+            for (i0, i1) in blocks(t) {
+                let out = y.get_mut(at.y + i0 * c..).unwrap_or(&mut []);
+                let p = Mat::rows(&dropped[i0 * t..], t);
+                gemm((i1 - i0, hs, i1), out, c, false, p, view(at.v), one)?;
+            }
         }
         *self
             .probs
@@ -276,10 +292,15 @@ impl Attention {
         for at in self.places(b, t) {
             let p = &probs[at.p..at.p + t * t];
             let dropped = self.dropped(p, at.p, &mut dropped);
-            // dP' = dY·Vᵀ (T, T); dV += P'ᵀ·dY (T, hs)
-            gemm((t, t, hs), &mut dp, t, false, dy_view(at.y), view(at.v).t(), one)?;
-            let dv = dx.get_mut(at.v..).unwrap_or(&mut []);
-            gemm((t, hs, t), dv, w, true, Mat::rows(dropped, t).t(), dy_view(at.y), one)?;
+            for (i0, i1) in blocks(t) {
+                // dP'[i0..i1, ..i1] = dY[i0..i1]·V[..i1]ᵀ
+                let (dyb, dp) = (dy_view(at.y + i0 * c), &mut dp[i0 * t..]);
+                gemm((i1 - i0, i1, hs), dp, t, false, dyb, view(at.v).t(), one)?;
+                // dV[i0..i1] += P'[i0.., i0..i1]ᵀ·dY[i0..]: the queries that see these keys.
+                let dv = dx.get_mut(at.v + i0 * w..).unwrap_or(&mut []);
+                let pt = Mat::rows(&dropped[i0 * t + i0..], t).t();
+                gemm((i1 - i0, hs, t - i0), dv, w, true, pt, dyb, one)?;
+            }
             if let Some(m) = &self.mask {
                 for (d, &m) in dp.iter_mut().zip(&m[at.p..at.p + t * t]) {
                     *d = *d * T::from_f64(m);
@@ -288,11 +309,16 @@ impl Attention {
             for (((pr, gr), o), i) in p.chunks(t).zip(dp.chunks(t)).zip(ds.chunks_mut(t)).zip(0..) {
                 super::vector::softmax_grad(&pr[..=i], &gr[..=i], &mut o[..=i], scale);
             }
-            // dQ = dS·K (T, hs); dK += dSᵀ·Q (T, hs)
-            let dq = dx.get_mut(at.q..).unwrap_or(&mut []);
-            gemm((t, hs, t), dq, w, false, Mat::rows(&ds, t), view(at.k), one)?;
-            let dk = dx.get_mut(at.k..).unwrap_or(&mut []);
-            gemm((t, hs, t), dk, w, true, Mat::rows(&ds, t).t(), view(at.q), one)?;
+            for (i0, i1) in blocks(t) {
+                // dQ[i0..i1] = dS[i0..i1, ..i1]·K[..i1]
+                let dq = dx.get_mut(at.q + i0 * w..).unwrap_or(&mut []);
+                let dsb = Mat::rows(&ds[i0 * t..], t);
+                gemm((i1 - i0, hs, i1), dq, w, false, dsb, view(at.k), one)?;
+                // dK[i0..i1] += dS[i0.., i0..i1]ᵀ·Q[i0..]
+                let dk = dx.get_mut(at.k + i0 * w..).unwrap_or(&mut []);
+                let dst = Mat::rows(&ds[i0 * t + i0..], t).t();
+                gemm((i1 - i0, hs, t - i0), dk, w, true, dst, view(at.q + i0 * w), one)?;
+            }
         }
         Ok(dx)
     }

@@ -268,6 +268,26 @@ mod tests {
                 )?;
             }
         }
+        // A sequence longer than two blocks of queries (the causal blocks' edges), grouped.
+        let heads = Heads {
+            n_head: 2,
+            n_kv_head: 1,
+            head_size: 2,
+            scale: 0.5,
+        };
+        let t = 2 * attention::BLOCK + 3;
+        same_as_composed_n(
+            &[
+                (numbers(t * 4), vec![1, t, 4]),
+                (numbers(4 * 8), vec![4, 8]),
+                (vec![0.1; 8], vec![8]),
+            ],
+            |x| conv1d_attention(&x[0], &x[1], &x[2], heads, None),
+            |x| {
+                let qkv = x[0].broadcast_matmul(&x[1])?.broadcast_add(&x[2])?;
+                attention::composed(&qkv, heads, None)
+            },
+        )?;
         // The MLP's first layer and GELU.
         same_as_composed_n(
             &[
