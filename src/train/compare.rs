@@ -76,9 +76,7 @@ pub fn time_heads(
         .map(|&h| {
             let c = with_heads(config, h)?;
             let model = TrainModel::from_tensors(&c, init_tensors(&c, 0)?, DType::F32, device)?;
-            let loss = || -> Result<Tensor> {
-                model.loss(&ids, &targets, None, None)
-            };
+            let loss = || -> Result<Tensor> { model.loss(&ids, &targets, None, None) };
             let best = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
                 f()?; // warm-up: first-touch allocations
                 let mut best = f64::INFINITY;

@@ -1,6 +1,7 @@
 //! GPT-2 as a graph candle can differentiate: the same layers as `crate::model`, written with
-//! candle's ops only (its fused host kernels have no backward), over [`Var`]s named and shaped as
-//! the checkpoint's tensors (`wte.weight`, `h.{i}.attn.c_attn.weight` as (in, out), ...), so a
+//! the training ops of [`super::ops`] (fused nodes with exact backwards on the host, candle's
+//! ops elsewhere; the inference model's fused kernels have no backward), over [`Var`]s named
+//! and shaped as the checkpoint's tensors (`wte.weight`, `h.{i}.attn.c_attn.weight` as (in, out), ...), so a
 //! trained model is saved as is and loads anywhere GPT-2 loads.
 //!
 //! It computes what transformers' `GPT2LMHeadModel` does in training mode (eager attention):
@@ -54,7 +55,9 @@ impl Dropout {
                 }
             })
             .collect();
-        Ok(Some(Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?))
+        Ok(Some(
+            Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?,
+        ))
     }
 }
 
@@ -245,11 +248,7 @@ impl TrainModel {
     }
 
     /// Logits (B, T, vocab) of `ids` (B, T), with `dropout` when training.
-    pub(crate) fn forward(
-        &self,
-        ids: &Tensor,
-        dropout: Option<&mut Dropout>,
-    ) -> Result<Tensor> {
+    pub(crate) fn forward(&self, ids: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         // (B·T, C) · (C, vocab): the head tied to wte.
         let logits = self.hidden(ids, dropout)?.matmul(&self.wte.t()?)?;

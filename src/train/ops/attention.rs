@@ -37,7 +37,7 @@ impl Heads {
 
 /// An error unless the K/V heads divide the query heads.
 fn check(heads: Heads) -> Result<()> {
-    if heads.n_kv_head == 0 || heads.n_head % heads.n_kv_head != 0 {
+    if heads.n_kv_head == 0 || !heads.n_head.is_multiple_of(heads.n_kv_head) {
         return Err(crate::Error::Internal(format!(
             "attention: {} heads over {} K/V heads",
             heads.n_head, heads.n_kv_head
@@ -129,7 +129,9 @@ pub(super) const BLOCK: usize = 64;
 
 /// The query blocks of a sequence of `t`: (first row, end).
 fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..t).step_by(BLOCK).map(move |i0| (i0, (i0 + BLOCK).min(t)))
+    (0..t)
+        .step_by(BLOCK)
+        .map(move |i0| (i0, (i0 + BLOCK).min(t)))
 }
 
 /// Where head `h` of sequence `b` reads: the offsets of its Q, K and V in QKV and of its
@@ -147,7 +149,11 @@ impl Attention {
     pub(super) fn new(heads: Heads, batch: usize, mask: Option<&Tensor>) -> Result<Self> {
         check(heads)?;
         let mask = match mask {
-            Some(m) => Some(m.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1()?),
+            Some(m) => Some(
+                m.to_dtype(candle_core::DType::F64)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            ),
             None => None,
         };
         Ok(Self {
@@ -175,7 +181,10 @@ impl Attention {
         let t = n / w.max(1) / b.max(1);
         let masked = b * self.heads.n_head * t * t;
         if b * t * w != n || self.mask.as_ref().is_some_and(|m| m.len() != masked) {
-            candle_core::bail!("attention: {n} QKV values for {b} sequences of {:?}", self.heads);
+            candle_core::bail!(
+                "attention: {n} QKV values for {b} sequences of {:?}",
+                self.heads
+            );
         }
         Ok((b, t))
     }
@@ -237,7 +246,15 @@ impl Attention {
             // S = Q·Kᵀ (T, T), by blocks of queries and only the keys they see.
             for (i0, i1) in blocks(t) {
                 let s = &mut scores[i0 * t..];
-                gemm((i1 - i0, i1, hs), s, t, false, view(at.q + i0 * w), view(at.k).t(), one)?;
+                gemm(
+                    (i1 - i0, i1, hs),
+                    s,
+                    t,
+                    false,
+                    view(at.q + i0 * w),
+                    view(at.k).t(),
+                    one,
+                )?;
             }
             let p = &mut probs[at.p..at.p + t * t];
             for (i, (row, out)) in scores.chunks(t).zip(p.chunks_mut(t)).enumerate() {
@@ -317,7 +334,15 @@ impl Attention {
                 // dK[i0..i1] += dS[i0.., i0..i1]ᵀ·Q[i0..]
                 let dk = dx.get_mut(at.k + i0 * w..).unwrap_or(&mut []);
                 let dst = Mat::rows(&ds[i0 * t + i0..], t).t();
-                gemm((i1 - i0, hs, t - i0), dk, w, true, dst, view(at.q + i0 * w), one)?;
+                gemm(
+                    (i1 - i0, hs, t - i0),
+                    dk,
+                    w,
+                    true,
+                    dst,
+                    view(at.q + i0 * w),
+                    one,
+                )?;
             }
         }
         Ok(dx)

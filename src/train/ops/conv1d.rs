@@ -96,7 +96,15 @@ fn conv1d_rows<T: Float>(
     }
     // y = y + x·W
     let one = T::from_f64(1.0);
-    gemm((n, m, k), &mut y, m, true, Mat::rows(x, k), Mat::rows(w, m), one)?;
+    gemm(
+        (n, m, k),
+        &mut y,
+        m,
+        true,
+        Mat::rows(x, k),
+        Mat::rows(w, m),
+        one,
+    )?;
     Ok(y)
 }
 

@@ -20,7 +20,9 @@ pub(crate) fn embed(ids: &Tensor, wte: &Tensor, wpe: &Tensor) -> Result<Tensor> 
         return Ok(wte.contiguous()?.apply_op2(&wpe.contiguous()?, op)?);
     }
     let c = wte.dim(1)?;
-    let tok = wte.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?;
+    let tok = wte
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, c))?;
     Ok(tok.broadcast_add(&wpe.narrow(0, 0, t)?)?)
 }
 
@@ -35,8 +37,14 @@ impl Embed {
     /// The embedding width, with the ids and the number of positions checked against the tables.
     fn check(&self, lte: &Layout, lpe: &Layout) -> candle_core::Result<usize> {
         let ((v, c), (p, cp)) = (lte.shape().dims2()?, lpe.shape().dims2()?);
-        if c != cp || p < self.len || self.ids.len() != self.batch * self.len {
-            candle_core::bail!("embed: wte {:?}, wpe {:?}, ids {}×{}", lte.dims(), lpe.dims(), self.batch, self.len);
+        if c != cp || c == 0 || p < self.len || self.ids.len() != self.batch * self.len {
+            candle_core::bail!(
+                "embed: wte {:?}, wpe {:?}, ids {}×{}",
+                lte.dims(),
+                lpe.dims(),
+                self.batch,
+                self.len
+            );
         }
         if let Some(&id) = self.ids.iter().find(|&&id| id as usize >= v) {
             candle_core::bail!("embed: token id {id} is outside the {v} rows of wte");
@@ -86,10 +94,10 @@ impl Embed {
         for (i, (&id, g)) in self.ids.iter().zip(g.chunks(c)).enumerate() {
             let (tok, pos) = (id as usize * c, (i % self.len) * c);
             for (d, &g) in dte[tok..tok + c].iter_mut().zip(g) {
-                *d = *d + g;
+                *d += g;
             }
             for (d, &g) in dpe[pos..pos + c].iter_mut().zip(g) {
-                *d = *d + g;
+                *d += g;
             }
         }
         let dev = wte.device();

@@ -56,7 +56,9 @@ pub(super) fn gemm<T: Float>(
         cs: 1,
     };
     if !(fits(&lhs, m, k) && fits(&rhs, k, n) && fits(&out, m, n) && dst_rs >= n) {
-        candle_core::bail!("a fused op's matrix product does not fit its buffers ({m}×{k}·{k}×{n})");
+        candle_core::bail!(
+            "a fused op's matrix product does not fit its buffers ({m}×{k}·{k}×{n})"
+        );
     }
     if m == 0 || n == 0 {
         return Ok(());

@@ -38,13 +38,20 @@ struct LayerNorm {
     stats: Mutex<Option<CpuStorage>>,
 }
 
+/// x, w and b as slices, and the width C.
+type Operands<'a, T> = (&'a [T], &'a [T], &'a [T], usize);
+
 /// The operands as slices, their width C checked against the weight's and the bias's.
 fn operands<'a, T: Float>(
     x: (&'a CpuStorage, &Layout),
     w: (&'a CpuStorage, &Layout),
     b: (&'a CpuStorage, &Layout),
-) -> candle_core::Result<(&'a [T], &'a [T], &'a [T], usize)> {
-    let (xs, ws, bs) = (elems::<T>(x.0, x.1)?, elems::<T>(w.0, w.1)?, elems::<T>(b.0, b.1)?);
+) -> candle_core::Result<Operands<'a, T>> {
+    let (xs, ws, bs) = (
+        elems::<T>(x.0, x.1)?,
+        elems::<T>(w.0, w.1)?,
+        elems::<T>(b.0, b.1)?,
+    );
     let c = x.1.dims().last().copied().unwrap_or(0);
     if c == 0 || ws.len() != c || bs.len() != c {
         candle_core::bail!(
@@ -106,7 +113,8 @@ impl LayerNorm {
         if c == 0 || xs.len() != gs.len() || stats.len() * c != 2 * xs.len() {
             candle_core::bail!("layer-norm: a gradient of another shape than the input");
         }
-        let (mut dx, mut dw, mut db) = (vec![T::ZERO; xs.len()], vec![T::ZERO; c], vec![T::ZERO; c]);
+        let (mut dx, mut dw, mut db) =
+            (vec![T::ZERO; xs.len()], vec![T::ZERO; c], vec![T::ZERO; c]);
         let mut gw = vec![T::ZERO; c];
         super::vector::layer_norm_grad_rows(xs, gs, ws, stats, &mut dx, &mut dw, &mut db, &mut gw);
         let dev = x.device();

@@ -118,9 +118,7 @@ fn max<T: Float>(row: &[T]) -> T {
             *a = if v > *a { v } else { *a };
         }
     }
-    let m = acc
-        .iter()
-        .fold(acc[0], |m, &v| if v > m { v } else { m });
+    let m = acc.iter().fold(acc[0], |m, &v| if v > m { v } else { m });
     row[whole..]
         .iter()
         .fold(m, |m, &v| if v > m { v } else { m })
