@@ -1,11 +1,12 @@
 //! Causal self-attention from the packed QKV rows to the heads' concatenated outputs, run
-//! inside `c_attn`'s node (`conv1d::conv1d_attention`): `softmax(scale·Q·Kᵀ)` over the keys each query sees (with dropout on the
-//! probabilities, by a mask drawn beforehand), times V, for every head, with grouped K/V heads
-//! read in place (transformers' `repeat_kv` without the copy). Composed, it was some twenty
-//! nodes per layer (slicing Q, K and V out of QKV, transposes and copies, two batched matmuls,
-//! the softmax, the dropout), each with a zeroed gradient and an add in candle's backward, and
-//! the slices' backward padding their gradients back to QKV's width. Here each head's matrices
-//! are strided views of QKV's rows, and the backward writes d QKV directly.
+//! inside `c_attn`'s node (`conv1d::conv1d_attention`): `softmax(scale·Q·Kᵀ)` over the keys
+//! each query sees (with dropout on the probabilities, by a mask drawn beforehand), times V,
+//! for every head, with grouped K/V heads read in place (transformers' `repeat_kv` without the
+//! copy). Composed, it was some twenty nodes per layer (slicing Q, K and V out of QKV,
+//! transposes and copies, two batched matmuls, the softmax, the dropout), each with a zeroed
+//! gradient and an add in candle's backward, and the slices' backward padding their gradients
+//! back to QKV's width. Here each head's matrices are strided views of QKV's rows, and the
+//! backward writes d QKV directly.
 
 use std::sync::Mutex;
 
