@@ -1,6 +1,7 @@
 //! GPT-2 as a graph candle can differentiate: the same layers as `crate::model`, written with
-//! candle's ops only (its fused host kernels have no backward), over [`Var`]s named and shaped as
-//! the checkpoint's tensors (`wte.weight`, `h.{i}.attn.c_attn.weight` as (in, out), ...), so a
+//! the training ops of [`super::ops`] (fused nodes with exact backwards on the host, candle's
+//! ops elsewhere; the inference model's fused kernels have no backward), over [`Var`]s named
+//! and shaped as the checkpoint's tensors (`wte.weight`, `h.{i}.attn.c_attn.weight` as (in, out), ...), so a
 //! trained model is saved as is and loads anywhere GPT-2 loads.
 //!
 //! It computes what transformers' `GPT2LMHeadModel` does in training mode (eager attention):
@@ -90,10 +91,23 @@ struct Conv1D {
 
 impl Conv1D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.rows(x, super::ops::conv1d)
+    }
+
+    /// `gelu_new(x·W + b)` as one node.
+    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.rows(x, super::ops::conv1d_gelu)
+    }
+
+    /// `f(x, W, b)` over x (B, T, in) as (B·T, in) rows -> (B, T, out).
+    fn rows(
+        &self,
+        x: &Tensor,
+        f: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let d_out = self.weight.dim(1)?;
-        // (B, T, in) -> (B·T, in) · (in, out) + b -> (B, T, out)
-        let y = super::ops::conv1d(
+        let y = f(
             &x.reshape((b * t, d_in))?,
             self.weight.as_tensor(),
             self.bias.as_tensor(),
@@ -284,8 +298,6 @@ impl TrainModel {
         let (b, t, _) = x.dims3()?;
         let cfg = &self.config;
         let (nh, nkv, hs) = (cfg.n_head, cfg.kv_heads(), cfg.head_size());
-        // (B, T, C + 2·nkv·hs)
-        let qkv = block.attn.c_attn.forward(x)?;
         let mut scale = 1.0;
         if cfg.scale_attn_weights {
             scale /= (hs as f64).sqrt();
@@ -302,21 +314,21 @@ impl TrainModel {
         // Dropout on the probabilities (B, nh, T, T): the mask drawn here, as the composed
         // graph draws it.
         let mask = match dropout {
-            Some(d) => d.mask(&(b, nh, t, t).into(), qkv.device(), qkv.dtype())?,
+            Some(d) => d.mask(&(b, nh, t, t).into(), x.device(), x.dtype())?,
             None => None,
         };
         // (B, T, C)
-        let y = super::ops::attention(&qkv, heads, mask.as_ref())?;
+        let (w, bias) = (&block.attn.c_attn.weight, &block.attn.c_attn.bias);
+        let y = super::ops::conv1d_attention(x, w, bias, heads, mask.as_ref())?;
         drop(dropout, block.attn.c_proj.forward(&y)?)
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
-        let h = mlp.c_fc.forward(x)?;
         let h = match self.config.activation_function {
-            // GPT-2's tanh approximation, with its exact derivative (see `ops`).
-            Activation::GeluNew | Activation::GeluPytorchTanh => super::ops::gelu_new(&h)?,
-            Activation::Gelu => h.gelu_erf()?,
-            Activation::Relu => h.relu()?,
+            // GPT-2's tanh approximation, with its exact derivative, in c_fc's node (see `ops`).
+            Activation::GeluNew | Activation::GeluPytorchTanh => mlp.c_fc.forward_gelu(x)?,
+            Activation::Gelu => mlp.c_fc.forward(x)?.gelu_erf()?,
+            Activation::Relu => mlp.c_fc.forward(x)?.relu()?,
         };
         mlp.c_proj.forward(&h)
     }

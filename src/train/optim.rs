@@ -293,17 +293,10 @@ impl<T: Float> candle_core::InplaceOp1 for Update<'_, T> {
         if [g.len(), m.len(), v.len()] != [p.len(); 3] {
             candle_core::bail!("adamw: gradient or moments of another size than the parameter");
         }
-        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            // clip_grad_norm_'s g·coef, then the step.
-            let g = match self.clip {
-                Some(coef) => g * coef,
-                None => g,
-            };
-            *m = *m + b1 * (g - *m);
-            *v = *v * b2 + g * g * b2c;
-            let denom = v.sqrt() / sq + eps;
-            *p = *p * decay - step * (*m / denom);
-        }
+        // clip_grad_norm_'s g·coef (a product by 1 when it does not clip: exact), then the
+        // step, element by element.
+        let clip = self.clip.unwrap_or(c(1.0));
+        super::ops::adamw(p, g, m, v, clip, [b1, b2, b2c, sq, eps, step, decay]);
         Ok(())
     }
 }
@@ -395,6 +388,53 @@ pub fn learning_rate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The host's in-place update and the tensor formulas other devices run give the same
+    /// parameters and moments, with weight decay, clipping and a parameter that does not decay.
+    #[test]
+    fn the_in_place_update_equals_the_tensor_formulas() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let num = |n: usize, k: usize| -> Vec<f64> {
+            (0..n).map(|i| ((i * k % 17) as f64 - 8.0) / 9.0).collect()
+        };
+        let run = |host: bool| -> Result<Vec<Vec<f64>>> {
+            let w = Var::from_tensor(&Tensor::from_vec(num(12, 5), (3, 4), &dev)?)?;
+            let b = Var::from_tensor(&Tensor::from_vec(num(4, 7), 4, &dev)?)?;
+            let params = AdamWParams {
+                weight_decay: 0.1,
+                ..AdamWParams::default()
+            };
+            let mut opt = AdamW::new(
+                vec![("w".into(), w.clone()), ("b".into(), b.clone())],
+                params,
+            )?;
+            if !host {
+                for slot in &mut opt.slots {
+                    let zeros = slot.var.as_tensor().zeros_like()?;
+                    slot.moments = Moments::Tensors(zeros.clone(), zeros);
+                }
+            }
+            for step in 0..3 {
+                let mut grads = GradStore::default();
+                let gw: Vec<f64> = num(12, 3 + step).iter().map(|g| g * 2.0).collect();
+                grads.insert(w.as_tensor(), Tensor::from_vec(gw, (3, 4), &dev)?);
+                grads.insert(b.as_tensor(), Tensor::from_vec(num(4, 11 + step), 4, &dev)?);
+                let clip = Tensor::new(0.75f64, &dev)?;
+                opt.step(&grads, 1e-2, Some(&clip))?;
+            }
+            let (state, _) = opt.state()?;
+            let mut out = vec![w.flatten_all()?.to_vec1()?, b.flatten_all()?.to_vec1()?];
+            for key in ["w.exp_avg", "w.exp_avg_sq", "b.exp_avg", "b.exp_avg_sq"] {
+                out.push(state[key].flatten_all()?.to_vec1()?);
+            }
+            Ok(out)
+        };
+        let (a, b) = (run(true)?, run(false)?);
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((x - y).abs() <= 1e-15 * y.abs().max(1e-3), "{x} vs {y}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn the_schedule_warms_up_then_decays_to_min_lr_at_the_last_step() {

@@ -37,7 +37,7 @@ impl Embed {
     /// The embedding width, with the ids and the number of positions checked against the tables.
     fn check(&self, lte: &Layout, lpe: &Layout) -> candle_core::Result<usize> {
         let ((v, c), (p, cp)) = (lte.shape().dims2()?, lpe.shape().dims2()?);
-        if c != cp || p < self.len || self.ids.len() != self.batch * self.len {
+        if c != cp || c == 0 || p < self.len || self.ids.len() != self.batch * self.len {
             candle_core::bail!(
                 "embed: wte {:?}, wpe {:?}, ids {}×{}",
                 lte.dims(),

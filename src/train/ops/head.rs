@@ -70,7 +70,11 @@ fn head_forward<T: Float>(
     let (x, w) = (elems::<T>(x, lx)?, elems::<T>(w, lw)?);
     let (n, c) = lx.shape().dims2()?;
     let (v, cw) = lw.shape().dims2()?;
-    if c != cw || op.targets.len() != n || op.weights.as_ref().is_some_and(|w| w.len() != n) {
+    if c != cw
+        || v == 0
+        || op.targets.len() != n
+        || op.weights.as_ref().is_some_and(|w| w.len() != n)
+    {
         candle_core::bail!(
             "head-loss: x {:?}, wte {:?}, {} targets",
             lx.dims(),

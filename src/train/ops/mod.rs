@@ -1,15 +1,20 @@
-//! The training graph's fused host ops, each with its exact backward: GPT-2's GELU, the causal
-//! softmax, layer norm's normalisation and the per-row cross-entropy. Built from candle's ops,
-//! each would be five to ten passes over its tensor, an allocation per pass, kept for the
-//! backward; fused, one pass forward and one back, as torch's kernels do. On other devices the
-//! same formulas are built from candle's ops and differentiated by autograd (also what the unit
-//! tests compare the fused ops with).
+//! The training graph's ops: each a node of candle's graph with an exact backward, fused on the
+//! host; on other devices the same formulas from candle's ops, differentiated by autograd
+//! (also what the unit tests compare the fused ops with, values and gradients to 1e-12 in f64).
+//!
+//! Why fused: built from candle's ops, a layer is five to ten passes over its tensor, each an
+//! allocation kept for the backward, and candle's backward gives every node's input a zeroed
+//! gradient and an add. The nodes here are the model's layers: the input embedding
+//! (`embed.rs`), layer norm (`norm.rs`), `Conv1D` alone or with what consumes its output — the
+//! causal self-attention (`attention.rs`) or GELU (`conv1d.rs`) —, and the tied LM head with the
+//! cross-entropy (`head.rs`); their row loops are vectorised kernels (`vector.rs`) and their
+//! matrix products the `gemm` crate on strided host views (`gemm.rs`).
 //!
 //! GELU: candle's `gelu` backward also uses constants rounded to six digits (`0.797885` for
 //! √(2/π)): gradients off by 5e-7 relative, which twenty AdamW steps carry to 1e-6 in the
 //! weights (measured against torch in f64).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Tensor};
 
 use crate::error::Result;
 
@@ -100,13 +105,14 @@ mod head;
 mod norm;
 mod vector;
 
-pub(crate) use attention::{attention, Heads};
-pub(crate) use conv1d::conv1d;
+pub(crate) use attention::Heads;
+pub(crate) use conv1d::{conv1d, conv1d_attention, conv1d_gelu};
 pub(crate) use embed::embed;
 #[cfg(test)]
 pub(crate) use head::cross_entropy;
 pub(crate) use head::head_loss;
 pub(crate) use norm::layer_norm;
+pub(super) use vector::adamw;
 
 // ----------------------------------------------------------------------------- GELU
 
@@ -114,20 +120,12 @@ pub(crate) use norm::layer_norm;
 const K: f64 = 0.797_884_560_802_865_4;
 const A: f64 = 0.044_715;
 
-/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, transformers' `NewGELUActivation`.
-pub(crate) fn gelu_new(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        return Ok(x.contiguous()?.apply_op1(Gelu)?);
-    }
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, transformers' `NewGELUActivation`, with
+/// candle's ops (on the host it runs inside `conv1d_gelu`'s node, by [`value`] and [`slope`]).
+fn gelu_new(x: &Tensor) -> Result<Tensor> {
     let inner = ((x + (x.powf(3.0)? * A)?)? * K)?;
     Ok(((x * 0.5)? * (inner.tanh()? + 1.0)?)?)
 }
-
-/// `gelu_new` element by element on the host, with its backward [`GeluGrad`].
-struct Gelu;
-
-/// `g · gelu_new′(x)`: the backward in one pass (not the derivative's tensor, then a product).
-struct GeluGrad;
 
 /// `tanh(u)` as `1 − 2/(e^{2u} + 1)`: one `exp` (libm's `tanh` was a fifth of a training step).
 #[inline(always)]
@@ -150,81 +148,10 @@ fn slope<T: Float>(x: T) -> T {
     c(0.5) * (c(1.0) + t) + c(0.5) * x * (c(1.0) - t * t) * c(K) * (c(1.0) + c(3.0 * A) * x * x)
 }
 
-impl CustomOp1 for Gelu {
-    fn name(&self) -> &'static str {
-        "gelu-new"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        // In the tensor's own precision, as torch computes it.
-        fn run<T: Float>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
-            let x = elems::<T>(s, l)?;
-            let mut out = vec![T::ZERO; x.len()];
-            vector::gelu(x, &mut out);
-            Ok(T::store(out))
-        }
-        Ok((by_dtype!(s, run(s, l))?, l.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2(&grad.contiguous()?, GeluGrad)?))
-    }
-}
-
-impl candle_core::CustomOp2 for GeluGrad {
-    fn name(&self) -> &'static str {
-        "gelu-new-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        g: &CpuStorage,
-        lg: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn run<T: Float>(
-            x: &CpuStorage,
-            lx: &Layout,
-            g: &CpuStorage,
-            lg: &Layout,
-        ) -> candle_core::Result<CpuStorage> {
-            let (x, g) = (elems::<T>(x, lx)?, elems::<T>(g, lg)?);
-            if x.len() != g.len() {
-                candle_core::bail!("gelu-new-grad: {} values, {} gradients", x.len(), g.len());
-            }
-            let mut out = vec![T::ZERO; x.len()];
-            vector::gelu_grad(x, g, &mut out);
-            Ok(T::store(out))
-        }
-        Ok((by_dtype!(x, run(x, lx, g, lg))?, lx.shape().clone()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
-
-    /// `f` of one input on the host (fused) and through the composed formula, values and
-    /// gradients (see [`same_as_composed_n`]).
-    fn same_as_composed(
-        x: &[f64],
-        shape: &[usize],
-        fused: impl Fn(&Tensor) -> Result<Tensor>,
-        composed: impl Fn(&Tensor) -> Result<Tensor>,
-    ) -> Result<()> {
-        same_as_composed_n(
-            &[(x.to_vec(), shape.to_vec())],
-            |t| fused(&t[0]),
-            |t| composed(&t[0]),
-        )
-    }
 
     /// `fused` and `composed` of the same inputs (each a variable of the given values and
     /// shape), with the gradients of `Σ w·f(inputs)` for a fixed `w` with respect to every
@@ -324,9 +251,10 @@ mod tests {
     }
 
     #[test]
-    fn attention_and_conv1d_equal_their_composed_formulas_and_gradients() -> Result<()> {
-        // Attention over 2 sequences of 5 from packed QKV rows: 4 heads of 3 over 4, 2 and 1
-        // K/V heads (multi-head, grouped, multi-query), with and without a dropout mask.
+    fn conv1d_and_what_follows_it_equal_their_composed_formulas_and_gradients() -> Result<()> {
+        // c_attn and attention over 2 sequences of 5 tokens of width 4: 4 heads of 3 over 4, 2
+        // and 1 K/V heads (multi-head, grouped, multi-query), with and without a dropout mask;
+        // the gradients of x, W and b.
         for kv in [4, 2, 1] {
             let heads = Heads {
                 n_head: 4,
@@ -339,15 +267,56 @@ mod tests {
                 .map(|i| if i % 7 == 3 { 0.0 } else { 1.25 })
                 .collect();
             let mask = Tensor::from_vec(mask, (2, 4, 5, 5), &Device::Cpu)?;
+            let bias: Vec<f64> = (0..width).map(|i| i as f64 / 10.0 - 0.5).collect();
             for m in [None, Some(&mask)] {
-                same_as_composed(
-                    &numbers(2 * 5 * width),
-                    &[2, 5, width],
-                    |x| attention(x, heads, m),
-                    |x| attention::composed(x, heads, m),
+                same_as_composed_n(
+                    &[
+                        (numbers(40), vec![2, 5, 4]),
+                        (numbers(4 * width), vec![4, width]),
+                        (bias.clone(), vec![width]),
+                    ],
+                    |t| conv1d_attention(&t[0], &t[1], &t[2], heads, m),
+                    |t| {
+                        let qkv = t[0].broadcast_matmul(&t[1])?.broadcast_add(&t[2])?;
+                        attention::composed(&qkv, heads, m)
+                    },
                 )?;
             }
         }
+        // A sequence longer than two blocks of queries (the causal blocks' edges), grouped.
+        let heads = Heads {
+            n_head: 2,
+            n_kv_head: 1,
+            head_size: 2,
+            scale: 0.5,
+        };
+        let t = 2 * attention::BLOCK + 3;
+        same_as_composed_n(
+            &[
+                (numbers(t * 4), vec![1, t, 4]),
+                (numbers(4 * 8), vec![4, 8]),
+                (vec![0.1; 8], vec![8]),
+            ],
+            |x| conv1d_attention(&x[0], &x[1], &x[2], heads, None),
+            |x| {
+                let qkv = x[0].broadcast_matmul(&x[1])?.broadcast_add(&x[2])?;
+                attention::composed(&qkv, heads, None)
+            },
+        )?;
+        // The MLP's first layer and GELU.
+        same_as_composed_n(
+            &[
+                (numbers(20), vec![5, 4]),
+                (numbers(24), vec![4, 6]),
+                ((0..6).map(|i| i as f64 / 4.0 - 0.6).collect(), vec![6]),
+            ],
+            |t| conv1d_gelu(&t[0], &t[1], &t[2]),
+            |t| {
+                let h = t[0].matmul(&t[1])?.broadcast_add(&t[2])?;
+                let inner = ((&h + (h.powf(3.0)? * A)?)? * K)?;
+                Ok(((&h * 0.5)? * (inner.tanh()? + 1.0)?)?)
+            },
+        )?;
         // Conv1D against matmul + bias, for the input, the weight and the bias.
         let bias = vec![0.5f64, -1.0, 2.0];
         same_as_composed_n(
@@ -363,17 +332,11 @@ mod tests {
     }
 
     #[test]
-    fn the_derivative_is_the_exact_one() -> Result<()> {
+    fn the_derivative_is_the_exact_one() {
         let xs = [-3.0f64, -1.2, -0.3, 0.0, 0.4, 1.1, 2.5];
-        let x = Var::from_tensor(&Tensor::new(&xs, &Device::Cpu)?)?;
-        let y = gelu_new(x.as_tensor())?;
-        let grads = y.sum_all()?.backward()?;
-        let g: Vec<f64> = grads
-            .get(x.as_tensor())
-            .ok_or("no grad")
-            .map_err(|e| crate::Error::Internal(e.into()))?
-            .to_vec1()?;
-        let v: Vec<f64> = y.to_vec1()?;
+        let (mut v, mut g) = ([0.0; 7], [0.0; 7]);
+        vector::gelu(&xs, &mut v);
+        vector::gelu_grad(&xs, &[1.0; 7], &mut g);
         for (i, &x) in xs.iter().enumerate() {
             let h = 1e-6;
             let numeric = (value(x + h) - value(x - h)) / (2.0 * h);
@@ -385,6 +348,5 @@ mod tests {
             let exact = 0.5 * x * (1.0 + (K * (x + A * x * x * x)).tanh());
             assert!((v[i] - exact).abs() < 1e-15, "at {x}: {} vs {exact}", v[i]);
         }
-        Ok(())
     }
 }

@@ -38,7 +38,7 @@ struct LayerNorm {
     stats: Mutex<Option<CpuStorage>>,
 }
 
-/// x, weight and bias as slices, and the width C.
+/// x, w and b as slices, and the width C.
 type Operands<'a, T> = (&'a [T], &'a [T], &'a [T], usize);
 
 /// The operands as slices, their width C checked against the weight's and the bias's.

@@ -6,13 +6,13 @@
 
 use super::Float;
 
-/// Defines `pub(super) fn $name<T: Float>(..)` that runs its body compiled for AVX2 when the
-/// CPU has it, and as is otherwise.
+/// Defines `fn $name<T: Float>(..)` (visible in `train`) that runs its body compiled for AVX2
+/// when the CPU has it, and as is otherwise.
 macro_rules! vectorised {
     ($(#[$m:meta])* fn $name:ident<T: Float>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
-        pub(super) fn $name<T: Float>($($arg: $ty),*) $(-> $ret)? {
+        pub(in crate::train) fn $name<T: Float>($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             fn body<T: Float>($($arg: $ty),*) $(-> $ret)? $body
@@ -76,18 +76,36 @@ fn fold<T: Float>(a: [T; LANES]) -> T {
     ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
 }
 
-/// Σ f(i) over eight lanes: element i goes to lane i % 8 over the whole chunks, then the lanes
-/// fold and the tail adds in order.
+/// Σ f(x) over eight lanes: element i goes to lane i % 8 over the whole chunks, then the lanes
+/// fold and the tail adds in order. (Slices, not indices: a bounds check per element kept the
+/// loop scalar.)
 #[inline(always)]
-fn sum_by<T: Float>(n: usize, f: impl Fn(usize) -> T) -> T {
+fn sum_of<T: Float>(xs: &[T], f: impl Fn(T) -> T) -> T {
     let mut acc = [T::ZERO; LANES];
-    let whole = n / LANES * LANES;
-    for c in (0..whole).step_by(LANES) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a = *a + f(c + l);
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = *a + f(x);
         }
     }
-    (whole..n).fold(fold(acc), |s, i| s + f(i))
+    tail.iter().fold(fold(acc), |s, &x| s + f(x))
+}
+
+/// Σ f(a, b) over the pairs of `a` and `b`, in [`sum_of`]'s order.
+#[inline(always)]
+fn sum_of2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::ZERO; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (ca, cb) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *s = *s + f(x, y);
+        }
+    }
+    ta.iter().zip(tb).fold(fold(acc), |s, (&x, &y)| s + f(x, y))
 }
 
 /// The largest element (`row` not empty).
@@ -114,7 +132,7 @@ vectorised! {
         for (o, &v) in out.iter_mut().zip(row) {
             *o = (v * scale - m).exp();
         }
-        let sum = sum_by(out.len(), |i| out[i]);
+        let sum = sum_of(out, |x| x);
         for o in out.iter_mut() {
             *o = *o / sum;
         }
@@ -124,8 +142,7 @@ vectorised! {
 vectorised! {
     /// d scores = scale · p ⊙ (g − Σⱼ pⱼ gⱼ) over one row.
     fn softmax_grad<T: Float>(p: &[T], g: &[T], out: &mut [T], scale: T) {
-        let n = p.len().min(g.len());
-        let dot = sum_by(n, |i| p[i] * g[i]);
+        let dot = sum_of2(p, g, |p, g| p * g);
         for ((o, &p), &g) in out.iter_mut().zip(p).zip(g) {
             *o = scale * p * (g - dot);
         }
@@ -141,7 +158,7 @@ vectorised! {
         for x in row.iter_mut() {
             *x = (*x - m).exp();
         }
-        let sum = sum_by(row.len(), |i| row[i]);
+        let sum = sum_of(row, |x| x);
         let k = share / sum;
         for x in row.iter_mut() {
             *x = *x * k;
@@ -155,8 +172,8 @@ vectorised! {
 #[inline(always)]
 fn moments<T: Float>(row: &[T], eps: f64) -> (T, T) {
     let n = T::from_f64(row.len() as f64);
-    let mean = sum_by(row.len(), |i| row[i]) / n;
-    let var = sum_by(row.len(), |i| (row[i] - mean) * (row[i] - mean)) / n;
+    let mean = sum_of(row, |x| x) / n;
+    let var = sum_of(row, |x| (x - mean) * (x - mean)) / n;
     (mean, T::from_f64(1.0) / (var + T::from_f64(eps)).sqrt())
 }
 
@@ -207,8 +224,8 @@ vectorised! {
                 *dw = *dw + g * ((x - mean) * inv);
                 *gw = g * w;
             }
-            let g_mean = sum_by(c, |i| gw[i]) / n;
-            let gx_mean = sum_by(c, |i| gw[i] * ((xr[i] - mean) * inv)) / n;
+            let g_mean = sum_of(gw, |g| g) / n;
+            let gx_mean = sum_of2(gw, xr, |g, x| g * ((x - mean) * inv)) / n;
             for ((o, &x), &gw) in o.iter_mut().zip(xr).zip(gw.iter()) {
                 *o = (gw - g_mean - (x - mean) * inv * gx_mean) * inv;
             }
@@ -230,6 +247,21 @@ vectorised! {
     fn gelu_grad<T: Float>(x: &[T], g: &[T], out: &mut [T]) {
         for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
             *o = g * super::slope(x);
+        }
+    }
+}
+
+vectorised! {
+    /// AdamW on one parameter, in place (torch's single-tensor AdamW in its order of
+    /// operations): `k` = [1 − β1, β2, 1 − β2, √(1 − β2ᵗ), ε, lr/(1 − β1ᵗ), 1 − lr·wd].
+    fn adamw<T: Float>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], clip: T, k: [T; 7]) {
+        let [b1, b2, b2c, sq, eps, step, decay] = k;
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * clip;
+            *m = *m + b1 * (g - *m);
+            *v = *v * b2 + g * g * b2c;
+            let denom = v.sqrt() / sq + eps;
+            *p = *p * decay - step * (*m / denom);
         }
     }
 }
