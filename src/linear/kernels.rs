@@ -479,9 +479,16 @@ pub(crate) mod simd {
     ) {
         let rows = w.len() / n;
         let mut r = 0;
-        // Four weight rows at a time: each y vector is loaded and stored once per four FMAs.
+        // Eight weight rows at a time: each y vector is loaded and stored once per eight FMAs
+        // (8 weight vectors, y and a broadcast fill 10 of the 16 ymm registers). Four at a time
+        // decoded GPT-2 small 12-16 % slower in f32 on Zen 4 (docs/PERF.md, 2026-12-08).
+        while r + 8 <= rows {
+            // SAFETY: rows r..r+8 exist; the rest is the caller's promise.
+            unsafe { axpy_group::<L, 8>(w, x, m, k, n, k0 + r, r, y) };
+            r += 8;
+        }
         while r + 4 <= rows {
-            // SAFETY: rows r..r+4 exist; the rest is the caller's promise.
+            // SAFETY: as above, four rows.
             unsafe { axpy_group::<L, 4>(w, x, m, k, n, k0 + r, r, y) };
             r += 4;
         }
