@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Is the portable path (no AVX2: what Apple silicon and other ARM machines run) correct? Builds
+# Are the ARM paths correct (the NEON int8 kernels, `sdot` and base, and the portable f32/f16
+# kernels Apple silicon and Graviton run)? Builds
 # for aarch64-unknown-linux-gnu and runs the library's unit tests and the tests that call the
 # library directly (parity with the transformers goldens, loading) under qemu's user-mode
 # emulator. The tests that run the `gpt2` binary are left out: without binfmt_misc the host
@@ -7,7 +8,8 @@
 #
 #   scripts/check_aarch64.sh     # needs root for apt (Debian: gcc-aarch64-linux-gnu, qemu-user)
 #
-# About 5 minutes on 2 cores the first time (target/aarch64-check).
+# About 8-10 minutes on 2 cores the first time (target/aarch64-check; 20 under load), most of it
+# compiling the dependencies for aarch64; `.ci/run` runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root=""
