@@ -250,7 +250,14 @@ pub(crate) fn kernel_choices() -> (Vec<&'static str>, Vec<(&'static str, &'stati
         (
             Vec::new(),
             vec![
-                ("decode f32/f16/bf16", "portable"),
+                (
+                    "decode f32/f16/bf16",
+                    if cfg!(target_arch = "aarch64") {
+                        "NEON FMA"
+                    } else {
+                        "portable"
+                    },
+                ),
                 ("decode q8_0/q4_0", quant::kernel_name()),
                 ("prefill f32", "gemm crate"),
                 ("prefill f16/bf16", "widened to f32, then gemm"),
