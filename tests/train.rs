@@ -654,3 +654,78 @@ fn bench_compare_heads_times_each_head_count() -> Result {
     }
     Ok(())
 }
+
+/// `--config` with every layout override: the saved config.json holds each one (not the
+/// layout file's value), the weights have the shapes they imply, and the folder loads.
+#[test]
+fn layout_overrides_reach_the_saved_config() -> Result {
+    let out = scratch("train", "overrides");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    // configs/tiny.json: 2 layers, 64 dims, 4 heads, 128 positions, 512 ids, no n_kv_head.
+    let run = gpt2(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--n-layer",
+        "3",
+        "--n-embd",
+        "48",
+        "--n-head",
+        "6",
+        "--n-kv-head",
+        "2",
+        "--n-inner",
+        "80",
+        "--n-positions",
+        "40",
+        "--vocab",
+        "300",
+        "--task",
+        "copy",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let saved = fixture_json_at(&out.join("config.json"))?;
+    for (key, want) in [
+        ("n_layer", 3),
+        ("n_embd", 48),
+        ("n_head", 6),
+        ("n_kv_head", 2),
+        ("n_inner", 80),
+        ("n_positions", 40),
+        ("vocab_size", 300),
+        // The end-of-text id follows the vocabulary: its last id.
+        ("eos_token_id", 299),
+        ("bos_token_id", 299),
+    ] {
+        assert_eq!(saved[key], want, "{key} in {saved}");
+    }
+    let record = fixture_json_at(&out.join("training.json"))?;
+    assert_eq!(record["step"], 1, "{record}");
+    let tensors = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)?;
+    let shape = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
+    assert_eq!(shape("transformer.wte.weight"), Some(vec![300, 48]));
+    assert_eq!(shape("transformer.wpe.weight"), Some(vec![40, 48]));
+    // Q for 6 heads of 8, K and V for 2: 48 + 2·2·8 columns.
+    assert_eq!(shape("transformer.h.2.attn.c_attn.weight"), Some(vec![48, 80]));
+    assert_eq!(shape("transformer.h.2.mlp.c_fc.weight"), Some(vec![48, 80]));
+    assert!(shape("transformer.h.3.attn.c_attn.weight").is_none());
+    let gen = gpt2(&[
+        "generate",
+        "--model-dir",
+        out.to_str().unwrap(),
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "2",
+    ])?;
+    assert!(gen.status.success(), "{}", stderr(&gen));
+    Ok(())
+}
