@@ -729,3 +729,74 @@ fn layout_overrides_reach_the_saved_config() -> Result {
     assert!(gen.status.success(), "{}", stderr(&gen));
     Ok(())
 }
+
+/// A 1-D `.npy` file of `n` elements of numpy type `descr` (`<u2`, `<i8`) whose little-endian
+/// bytes are `data`, as numpy writes it (version 1; the header padded to 128 bytes).
+fn write_npy(path: &Path, descr: &str, n: usize, data: &[u8]) -> Result {
+    let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({n},), }}");
+    let header = format!("{header:<117}\n");
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    Ok(std::fs::write(path, bytes)?)
+}
+
+/// Two `--sequential` steps from tests/fixtures/tiny on `data`: the bytes of the saved weights.
+fn two_steps_on(data: &Path, out: &Path) -> Result<Vec<u8>> {
+    let run = gpt2(&[
+        "train",
+        "--init",
+        fixture("tiny").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--sequential",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-every",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ])?;
+    assert!(run.status.success(), "{}: {}", data.display(), stderr(&run));
+    let steps = losses(out)?;
+    assert_eq!(steps.len(), 2, "{}", data.display());
+    assert!(steps.iter().all(|l| l.is_finite()), "{steps:?}");
+    Ok(std::fs::read(out.join("model.safetensors"))?)
+}
+
+/// `--data` as text (tokenised with the model's tokenizer) and as an int64 `.npy`: two steps on
+/// each train exactly as on the same ids in the fixture's uint16 `.npy`, byte for byte.
+#[test]
+fn text_and_int64_npy_data_train_as_their_ids() -> Result {
+    let dir = scratch("train", "data-files");
+    let text = "The cat sat on the mat. The dog sat on the log. ".repeat(12);
+    let text_file = dir.join("corpus.txt");
+    std::fs::write(&text_file, &text)?;
+    let tokenizer = gpt2::Tokenizer::from_file(fixture("tiny").join("tokenizer.json"))?;
+    let ids = tokenizer.encode(&text)?;
+    assert!(ids.len() > 100, "{} ids", ids.len());
+    // The same ids as uint16 (the fixture's dtype, which the golden tests read) and as int64.
+    let u16_file = dir.join("ids-u16.npy");
+    let mut u16_bytes = Vec::new();
+    for &id in &ids {
+        u16_bytes.extend_from_slice(&u16::try_from(id)?.to_le_bytes());
+    }
+    write_npy(&u16_file, "<u2", ids.len(), &u16_bytes)?;
+    let i64_file = dir.join("ids-i64.npy");
+    let i64_bytes: Vec<u8> = ids.iter().flat_map(|&id| i64::from(id).to_le_bytes()).collect();
+    write_npy(&i64_file, "<i8", ids.len(), &i64_bytes)?;
+    let from_u16 = two_steps_on(&u16_file, &dir.join("u16"))?;
+    let from_text = two_steps_on(&text_file, &dir.join("text"))?;
+    let from_i64 = two_steps_on(&i64_file, &dir.join("i64"))?;
+    assert!(from_text == from_u16, "text trains unlike its ids");
+    assert!(from_i64 == from_u16, "the int64 .npy trains unlike its ids");
+    // And the run records the file it read, for --resume.
+    let record = fixture_json_at(&dir.join("text").join("training.json"))?;
+    assert!(record["data"].to_string().contains("corpus.txt"), "{record}");
+    Ok(())
+}
