@@ -89,18 +89,35 @@ fn relative(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(diff / scale.max(1e-30))
 }
 
+/// max |a − b| over the part `[from, from + len)` of the 1-D tensors `a` and `b`, over max |b|
+/// (all of `b`).
+fn relative_part(a: &Tensor, b: &Tensor, from: usize, len: usize) -> Result<f64> {
+    let diff = (a.narrow(0, from, len)? - b.narrow(0, from, len)?)?
+        .abs()?
+        .max(0)?
+        .to_scalar::<f64>()?;
+    let scale = b.abs()?.max(0)?.to_scalar::<f64>()?;
+    Ok(diff / scale.max(1e-30))
+}
+
 /// Twenty steps equal torch's, for each case (constant; warm-up + cosine + clipping):
 /// - in f64, the arithmetic itself: every loss within 1e-11 and every weight within 1e-9
 ///   (relative) of torch's f64 run;
 /// - in f32, every loss within 1e-5 relative, and every weight within 1e-4 relative of torch's
-///   f32 run, or within 3 × the distance between torch's own f32 and f64 runs where that is
-///   larger. Adam divides each gradient by its own running size, so a gradient that is zero in
-///   exact arithmetic (the key bias: softmax ignores a shift of every score of a row) but
-///   rounding noise in f32 takes steps of ±lr in torch as here: torch f32 ends 1e-2 from torch
-///   f64 there (train.json's `torch_f32_vs_f64`), and no f32 implementation can do better.
+///   f32 run, with one exception: the key part of each layer's `attn.c_attn.bias` (columns
+///   n_embd..2·n_embd). Its gradient is exactly zero in exact arithmetic (softmax ignores a
+///   shift of every score of a row, and the key bias shifts each row's scores by one amount)
+///   but rounding noise in f32, and Adam divides each gradient by its own running size, so it
+///   takes steps of ±lr in torch as here: torch's own f32 run ends 1e-2 from its f64 run there
+///   (train.json's `torch_f32_vs_f64`), and no f32 implementation can do better. That slice
+///   alone is held to 3 × torch's own spread; the query and value parts of the same bias are
+///   held to 1e-4 like everything else.
 #[test]
 fn twenty_steps_equal_torch_adamw() -> Result {
     let golden = fixture_json("tiny", "train.json")?;
+    let c = fixture_json("tiny", "config.json")?["n_embd"]
+        .as_u64()
+        .ok_or("no n_embd")? as usize;
     for (name, case) in golden["cases"].as_object().ok_or("no cases")? {
         for dtype in ["f64", "f32"] {
             let out = scratch("train", &format!("torch-{name}-{dtype}"));
@@ -124,22 +141,40 @@ fn twenty_steps_equal_torch_adamw() -> Result {
             let reference = fixture_tensors("tiny", &format!("train_{name}_{dtype}.safetensors"))?;
             let ours = weights(&out)?;
             assert_eq!(ours.len(), reference.len(), "{name}: {:?}", ours.keys());
+            // Every tensor (or part) past its bound, so that one failure shows them all.
+            let mut off = Vec::new();
+            let mut check = |what: String, rel: f64, tol: f64| {
+                if rel > tol {
+                    off.push(format!("{what} off by {rel:e} (allowed {tol:e})"));
+                }
+            };
+            let mut key_slices = 0;
             for (tensor, w) in &reference {
                 let w = w.to_dtype(gpt2::DType::F64)?;
-                let rel = relative(&ours[tensor], &w)?;
-                let tol = if dtype == "f64" {
-                    1e-9
-                } else {
+                let a = &ours[tensor];
+                if dtype == "f64" {
+                    check(tensor.clone(), relative(a, &w)?, 1e-9);
+                } else if tensor.ends_with(".attn.c_attn.bias") {
+                    // Q | K | V, n_embd each (tests/fixtures/tiny has no n_kv_head).
+                    assert_eq!(w.dims(), [3 * c], "{tensor}");
                     let spread = case["torch_f32_vs_f64"][tensor]
                         .as_f64()
                         .ok_or("no spread")?;
-                    f64::max(1e-4, 3.0 * spread)
-                };
-                assert!(
-                    rel <= tol,
-                    "{name} {dtype}: {tensor} off by {rel:e} (allowed {tol:e})"
-                );
+                    for (part, from) in [("query", 0), ("value", 2 * c)] {
+                        let rel = relative_part(a, &w, from, c)?;
+                        check(format!("{tensor} ({part} part)"), rel, 1e-4);
+                    }
+                    let rel = relative_part(a, &w, c, c)?;
+                    check(format!("{tensor} (key part)"), rel, 3.0 * spread);
+                    key_slices += 1;
+                } else {
+                    check(tensor.clone(), relative(a, &w)?, 1e-4);
+                }
             }
+            if dtype == "f32" {
+                assert_eq!(key_slices, 2, "{name}: one key bias per layer");
+            }
+            assert!(off.is_empty(), "{name} {dtype}: {off:#?}");
         }
     }
     Ok(())
