@@ -749,7 +749,10 @@ fn layout_overrides_reach_the_saved_config() -> Result {
     assert_eq!(shape("transformer.wte.weight"), Some(vec![300, 48]));
     assert_eq!(shape("transformer.wpe.weight"), Some(vec![40, 48]));
     // Q for 6 heads of 8, K and V for 2: 48 + 2·2·8 columns.
-    assert_eq!(shape("transformer.h.2.attn.c_attn.weight"), Some(vec![48, 80]));
+    assert_eq!(
+        shape("transformer.h.2.attn.c_attn.weight"),
+        Some(vec![48, 80])
+    );
     assert_eq!(shape("transformer.h.2.mlp.c_fc.weight"), Some(vec![48, 80]));
     assert!(shape("transformer.h.3.attn.c_attn.weight").is_none());
     let gen = gpt2(&[
@@ -823,7 +826,10 @@ fn text_and_int64_npy_data_train_as_their_ids() -> Result {
     }
     write_npy(&u16_file, "<u2", ids.len(), &u16_bytes)?;
     let i64_file = dir.join("ids-i64.npy");
-    let i64_bytes: Vec<u8> = ids.iter().flat_map(|&id| i64::from(id).to_le_bytes()).collect();
+    let i64_bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&id| i64::from(id).to_le_bytes())
+        .collect();
     write_npy(&i64_file, "<i8", ids.len(), &i64_bytes)?;
     let from_u16 = two_steps_on(&u16_file, &dir.join("u16"))?;
     let from_text = two_steps_on(&text_file, &dir.join("text"))?;
@@ -832,6 +838,9 @@ fn text_and_int64_npy_data_train_as_their_ids() -> Result {
     assert!(from_i64 == from_u16, "the int64 .npy trains unlike its ids");
     // And the run records the file it read, for --resume.
     let record = fixture_json_at(&dir.join("text").join("training.json"))?;
-    assert!(record["data"].to_string().contains("corpus.txt"), "{record}");
+    assert!(
+        record["data"].to_string().contains("corpus.txt"),
+        "{record}"
+    );
     Ok(())
 }
