@@ -844,3 +844,78 @@ fn text_and_int64_npy_data_train_as_their_ids() -> Result {
     );
     Ok(())
 }
+
+/// The induction recipe's evaluations, short: every `--eval-every` steps (and at the end) one
+/// line of metrics.jsonl with that step, the in-context loss and every head's four scores in
+/// [0, 1]. The full recipe (a phase change, then an induction head in layer 1 and a
+/// previous-token head in layer 0) is scripts/check_train_induction.sh: 3 min 40 s in the debug
+/// build `cargo test` uses (14.6 steps/s, niced on a shared 2-core machine), too close to the
+/// tests' 5-minute hang limit for CI; 1 min 49 s with the release binary.
+#[test]
+fn every_evaluation_lands_in_metrics_with_every_heads_scores() -> Result {
+    let out = scratch("train", "induction-short");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    let run = gpt2(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--n-head",
+        "2",
+        "--n-inner",
+        "64",
+        "--task",
+        "induction",
+        "--steps",
+        "14",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "128",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "3",
+        "--beta2",
+        "0.98",
+        "--seed",
+        "2",
+        "--eval-every",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    let lines: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    let steps: Vec<u64> = lines.iter().filter_map(|l| l["step"].as_u64()).collect();
+    assert_eq!(steps, [5, 10, 14], "{text}");
+    for line in &lines {
+        assert!(
+            line["icl_loss"].as_f64().is_some_and(f64::is_finite),
+            "{line}"
+        );
+        let heads = line["heads"].as_array().ok_or("no heads")?;
+        let ids: Vec<(u64, u64)> = heads
+            .iter()
+            .filter_map(|h| Some((h["layer"].as_u64()?, h["head"].as_u64()?)))
+            .collect();
+        assert_eq!(ids, [(0, 0), (0, 1), (1, 0), (1, 1)], "{line}");
+        for h in heads {
+            for key in [
+                "previous_token",
+                "induction",
+                "duplicate_token",
+                "first_token",
+            ] {
+                assert!(
+                    h[key].as_f64().is_some_and(|s| (0.0..=1.0).contains(&s)),
+                    "{key}: {h}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
