@@ -107,6 +107,85 @@ fn every_format_on_a_full_disk_leaves_no_file() -> Result {
     Ok(())
 }
 
+/// `gpt2 train` on a tiny copy task into `out`: `steps` steps, saved at the end only.
+fn train_copy_args(out: &Path, steps: &str) -> Vec<String> {
+    [
+        "train",
+        "--config",
+        &layout("tiny"),
+        "--task",
+        "copy",
+        "--steps",
+        steps,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--save-every",
+        "0",
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A checkpoint that cannot be written (the disk fills while a resumed run saves step 4) is one
+/// `error:` line naming the file; the step-2 checkpoint it would have replaced is untouched, no
+/// temporary is left, and it still resumes to the run that was never stopped, byte for byte.
+/// (`ulimit -f` makes the write fail with EFBIG where a full disk says ENOSPC: the same failed
+/// `write`, without a filesystem to fill.)
+#[test]
+fn a_save_on_a_full_disk_is_an_error_and_keeps_the_previous_checkpoint() -> Result {
+    let run_with = |args: &[String]| gpt2(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let dir = common::scratch("hostile", "train-full");
+    let out = dir.join("run");
+    let first = run_with(&train_copy_args(&out, "2"))?;
+    assert!(first.status.success(), "{}", stderr(&first));
+    let kept = [
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "tokenizer.json",
+        "training.json",
+    ];
+    let read_kept = || -> Result<Vec<Vec<u8>>> {
+        kept.iter()
+            .map(|f| Ok(std::fs::read(out.join(f))?))
+            .collect()
+    };
+    let before = read_kept()?;
+    let names = entries(&out);
+    // 64 blocks (32 KiB): room for the logs, not for the weights (554 KiB).
+    let o = out.to_str().ok_or("path")?;
+    let full = gpt2_with_disk_limit(64, &["train", "--resume", "--out", o, "--steps", "4"])?;
+    let err = stderr(&full);
+    assert_eq!(full.status.code(), Some(1), "{err}");
+    // After the run's header and evaluation lines, one error line, naming the file.
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(last.contains("model.safetensors"), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(read_kept()? == before, "the step-2 checkpoint changed");
+    assert_eq!(entries(&out), names, "a temporary was left");
+    // It resumes (the failed run's logs of steps 3 and 4 dropped) and ends where a run that
+    // was never stopped ends.
+    let resumed = gpt2(&["train", "--resume", "--out", o, "--steps", "4"])?;
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let whole = dir.join("whole");
+    let straight = run_with(&train_copy_args(&whole, "4"))?;
+    assert!(straight.status.success(), "{}", stderr(&straight));
+    for f in ["model.safetensors", "optimizer.safetensors", "steps.jsonl"] {
+        assert!(
+            std::fs::read(out.join(f))? == std::fs::read(whole.join(f))?,
+            "{f}: the resumed run differs"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn npy_into_a_folder_is_refused_and_leaves_no_sidecar() -> Result {
     let dir = common::scratch("hostile", "npy-folder");

@@ -89,18 +89,35 @@ fn relative(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(diff / scale.max(1e-30))
 }
 
+/// max |a − b| over the part `[from, from + len)` of the 1-D tensors `a` and `b`, over max |b|
+/// (all of `b`).
+fn relative_part(a: &Tensor, b: &Tensor, from: usize, len: usize) -> Result<f64> {
+    let diff = (a.narrow(0, from, len)? - b.narrow(0, from, len)?)?
+        .abs()?
+        .max(0)?
+        .to_scalar::<f64>()?;
+    let scale = b.abs()?.max(0)?.to_scalar::<f64>()?;
+    Ok(diff / scale.max(1e-30))
+}
+
 /// Twenty steps equal torch's, for each case (constant; warm-up + cosine + clipping):
 /// - in f64, the arithmetic itself: every loss within 1e-11 and every weight within 1e-9
 ///   (relative) of torch's f64 run;
 /// - in f32, every loss within 1e-5 relative, and every weight within 1e-4 relative of torch's
-///   f32 run, or within 3 × the distance between torch's own f32 and f64 runs where that is
-///   larger. Adam divides each gradient by its own running size, so a gradient that is zero in
-///   exact arithmetic (the key bias: softmax ignores a shift of every score of a row) but
-///   rounding noise in f32 takes steps of ±lr in torch as here: torch f32 ends 1e-2 from torch
-///   f64 there (train.json's `torch_f32_vs_f64`), and no f32 implementation can do better.
+///   f32 run, with one exception: the key part of each layer's `attn.c_attn.bias` (columns
+///   n_embd..2·n_embd). Its gradient is exactly zero in exact arithmetic (softmax ignores a
+///   shift of every score of a row, and the key bias shifts each row's scores by one amount)
+///   but rounding noise in f32, and Adam divides each gradient by its own running size, so it
+///   takes steps of ±lr in torch as here: torch's own f32 run ends 1e-2 from its f64 run there
+///   (train.json's `torch_f32_vs_f64`), and no f32 implementation can do better. That slice
+///   alone is held to 3 × torch's own spread; the query and value parts of the same bias are
+///   held to 1e-4 like everything else.
 #[test]
 fn twenty_steps_equal_torch_adamw() -> Result {
     let golden = fixture_json("tiny", "train.json")?;
+    let c = fixture_json("tiny", "config.json")?["n_embd"]
+        .as_u64()
+        .ok_or("no n_embd")? as usize;
     for (name, case) in golden["cases"].as_object().ok_or("no cases")? {
         for dtype in ["f64", "f32"] {
             let out = scratch("train", &format!("torch-{name}-{dtype}"));
@@ -124,22 +141,40 @@ fn twenty_steps_equal_torch_adamw() -> Result {
             let reference = fixture_tensors("tiny", &format!("train_{name}_{dtype}.safetensors"))?;
             let ours = weights(&out)?;
             assert_eq!(ours.len(), reference.len(), "{name}: {:?}", ours.keys());
+            // Every tensor (or part) past its bound, so that one failure shows them all.
+            let mut off = Vec::new();
+            let mut check = |what: String, rel: f64, tol: f64| {
+                if rel > tol {
+                    off.push(format!("{what} off by {rel:e} (allowed {tol:e})"));
+                }
+            };
+            let mut key_slices = 0;
             for (tensor, w) in &reference {
                 let w = w.to_dtype(gpt2::DType::F64)?;
-                let rel = relative(&ours[tensor], &w)?;
-                let tol = if dtype == "f64" {
-                    1e-9
-                } else {
+                let a = &ours[tensor];
+                if dtype == "f64" {
+                    check(tensor.clone(), relative(a, &w)?, 1e-9);
+                } else if tensor.ends_with(".attn.c_attn.bias") {
+                    // Q | K | V, n_embd each (tests/fixtures/tiny has no n_kv_head).
+                    assert_eq!(w.dims(), [3 * c], "{tensor}");
                     let spread = case["torch_f32_vs_f64"][tensor]
                         .as_f64()
                         .ok_or("no spread")?;
-                    f64::max(1e-4, 3.0 * spread)
-                };
-                assert!(
-                    rel <= tol,
-                    "{name} {dtype}: {tensor} off by {rel:e} (allowed {tol:e})"
-                );
+                    for (part, from) in [("query", 0), ("value", 2 * c)] {
+                        let rel = relative_part(a, &w, from, c)?;
+                        check(format!("{tensor} ({part} part)"), rel, 1e-4);
+                    }
+                    let rel = relative_part(a, &w, c, c)?;
+                    check(format!("{tensor} (key part)"), rel, 3.0 * spread);
+                    key_slices += 1;
+                } else {
+                    check(tensor.clone(), relative(a, &w)?, 1e-4);
+                }
             }
+            if dtype == "f32" {
+                assert_eq!(key_slices, 2, "{name}: one key bias per layer");
+            }
+            assert!(off.is_empty(), "{name} {dtype}: {off:#?}");
         }
     }
     Ok(())
@@ -398,7 +433,7 @@ fn bad_input_is_one_error_line_and_leaves_no_checkpoint() -> Result {
     assert_error(&run, 2, &["--seq-len", "at least 4"]);
     // An unknown task.
     let run = gpt2(&["train", "--config", config, "--task", "sort", "--out", o])?;
-    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    assert_error(&run, 2, &["'sort'", "--task", "copy, induction"]);
     // Starting from the folder written to.
     let run = gpt2(&["train", "--init", tiny, "--task", "copy", "--out", tiny])?;
     assert_error(&run, 2, &["--out", "holds the model it starts from"]);
@@ -651,6 +686,236 @@ fn bench_compare_heads_times_each_head_count() -> Result {
             f.is_some_and(|f| f > 0.0) && fb.is_some_and(|fb| fb > 0.0),
             "{row}"
         );
+    }
+    Ok(())
+}
+
+/// `--config` with every layout override: the saved config.json holds each one (not the
+/// layout file's value), the weights have the shapes they imply, and the folder loads.
+#[test]
+fn layout_overrides_reach_the_saved_config() -> Result {
+    let out = scratch("train", "overrides");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    // configs/tiny.json: 2 layers, 64 dims, 4 heads, 128 positions, 512 ids, no n_kv_head.
+    let run = gpt2(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--n-layer",
+        "3",
+        "--n-embd",
+        "48",
+        "--n-head",
+        "6",
+        "--n-kv-head",
+        "2",
+        "--n-inner",
+        "80",
+        "--n-positions",
+        "40",
+        "--vocab",
+        "300",
+        "--task",
+        "copy",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let saved = fixture_json_at(&out.join("config.json"))?;
+    for (key, want) in [
+        ("n_layer", 3),
+        ("n_embd", 48),
+        ("n_head", 6),
+        ("n_kv_head", 2),
+        ("n_inner", 80),
+        ("n_positions", 40),
+        ("vocab_size", 300),
+        // The end-of-text id follows the vocabulary: its last id.
+        ("eos_token_id", 299),
+        ("bos_token_id", 299),
+    ] {
+        assert_eq!(saved[key], want, "{key} in {saved}");
+    }
+    let record = fixture_json_at(&out.join("training.json"))?;
+    assert_eq!(record["step"], 1, "{record}");
+    let tensors = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)?;
+    let shape = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
+    assert_eq!(shape("transformer.wte.weight"), Some(vec![300, 48]));
+    assert_eq!(shape("transformer.wpe.weight"), Some(vec![40, 48]));
+    // Q for 6 heads of 8, K and V for 2: 48 + 2·2·8 columns.
+    assert_eq!(
+        shape("transformer.h.2.attn.c_attn.weight"),
+        Some(vec![48, 80])
+    );
+    assert_eq!(shape("transformer.h.2.mlp.c_fc.weight"), Some(vec![48, 80]));
+    assert!(shape("transformer.h.3.attn.c_attn.weight").is_none());
+    let gen = gpt2(&[
+        "generate",
+        "--model-dir",
+        out.to_str().unwrap(),
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "2",
+    ])?;
+    assert!(gen.status.success(), "{}", stderr(&gen));
+    Ok(())
+}
+
+/// A 1-D `.npy` file of `n` elements of numpy type `descr` (`<u2`, `<i8`) whose little-endian
+/// bytes are `data`, as numpy writes it (version 1; the header padded to 128 bytes).
+fn write_npy(path: &Path, descr: &str, n: usize, data: &[u8]) -> Result {
+    let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({n},), }}");
+    let header = format!("{header:<117}\n");
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    Ok(std::fs::write(path, bytes)?)
+}
+
+/// Two `--sequential` steps from tests/fixtures/tiny on `data`: the bytes of the saved weights.
+fn two_steps_on(data: &Path, out: &Path) -> Result<Vec<u8>> {
+    let run = gpt2(&[
+        "train",
+        "--init",
+        fixture("tiny").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--sequential",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-every",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ])?;
+    assert!(run.status.success(), "{}: {}", data.display(), stderr(&run));
+    let steps = losses(out)?;
+    assert_eq!(steps.len(), 2, "{}", data.display());
+    assert!(steps.iter().all(|l| l.is_finite()), "{steps:?}");
+    Ok(std::fs::read(out.join("model.safetensors"))?)
+}
+
+/// `--data` as text (tokenised with the model's tokenizer) and as an int64 `.npy`: two steps on
+/// each train exactly as on the same ids in the fixture's uint16 `.npy`, byte for byte.
+#[test]
+fn text_and_int64_npy_data_train_as_their_ids() -> Result {
+    let dir = scratch("train", "data-files");
+    let text = "The cat sat on the mat. The dog sat on the log. ".repeat(12);
+    let text_file = dir.join("corpus.txt");
+    std::fs::write(&text_file, &text)?;
+    let tokenizer = gpt2::Tokenizer::from_file(fixture("tiny").join("tokenizer.json"))?;
+    let ids = tokenizer.encode(&text)?;
+    assert!(ids.len() > 100, "{} ids", ids.len());
+    // The same ids as uint16 (the fixture's dtype, which the golden tests read) and as int64.
+    let u16_file = dir.join("ids-u16.npy");
+    let mut u16_bytes = Vec::new();
+    for &id in &ids {
+        u16_bytes.extend_from_slice(&u16::try_from(id)?.to_le_bytes());
+    }
+    write_npy(&u16_file, "<u2", ids.len(), &u16_bytes)?;
+    let i64_file = dir.join("ids-i64.npy");
+    let i64_bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&id| i64::from(id).to_le_bytes())
+        .collect();
+    write_npy(&i64_file, "<i8", ids.len(), &i64_bytes)?;
+    let from_u16 = two_steps_on(&u16_file, &dir.join("u16"))?;
+    let from_text = two_steps_on(&text_file, &dir.join("text"))?;
+    let from_i64 = two_steps_on(&i64_file, &dir.join("i64"))?;
+    assert!(from_text == from_u16, "text trains unlike its ids");
+    assert!(from_i64 == from_u16, "the int64 .npy trains unlike its ids");
+    // And the run records the file it read, for --resume.
+    let record = fixture_json_at(&dir.join("text").join("training.json"))?;
+    assert!(
+        record["data"].to_string().contains("corpus.txt"),
+        "{record}"
+    );
+    Ok(())
+}
+
+/// The induction recipe's evaluations, short: every `--eval-every` steps (and at the end) one
+/// line of metrics.jsonl with that step, the in-context loss and every head's four scores in
+/// [0, 1]. The full recipe (a phase change, then an induction head in layer 1 and a
+/// previous-token head in layer 0) is scripts/check_train_induction.sh: 3 min 40 s in the debug
+/// build `cargo test` uses (14.6 steps/s, niced on a shared 2-core machine), too close to the
+/// tests' 5-minute hang limit for CI; 1 min 49 s with the release binary.
+#[test]
+fn every_evaluation_lands_in_metrics_with_every_heads_scores() -> Result {
+    let out = scratch("train", "induction-short");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.json");
+    let run = gpt2(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--n-head",
+        "2",
+        "--n-inner",
+        "64",
+        "--task",
+        "induction",
+        "--steps",
+        "14",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "128",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "3",
+        "--beta2",
+        "0.98",
+        "--seed",
+        "2",
+        "--eval-every",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ])?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    let lines: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    let steps: Vec<u64> = lines.iter().filter_map(|l| l["step"].as_u64()).collect();
+    assert_eq!(steps, [5, 10, 14], "{text}");
+    for line in &lines {
+        assert!(
+            line["icl_loss"].as_f64().is_some_and(f64::is_finite),
+            "{line}"
+        );
+        let heads = line["heads"].as_array().ok_or("no heads")?;
+        let ids: Vec<(u64, u64)> = heads
+            .iter()
+            .filter_map(|h| Some((h["layer"].as_u64()?, h["head"].as_u64()?)))
+            .collect();
+        assert_eq!(ids, [(0, 0), (0, 1), (1, 0), (1, 1)], "{line}");
+        for h in heads {
+            for key in [
+                "previous_token",
+                "induction",
+                "duplicate_token",
+                "first_token",
+            ] {
+                assert!(
+                    h[key].as_f64().is_some_and(|s| (0.0..=1.0).contains(&s)),
+                    "{key}: {h}"
+                );
+            }
+        }
     }
     Ok(())
 }
