@@ -10,7 +10,8 @@
 # /opt/pyref/bin/python if there, else python3); the transformers rows are skipped without them.
 # Environment: ROUNDS (5), THREADS (2), PROMPT_TOKENS (512), NEW_TOKENS (128); GPT2_BIN (default:
 # target/release/gpt2, built here); LLAMA_BENCH (path to llama-bench; no llama.cpp rows without
-# it) and GGUF_DIR (default MODEL_DIR/gguf) holding any of f32.gguf f16.gguf q8_0.gguf q4_0.gguf.
+# it) and GGUF_DIR (default MODEL_DIR/gguf) holding any of f32.gguf f16.gguf q8_0.gguf q4_0.gguf
+# q4_k.gguf.
 #
 # Each tool measures prefill (P tokens) and decode (N tokens after the P-token prompt) once per
 # round; llama-bench decodes at depth P too (-d P) so the KV cache is as long as the others'.
@@ -35,7 +36,8 @@ fi
 
 # Every configuration as tool:precision, in the order each round runs them.
 configs=()
-for p in "--dtype f32" "--dtype f16" "--dtype bf16" "--quantize q8_0" "--quantize q4_0"; do
+for p in "--dtype f32" "--dtype f16" "--dtype bf16" "--quantize q8_0" "--quantize q4_0" \
+    "--quantize q4_k"; do
   # A short probe: a binary without this option exits 2 (usage error).
   if err=$(RAYON_NUM_THREADS=$threads "$GPT2_BIN" bench --model-dir "$dir" --device cpu $p \
       --prompt-tokens 8 --new-tokens 2 --runs 1 --format json 2>&1 >/dev/null); then
@@ -53,7 +55,7 @@ llama_version=none
 if [ -n "${LLAMA_BENCH:-}" ] && [ -x "$LLAMA_BENCH" ]; then
   # Not `| grep -m1`: under pipefail its early exit can SIGPIPE llama-bench and end the script.
   llama_version=$("$LLAMA_BENCH" --version 2>&1 | sed -n 's/^version: //p')
-  for q in f32 f16 q8_0 q4_0; do
+  for q in f32 f16 q8_0 q4_0 q4_k; do
     if [ -f "$gguf_dir/$q.gguf" ]; then configs+=("llama.cpp:$q")
     else echo "note: skipping llama.cpp $q (no $gguf_dir/$q.gguf)"; fi
   done

@@ -14,17 +14,19 @@ llama.cpp's converter rejects them.
 
 With --gguf, llama.cpp's convert_hf_to_gguf.py (from that source tree; it finds its own gguf-py,
 and needs only torch, numpy, pyyaml, tqdm, which /opt/pyref has) writes DIR/gguf/f32.gguf and
-DIR/gguf/f16.gguf, and with --llama-quantize also q8_0.gguf and q4_0.gguf quantized from f32.gguf.
+DIR/gguf/f16.gguf, and with --llama-quantize also q8_0.gguf, q4_0.gguf and q4_k.gguf quantized from f32.gguf.
 bench.sh takes that folder as GGUF_DIR (its default). Built as in scripts/README.md:
 
     SRC=/work/bench/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp
     /opt/pyref/bin/python scripts/make_bench_model.py --gguf $SRC \
         --llama-quantize /work/bench/llama-build/bin/llama-quantize
 
-which runs, for T in f32 f16 and Q in q8_0 q4_0:
+which runs, for T in f32 f16 and Q in q8_0 q4_0 q4_k:
 
     python $SRC/convert_hf_to_gguf.py OUT --outtype T --outfile OUT/gguf/T.gguf
-    llama-quantize OUT/gguf/f32.gguf OUT/gguf/Q.gguf Q   (Q upper-cased: Q8_0, Q4_0)
+    llama-quantize OUT/gguf/f32.gguf OUT/gguf/Q.gguf TYPE   (Q8_0, Q4_0, Q4_K_S: q4_K blocks with
+                                                              token_embd in q6_K, as `--quantize
+                                                              q4_k` keeps the LM head at 6 bits)
 """
 import argparse
 import glob
@@ -91,9 +93,9 @@ def main():
             subprocess.run([sys.executable, str(conv), str(out), "--outtype", t,
                             "--outfile", str(gdir / f"{t}.gguf")], check=True)
         if args.llama_quantize:
-            for q in ("q8_0", "q4_0"):
+            for q, kind in (("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("q4_k", "Q4_K_S")):
                 subprocess.run([str(args.llama_quantize), str(gdir / "f32.gguf"),
-                                str(gdir / f"{q}.gguf"), q.upper()], check=True)
+                                str(gdir / f"{q}.gguf"), kind], check=True)
         for f in sorted(gdir.glob("*.gguf")):
             print(f"{f}: {f.stat().st_size / 1e6:.0f} MB")
 
