@@ -3,7 +3,8 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS};
+use super::k4::SCALES_AT;
+use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS, SUPER};
 
 /// Whether the VNNI kernel may run: `vpdpbusd` on 256-bit vectors (AVX-512 VNNI + VL: Zen 4,
 /// Ice Lake and later). One instruction does the u8 × i8 products of 4 bytes and their sum into
@@ -24,6 +25,18 @@ pub(super) unsafe fn dot_rows(
 ) {
     // SAFETY: the caller's promise.
     unsafe {
+        if q.kind == QuantKind::Q4K {
+            return match (vnni, x.m) {
+                (true, 1) => kernel_k_vnni::<1>(q, x, rows, put),
+                (true, 2) => kernel_k_vnni::<2>(q, x, rows, put),
+                (true, 3 | 4) => kernel_k_vnni::<4>(q, x, rows, put),
+                (true, _) => kernel_k_vnni::<8>(q, x, rows, put),
+                (false, 1) => kernel_k_avx2::<1>(q, x, rows, put),
+                (false, 2) => kernel_k_avx2::<2>(q, x, rows, put),
+                (false, 3 | 4) => kernel_k_avx2::<4>(q, x, rows, put),
+                (false, _) => kernel_k_avx2::<8>(q, x, rows, put),
+            };
+        }
         if vnni {
             by_format_and_rows!(kernel_vnni, q, x.m, q, x, rows, put)
         } else {
@@ -190,6 +203,96 @@ macro_rules! kernel {
 
 kernel!(kernel_avx2, "avx2,fma,f16c", Avx2);
 kernel!(kernel_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", Vnni);
+
+/// Q4_K (`super::k4`): per tile of rows and superblock, the rows' `d` and `dmin`; per
+/// sub-block, the 8 rows' 6-bit scales and mins unpacked into `d·sc` and `dmin·m` (f32, one
+/// lane a row), its levels as Q4_0's, dotted with each row of x as [`kernel!`] does (no
+/// offset); then `acc = fma(d·sc·d_x, sum, acc)` and `acc = fma(dmin·m, −(d_x·Σx), acc)`.
+macro_rules! kernel_k {
+    ($name:ident, $features:literal, $ops:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const M: usize>(
+            q: &QuantMatrix,
+            x: &Q8Rows,
+            rows: Range<usize>,
+            mut put: impl FnMut(usize, &[f32]),
+        ) {
+            let (spr, bpr, tb) = (q.k / SUPER, q.k / BLOCK, q.kind.tile_bytes());
+            let m = x.m.min(M);
+            let (qs, ds) = (q.qs.as_ptr(), q.d.as_ptr());
+            let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+            let (low4, low2) = (_mm256_set1_epi32(15), _mm256_set1_epi32(3));
+            for t in rows.start / ROWS..rows.end.div_ceil(ROWS) {
+                let mut acc = [_mm256_setzero_ps(); M];
+                // SAFETY: tile t has spr superblocks of levels, scales and 16 f16 each (t·8 <
+                // N, checked); x rows have bpr blocks (and sums) each; 4-byte reads of x are
+                // unaligned.
+                unsafe {
+                    for sb in 0..spr {
+                        let tile = t * spr + sb;
+                        let p = qs.add(tile * tb);
+                        let dh = ds.add(tile * 2 * ROWS);
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(dh.cast()));
+                        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh.add(ROWS).cast()));
+                        for s in 0..SUPER / BLOCK {
+                            let bytes = |at: usize| {
+                                _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(at).cast()))
+                            };
+                            let lo = bytes(SCALES_AT + 8 * s);
+                            let hi = bytes(SCALES_AT + 64 + 8 * (s % 4));
+                            let hi = _mm256_srlv_epi32(hi, _mm256_set1_epi32(4 * (s / 4) as i32));
+                            let sc = _mm256_or_si256(
+                                _mm256_and_si256(lo, low4),
+                                _mm256_slli_epi32::<4>(_mm256_and_si256(hi, low2)),
+                            );
+                            let mn = _mm256_or_si256(
+                                _mm256_srli_epi32::<4>(lo),
+                                _mm256_slli_epi32::<4>(_mm256_and_si256(
+                                    _mm256_srli_epi32::<2>(hi),
+                                    low2,
+                                )),
+                            );
+                            let dsc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
+                            let dmm = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn));
+                            let l = levels::<Q4>(p.add(s * ROWS * BLOCK / 2));
+                            for (i, acc) in acc.iter_mut().enumerate().take(m) {
+                                let at = i * bpr + sb * (SUPER / BLOCK) + s;
+                                let xb = xq.add(at * BLOCK).cast::<i32>();
+                                let mut v2 = [_mm256_setzero_si256(); 2];
+                                for (v, l) in l.iter().enumerate() {
+                                    let xv = _mm256_set1_epi32(xb.add(v).read_unaligned());
+                                    v2[v % 2] = $ops::dot::<Q4>(v2[v % 2], *l, xv);
+                                }
+                                let sum = _mm256_add_epi32(v2[0], v2[1]);
+                                let dx = *xd.add(at);
+                                let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(dx));
+                                *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), *acc);
+                                let xsum = _mm256_set1_ps(-(dx * *xs.add(at) as f32));
+                                *acc = _mm256_fmadd_ps(dmm, xsum, *acc);
+                            }
+                        }
+                    }
+                }
+                let mut lanes = [[0f32; ROWS]; M];
+                for (lanes, acc) in lanes.iter_mut().zip(acc).take(m) {
+                    // SAFETY: 8 floats to a [f32; 8].
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+                }
+                for r in 0..ROWS {
+                    let j = t * ROWS + r;
+                    if j >= rows.end {
+                        break;
+                    }
+                    let dots: [f32; M] = std::array::from_fn(|i| lanes[i][r]);
+                    put(j - rows.start, &dots[..m]);
+                }
+            }
+        }
+    };
+}
+
+kernel_k!(kernel_k_avx2, "avx2,fma,f16c", Avx2);
+kernel_k!(kernel_k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", Vnni);
 
 /// Blocks `b0 ..` of row `j` (as many as `out` holds) as f32 weights: the row's levels gathered
 /// from its tiles (a 4-byte group per vector), less the offset, widened 8 at a time and scaled.
