@@ -19,7 +19,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::kernels::{transpose_into, Elems};
-use super::quant::{QuantKind, QuantMatrix};
+use super::quant::{QuantKind, QuantMatrix, BLOCK};
 use super::Linear;
 use crate::checkpoint::{Entry, Weights};
 use crate::error::{Error, Result};
@@ -268,13 +268,11 @@ impl Loader {
                     QuantKind::Q4_0 | QuantKind::Q4K if rows_are_outputs => QuantKind::Q6,
                     kind => kind,
                 };
-                let block = kind.block_len();
-                if !k.is_multiple_of(block) {
+                if !k.is_multiple_of(BLOCK) {
                     return Err(Error::param(
                         "quantize",
                         format!(
-                            "{} needs inputs in multiples of {block}, but `{}` has {k}",
-                            kind.name(),
+                            "needs inputs in multiples of {BLOCK}, but `{}` has {k}",
                             e.name()
                         ),
                     ));

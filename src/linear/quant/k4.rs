@@ -5,6 +5,10 @@
 //! least-squares search, then both quantized to 6 bits against the superblock's largest, and the
 //! levels redone against the rounded scales. 4.5 bits a weight.
 //!
+//! Where K is not a multiple of 256 (the test fixtures' 64; gpt2-xl's 1600), a row's last
+//! superblock holds the K % 256 weights left (whole sub-blocks of 32), quantized the same way
+//! over them, in a tile of full size: llama.cpp would store such a matrix as `q5_0` instead.
+//!
 //! A tile (8 rows × one superblock, 1120 bytes): the 8 sub-blocks' levels as Q4_0 tiles (128
 //! bytes each, see the module above), then 96 bytes of scales and mins, 12 a row as in
 //! llama.cpp's block but laid out for 8 lanes: byte `8s + r` holds row `r`'s sub-block `s` low
@@ -113,12 +117,15 @@ fn make_qkx2_quants(x: &[f32; BLOCK], weights: &[f32; BLOCK], l: &mut [u8]) -> (
     (scale, -min)
 }
 
-/// One superblock as llama.cpp's `quantize_row_q4_K_ref` quantizes it.
-pub(super) fn quantize(x: &[f32; SUPER]) -> Super {
+/// One superblock as llama.cpp's `quantize_row_q4_K_ref` quantizes it: 256 weights, or at a
+/// row's end fewer (a multiple of 32; the sub-blocks past them stay 0).
+pub(super) fn quantize(x: &[f32]) -> Super {
+    assert!(x.len() <= SUPER && x.len().is_multiple_of(BLOCK));
+    let subs = x.len() / BLOCK;
     let mut l = [0u8; SUPER];
     let (mut scales, mut mins) = ([0f32; SUBS], [0f32; SUBS]);
     let (mut max_scale, mut max_min) = (0f32, 0f32);
-    for j in 0..SUBS {
+    for j in 0..subs {
         let xb: &[f32; BLOCK] = x[j * BLOCK..][..BLOCK].try_into().unwrap();
         let sum_x2 = xb.iter().fold(0f32, |a, v| a + v * v);
         let av_x = (sum_x2 / BLOCK as f32).sqrt();
@@ -139,7 +146,7 @@ pub(super) fn quantize(x: &[f32; SUPER]) -> Super {
     let m: [u8; SUBS] = std::array::from_fn(|j| six(inv_min * mins[j]));
     let d = half::f16::from_f32(max_scale / 63.0);
     let dmin = half::f16::from_f32(max_min / 63.0);
-    for j in 0..SUBS {
+    for j in 0..subs {
         let d = d.to_f32() * sc[j] as f32;
         if d == 0.0 {
             continue;
@@ -178,6 +185,11 @@ pub(super) fn scale_min(qs: &[u8], r: usize, j: usize) -> (u8, u8) {
     ((low & 15) | ((high & 3) << 4), (low >> 4) | (((high >> 2) & 3) << 4))
 }
 
+/// Sub-blocks in superblock `sb` of a row of K weights (8 but at the end of a row).
+pub(super) fn subs(k: usize, sb: usize) -> usize {
+    SUBS.min((k - sb * SUPER) / BLOCK)
+}
+
 /// Row `j`'s `(d·sc, dmin·m)` for sub-block `s` of tile `tile`, and its levels.
 fn sub_block(q: &QuantMatrix, tile: usize, r: usize, s: usize) -> (f32, f32, [u8; BLOCK]) {
     let tb = q.kind.tile_bytes();
@@ -191,7 +203,7 @@ fn sub_block(q: &QuantMatrix, tile: usize, r: usize, s: usize) -> (f32, f32, [u8
 
 /// [`QuantMatrix::dequantize_part`]: `d·sc·q − dmin·m` (llama.cpp's `dequantize_row_q4_K`).
 pub(super) fn dequantize_part(q: &QuantMatrix, j: usize, k0: usize, out: &mut [f32]) {
-    let spr = q.k / SUPER;
+    let spr = q.k.div_ceil(SUPER);
     let (t, r) = (j / ROWS, j % ROWS);
     for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
         let b = k0 / BLOCK + b;
@@ -209,12 +221,12 @@ pub(super) fn dot_rows_portable(
     rows: Range<usize>,
     mut put: impl FnMut(usize, &[f32]),
 ) {
-    let (spr, bpr) = (q.k / SUPER, q.k / BLOCK);
+    let (spr, bpr) = (q.k.div_ceil(SUPER), q.k / BLOCK);
     let mut acc = [[0f32; crate::linear::MAX_FAST_ROWS]; ROWS];
     for t in rows.start / ROWS..rows.end.div_ceil(ROWS) {
         acc.iter_mut().for_each(|a| a.fill(0.0));
         for sb in 0..spr {
-            for s in 0..SUBS {
+            for s in 0..subs(q.k, sb) {
                 let b = sb * SUBS + s;
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let (dsc, dmm, l) = sub_block(q, t * spr + sb, r, s);

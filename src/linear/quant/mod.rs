@@ -123,7 +123,8 @@ pub(crate) enum QuantKind {
 }
 
 impl QuantKind {
-    /// Weights of one row that share the f16 scale(s): a [`BLOCK`], or Q4_K's [`SUPER`]block.
+    /// Weights of one row that share the f16 scale(s): a [`BLOCK`], or Q4_K's [`SUPER`]block
+    /// (a row's last one shorter where K is not a multiple of 256).
     pub(crate) fn block_len(self) -> usize {
         match self {
             Self::Q4K => SUPER,
@@ -197,8 +198,8 @@ impl QuantMatrix {
         k: usize,
         row: impl Fn(usize, &mut [f32]) + Sync,
     ) -> Self {
-        assert!(k.is_multiple_of(kind.block_len()));
-        let (bpr, tb, ns) = (k / kind.block_len(), kind.tile_bytes(), kind.scales() * ROWS);
+        assert!(k.is_multiple_of(BLOCK));
+        let (bpr, tb, ns) = (k.div_ceil(kind.block_len()), kind.tile_bytes(), kind.scales() * ROWS);
         let tiles = n.div_ceil(ROWS);
         let mut d = vec![0u16; tiles * bpr * ns];
         let mut qs = vec![0u8; tiles * bpr * tb];
@@ -221,9 +222,9 @@ impl QuantMatrix {
                         for r in (0..ROWS).take_while(|r| (c * per + t) * ROWS + r < n) {
                             row((c * per + t) * ROWS + r, &mut buf);
                             if kind == QuantKind::Q4K {
-                                for (b, w) in buf.chunks_exact(SUPER).enumerate() {
+                                for (b, w) in buf.chunks(SUPER).enumerate() {
                                     let (d, qs) = (&mut d[b * ns..][..ns], &mut qs[b * tb..][..tb]);
-                                    k4::put(qs, d, r, &k4::quantize(w.try_into().unwrap()));
+                                    k4::put(qs, d, r, &k4::quantize(w));
                                 }
                                 continue;
                             }
@@ -260,11 +261,11 @@ impl QuantMatrix {
             let b = self.block_of_scale(i);
             return b * BLOCK..(b + 1) * BLOCK;
         }
-        let spr = self.k / SUPER;
+        let spr = self.k.div_ceil(SUPER);
         let (tile, r) = (i / (2 * ROWS), i % ROWS);
         let (t, b) = (tile / spr, tile % spr);
         let at = (t * ROWS + r) * self.k + b * SUPER;
-        at..at + SUPER
+        at..at + SUPER.min(self.k - b * SUPER)
     }
 
     /// Row `j` as f32 weights (the numbers the products multiply by).
@@ -652,15 +653,15 @@ mod tests {
             (QuantKind::Q8_0, 0.5 / 127.0, 96),
             (QuantKind::Q4_0, 1.0 / 8.0, 96),
             (QuantKind::Q6, 1.0 / 32.0, 96),
-            (QuantKind::Q4K, 1.0 / 8.0, 512),
+            (QuantKind::Q4K, 1.0 / 8.0, 352),
         ] {
             let w = rand(n * k, 1);
             let q =
                 QuantMatrix::quantize(kind, n, k, |j, out| out.copy_from_slice(&w[j * k..][..k]));
             // N padded to 40 rows.
             let per = 2 * kind.scales() + kind.block_bytes();
-            assert_eq!(q.bytes(), 40 * k / kind.block_len() * per);
-            if kind == QuantKind::Q4K {
+            assert_eq!(q.bytes(), 40 * k.div_ceil(kind.block_len()) * per);
+            if kind == QuantKind::Q4K && k % SUPER == 0 {
                 assert_eq!(q.bytes() * 8, 40 * k * 9 / 2, "4.5 bits a weight");
             }
             let mut deq = vec![0f32; n * k];
@@ -809,8 +810,7 @@ mod tests {
         for j in 0..n {
             q.dequantize_row(j, &mut deq);
             for b in 0..k / SUPER {
-                let x: &[f32; SUPER] = w[j * k + b * SUPER..][..SUPER].try_into().unwrap();
-                let s = k4::quantize(x);
+                let s = k4::quantize(&w[j * k + b * SUPER..][..SUPER]);
                 let mut scales = [0u8; 12];
                 for jj in 0..8 {
                     let (ls, lm) = (s.sc[jj], s.m[jj]);

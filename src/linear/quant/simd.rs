@@ -217,7 +217,7 @@ macro_rules! kernel_k {
             rows: Range<usize>,
             mut put: impl FnMut(usize, &[f32]),
         ) {
-            let (spr, bpr, tb) = (q.k / SUPER, q.k / BLOCK, q.kind.tile_bytes());
+            let (spr, bpr, tb) = (q.k.div_ceil(SUPER), q.k / BLOCK, q.kind.tile_bytes());
             let m = x.m.min(M);
             let (qs, ds) = (q.qs.as_ptr(), q.d.as_ptr());
             let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
@@ -234,7 +234,7 @@ macro_rules! kernel_k {
                         let dh = ds.add(tile * 2 * ROWS);
                         let d = _mm256_cvtph_ps(_mm_loadu_si128(dh.cast()));
                         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh.add(ROWS).cast()));
-                        for s in 0..SUPER / BLOCK {
+                        for s in 0..super::k4::subs(q.k, sb) {
                             let bytes = |at: usize| {
                                 _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(at).cast()))
                             };
