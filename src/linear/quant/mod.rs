@@ -1,5 +1,7 @@
-//! 8- and 4-bit weights, in llama.cpp's `Q8_0` and `Q4_0` formats (`ggml-quants.c`): blocks of
-//! 32 consecutive weights of one output row share an f16 scale `d`.
+//! 8- and 4-bit weights, in llama.cpp's `Q8_0`, `Q4_0` and `Q4_K` formats (`ggml-quants.c`):
+//! blocks of 32 consecutive weights of one output row share an f16 scale `d` (Q4_K: superblocks
+//! of 256 share `d` and `dmin`, each block a 6-bit scale and min; see [`k4`], whose blocks are
+//! stored as Q4_0's levels and whose products add a min term per block).
 //!
 //! - Q8_0: `d = max|w| / 127`, `q = round(w / d)` in -127..=127; `w ≈ q·d`. 8.5 bits a weight.
 //! - Q4_0: `d = m / -8` where `m` is the weight of largest magnitude (sign kept),
@@ -179,7 +181,8 @@ impl QuantKind {
 
 /// A quantized (N, K) matrix in tiles (see the module's documentation): tile `(t, b)` (rows
 /// `8t .. 8t + 8`, block `b`) has its levels at `qs[(t·K/32 + b)·tile_bytes ..]` and its 8
-/// scales at `d[(t·K/32 + b)·8 ..]`.
+/// scales at `d[(t·K/32 + b)·8 ..]` (Q4_K: per superblock `b` of `⌈K/256⌉`, a tile of
+/// [`QuantKind::tile_bytes`] and 16 f16, see [`k4`]).
 #[derive(Clone, Debug)]
 pub(crate) struct QuantMatrix {
     pub(crate) kind: QuantKind,
@@ -327,10 +330,8 @@ impl QuantMatrix {
             return;
         }
         #[cfg(target_arch = "aarch64")]
-        if self.kind != QuantKind::Q4K {
-            // SAFETY: the sizes are checked; `sdot` only where the CPU has it.
-            return unsafe { neon::dot_rows(self, x, rows, neon::dotprod(), put) };
-        }
+        // SAFETY: the sizes are checked; `sdot` only where the CPU has it.
+        return unsafe { neon::dot_rows(self, x, rows, neon::dotprod(), put) };
         #[allow(unreachable_code)]
         self.dot_rows_portable(x, rows, put)
     }
@@ -346,9 +347,6 @@ impl QuantMatrix {
     ) {
         self.check(x, &rows);
         assert!(!sdot || neon::dotprod());
-        if self.kind == QuantKind::Q4K {
-            return self.dot_rows_portable(x, rows, put);
-        }
         // SAFETY: as in `dot_rows`.
         unsafe { neon::dot_rows(self, x, rows, sdot, put) };
     }
