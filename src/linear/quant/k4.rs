@@ -138,7 +138,11 @@ pub(super) fn quantize(x: &[f32]) -> Super {
             max_min = mins[j];
         }
     }
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     // `uint8_t ls = nearest_int(...)`, then MIN(63, ls): the int's low byte.
     let six = |v: f32| (nearest_int(v) as u8).min(63);
@@ -171,7 +175,12 @@ pub(super) fn put(qs: &mut [u8], d: &mut [u16], r: usize, s: &Super) {
     d[ROWS + r] = half::f16::from_f32(s.dmin).to_bits();
     for j in 0..SUBS {
         let tile = &mut qs[j * ROWS * BLOCK / 2..(j + 1) * ROWS * BLOCK / 2];
-        put_levels(QuantKind::Q4_0, tile, r, s.l[j * BLOCK..][..BLOCK].try_into().unwrap());
+        put_levels(
+            QuantKind::Q4_0,
+            tile,
+            r,
+            s.l[j * BLOCK..][..BLOCK].try_into().unwrap(),
+        );
         let (sc, m) = (s.sc[j], s.m[j]);
         qs[SCALES_AT + 8 * j + r] = (sc & 15) | ((m & 15) << 4);
         qs[SCALES_AT + 64 + 8 * (j % 4) + r] |= ((sc >> 4) | ((m >> 4) << 2)) << (4 * (j / 4));
@@ -182,7 +191,10 @@ pub(super) fn put(qs: &mut [u8], d: &mut [u16], r: usize, s: &Super) {
 pub(super) fn scale_min(qs: &[u8], r: usize, j: usize) -> (u8, u8) {
     let low = qs[SCALES_AT + 8 * j + r];
     let high = qs[SCALES_AT + 64 + 8 * (j % 4) + r] >> (4 * (j / 4));
-    ((low & 15) | ((high & 3) << 4), (low >> 4) | (((high >> 2) & 3) << 4))
+    (
+        (low & 15) | ((high & 3) << 4),
+        (low >> 4) | (((high >> 2) & 3) << 4),
+    )
 }
 
 /// Sub-blocks in superblock `sb` of a row of K weights (8 but at the end of a row).

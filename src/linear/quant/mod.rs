@@ -202,7 +202,11 @@ impl QuantMatrix {
         row: impl Fn(usize, &mut [f32]) + Sync,
     ) -> Self {
         assert!(k.is_multiple_of(BLOCK));
-        let (bpr, tb, ns) = (k.div_ceil(kind.block_len()), kind.tile_bytes(), kind.scales() * ROWS);
+        let (bpr, tb, ns) = (
+            k.div_ceil(kind.block_len()),
+            kind.tile_bytes(),
+            kind.scales() * ROWS,
+        );
         let tiles = n.div_ceil(ROWS);
         let mut d = vec![0u16; tiles * bpr * ns];
         let mut qs = vec![0u8; tiles * bpr * tb];
@@ -865,14 +869,27 @@ mod tests {
             .collect();
         for (row, (sc, m)) in all.iter().enumerate() {
             let l = std::array::from_fn(|i| ((i + row) % 16) as u8);
-            let s = k4::Super { d: 1.0, dmin: 2.0, sc: *sc, m: *m, l };
+            let s = k4::Super {
+                d: 1.0,
+                dmin: 2.0,
+                sc: *sc,
+                m: *m,
+                l,
+            };
             k4::put(&mut qs, &mut d, row, &s);
         }
         for (row, (sc, m)) in all.iter().enumerate() {
             for j in 0..8 {
-                assert_eq!(k4::scale_min(&qs, row, j), (sc[j], m[j]), "row {row} sub {j}");
+                assert_eq!(
+                    k4::scale_min(&qs, row, j),
+                    (sc[j], m[j]),
+                    "row {row} sub {j}"
+                );
                 let l = row_levels(QuantKind::Q4_0, &qs[j * 128..], row);
-                assert!(l.iter().enumerate().all(|(i, &l)| l as usize == (j * 32 + i + row) % 16));
+                assert!(l
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &l)| l as usize == (j * 32 + i + row) % 16));
             }
             assert_eq!((d[row], d[8 + row]), (0x3c00, 0x4000));
         }

@@ -235,9 +235,8 @@ macro_rules! kernel_k {
                         let d = _mm256_cvtph_ps(_mm_loadu_si128(dh.cast()));
                         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh.add(ROWS).cast()));
                         for s in 0..super::k4::subs(q.k, sb) {
-                            let bytes = |at: usize| {
-                                _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(at).cast()))
-                            };
+                            let bytes =
+                                |at: usize| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(at).cast()));
                             let lo = bytes(SCALES_AT + 8 * s);
                             let hi = bytes(SCALES_AT + 64 + 8 * (s % 4));
                             let hi = _mm256_srlv_epi32(hi, _mm256_set1_epi32(4 * (s / 4) as i32));
