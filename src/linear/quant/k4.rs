@@ -17,8 +17,9 @@
 //! `d`, then their `dmin`.
 //!
 //! Products, per sub-block and row of x, in f32 on every path:
-//! `acc = fma(d·sc · d_x, Σ q·x, acc)` then `acc = fma(dmin·m, −(d_x · Σx), acc)`, with
-//! `d·sc` and `dmin·m` rounded to f32 first and the integer sums exact.
+//! `acc = fma(d·sc · d_x, Σ q·x, acc)` and `mins = fma(dmin·m, −(d_x · Σx), mins)`, with
+//! `d·sc` and `dmin·m` rounded to f32 first and the integer sums exact; the dot is
+//! `acc + mins` (two chains: one would wait on two FMAs' latency per sub-block).
 
 use std::ops::Range;
 
@@ -235,14 +236,17 @@ pub(super) fn dot_rows_portable(
 ) {
     let (spr, bpr) = (q.k.div_ceil(SUPER), q.k / BLOCK);
     let mut acc = [[0f32; crate::linear::MAX_FAST_ROWS]; ROWS];
+    let mut mins = [[0f32; crate::linear::MAX_FAST_ROWS]; ROWS];
     for t in rows.start / ROWS..rows.end.div_ceil(ROWS) {
         acc.iter_mut().for_each(|a| a.fill(0.0));
+        mins.iter_mut().for_each(|a| a.fill(0.0));
         for sb in 0..spr {
             for s in 0..subs(q.k, sb) {
                 let b = sb * SUBS + s;
-                for (r, acc) in acc.iter_mut().enumerate() {
+                for (r, (acc, mins)) in acc.iter_mut().zip(&mut mins).enumerate() {
                     let (dsc, dmm, l) = sub_block(q, t * spr + sb, r, s);
-                    for (i, acc) in acc.iter_mut().enumerate().take(x.m) {
+                    let both = acc.iter_mut().zip(mins.iter_mut());
+                    for (i, (acc, min)) in both.enumerate().take(x.m) {
                         let xb = &x.q[(i * bpr + b) * BLOCK..][..BLOCK];
                         let dot: i32 = l
                             .iter()
@@ -251,16 +255,18 @@ pub(super) fn dot_rows_portable(
                             .sum();
                         let dx = x.d[i * bpr + b];
                         *acc = (dsc * dx).mul_add(dot as f32, *acc);
-                        *acc = dmm.mul_add(-(dx * x.s[i * bpr + b] as f32), *acc);
+                        *min = dmm.mul_add(-(dx * x.s[i * bpr + b] as f32), *min);
                     }
                 }
             }
         }
-        for (r, dots) in acc.iter().enumerate() {
+        for (r, (dots, mins)) in acc.iter().zip(&mins).enumerate() {
             let j = t * ROWS + r;
             if j >= rows.end {
                 break;
             }
+            let dots: [f32; crate::linear::MAX_FAST_ROWS] =
+                std::array::from_fn(|i| dots[i] + mins[i]);
             put(j - rows.start, &dots[..x.m]);
         }
     }

@@ -247,7 +247,7 @@ kernel!(kernel_neon, "neon", Neon);
 /// Q4_K (`super::k4`), as the x86 Q4_K kernel: per sub-block the 8 rows' `d·sc` and `dmin·m`
 /// in f32, its levels as Q4_0's signed weights `l − 8` dotted with x, `8·Σx` added back (so
 /// the sum is `Σ l·x`, exact), then `acc = fma(d·sc·d_x, sum, acc)` and
-/// `acc = fma(dmin·m, −(d_x·Σx), acc)`.
+/// `mins = fma(dmin·m, −(d_x·Σx), mins)`, `acc + mins` at the end.
 macro_rules! kernel_k {
     ($name:ident, $features:literal, $ops:ident) => {
         #[target_feature(enable = $features)]
@@ -263,6 +263,7 @@ macro_rules! kernel_k {
             let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
             for t in rows.start / ROWS..rows.end.div_ceil(ROWS) {
                 let mut acc = [[vdupq_n_f32(0.0); 2]; M];
+                let mut mins = [[vdupq_n_f32(0.0); 2]; M];
                 // SAFETY: as in the x86 kernel.
                 unsafe {
                     for sb in 0..spr {
@@ -294,7 +295,8 @@ macro_rules! kernel_k {
                             let dsc = [vmulq_f32(d[0], sc[0]), vmulq_f32(d[1], sc[1])];
                             let dmm = [vmulq_f32(dmin[0], mn[0]), vmulq_f32(dmin[1], mn[1])];
                             let w = weights::<Q4>(p.add(s * ROWS * BLOCK / 2));
-                            for (i, acc) in acc.iter_mut().enumerate().take(m) {
+                            let both = acc.iter_mut().zip(mins.iter_mut());
+                            for (i, (acc, min)) in both.enumerate().take(m) {
                                 let at = i * bpr + sb * (SUPER / BLOCK) + s;
                                 let xb = xq.add(at * BLOCK);
                                 let xv = [vld1q_s8(xb), vld1q_s8(xb.add(16))];
@@ -320,18 +322,18 @@ macro_rules! kernel_k {
                                     let sum = vaddq_s32(vaddq_s32(sums[0][h], sums[1][h]), back);
                                     let sum = vcvtq_f32_s32(sum);
                                     acc[h] = vfmaq_f32(acc[h], vmulq_f32(dsc[h], dxv), sum);
-                                    acc[h] = vfmaq_f32(acc[h], dmm[h], neg);
+                                    min[h] = vfmaq_f32(min[h], dmm[h], neg);
                                 }
                             }
                         }
                     }
                 }
                 let mut lanes = [[0f32; ROWS]; M];
-                for (lanes, acc) in lanes.iter_mut().zip(acc).take(m) {
+                for ((lanes, acc), min) in lanes.iter_mut().zip(acc).zip(mins).take(m) {
                     // SAFETY: 4 + 4 floats to a [f32; 8].
                     unsafe {
-                        vst1q_f32(lanes.as_mut_ptr(), acc[0]);
-                        vst1q_f32(lanes.as_mut_ptr().add(4), acc[1]);
+                        vst1q_f32(lanes.as_mut_ptr(), vaddq_f32(acc[0], min[0]));
+                        vst1q_f32(lanes.as_mut_ptr().add(4), vaddq_f32(acc[1], min[1]));
                     }
                 }
                 for r in 0..ROWS {

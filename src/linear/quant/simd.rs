@@ -207,7 +207,8 @@ kernel!(kernel_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", Vnni);
 /// Q4_K (`super::k4`): per tile of rows and superblock, the rows' `d` and `dmin`; per
 /// sub-block, the 8 rows' 6-bit scales and mins unpacked into `d·sc` and `dmin·m` (f32, one
 /// lane a row), its levels as Q4_0's, dotted with each row of x as [`kernel!`] does (no
-/// offset); then `acc = fma(d·sc·d_x, sum, acc)` and `acc = fma(dmin·m, −(d_x·Σx), acc)`.
+/// offset); then `acc = fma(d·sc·d_x, sum, acc)` and `mins = fma(dmin·m, −(d_x·Σx), mins)`,
+/// `acc + mins` at the end.
 macro_rules! kernel_k {
     ($name:ident, $features:literal, $ops:ident) => {
         #[target_feature(enable = $features)]
@@ -224,6 +225,7 @@ macro_rules! kernel_k {
             let (low4, low2) = (_mm256_set1_epi32(15), _mm256_set1_epi32(3));
             for t in rows.start / ROWS..rows.end.div_ceil(ROWS) {
                 let mut acc = [_mm256_setzero_ps(); M];
+                let mut mins = [_mm256_setzero_ps(); M];
                 // SAFETY: tile t has spr superblocks of levels, scales and 16 f16 each (t·8 <
                 // N, checked); x rows have bpr blocks (and sums) each; 4-byte reads of x are
                 // unaligned.
@@ -254,7 +256,8 @@ macro_rules! kernel_k {
                             let dsc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
                             let dmm = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn));
                             let l = levels::<Q4>(p.add(s * ROWS * BLOCK / 2));
-                            for (i, acc) in acc.iter_mut().enumerate().take(m) {
+                            let both = acc.iter_mut().zip(mins.iter_mut());
+                            for (i, (acc, min)) in both.enumerate().take(m) {
                                 let at = i * bpr + sb * (SUPER / BLOCK) + s;
                                 let xb = xq.add(at * BLOCK).cast::<i32>();
                                 let mut v2 = [_mm256_setzero_si256(); 2];
@@ -267,15 +270,15 @@ macro_rules! kernel_k {
                                 let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(dx));
                                 *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), *acc);
                                 let xsum = _mm256_set1_ps(-(dx * *xs.add(at) as f32));
-                                *acc = _mm256_fmadd_ps(dmm, xsum, *acc);
+                                *min = _mm256_fmadd_ps(dmm, xsum, *min);
                             }
                         }
                     }
                 }
                 let mut lanes = [[0f32; ROWS]; M];
-                for (lanes, acc) in lanes.iter_mut().zip(acc).take(m) {
+                for ((lanes, acc), min) in lanes.iter_mut().zip(acc).zip(mins).take(m) {
                     // SAFETY: 8 floats to a [f32; 8].
-                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc, min)) };
                 }
                 for r in 0..ROWS {
                     let j = t * ROWS + r;
