@@ -89,6 +89,13 @@ trait Ops {
     unsafe fn dot<const F: u8>(acc: __m256i, l: __m256i, x: __m256i) -> __m256i;
     /// The multiple of Σx to take off a block's sum.
     fn offset<const F: u8>() -> i32;
+
+    /// Σ over a block of 4-bit levels (≤ 15) × x, in each row's lane: the 8 vectors of levels
+    /// with x's 8 groups of 4 bytes at `x`.
+    ///
+    /// # Safety
+    /// As `dot`; 32 bytes readable at `x`.
+    unsafe fn dot_nibbles(l: &[__m256i; 8], x: *const i32) -> __m256i;
 }
 
 /// Plain AVX2: maddubs (u8 × i8 pairs into i16) then madd into i32 lanes. Q4_0 and Q6 levels
@@ -118,6 +125,21 @@ impl Ops for Avx2 {
             _ => 32,
         }
     }
+
+    /// maddubs' pairs summed in i16 (8 of them: at most 8·2·15·127 = 30480 < 2¹⁵, exact), one
+    /// madd into i32 at the end.
+    #[inline(always)]
+    unsafe fn dot_nibbles(l: &[__m256i; 8], x: *const i32) -> __m256i {
+        // SAFETY: AVX2 is enabled in the kernel this is inlined into; the caller's promise.
+        unsafe {
+            let mut s = [_mm256_setzero_si256(); 2];
+            for (v, l) in l.iter().enumerate() {
+                let xv = _mm256_set1_epi32(x.add(v).read_unaligned());
+                s[v % 2] = _mm256_add_epi16(s[v % 2], _mm256_maddubs_epi16(*l, xv));
+            }
+            _mm256_madd_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_set1_epi16(1))
+        }
+    }
 }
 
 /// AVX-512 VNNI + VL: one `vpdpbusd` per vector, unsigned levels straight in.
@@ -135,6 +157,19 @@ impl Ops for Vnni {
             Q8 => 128,
             Q4 => 8,
             _ => 32,
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_nibbles(l: &[__m256i; 8], x: *const i32) -> __m256i {
+        // SAFETY: VNNI is enabled in the kernel this is inlined into; the caller's promise.
+        unsafe {
+            let mut s = [_mm256_setzero_si256(); 2];
+            for (v, l) in l.iter().enumerate() {
+                let xv = _mm256_set1_epi32(x.add(v).read_unaligned());
+                s[v % 2] = _mm256_dpbusd_epi32(s[v % 2], *l, xv);
+            }
+            _mm256_add_epi32(s[0], s[1])
         }
     }
 }
@@ -222,7 +257,6 @@ macro_rules! kernel_k {
             let m = x.m.min(M);
             let (qs, ds) = (q.qs.as_ptr(), q.d.as_ptr());
             let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
-            let (low4, low2) = (_mm256_set1_epi32(15), _mm256_set1_epi32(3));
             for t in rows.start / ROWS..rows.end.div_ceil(ROWS) {
                 let mut acc = [_mm256_setzero_ps(); M];
                 let mut mins = [_mm256_setzero_ps(); M];
@@ -236,36 +270,48 @@ macro_rules! kernel_k {
                         let dh = ds.add(tile * 2 * ROWS);
                         let d = _mm256_cvtph_ps(_mm_loadu_si128(dh.cast()));
                         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh.add(ROWS).cast()));
+                        // The 8 sub-blocks' 6-bit scales (bytes 8s + r) and mins (64 + 8s + r),
+                        // unpacked 32 bytes at a time.
+                        let sp = p.add(SCALES_AT);
+                        let (l0, l1) = (
+                            _mm256_loadu_si256(sp.cast()),
+                            _mm256_loadu_si256(sp.add(32).cast()),
+                        );
+                        let h = _mm256_loadu_si256(sp.add(64).cast());
+                        let f = _mm256_set1_epi8(0x0F);
+                        let bits = |b: i8| _mm256_and_si256(h, _mm256_set1_epi8(b));
+                        let six = [
+                            _mm256_or_si256(
+                                _mm256_and_si256(l0, f),
+                                _mm256_slli_epi16::<4>(bits(3)),
+                            ),
+                            _mm256_or_si256(_mm256_and_si256(l1, f), bits(0x30)),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(l0), f),
+                                _mm256_slli_epi16::<2>(bits(0x0C)),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(l1), f),
+                                _mm256_and_si256(_mm256_srli_epi16::<2>(h), _mm256_set1_epi8(0x30)),
+                            ),
+                        ];
+                        let mut unpacked = [0u8; 128];
+                        for (v, six) in six.iter().enumerate() {
+                            _mm256_storeu_si256(unpacked.as_mut_ptr().add(32 * v).cast(), *six);
+                        }
+                        let u = unpacked.as_ptr();
                         for s in 0..super::k4::subs(q.k, sb) {
-                            let bytes =
-                                |at: usize| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(at).cast()));
-                            let lo = bytes(SCALES_AT + 8 * s);
-                            let hi = bytes(SCALES_AT + 64 + 8 * (s % 4));
-                            let hi = _mm256_srlv_epi32(hi, _mm256_set1_epi32(4 * (s / 4) as i32));
-                            let sc = _mm256_or_si256(
-                                _mm256_and_si256(lo, low4),
-                                _mm256_slli_epi32::<4>(_mm256_and_si256(hi, low2)),
-                            );
-                            let mn = _mm256_or_si256(
-                                _mm256_srli_epi32::<4>(lo),
-                                _mm256_slli_epi32::<4>(_mm256_and_si256(
-                                    _mm256_srli_epi32::<2>(hi),
-                                    low2,
-                                )),
-                            );
-                            let dsc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
-                            let dmm = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn));
+                            let wide = |at: usize| {
+                                let b = _mm_loadl_epi64(u.add(at).cast());
+                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))
+                            };
+                            let dsc = _mm256_mul_ps(d, wide(8 * s));
+                            let dmm = _mm256_mul_ps(dmin, wide(64 + 8 * s));
                             let l = levels::<Q4>(p.add(s * ROWS * BLOCK / 2));
                             let both = acc.iter_mut().zip(mins.iter_mut());
                             for (i, (acc, min)) in both.enumerate().take(m) {
                                 let at = i * bpr + sb * (SUPER / BLOCK) + s;
-                                let xb = xq.add(at * BLOCK).cast::<i32>();
-                                let mut v2 = [_mm256_setzero_si256(); 2];
-                                for (v, l) in l.iter().enumerate() {
-                                    let xv = _mm256_set1_epi32(xb.add(v).read_unaligned());
-                                    v2[v % 2] = $ops::dot::<Q4>(v2[v % 2], *l, xv);
-                                }
-                                let sum = _mm256_add_epi32(v2[0], v2[1]);
+                                let sum = $ops::dot_nibbles(&l, xq.add(at * BLOCK).cast());
                                 let dx = *xd.add(at);
                                 let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(dx));
                                 *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), *acc);
