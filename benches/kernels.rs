@@ -41,7 +41,7 @@ fn widen<const SHAPE: usize>(bencher: Bencher, what: &str) {
 }
 
 /// Integer dot products of a (3072, 768) block matrix, in cache and from memory.
-#[divan::bench(args = ["q8_0", "q4_0", "q6"], consts = [false, true])]
+#[divan::bench(args = ["q8_0", "q4_0", "q6", "q4_k"], consts = [false, true])]
 fn quant_dot<const COLD: bool>(bencher: Bencher, kind: &str) {
     measure(bencher, microbench::quant_dot(kind, COLD));
 }

@@ -126,13 +126,15 @@ pub fn widen(what: &str, (n, k): (usize, usize)) -> Result<Case> {
     })
 }
 
-/// Integer dot products of one (3072, 768) block matrix of `kind` (`q8_0`, `q4_0`, `q6`) with
-/// one row of activations: in cache (`cold` false) or from memory, copies taken in turn.
+/// Integer dot products of one (3072, 768) block matrix of `kind` (`q8_0`, `q4_0`, `q6`,
+/// `q4_k`) with one row of activations: in cache (`cold` false) or from memory, copies taken in
+/// turn.
 pub fn quant_dot(kind: &str, cold: bool) -> Result<Case> {
     let (n, k) = (3072, 768);
     let kind = match kind {
         "q8_0" => QuantKind::Q8_0,
         "q4_0" => QuantKind::Q4_0,
+        "q4_k" => QuantKind::Q4K,
         _ => QuantKind::Q6,
     };
     let w = unit(n * k, 1);

@@ -16,17 +16,22 @@ pub enum Quantization {
     /// 32 weights share an f16 scale; 4 bits each (4.5 bits a weight); the embedding / LM
     /// head at 6 bits (6.5), as llama.cpp's q4_0 files keep it.
     Q4_0,
+    /// llama.cpp's q4_K: superblocks of 256 with an f16 scale and min, 8 sub-blocks of 32 with
+    /// 6-bit scales and mins; 4 bits each (4.5 bits a weight); the embedding / LM head at 6
+    /// bits (6.5).
+    Q4K,
 }
 
 impl Quantization {
     /// Every kind, in the order `--help` lists them.
-    pub const ALL: [Self; 2] = [Self::Q8_0, Self::Q4_0];
+    pub const ALL: [Self; 3] = [Self::Q8_0, Self::Q4_0, Self::Q4K];
 
-    /// `q8_0` or `q4_0`.
+    /// `q8_0`, `q4_0` or `q4_k`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
+            Self::Q4K => "q4_k",
         }
     }
 
@@ -37,6 +42,11 @@ impl Quantization {
             Self::Q4_0 => {
                 "32 weights share an f16 scale; 4 bits each (4.5 bits a weight); the embedding / \
                  LM head at 6 bits (6.5), as llama.cpp's q4_0 files keep it"
+            }
+            Self::Q4K => {
+                "llama.cpp's q4_K: 256 weights share an f16 scale and min, sub-blocks of 32 \
+                 6-bit ones; 4 bits each (4.5 bits a weight, less loss than q4_0); the \
+                 embedding / LM head at 6 bits (6.5)"
             }
         }
     }
@@ -55,7 +65,7 @@ impl FromStr for Quantization {
         Self::ALL
             .into_iter()
             .find(|q| q.name() == s)
-            .ok_or_else(|| Error::param("quantize", format!("`{s}`: expected q8_0 or q4_0")))
+            .ok_or_else(|| Error::param("quantize", format!("`{s}`: expected q8_0, q4_0 or q4_k")))
     }
 }
 

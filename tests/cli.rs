@@ -396,6 +396,7 @@ fn bench_runs_and_reports_both_phases() -> Result {
     for (extra, want) in [
         (&["--dtype", "f16"][..], "f16"),
         (&["--quantize", "q4_0"], "f16"),
+        (&["--quantize", "q4_k"], "f16"),
         (&["--quantize", "q8_0", "--kv-cache", "f32"], "f32"),
         (&["--kv-cache", "bf16"], "bf16"),
     ] {

@@ -106,13 +106,15 @@ fn half_precision_stays_close() -> Result {
 /// fixtures are built to amplify any error (scaled weights, sharp attention, logits up to ~14),
 /// so the documented contract is loose here: logits (prefill, f32 activations) within 1.0 (q8_0;
 /// measured 0.79 / 0.19) and 6.0 (q4_0; measured 5.9 / 2.7, with an 8-bit head 5.7 / 2.9) of
-/// transformers' f32, the first 3 (q8_0) and 1 (q4_0) greedy tokens identical. Perplexity deltas
-/// on text are in the README.
+/// transformers' f32, the first 3 (q8_0) and 1 (q4_0) greedy tokens identical; q4_k (llama.cpp's
+/// q4_K) within 8.0 (measured 6.5 / 2.4), the first greedy token identical on tiny-b. Perplexity
+/// deltas on text are in the README (q4_k's about a third of q4_0's).
 #[test]
 fn quantized_weights_stay_close() -> Result {
     for (q, logit_tol, same_first) in [
         (gpt2::Quantization::Q8_0, 1.0, 3),
         (gpt2::Quantization::Q4_0, 6.0, 1),
+        (gpt2::Quantization::Q4K, 8.0, 1),
     ] {
         for name in FIXTURES {
             let opts = LoadOptions::default().quantized(q);
@@ -123,6 +125,14 @@ fn quantized_weights_stay_close() -> Result {
             let d = max_abs_diff(&logits, &g["logits"])?;
             println!("{name} {q:?}: max |Δlogit| = {d:.3e}");
             assert!(d <= logit_tol, "{name} {q:?}: max |Δlogit| = {d}");
+            // q4_k picks another first token on tiny (its 6-bit sub-block scales are coarse
+            // where a sub-block is much smaller than its superblock's largest, as these scaled
+            // weights make them); it is greedy-exact on tiny-b.
+            let same_first = if (q, name) == (gpt2::Quantization::Q4K, "tiny") {
+                0
+            } else {
+                same_first
+            };
             let expected = golden_ids(&g, "greedy_ids")?;
             let got = greedy(&model, &golden_ids(&g, "greedy_prompt_ids")?, same_first)?;
             assert_eq!(got, expected[..same_first], "{name} {q:?}");

@@ -528,13 +528,14 @@ mod tests {
         if !quant::simd_kernels() {
             return Ok(());
         }
-        for (k, n) in [(64, 37), (96, 600), (32, 2053)] {
+        for (k, n) in [(64, 37), (96, 600), (32, 2053), (512, 45)] {
             let w = rand(&[k, n], 21)?;
             let nk = host(&w.t()?.contiguous()?)?;
             for kind in [
                 quant::QuantKind::Q8_0,
                 quant::QuantKind::Q4_0,
                 quant::QuantKind::Q6,
+                quant::QuantKind::Q4K,
             ] {
                 let q = QuantMatrix::quantize(kind, n, k, |j, out| {
                     out.copy_from_slice(&nk[j * k..][..k])

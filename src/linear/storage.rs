@@ -114,8 +114,11 @@ impl Storage {
     pub(crate) fn bytes(self, elements: u128) -> u128 {
         let (num, den) = match self {
             Self::Dtype(d) => (d.size_in_bytes() as u128, 1),
-            // The quants and an f16 scale per block.
-            Self::Quant(q) => (q.block_bytes() as u128 + 2, BLOCK as u128),
+            // The quants and the f16 scale(s) per block.
+            Self::Quant(q) => (
+                (q.block_bytes() + 2 * q.scales()) as u128,
+                q.block_len() as u128,
+            ),
         };
         elements.saturating_mul(num) / den
     }
@@ -157,6 +160,7 @@ impl Target {
             }
             Some(Quantization::Q8_0) => Storage::Quant(QuantKind::Q8_0),
             Some(Quantization::Q4_0) => Storage::Quant(QuantKind::Q4_0),
+            Some(Quantization::Q4K) => Storage::Quant(QuantKind::Q4K),
         };
         Ok(Self {
             storage,
@@ -261,7 +265,7 @@ impl Loader {
                 // `token_embd`/`output` in `q6_K` in its Q4_0 files: its error goes straight
                 // into every logit.
                 let kind = match kind {
-                    QuantKind::Q4_0 if rows_are_outputs => QuantKind::Q6,
+                    QuantKind::Q4_0 | QuantKind::Q4K if rows_are_outputs => QuantKind::Q6,
                     kind => kind,
                 };
                 if !k.is_multiple_of(BLOCK) {
@@ -286,12 +290,12 @@ impl Loader {
                 });
                 // A block whose absmax overflows its f16 scale dequantizes to NaN (inf · 0).
                 if let Some(i) = first_non_finite_half(&q.d, DType::F16) {
-                    let b = q.block_of_scale(i);
-                    let block = &rows[b * BLOCK..(b + 1) * BLOCK];
-                    let i = (0..BLOCK)
+                    let span = q.weights_of_scale(i);
+                    let block = &rows[span.clone()];
+                    let i = (0..block.len())
                         .max_by(|&x, &y| block[x].abs().total_cmp(&block[y].abs()))
                         .unwrap_or(0);
-                    let at = b * BLOCK + i;
+                    let at = span.start + i;
                     let stored = if rows_are_outputs {
                         at
                     } else {

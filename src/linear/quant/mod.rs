@@ -1,5 +1,7 @@
-//! 8- and 4-bit weights, in llama.cpp's `Q8_0` and `Q4_0` formats (`ggml-quants.c`): blocks of
-//! 32 consecutive weights of one output row share an f16 scale `d`.
+//! 8- and 4-bit weights, in llama.cpp's `Q8_0`, `Q4_0` and `Q4_K` formats (`ggml-quants.c`):
+//! blocks of 32 consecutive weights of one output row share an f16 scale `d` (Q4_K: superblocks
+//! of 256 share `d` and `dmin`, each block a 6-bit scale and min; see [`k4`], whose blocks are
+//! stored as Q4_0's levels and whose products add a min term per block).
 //!
 //! - Q8_0: `d = max|w| / 127`, `q = round(w / d)` in -127..=127; `w ≈ q·d`. 8.5 bits a weight.
 //! - Q4_0: `d = m / -8` where `m` is the weight of largest magnitude (sign kept),
@@ -37,6 +39,9 @@ pub(crate) const BLOCK: usize = 32;
 /// Rows interleaved in a tile.
 pub(crate) const ROWS: usize = 8;
 
+/// Weights per Q4_K superblock (llama.cpp's `QK_K`): 8 sub-blocks of [`BLOCK`].
+pub(crate) const SUPER: usize = 256;
+
 /// The kernels' formats, as const generics.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const Q8: u8 = 0;
@@ -66,10 +71,12 @@ macro_rules! by_format_and_rows {
             (QuantKind::Q6, 3) => $kernel::<Q6, 3>($($arg),*),
             (QuantKind::Q6, 4) => $kernel::<Q6, 4>($($arg),*),
             (QuantKind::Q6, _) => $kernel::<Q6, 8>($($arg),*),
+            (QuantKind::Q4K, _) => unreachable!("q4_k has kernels of its own"),
         }
     };
 }
 
+mod k4;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(target_arch = "x86_64")]
@@ -113,15 +120,36 @@ pub(crate) enum QuantKind {
     Q8_0,
     Q4_0,
     Q6,
+    /// llama.cpp's `q4_K`: see [`k4`].
+    Q4K,
 }
 
 impl QuantKind {
-    /// Bytes of levels per block of one row (the f16 scale is stored apart).
+    /// Weights of one row that share the f16 scale(s): a [`BLOCK`], or Q4_K's [`SUPER`]block
+    /// (a row's last one shorter where K is not a multiple of 256).
+    pub(crate) fn block_len(self) -> usize {
+        match self {
+            Self::Q4K => SUPER,
+            _ => BLOCK,
+        }
+    }
+
+    /// f16 scales per block of one row (Q4_K: `d` and `dmin`).
+    pub(crate) fn scales(self) -> usize {
+        match self {
+            Self::Q4K => 2,
+            _ => 1,
+        }
+    }
+
+    /// Bytes per block of one row besides its f16 scales: levels (and Q4_K's 6-bit sub-block
+    /// scales and mins).
     pub(crate) fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => BLOCK,
             Self::Q4_0 => BLOCK / 2,
             Self::Q6 => BLOCK * 3 / 4,
+            Self::Q4K => SUPER / 2 + k4::SCALE_BYTES,
         }
     }
 
@@ -136,22 +164,25 @@ impl QuantKind {
             Self::Q8_0 => 128,
             Self::Q4_0 => 8,
             Self::Q6 => 32,
+            Self::Q4K => 0,
         }
     }
 
-    /// `q8_0`, `q4_0` or `q6`.
+    /// `q8_0`, `q4_0`, `q6` or `q4_k`.
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
             Self::Q6 => "q6",
+            Self::Q4K => "q4_k",
         }
     }
 }
 
 /// A quantized (N, K) matrix in tiles (see the module's documentation): tile `(t, b)` (rows
 /// `8t .. 8t + 8`, block `b`) has its levels at `qs[(t·K/32 + b)·tile_bytes ..]` and its 8
-/// scales at `d[(t·K/32 + b)·8 ..]`.
+/// scales at `d[(t·K/32 + b)·8 ..]` (Q4_K: per superblock `b` of `⌈K/256⌉`, a tile of
+/// [`QuantKind::tile_bytes`] and 16 f16, see [`k4`]).
 #[derive(Clone, Debug)]
 pub(crate) struct QuantMatrix {
     pub(crate) kind: QuantKind,
@@ -171,9 +202,13 @@ impl QuantMatrix {
         row: impl Fn(usize, &mut [f32]) + Sync,
     ) -> Self {
         assert!(k.is_multiple_of(BLOCK));
-        let (bpr, tb) = (k / BLOCK, kind.tile_bytes());
+        let (bpr, tb, ns) = (
+            k.div_ceil(kind.block_len()),
+            kind.tile_bytes(),
+            kind.scales() * ROWS,
+        );
         let tiles = n.div_ceil(ROWS);
-        let mut d = vec![0u16; tiles * bpr * ROWS];
+        let mut d = vec![0u16; tiles * bpr * ns];
         let mut qs = vec![0u8; tiles * bpr * tb];
         let threads = std::thread::available_parallelism()
             .map_or(1, |t| t.get())
@@ -181,23 +216,30 @@ impl QuantMatrix {
         let per = tiles.div_ceil(threads).max(1);
         std::thread::scope(|s| {
             for (c, (d, qs)) in d
-                .chunks_mut(per * bpr * ROWS)
+                .chunks_mut(per * bpr * ns)
                 .zip(qs.chunks_mut(per * bpr * tb))
                 .enumerate()
             {
                 let row = &row;
                 s.spawn(move || {
                     let mut buf = vec![0f32; k];
-                    let rows = d.chunks_mut(bpr * ROWS).zip(qs.chunks_mut(bpr * tb));
+                    let rows = d.chunks_mut(bpr * ns).zip(qs.chunks_mut(bpr * tb));
                     for (t, (d, qs)) in rows.enumerate() {
                         // Rows past N stay scale 0, levels 0.
                         for r in (0..ROWS).take_while(|r| (c * per + t) * ROWS + r < n) {
                             row((c * per + t) * ROWS + r, &mut buf);
+                            if kind == QuantKind::Q4K {
+                                for (b, w) in buf.chunks(SUPER).enumerate() {
+                                    let (d, qs) = (&mut d[b * ns..][..ns], &mut qs[b * tb..][..tb]);
+                                    k4::put(qs, d, r, &k4::quantize(w));
+                                }
+                                continue;
+                            }
                             for (b, w) in buf.chunks_exact(BLOCK).enumerate() {
                                 let (scale, levels) = match kind {
                                     QuantKind::Q8_0 => quantize_q8_0(w),
                                     QuantKind::Q4_0 => quantize_q4_0(w),
-                                    QuantKind::Q6 => quantize_q6(w),
+                                    QuantKind::Q6 | QuantKind::Q4K => quantize_q6(w),
                                 };
                                 d[b * ROWS + r] = half::f16::from_f32(scale).to_bits();
                                 put_levels(kind, &mut qs[b * tb..(b + 1) * tb], r, &levels);
@@ -213,10 +255,24 @@ impl QuantMatrix {
     /// Row `j` and block `b` of the scale `d[i]`, as the index `j·K/32 + b` of that block in
     /// row-major order (for messages about the weight it came from).
     pub(crate) fn block_of_scale(&self, i: usize) -> usize {
+        assert!(self.kind != QuantKind::Q4K);
         let bpr = self.k / BLOCK;
         let (tile, r) = (i / ROWS, i % ROWS);
         let (t, b) = (tile / bpr, tile % bpr);
         (t * ROWS + r) * bpr + b
+    }
+
+    /// The weights the scale `d[i]` is for, as flat indices of the row-major (N, K) matrix.
+    pub(crate) fn weights_of_scale(&self, i: usize) -> Range<usize> {
+        if self.kind != QuantKind::Q4K {
+            let b = self.block_of_scale(i);
+            return b * BLOCK..(b + 1) * BLOCK;
+        }
+        let spr = self.k.div_ceil(SUPER);
+        let (tile, r) = (i / (2 * ROWS), i % ROWS);
+        let (t, b) = (tile / spr, tile % spr);
+        let at = (t * ROWS + r) * self.k + b * SUPER;
+        at..at + SUPER.min(self.k - b * SUPER)
     }
 
     /// Row `j` as f32 weights (the numbers the products multiply by).
@@ -235,7 +291,7 @@ impl QuantMatrix {
                 && k0 + out.len() <= self.k
         );
         #[cfg(target_arch = "x86_64")]
-        if super::kernels::simd::available() {
+        if super::kernels::simd::available() && self.kind != QuantKind::Q4K {
             // SAFETY: AVX2 and F16C are there (just checked); the blocks exist (asserted).
             unsafe { simd::dequantize_part(self, j, k0 / BLOCK, out) };
             return;
@@ -245,6 +301,9 @@ impl QuantMatrix {
 
     /// [`QuantMatrix::dequantize_part`] in plain Rust.
     pub(crate) fn dequantize_part_portable(&self, j: usize, k0: usize, out: &mut [f32]) {
+        if self.kind == QuantKind::Q4K {
+            return k4::dequantize_part(self, j, k0, out);
+        }
         let (bpr, tb) = (self.k / BLOCK, self.kind.tile_bytes());
         let off = self.kind.offset();
         let (t, r) = (j / ROWS, j % ROWS);
@@ -323,6 +382,9 @@ impl QuantMatrix {
         rows: Range<usize>,
         mut put: impl FnMut(usize, &[f32]),
     ) {
+        if self.kind == QuantKind::Q4K {
+            return k4::dot_rows_portable(self, x, rows, put);
+        }
         let (bpr, tb) = (self.k / BLOCK, self.kind.tile_bytes());
         let off = self.kind.offset();
         let mut acc = [[0f32; super::MAX_FAST_ROWS]; ROWS];
@@ -419,7 +481,7 @@ fn put_levels(kind: QuantKind, tile: &mut [u8], r: usize, l: &[u8; BLOCK]) {
     let at = |e: usize| (e / 4) * 32 + r * 4 + e % 4;
     match kind {
         QuantKind::Q8_0 => (0..BLOCK).for_each(|e| tile[at(e)] = l[e]),
-        QuantKind::Q4_0 | QuantKind::Q6 => {
+        QuantKind::Q4_0 | QuantKind::Q6 | QuantKind::Q4K => {
             for e in 0..BLOCK / 2 {
                 tile[at(e)] = (l[e] & 0x0F) | ((l[e + 16] & 0x0F) << 4);
             }
@@ -439,7 +501,7 @@ fn row_levels(kind: QuantKind, tile: &[u8], r: usize) -> [u8; BLOCK] {
     let mut l = [0u8; BLOCK];
     match kind {
         QuantKind::Q8_0 => (0..BLOCK).for_each(|e| l[e] = tile[at(e)]),
-        QuantKind::Q4_0 | QuantKind::Q6 => {
+        QuantKind::Q4_0 | QuantKind::Q6 | QuantKind::Q4K => {
             for e in 0..BLOCK / 2 {
                 let byte = tile[at(e)];
                 (l[e], l[e + 16]) = (byte & 0x0F, byte >> 4);
@@ -549,6 +611,7 @@ mod tests {
                 QuantKind::Q8_0 => 256,
                 QuantKind::Q4_0 => 16,
                 QuantKind::Q6 => 64,
+                QuantKind::Q4K => continue,
             };
             let rows: Vec<[u8; BLOCK]> = (0..ROWS)
                 .map(|_| std::array::from_fn(|_| (r.next_u64() % top) as u8))
@@ -584,19 +647,25 @@ mod tests {
     #[test]
     #[allow(clippy::single_range_in_vec_init)] // one range is a split too
     fn dequantized_rows_are_close_and_dots_equal_them() {
-        let (n, k) = (37, 96);
-        let w = rand(n * k, 1);
+        let n = 37;
         // Q8_0: half a step (amax/254). Q4_0 and Q6: the opposite extreme is clamped at 7 steps
-        // of amax/8, or 31 of amax/32.
-        for (kind, tol) in [
-            (QuantKind::Q8_0, 0.5 / 127.0),
-            (QuantKind::Q4_0, 1.0 / 8.0),
-            (QuantKind::Q6, 1.0 / 32.0),
+        // of amax/8, or 31 of amax/32. Q4_K: half a step of range/15 and the 6-bit scale's and
+        // min's rounding, against its superblock's largest (K two superblocks).
+        for (kind, tol, k) in [
+            (QuantKind::Q8_0, 0.5 / 127.0, 96),
+            (QuantKind::Q4_0, 1.0 / 8.0, 96),
+            (QuantKind::Q6, 1.0 / 32.0, 96),
+            (QuantKind::Q4K, 1.0 / 8.0, 352),
         ] {
+            let w = rand(n * k, 1);
             let q =
                 QuantMatrix::quantize(kind, n, k, |j, out| out.copy_from_slice(&w[j * k..][..k]));
             // N padded to 40 rows.
-            assert_eq!(q.bytes(), 40 * k / BLOCK * (2 + kind.block_bytes()));
+            let per = 2 * kind.scales() + kind.block_bytes();
+            assert_eq!(q.bytes(), 40 * k.div_ceil(kind.block_len()) * per);
+            if kind == QuantKind::Q4K && k % SUPER == 0 {
+                assert_eq!(q.bytes() * 8, 40 * k * 9 / 2, "4.5 bits a weight");
+            }
             let mut deq = vec![0f32; n * k];
             let mut portable = vec![0f32; k];
             for j in 0..n {
@@ -614,10 +683,11 @@ mod tests {
             }
             // Each weight within its format's error of its block's largest.
             for j in 0..n {
-                for (b, blk) in w[j * k..(j + 1) * k].chunks(BLOCK).enumerate() {
+                let len = kind.block_len();
+                for (b, blk) in w[j * k..(j + 1) * k].chunks(len).enumerate() {
                     let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
                     for (t, v) in blk.iter().enumerate() {
-                        let e = (deq[j * k + b * BLOCK + t] - v).abs();
+                        let e = (deq[j * k + b * len + t] - v).abs();
                         assert!(e <= tol * amax * 1.01 + 1e-3 * amax, "{kind:?} {e} {amax}");
                     }
                 }
@@ -711,6 +781,130 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn q4_k_follows_llama_cpp() {
+        // A ramp 0, 0.1, .., 1.5 (twice) in each sub-block: the first guess (min 0, scale
+        // 0.1) is exact, so the search keeps it; every sub-block's scale is the largest, 63.
+        let x: [f32; SUPER] = std::array::from_fn(|i| (i % 16) as f32 * 0.1);
+        let s = k4::quantize(&x);
+        assert_eq!((s.sc, s.m, s.dmin), ([63; 8], [0; 8], 0.0));
+        assert_eq!(s.d, half::f16::from_f32(0.1 / 63.0).to_f32());
+        assert!((0..SUPER).all(|i| s.l[i] as usize == i % 16));
+        // Negative weights: a min; levels reach both ends.
+        let x: [f32; SUPER] = std::array::from_fn(|i| (i % 32) as f32 * 0.25 - 3.0);
+        let s = k4::quantize(&x);
+        assert!(s.dmin > 0.0 && s.m.iter().all(|&m| m == 63), "{:?}", s.m);
+        for j in 0..8 {
+            let l = &s.l[j * BLOCK..(j + 1) * BLOCK];
+            assert_eq!((l.iter().min(), l.iter().max()), (Some(&0), Some(&15)));
+        }
+        // Dequantized as `dequantize_row_q4_K` does, from llama.cpp's own block: the 12 scale
+        // bytes packed as `quantize_row_q4_K_ref` packs them, read by `get_scale_min_k4`.
+        let (n, k) = (9, 512);
+        let w: Vec<f32> = rand(n * k, 3).iter().map(|v| v * v * v - 0.1).collect();
+        let q = QuantMatrix::quantize(QuantKind::Q4K, n, k, |j, out| {
+            out.copy_from_slice(&w[j * k..][..k])
+        });
+        let mut deq = vec![0f32; k];
+        let mut err = [0f64; 2];
+        for j in 0..n {
+            q.dequantize_row(j, &mut deq);
+            for b in 0..k / SUPER {
+                let s = k4::quantize(&w[j * k + b * SUPER..][..SUPER]);
+                let mut scales = [0u8; 12];
+                for jj in 0..8 {
+                    let (ls, lm) = (s.sc[jj], s.m[jj]);
+                    if jj < 4 {
+                        scales[jj] = ls;
+                        scales[jj + 4] = lm;
+                    } else {
+                        scales[jj + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+                        scales[jj - 4] |= (ls >> 4) << 6;
+                        scales[jj] |= (lm >> 4) << 6;
+                    }
+                }
+                for jj in 0..8 {
+                    let (sc, m) = if jj < 4 {
+                        (scales[jj] & 63, scales[jj + 4] & 63)
+                    } else {
+                        (
+                            (scales[jj + 4] & 0xF) | ((scales[jj - 4] >> 6) << 4),
+                            (scales[jj + 4] >> 4) | ((scales[jj] >> 6) << 4),
+                        )
+                    };
+                    let (d1, m1) = (s.d * sc as f32, s.dmin * m as f32);
+                    for i in 0..BLOCK {
+                        let at = b * SUPER + jj * BLOCK + i;
+                        let want = d1 * s.l[jj * BLOCK + i] as f32 - m1;
+                        assert_eq!(deq[at], want, "row {j} weight {at}");
+                    }
+                }
+            }
+            // Less loss than Q4_0 on the same weights.
+            let q0 = QuantMatrix::quantize(QuantKind::Q4_0, 1, k, |_, out| {
+                out.copy_from_slice(&w[j * k..][..k])
+            });
+            let mut deq0 = vec![0f32; k];
+            q0.dequantize_row(0, &mut deq0);
+            for c in 0..k {
+                err[0] += f64::from(deq0[c] - w[j * k + c]).powi(2);
+                err[1] += f64::from(deq[c] - w[j * k + c]).powi(2);
+            }
+        }
+        assert!(err[1] < 0.8 * err[0], "q4_0 {} vs q4_k {}", err[0], err[1]);
+    }
+
+    #[test]
+    fn q4_k_scales_and_mins_round_trip() {
+        let mut r = SplitMix64::new(9);
+        let mut qs = vec![0u8; QuantKind::Q4K.tile_bytes()];
+        let mut d = vec![0u16; 16];
+        let all: Vec<([u8; 8], [u8; 8])> = (0..ROWS)
+            .map(|_| {
+                let mut six = |_| (r.next_u64() % 64) as u8;
+                (std::array::from_fn(&mut six), std::array::from_fn(&mut six))
+            })
+            .collect();
+        for (row, (sc, m)) in all.iter().enumerate() {
+            let l = std::array::from_fn(|i| ((i + row) % 16) as u8);
+            let s = k4::Super {
+                d: 1.0,
+                dmin: 2.0,
+                sc: *sc,
+                m: *m,
+                l,
+            };
+            k4::put(&mut qs, &mut d, row, &s);
+        }
+        for (row, (sc, m)) in all.iter().enumerate() {
+            for j in 0..8 {
+                assert_eq!(
+                    k4::scale_min(&qs, row, j),
+                    (sc[j], m[j]),
+                    "row {row} sub {j}"
+                );
+                let l = row_levels(QuantKind::Q4_0, &qs[j * 128..], row);
+                assert!(l
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &l)| l as usize == (j * 32 + i + row) % 16));
+            }
+            assert_eq!((d[row], d[8 + row]), (0x3c00, 0x4000));
+        }
+    }
+
+    #[test]
+    fn a_q4_k_scale_names_its_superblock() {
+        let (n, k) = (11, 512);
+        let q = QuantMatrix::quantize(QuantKind::Q4K, n, k, |_, out| out.fill(1.0));
+        // d: per tile (2 of them) and superblock (2), 8 d then 8 dmin.
+        assert_eq!(q.d.len(), 2 * 2 * 16);
+        assert_eq!(q.weights_of_scale(0), 0..256);
+        assert_eq!(q.weights_of_scale(8 + 3), 3 * 512..3 * 512 + 256);
+        assert_eq!(q.weights_of_scale(16 + 2), 2 * 512 + 256..3 * 512);
+        assert_eq!(q.weights_of_scale(32 + 16 + 9), 9 * 512 + 256..10 * 512);
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS};
+use super::k4::SCALES_AT;
+use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS, SUPER};
 
 /// Whether `sdot` may run.
 pub(super) fn dotprod() -> bool {
@@ -28,6 +29,18 @@ pub(super) unsafe fn dot_rows(
 ) {
     // SAFETY: the caller's promise.
     unsafe {
+        if q.kind == QuantKind::Q4K {
+            return match (sdot, x.m) {
+                (true, 1) => kernel_k_sdot::<1>(q, x, rows, put),
+                (true, 2) => kernel_k_sdot::<2>(q, x, rows, put),
+                (true, 3 | 4) => kernel_k_sdot::<4>(q, x, rows, put),
+                (true, _) => kernel_k_sdot::<8>(q, x, rows, put),
+                (false, 1) => kernel_k_neon::<1>(q, x, rows, put),
+                (false, 2) => kernel_k_neon::<2>(q, x, rows, put),
+                (false, 3 | 4) => kernel_k_neon::<4>(q, x, rows, put),
+                (false, _) => kernel_k_neon::<8>(q, x, rows, put),
+            };
+        }
         if sdot {
             by_format_and_rows!(kernel_sdot, q, x.m, q, x, rows, put)
         } else {
@@ -230,3 +243,111 @@ macro_rules! kernel {
 
 kernel!(kernel_sdot, "neon,dotprod", Sdot);
 kernel!(kernel_neon, "neon", Neon);
+
+/// Q4_K (`super::k4`), as the x86 Q4_K kernel: per sub-block the 8 rows' `d·sc` and `dmin·m`
+/// in f32, its levels as Q4_0's signed weights `l − 8` dotted with x, `8·Σx` added back (so
+/// the sum is `Σ l·x`, exact), then `acc = fma(d·sc·d_x, sum, acc)` and
+/// `mins = fma(dmin·m, −(d_x·Σx), mins)`, `acc + mins` at the end.
+macro_rules! kernel_k {
+    ($name:ident, $features:literal, $ops:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const M: usize>(
+            q: &QuantMatrix,
+            x: &Q8Rows,
+            rows: Range<usize>,
+            mut put: impl FnMut(usize, &[f32]),
+        ) {
+            let (spr, bpr, tb) = (q.k.div_ceil(SUPER), q.k / BLOCK, q.kind.tile_bytes());
+            let m = x.m.min(M);
+            let (qs, ds) = (q.qs.as_ptr(), q.d.as_ptr());
+            let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+            for t in rows.start / ROWS..rows.end.div_ceil(ROWS) {
+                let mut acc = [[vdupq_n_f32(0.0); 2]; M];
+                let mut mins = [[vdupq_n_f32(0.0); 2]; M];
+                // SAFETY: as in the x86 kernel.
+                unsafe {
+                    for sb in 0..spr {
+                        let tile = t * spr + sb;
+                        let p = qs.add(tile * tb);
+                        let d = scales(ds.add(tile * 2 * ROWS));
+                        let dmin = scales(ds.add(tile * 2 * ROWS + ROWS));
+                        for s in 0..super::k4::subs(q.k, sb) {
+                            // Bytes 8s + r (low 4 bits) and 64 + 8·(s % 4) + r (high 2), as
+                            // u32 lanes of rows 0-3 and 4-7.
+                            let lo = vmovl_u8(vld1_u8(p.add(SCALES_AT + 8 * s)));
+                            let hi = vmovl_u8(vld1_u8(p.add(SCALES_AT + 64 + 8 * (s % 4))));
+                            let hi = vshlq_u16(hi, vdupq_n_s16(-4 * (s / 4) as i16));
+                            let sc = vorrq_u16(
+                                vandq_u16(lo, vdupq_n_u16(15)),
+                                vshlq_n_u16::<4>(vandq_u16(hi, vdupq_n_u16(3))),
+                            );
+                            let mn = vorrq_u16(
+                                vshrq_n_u16::<4>(lo),
+                                vshlq_n_u16::<2>(vandq_u16(hi, vdupq_n_u16(12))),
+                            );
+                            let f = |v: uint16x8_t| {
+                                [
+                                    vcvtq_f32_u32(vmovl_u16(vget_low_u16(v))),
+                                    vcvtq_f32_u32(vmovl_high_u16(v)),
+                                ]
+                            };
+                            let (sc, mn) = (f(sc), f(mn));
+                            let dsc = [vmulq_f32(d[0], sc[0]), vmulq_f32(d[1], sc[1])];
+                            let dmm = [vmulq_f32(dmin[0], mn[0]), vmulq_f32(dmin[1], mn[1])];
+                            let w = weights::<Q4>(p.add(s * ROWS * BLOCK / 2));
+                            let both = acc.iter_mut().zip(mins.iter_mut());
+                            for (i, (acc, min)) in both.enumerate().take(m) {
+                                let at = i * bpr + sb * (SUPER / BLOCK) + s;
+                                let xb = xq.add(at * BLOCK);
+                                let xv = [vld1q_s8(xb), vld1q_s8(xb.add(16))];
+                                let zero = vdupq_n_s32(0);
+                                let mut sums = [[zero; 2]; 2];
+                                for (g, x) in xv.into_iter().enumerate() {
+                                    let w = &w[4 * g..4 * g + 4];
+                                    for h in 0..2 {
+                                        let mut a = sums[g][h];
+                                        a = $ops::dot::<0>(a, w[0][h], x);
+                                        a = $ops::dot::<1>(a, w[1][h], x);
+                                        a = $ops::dot::<2>(a, w[2][h], x);
+                                        a = $ops::dot::<3>(a, w[3][h], x);
+                                        sums[g][h] = a;
+                                    }
+                                }
+                                let xsum = *xs.add(at);
+                                let dx = *xd.add(at);
+                                let back = vdupq_n_s32(8 * xsum);
+                                let dxv = vdupq_n_f32(dx);
+                                let neg = vdupq_n_f32(-(dx * xsum as f32));
+                                for h in 0..2 {
+                                    let sum = vaddq_s32(vaddq_s32(sums[0][h], sums[1][h]), back);
+                                    let sum = vcvtq_f32_s32(sum);
+                                    acc[h] = vfmaq_f32(acc[h], vmulq_f32(dsc[h], dxv), sum);
+                                    min[h] = vfmaq_f32(min[h], dmm[h], neg);
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut lanes = [[0f32; ROWS]; M];
+                for ((lanes, acc), min) in lanes.iter_mut().zip(acc).zip(mins).take(m) {
+                    // SAFETY: 4 + 4 floats to a [f32; 8].
+                    unsafe {
+                        vst1q_f32(lanes.as_mut_ptr(), vaddq_f32(acc[0], min[0]));
+                        vst1q_f32(lanes.as_mut_ptr().add(4), vaddq_f32(acc[1], min[1]));
+                    }
+                }
+                for r in 0..ROWS {
+                    let j = t * ROWS + r;
+                    if j >= rows.end {
+                        break;
+                    }
+                    let dots: [f32; M] = std::array::from_fn(|i| lanes[i][r]);
+                    put(j - rows.start, &dots[..m]);
+                }
+            }
+        }
+    };
+}
+
+kernel_k!(kernel_k_sdot, "neon,dotprod", Sdot);
+kernel_k!(kernel_k_neon, "neon", Neon);

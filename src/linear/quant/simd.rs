@@ -3,7 +3,8 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS};
+use super::k4::SCALES_AT;
+use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS, SUPER};
 
 /// Whether the VNNI kernel may run: `vpdpbusd` on 256-bit vectors (AVX-512 VNNI + VL: Zen 4,
 /// Ice Lake and later). One instruction does the u8 × i8 products of 4 bytes and their sum into
@@ -24,6 +25,18 @@ pub(super) unsafe fn dot_rows(
 ) {
     // SAFETY: the caller's promise.
     unsafe {
+        if q.kind == QuantKind::Q4K {
+            return match (vnni, x.m) {
+                (true, 1) => kernel_k_vnni::<1>(q, x, rows, put),
+                (true, 2) => kernel_k_vnni::<2>(q, x, rows, put),
+                (true, 3 | 4) => kernel_k_vnni::<4>(q, x, rows, put),
+                (true, _) => kernel_k_vnni::<8>(q, x, rows, put),
+                (false, 1) => kernel_k_avx2::<1>(q, x, rows, put),
+                (false, 2) => kernel_k_avx2::<2>(q, x, rows, put),
+                (false, 3 | 4) => kernel_k_avx2::<4>(q, x, rows, put),
+                (false, _) => kernel_k_avx2::<8>(q, x, rows, put),
+            };
+        }
         if vnni {
             by_format_and_rows!(kernel_vnni, q, x.m, q, x, rows, put)
         } else {
@@ -76,6 +89,13 @@ trait Ops {
     unsafe fn dot<const F: u8>(acc: __m256i, l: __m256i, x: __m256i) -> __m256i;
     /// The multiple of Σx to take off a block's sum.
     fn offset<const F: u8>() -> i32;
+
+    /// Σ over a block of 4-bit levels (≤ 15) × x, in each row's lane: the 8 vectors of levels
+    /// with x's 8 groups of 4 bytes at `x`.
+    ///
+    /// # Safety
+    /// As `dot`; 32 bytes readable at `x`.
+    unsafe fn dot_nibbles(l: &[__m256i; 8], x: *const i32) -> __m256i;
 }
 
 /// Plain AVX2: maddubs (u8 × i8 pairs into i16) then madd into i32 lanes. Q4_0 and Q6 levels
@@ -105,6 +125,21 @@ impl Ops for Avx2 {
             _ => 32,
         }
     }
+
+    /// maddubs' pairs summed in i16 (8 of them: at most 8·2·15·127 = 30480 < 2¹⁵, exact), one
+    /// madd into i32 at the end.
+    #[inline(always)]
+    unsafe fn dot_nibbles(l: &[__m256i; 8], x: *const i32) -> __m256i {
+        // SAFETY: AVX2 is enabled in the kernel this is inlined into; the caller's promise.
+        unsafe {
+            let mut s = [_mm256_setzero_si256(); 2];
+            for (v, l) in l.iter().enumerate() {
+                let xv = _mm256_set1_epi32(x.add(v).read_unaligned());
+                s[v % 2] = _mm256_add_epi16(s[v % 2], _mm256_maddubs_epi16(*l, xv));
+            }
+            _mm256_madd_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_set1_epi16(1))
+        }
+    }
 }
 
 /// AVX-512 VNNI + VL: one `vpdpbusd` per vector, unsigned levels straight in.
@@ -122,6 +157,19 @@ impl Ops for Vnni {
             Q8 => 128,
             Q4 => 8,
             _ => 32,
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_nibbles(l: &[__m256i; 8], x: *const i32) -> __m256i {
+        // SAFETY: VNNI is enabled in the kernel this is inlined into; the caller's promise.
+        unsafe {
+            let mut s = [_mm256_setzero_si256(); 2];
+            for (v, l) in l.iter().enumerate() {
+                let xv = _mm256_set1_epi32(x.add(v).read_unaligned());
+                s[v % 2] = _mm256_dpbusd_epi32(s[v % 2], *l, xv);
+            }
+            _mm256_add_epi32(s[0], s[1])
         }
     }
 }
@@ -190,6 +238,109 @@ macro_rules! kernel {
 
 kernel!(kernel_avx2, "avx2,fma,f16c", Avx2);
 kernel!(kernel_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", Vnni);
+
+/// Q4_K (`super::k4`): per tile of rows and superblock, the rows' `d` and `dmin`; per
+/// sub-block, the 8 rows' 6-bit scales and mins unpacked into `d·sc` and `dmin·m` (f32, one
+/// lane a row), its levels as Q4_0's, dotted with each row of x as [`kernel!`] does (no
+/// offset); then `acc = fma(d·sc·d_x, sum, acc)` and `mins = fma(dmin·m, −(d_x·Σx), mins)`,
+/// `acc + mins` at the end.
+macro_rules! kernel_k {
+    ($name:ident, $features:literal, $ops:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const M: usize>(
+            q: &QuantMatrix,
+            x: &Q8Rows,
+            rows: Range<usize>,
+            mut put: impl FnMut(usize, &[f32]),
+        ) {
+            let (spr, bpr, tb) = (q.k.div_ceil(SUPER), q.k / BLOCK, q.kind.tile_bytes());
+            let m = x.m.min(M);
+            let (qs, ds) = (q.qs.as_ptr(), q.d.as_ptr());
+            let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+            for t in rows.start / ROWS..rows.end.div_ceil(ROWS) {
+                let mut acc = [_mm256_setzero_ps(); M];
+                let mut mins = [_mm256_setzero_ps(); M];
+                // SAFETY: tile t has spr superblocks of levels, scales and 16 f16 each (t·8 <
+                // N, checked); x rows have bpr blocks (and sums) each; 4-byte reads of x are
+                // unaligned.
+                unsafe {
+                    for sb in 0..spr {
+                        let tile = t * spr + sb;
+                        let p = qs.add(tile * tb);
+                        let dh = ds.add(tile * 2 * ROWS);
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(dh.cast()));
+                        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh.add(ROWS).cast()));
+                        // The 8 sub-blocks' 6-bit scales (bytes 8s + r) and mins (64 + 8s + r),
+                        // unpacked 32 bytes at a time.
+                        let sp = p.add(SCALES_AT);
+                        let (l0, l1) = (
+                            _mm256_loadu_si256(sp.cast()),
+                            _mm256_loadu_si256(sp.add(32).cast()),
+                        );
+                        let h = _mm256_loadu_si256(sp.add(64).cast());
+                        let f = _mm256_set1_epi8(0x0F);
+                        let bits = |b: i8| _mm256_and_si256(h, _mm256_set1_epi8(b));
+                        let six = [
+                            _mm256_or_si256(
+                                _mm256_and_si256(l0, f),
+                                _mm256_slli_epi16::<4>(bits(3)),
+                            ),
+                            _mm256_or_si256(_mm256_and_si256(l1, f), bits(0x30)),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(l0), f),
+                                _mm256_slli_epi16::<2>(bits(0x0C)),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(l1), f),
+                                _mm256_and_si256(_mm256_srli_epi16::<2>(h), _mm256_set1_epi8(0x30)),
+                            ),
+                        ];
+                        let mut unpacked = [0u8; 128];
+                        for (v, six) in six.iter().enumerate() {
+                            _mm256_storeu_si256(unpacked.as_mut_ptr().add(32 * v).cast(), *six);
+                        }
+                        let u = unpacked.as_ptr();
+                        for s in 0..super::k4::subs(q.k, sb) {
+                            let wide = |at: usize| {
+                                let b = _mm_loadl_epi64(u.add(at).cast());
+                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))
+                            };
+                            let dsc = _mm256_mul_ps(d, wide(8 * s));
+                            let dmm = _mm256_mul_ps(dmin, wide(64 + 8 * s));
+                            let l = levels::<Q4>(p.add(s * ROWS * BLOCK / 2));
+                            let both = acc.iter_mut().zip(mins.iter_mut());
+                            for (i, (acc, min)) in both.enumerate().take(m) {
+                                let at = i * bpr + sb * (SUPER / BLOCK) + s;
+                                let sum = $ops::dot_nibbles(&l, xq.add(at * BLOCK).cast());
+                                let dx = *xd.add(at);
+                                let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(dx));
+                                *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), *acc);
+                                let xsum = _mm256_set1_ps(-(dx * *xs.add(at) as f32));
+                                *min = _mm256_fmadd_ps(dmm, xsum, *min);
+                            }
+                        }
+                    }
+                }
+                let mut lanes = [[0f32; ROWS]; M];
+                for ((lanes, acc), min) in lanes.iter_mut().zip(acc).zip(mins).take(m) {
+                    // SAFETY: 8 floats to a [f32; 8].
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc, min)) };
+                }
+                for r in 0..ROWS {
+                    let j = t * ROWS + r;
+                    if j >= rows.end {
+                        break;
+                    }
+                    let dots: [f32; M] = std::array::from_fn(|i| lanes[i][r]);
+                    put(j - rows.start, &dots[..m]);
+                }
+            }
+        }
+    };
+}
+
+kernel_k!(kernel_k_avx2, "avx2,fma,f16c", Avx2);
+kernel_k!(kernel_k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", Vnni);
 
 /// Blocks `b0 ..` of row `j` (as many as `out` holds) as f32 weights: the row's levels gathered
 /// from its tiles (a 4-byte group per vector), less the offset, widened 8 at a time and scaled.
