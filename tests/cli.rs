@@ -377,7 +377,7 @@ fn bench_runs_and_reports_both_phases() -> Result {
     // The table says which CPU and which kernels made its numbers.
     assert!(v["cpu"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
     assert!(v["cpu_features"].is_array(), "{v}");
-    assert!(v["kernels"]["decode q8_0/q4_0"].is_string(), "{v}");
+    assert!(v["kernels"]["decode q8_0/q4_0/q4_k"].is_string(), "{v}");
     assert_eq!(v["batch"], 1);
     // --batch N: N sequences stepped together, their aggregate tokens/s.
     let out = gpt2(&[&args[..], &["--batch", "3"]].concat())?;

@@ -232,14 +232,14 @@ pub(crate) fn kernel_choices() -> (Vec<&'static str>, Vec<(&'static str, &'stati
         };
         let kernels = vec![
             ("decode f32/f16/bf16", pick("AVX2 + FMA + F16C", "portable")),
-            ("decode q8_0/q4_0", quant),
+            ("decode q8_0/q4_0/q4_k", quant),
             ("prefill f32", gemm),
             (
                 "prefill f16/bf16",
                 pick("panel 16x6 FMA (AVX2)", "widened to f32, then gemm"),
             ),
             (
-                "prefill q8_0/q4_0",
+                "prefill q8_0/q4_0/q4_k",
                 pick(quant, "widened to f32, then gemm"),
             ),
         ];
@@ -258,11 +258,11 @@ pub(crate) fn kernel_choices() -> (Vec<&'static str>, Vec<(&'static str, &'stati
                         "portable"
                     },
                 ),
-                ("decode q8_0/q4_0", quant::kernel_name()),
+                ("decode q8_0/q4_0/q4_k", quant::kernel_name()),
                 ("prefill f32", "gemm crate"),
                 ("prefill f16/bf16", "widened to f32, then gemm"),
                 (
-                    "prefill q8_0/q4_0",
+                    "prefill q8_0/q4_0/q4_k",
                     if quant::simd_kernels() {
                         quant::kernel_name()
                     } else {

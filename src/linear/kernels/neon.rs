@@ -31,7 +31,14 @@ impl Load16 for F32 {
     #[inline(always)]
     unsafe fn load16(p: *const f32) -> [float32x4_t; 4] {
         // SAFETY: the caller's promise.
-        unsafe { [vld1q_f32(p), vld1q_f32(p.add(4)), vld1q_f32(p.add(8)), vld1q_f32(p.add(12))] }
+        unsafe {
+            [
+                vld1q_f32(p),
+                vld1q_f32(p.add(4)),
+                vld1q_f32(p.add(8)),
+                vld1q_f32(p.add(12)),
+            ]
+        }
     }
     #[inline(always)]
     unsafe fn load4(p: *const f32) -> float32x4_t {

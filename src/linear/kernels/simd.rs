@@ -135,11 +135,7 @@ unsafe fn dot_kernel<L: Load8, P: FnMut(usize, &[f32]), const M: usize>(
 /// `x` must hold at least G·K floats, with K = `w.len()`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dots_of<L: Load8, const G: usize>(
-    x: &[f32],
-    w: &[L::Elem],
-    prefetch: bool,
-) -> [f32; G] {
+unsafe fn dots_of<L: Load8, const G: usize>(x: &[f32], w: &[L::Elem], prefetch: bool) -> [f32; G] {
     const PREFETCH_BYTES: usize = 2048;
     let k = w.len();
     let (k16, k8) = (k / 16 * 16, k / 8 * 8); // 16 lanes at a time, then 8, then 1 by 1
@@ -151,9 +147,7 @@ unsafe fn dots_of<L: Load8, const G: usize>(
         let mut c = 0;
         while c < k16 {
             if prefetch {
-                _mm_prefetch::<_MM_HINT_T0>(
-                    wp.add(c).cast::<i8>().wrapping_add(PREFETCH_BYTES),
-                );
+                _mm_prefetch::<_MM_HINT_T0>(wp.add(c).cast::<i8>().wrapping_add(PREFETCH_BYTES));
             }
             for (a, acc_a) in [0, 8].into_iter().zip(0..2) {
                 let wv = L::load8(wp.add(c + a));
