@@ -309,6 +309,8 @@ pub(crate) mod simd;
 /// NEON kernels (every aarch64 CPU has NEON).
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "aarch64")]
+pub(crate) use neon::widen_f16;
 
 /// Off x86 there are no run-time chosen kernels (aarch64's NEON ones need no choice).
 #[cfg(not(target_arch = "x86_64"))]

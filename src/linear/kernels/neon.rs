@@ -50,9 +50,9 @@ impl Load16 for F32 {
     }
 }
 
-/// 8 halves to 8 floats: `fcvtl`, `fcvtl2` (base Armv8 floating point).
+/// 8 halves to 8 floats (lanes 0-3, lanes 4-7): `fcvtl`, `fcvtl2` (base Armv8 floating point).
 #[inline(always)]
-fn widen_f16(h: uint16x8_t) -> [float32x4_t; 2] {
+pub(crate) fn widen_f16(h: uint16x8_t) -> [float32x4_t; 2] {
     let (lo, hi): (float32x4_t, float32x4_t);
     // SAFETY: register-only instructions every aarch64 CPU has.
     unsafe {

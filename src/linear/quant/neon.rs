@@ -3,8 +3,9 @@
 //! `l - offset` (they fit i8), so a block's sum owes no offset; the f32 operations are the other
 //! paths' (`fma(d_w·d_x, sum, acc)`), so results are bit for bit theirs.
 //!
-//! `sdot` and f16 widening go through `asm!`: their intrinsics (`vdotq_laneq_s32`, the
-//! `float16x4_t` conversions) are unstable in Rust; `fcvtl` is base Armv8.
+//! `sdot` and f16 widening go through `asm!` (the latter shared with the f32/f16 kernels:
+//! `kernels::widen_f16`): their intrinsics (`vdotq_laneq_s32`, the `float16x4_t` conversions)
+//! are unstable in Rust; `fcvtl` is base Armv8.
 
 use std::arch::aarch64::*;
 use std::arch::asm;
@@ -108,20 +109,8 @@ unsafe fn weights<const F: u8>(p: *const u8) -> [[int8x16_t; 2]; 8] {
 /// 8 halves readable at `p`.
 #[inline(always)]
 unsafe fn scales(p: *const u16) -> [float32x4_t; 2] {
-    // SAFETY: the caller's promise; `fcvtl`/`fcvtl2` are base Armv8 floating point.
-    unsafe {
-        let h = vld1q_u16(p);
-        let (lo, hi): (float32x4_t, float32x4_t);
-        asm!(
-            "fcvtl {lo:v}.4s, {h:v}.4h",
-            "fcvtl2 {hi:v}.4s, {h:v}.8h",
-            h = in(vreg) h,
-            lo = out(vreg) lo,
-            hi = out(vreg) hi,
-            options(pure, nomem, nostack)
-        );
-        [lo, hi]
-    }
+    // SAFETY: the caller's promise.
+    crate::linear::kernels::widen_f16(unsafe { vld1q_u16(p) })
 }
 
 /// `acc + Σ` of each lane's 4 products: weights of 4 rows × x's 4-byte group `LANE` of `x`.
