@@ -82,6 +82,27 @@ mod neon;
 #[cfg(target_arch = "x86_64")]
 pub(super) mod simd;
 
+/// Tile `t`'s dots, handed to `put` output by output: the tile's row `r` is output
+/// `t·ROWS + r` (those before `rows.end`), and its dot with row i of x is lane `r` of `lanes[i]`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+fn put_tile<const M: usize>(
+    lanes: &[[f32; ROWS]; M],
+    m: usize,
+    t: usize,
+    rows: &Range<usize>,
+    put: &mut impl FnMut(usize, &[f32]),
+) {
+    for r in 0..ROWS {
+        let j = t * ROWS + r;
+        if j >= rows.end {
+            break;
+        }
+        let dots: [f32; M] = std::array::from_fn(|i| lanes[i][r]);
+        put(j - rows.start, &dots[..m]);
+    }
+}
+
 /// Whether the integer products have SIMD kernels here (AVX2 on x86-64, NEON on aarch64): then
 /// quantized prefill multiplies in integers too; elsewhere the portable loop would be slower than
 /// gemm on widened weights.

@@ -12,7 +12,7 @@ use std::arch::asm;
 use std::ops::Range;
 
 use super::k4::SCALES_AT;
-use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS, SUPER};
+use super::{put_tile, Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS, SUPER};
 
 /// Whether `sdot` may run.
 pub(super) fn dotprod() -> bool {
@@ -217,14 +217,7 @@ macro_rules! kernel {
                         vst1q_f32(lanes.as_mut_ptr().add(4), acc[1]);
                     }
                 }
-                for r in 0..ROWS {
-                    let j = t * ROWS + r;
-                    if j >= rows.end {
-                        break;
-                    }
-                    let dots: [f32; M] = std::array::from_fn(|i| lanes[i][r]);
-                    put(j - rows.start, &dots[..m]);
-                }
+                put_tile(&lanes, m, t, &rows, &mut put);
             }
         }
     };
@@ -325,14 +318,7 @@ macro_rules! kernel_k {
                         vst1q_f32(lanes.as_mut_ptr().add(4), vaddq_f32(acc[1], min[1]));
                     }
                 }
-                for r in 0..ROWS {
-                    let j = t * ROWS + r;
-                    if j >= rows.end {
-                        break;
-                    }
-                    let dots: [f32; M] = std::array::from_fn(|i| lanes[i][r]);
-                    put(j - rows.start, &dots[..m]);
-                }
+                put_tile(&lanes, m, t, &rows, &mut put);
             }
         }
     };

@@ -4,7 +4,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::k4::SCALES_AT;
-use super::{Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS, SUPER};
+use super::{put_tile, Q8Rows, QuantKind, QuantMatrix, BLOCK, Q4, Q6, Q8, ROWS, SUPER};
 
 /// Whether the VNNI kernel may run: `vpdpbusd` on 256-bit vectors (AVX-512 VNNI + VL: Zen 4,
 /// Ice Lake and later). One instruction does the u8 × i8 products of 4 bytes and their sum into
@@ -223,14 +223,7 @@ macro_rules! kernel {
                     // SAFETY: 8 floats to a [f32; 8].
                     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
                 }
-                for r in 0..ROWS {
-                    let j = t * ROWS + r;
-                    if j >= rows.end {
-                        break;
-                    }
-                    let dots: [f32; M] = std::array::from_fn(|i| lanes[i][r]);
-                    put(j - rows.start, &dots[..m]);
-                }
+                put_tile(&lanes, m, t, &rows, &mut put);
             }
         }
     };
@@ -326,14 +319,7 @@ macro_rules! kernel_k {
                     // SAFETY: 8 floats to a [f32; 8].
                     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc, min)) };
                 }
-                for r in 0..ROWS {
-                    let j = t * ROWS + r;
-                    if j >= rows.end {
-                        break;
-                    }
-                    let dots: [f32; M] = std::array::from_fn(|i| lanes[i][r]);
-                    put(j - rows.start, &dots[..m]);
-                }
+                put_tile(&lanes, m, t, &rows, &mut put);
             }
         }
     };
