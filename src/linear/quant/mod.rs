@@ -93,11 +93,7 @@ fn put_tile<const M: usize>(
     rows: &Range<usize>,
     put: &mut impl FnMut(usize, &[f32]),
 ) {
-    for r in 0..ROWS {
-        let j = t * ROWS + r;
-        if j >= rows.end {
-            break;
-        }
+    for (r, j) in (t * ROWS..rows.end.min((t + 1) * ROWS)).enumerate() {
         let dots: [f32; M] = std::array::from_fn(|i| lanes[i][r]);
         put(j - rows.start, &dots[..m]);
     }
