@@ -126,8 +126,7 @@ pub(super) fn quantize(x: &[f32]) -> Super {
     let mut l = [0u8; SUPER];
     let (mut scales, mut mins) = ([0f32; SUBS], [0f32; SUBS]);
     let (mut max_scale, mut max_min) = (0f32, 0f32);
-    for j in 0..subs {
-        let xb: &[f32; BLOCK] = x[j * BLOCK..][..BLOCK].try_into().unwrap();
+    for (j, xb) in x.as_chunks::<BLOCK>().0.iter().enumerate() {
         let sum_x2 = xb.iter().fold(0f32, |a, v| a + v * v);
         let av_x = (sum_x2 / BLOCK as f32).sqrt();
         let weights: [f32; BLOCK] = std::array::from_fn(|i| av_x + xb[i].abs());
@@ -176,12 +175,7 @@ pub(super) fn put(qs: &mut [u8], d: &mut [u16], r: usize, s: &Super) {
     d[ROWS + r] = half::f16::from_f32(s.dmin).to_bits();
     for j in 0..SUBS {
         let tile = &mut qs[j * ROWS * BLOCK / 2..(j + 1) * ROWS * BLOCK / 2];
-        put_levels(
-            QuantKind::Q4_0,
-            tile,
-            r,
-            s.l[j * BLOCK..][..BLOCK].try_into().unwrap(),
-        );
+        put_levels(QuantKind::Q4_0, tile, r, &s.l.as_chunks::<BLOCK>().0[j]);
         let (sc, m) = (s.sc[j], s.m[j]);
         qs[SCALES_AT + 8 * j + r] = (sc & 15) | ((m & 15) << 4);
         qs[SCALES_AT + 64 + 8 * (j % 4) + r] |= ((sc >> 4) | ((m >> 4) << 2)) << (4 * (j / 4));
